@@ -1,0 +1,1 @@
+"""specforge bundled plugin: hf_backend."""

@@ -1,0 +1,1 @@
+"""specforge bundled plugin: llama_eagle3."""

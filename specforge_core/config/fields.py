@@ -1,0 +1,84 @@
+"""``option()``: an attrs field with the description the config reference prints.
+
+Every field of a config class (core or plugin) should be declared with it::
+
+    @attrs.define
+    class MyOptions:
+        gamma: float = option(0.5, "LR multiplier per decay", validator=in_range(0, 1))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import attrs
+
+HELP = "specforge_help"
+CHOICES = "specforge_choices"
+
+
+def option(
+    default: Any = attrs.NOTHING,
+    help: str = "",
+    *,
+    validator: Optional[Callable] = None,
+    choices: Optional[Sequence[Any]] = None,
+    factory: Optional[Callable[[], Any]] = None,
+) -> Any:
+    validators = []
+    if choices is not None:
+        validators.append(one_of(choices))
+    if validator is not None:
+        validators.append(validator)
+    kwargs: dict[str, Any] = {
+        "metadata": {HELP: help, CHOICES: tuple(choices) if choices is not None else None},
+        "validator": validators or None,
+    }
+    if factory is not None:
+        kwargs["factory"] = factory
+    else:
+        kwargs["default"] = default
+    return attrs.field(**kwargs)
+
+
+class RangeError(ValueError):
+    """A value outside what a field allows; the loader adds the field path and file."""
+
+
+def one_of(choices: Sequence[Any]) -> Callable:
+    allowed = tuple(choices)
+
+    def check(_inst, attribute, value):
+        if value not in allowed:
+            raise RangeError(f"{value!r} is not allowed; allowed: {', '.join(repr(c) for c in allowed)}")
+
+    return check
+
+
+def in_range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False) -> Callable:
+    def check(_inst, attribute, value):
+        if value is None:
+            return
+        bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+        bad_hi = hi is not None and value > hi
+        if bad_lo or bad_hi:
+            lo_s = "-inf" if lo is None else repr(lo)
+            hi_s = "inf" if hi is None else repr(hi)
+            bracket = "(" if lo_open else "["
+            raise RangeError(f"{value!r} is out of range; allowed: {bracket}{lo_s}, {hi_s}]")
+
+    return check
+
+
+def positive(_inst, attribute, value):
+    if value is not None and value <= 0:
+        raise RangeError(f"{value!r} is not allowed; allowed: a value > 0")
+
+
+def non_negative(_inst, attribute, value):
+    if value is not None and value < 0:
+        raise RangeError(f"{value!r} is not allowed; allowed: a value >= 0")
+
+
+def help_of(attribute: attrs.Attribute) -> str:
+    return attribute.metadata.get(HELP, "")

@@ -1,0 +1,164 @@
+"""Typed core config sections (attrs). Plugins add their own tables under these sections.
+
+The TOML layout is one table per section (``[model]``, ``[dataset]``, ...). A component's own
+options live in ``[<section>.<component-name>]`` (e.g. ``[inference.sglang]``), typed by the attrs
+class the plugin registered; see ``specforge_core.components.KINDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+
+from specforge_core.config.fields import in_range, non_negative, option, positive
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@attrs.define
+class RunSection:
+    name: str = option("specforge", "Run name; keys in transfer stores and W&B runs carry it")
+    output_dir: str = option("runs/{name}", "Where checkpoints and exports go; {name} is replaced")
+    seed: int = option(0, "Seed for data order and weight initialisation")
+    pipeline: str = option(
+        "local", "How stages are placed: 'local' (one process) or 'ray' (disaggregated actors)",
+        choices=("local", "ray"),
+    )
+
+
+@attrs.define
+class ModelSection:
+    target: str = option("", "Target model: a local directory or a hub id (e.g. 'Qwen/Qwen3-8B')")
+    draft: str = option("llama-eagle3", "Draft-model component name")
+    aux_layers: list[int] = option(
+        factory=list,
+        help="Target layers whose input residual stream is captured (HF hidden_states indices); "
+        "empty = EAGLE-3 default (2, L//2, L-3)",
+    )
+    draft_vocab_size: int = option(32000, "Draft vocabulary size (most frequent target tokens)", validator=positive)
+    vocab_mapping: Optional[str] = option(
+        None, "Existing vocab mapping (.safetensors with d2t/t2d) to reuse instead of computing one"
+    )
+    trust_remote_code: bool = option(False, "Pass trust_remote_code to transformers")
+
+
+@attrs.define
+class DatasetSection:
+    path: list[str] = option(factory=list, help="JSONL/JSON conversation files (ShareGPT or OpenAI style)")
+    format: str = option("auto", "Conversation format", choices=("auto", "sharegpt", "openai"))
+    chat_template: str = option(
+        "auto", "'auto' = the target tokenizer's own template, or a named one",
+        choices=("auto", "llama3", "chatml", "qwen"),
+    )
+    max_seq_length: int = option(2048, "Longer conversations are truncated to this many tokens", validator=positive)
+    on_error: str = option("skip", "Malformed lines: 'skip' (counted) or 'stop'", choices=("skip", "stop"))
+    cache_dir: str = option(".cache/specforge", "Tokenized-data cache (keyed by data, tokenizer, settings)")
+    max_samples: Optional[int] = option(None, "Use at most this many samples", validator=positive)
+    shuffle: bool = option(True, "Shuffle sample order each epoch (seeded)")
+
+
+@attrs.define
+class TrainingSection:
+    strategy: str = option("local", "Training-strategy component ('local', 'fsdp2', ...)")
+    loss: str = option("forward-kl", "Loss component")
+    scheduler: str = option("cosine", "LR-scheduler component ('constant', 'linear', 'cosine', ...)")
+    num_gpus: int = option(1, "Trainer processes (GPUs; CPU processes on a machine without GPU)", validator=positive)
+    num_epochs: int = option(1, "Passes over the dataset", validator=positive)
+    max_steps: int = option(0, "Stop after this many optimizer steps (0 = from num_epochs)", validator=non_negative)
+    micro_batch_size: int = option(1, "Samples per trainer per micro-step", validator=positive)
+    gradient_accumulation: int = option(1, "Micro-steps per optimizer step", validator=positive)
+    lr: float = option(1e-4, "Peak learning rate", validator=in_range(0, None, lo_open=True))
+    betas: list[float] = option(factory=lambda: [0.9, 0.95], help="AdamW betas")
+    weight_decay: float = option(0.0, "AdamW weight decay", validator=non_negative)
+    max_grad_norm: float = option(0.5, "Gradient clipping norm (0 = off)", validator=non_negative)
+    warmup_ratio: float = option(0.02, "Fraction of steps spent in linear warmup", validator=in_range(0, 1))
+    ttt_length: int = option(7, "Training-time-test unroll length", validator=in_range(1, 64))
+    dtype: str = option("auto", "'auto' = bf16 on GPU, fp32 on CPU", choices=DTYPES)
+    save_every: int = option(0, "Checkpoint every N optimizer steps (0 = only at the end)", validator=non_negative)
+    keep_checkpoints: int = option(2, "How many step checkpoints to keep", validator=positive)
+    resume: bool = option(False, "Continue from the newest complete checkpoint in output_dir")
+    log_every: int = option(1, "Log metrics every N optimizer steps", validator=positive)
+
+
+@attrs.define
+class InferenceSection:
+    backend: str = option("hf", "Target-backend component ('hf', 'sglang', ...)")
+    num_gpus: int = option(1, "GPUs for target inference in total", validator=positive)
+    gpus_per_engine: int = option(1, "GPUs per inference engine (its TP group)", validator=positive)
+    batch_size: int = option(1, "Samples per target forward", validator=positive)
+    dtype: str = option("auto", "'auto' = bf16 on GPU, fp32 on CPU", choices=DTYPES)
+
+
+@attrs.define
+class TransferSection:
+    store: str = option("local", "Transfer-store component ('local', 'shm', 'mooncake', ...)")
+    max_pool_bytes: int = option(
+        4 * 1024**3, "Backpressure: inference pauses while finished samples hold more bytes", validator=positive
+    )
+
+
+@attrs.define
+class LoggingSection:
+    progress: bool = option(True, "Show a progress bar")
+    wandb: bool = option(False, "Log to Weights & Biases")
+    wandb_project: str = option("specforge", "W&B project")
+    wandb_mode: str = option("online", "W&B mode", choices=("online", "offline", "disabled"))
+    level: str = option("info", "Log level", choices=("debug", "info", "warning", "error"))
+
+
+@attrs.define
+class EvalSection:
+    steps: int = option(3, "Draft steps per verification cycle (chain length K)", validator=positive)
+    max_new_tokens: int = option(128, "Tokens to generate per prompt", validator=positive)
+    data: list[str] = option(factory=list, help="Prompt files (conversation formats); empty = dataset.path")
+    max_prompts: Optional[int] = option(None, "Evaluate at most this many prompts", validator=positive)
+
+
+@attrs.define
+class ProfilerSection:
+    enabled: bool = option(False, "Trace training steps with the PyTorch profiler")
+    start_step: int = option(2, "First optimizer step traced", validator=non_negative)
+    num_steps: int = option(2, "Steps traced", validator=positive)
+    output_dir: str = option("{output_dir}/traces", "Where traces go (open in Perfetto or TensorBoard)")
+
+
+# Section name -> class; this order is the order `config show` prints.
+CORE_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "dataset": DatasetSection,
+    "training": TrainingSection,
+    "inference": InferenceSection,
+    "transfer": TransferSection,
+    "logging": LoggingSection,
+    "eval": EvalSection,
+    "profiler": ProfilerSection,
+}
+
+
+@attrs.define
+class SpecforgeConfig:
+    """The fully resolved config: core sections plus each plugin's structured options."""
+
+    run: RunSection = attrs.field(factory=RunSection)
+    model: ModelSection = attrs.field(factory=ModelSection)
+    dataset: DatasetSection = attrs.field(factory=DatasetSection)
+    training: TrainingSection = attrs.field(factory=TrainingSection)
+    inference: InferenceSection = attrs.field(factory=InferenceSection)
+    transfer: TransferSection = attrs.field(factory=TransferSection)
+    logging: LoggingSection = attrs.field(factory=LoggingSection)
+    eval: EvalSection = attrs.field(factory=EvalSection)
+    profiler: ProfilerSection = attrs.field(factory=ProfilerSection)
+    # (section, component name) -> attrs instance of that component's options
+    plugin_options: dict[tuple[str, str], Any] = attrs.field(factory=dict)
+    # where each value came from: dotted path -> file or "command line" (for error messages)
+    sources: dict[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+    def options(self, section: str, name: str) -> Any:
+        """The options instance of component ``name`` under ``section`` (None if it has none)."""
+        return self.plugin_options.get((section, name))
+
+    @property
+    def output_dir(self) -> str:
+        return self.run.output_dir.replace("{name}", self.run.name)
