@@ -1,0 +1,182 @@
+"""The ``hf`` target backend: a transformers causal LM run in-process, features captured by hooks.
+
+One forward of the *base* model per batch (no ``output_hidden_states``, which would keep all L+1
+states, and no full ``[B, T, V]`` logits): forward hooks on the decoder layers just below the aux
+layers catch ``hidden_states[i]`` (the output of layer ``i - 1``), ``last_hidden_state`` is the
+final post-norm state, and the lm_head runs over the real tokens in chunks for the argmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from specforge_core.target import target_info
+from specforge_core.types import Sample, TargetFeatures
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``inference.dtype``: 'auto' = bf16 on GPU, fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def find_decoder_layers(base_model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The list of decoder layers of an HF base model (``.layers`` for llama-like families)."""
+    layers = getattr(base_model, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) == num_layers:
+        return layers
+    for module in base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise RuntimeError(
+        f"could not find the {num_layers} decoder layers in {type(base_model).__name__}; "
+        "the hf backend supports decoder-only transformers whose layers form one nn.ModuleList"
+    )
+
+
+@contextlib.contextmanager
+def capture_hidden_states(layers: nn.ModuleList, ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Yield a dict filled during the forward with ``hidden_states[i]`` for each ``i`` in ``ids``.
+
+    ``hidden_states[i]`` is the output of decoder layer ``i - 1`` (HF convention: index 0 is the
+    embedding), so the hook sits on layer ``i - 1``; ids must be 1..L-1.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(i: int):
+        def hook(_module, _args, output):
+            # Decoder layers return a tensor in transformers 5, a tuple (hidden, ...) in older ones.
+            captured[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    try:
+        for i in ids:
+            if not 1 <= i <= len(layers) - 1:
+                raise ValueError(f"aux layer id {i} out of range 1..{len(layers) - 1}")
+            handles.append(layers[i - 1].register_forward_hook(hook_for(i)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def chunked_argmax(hidden: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    """Argmax of ``head(hidden)`` over the vocab, ``chunk`` rows at a time: int64 [N]."""
+    out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        out[s : s + chunk] = head(hidden[s : s + chunk]).argmax(dim=-1)
+    return out
+
+
+class HFTargetBackend:
+    """``TargetBackend`` over ``AutoModelForCausalLM`` (see docs/target-backends.md)."""
+
+    def __init__(self, options, config, device: Optional[str] = None):
+        from transformers import AutoModelForCausalLM
+
+        self.options = options
+        self.device = resolve_device(device or options.device)
+        self.dtype = resolve_dtype(config.inference.dtype, self.device)
+        self.batch_size = config.inference.batch_size
+        m = config.model
+        self.info = target_info(m.target, m.aux_layers, m.trust_remote_code)
+        self.max_positions = self.info.hf_config.get("max_position_embeddings")
+
+        model = AutoModelForCausalLM.from_pretrained(
+            m.target,
+            dtype=self.dtype,
+            attn_implementation=options.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        )
+        model.to(self.device).eval().requires_grad_(False)
+        self.model = model
+        self.base = model.get_decoder()  # the base model: embeddings, layers, final norm
+        self.layers = find_decoder_layers(self.base, self.info.num_hidden_layers)
+        self.lm_head = model.get_output_embeddings()
+        self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+
+    # ------------------------------------------------------------------------------- generate
+    def generate(self, samples: Sequence[Sample]) -> list[TargetFeatures]:
+        out: list[TargetFeatures] = []
+        for s in range(0, len(samples), self.batch_size):
+            out.extend(self._generate_batch(samples[s : s + self.batch_size]))
+        return out
+
+    def _check(self, sample: Sample) -> None:
+        ids, mask = sample.input_ids, sample.loss_mask
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"sample {sample.sample_id!r}: input_ids must be a non-empty 1-D tensor, got {tuple(ids.shape)}")
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"sample {sample.sample_id!r}: loss_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}"
+            )
+        if self.max_positions is not None and ids.numel() > self.max_positions:
+            raise ValueError(
+                f"sample {sample.sample_id!r} has {ids.numel()} tokens but the target {self.info.model_path!r} "
+                f"supports at most max_position_embeddings = {self.max_positions}; lower dataset.max_seq_length"
+            )
+        hi = int(ids.max())
+        if int(ids.min()) < 0 or hi >= self.info.vocab_size:
+            raise ValueError(
+                f"sample {sample.sample_id!r}: token ids must lie in [0, {self.info.vocab_size}) "
+                f"(the target's vocab_size); got max {hi} (tokenized with another tokenizer?)"
+            )
+
+    @torch.no_grad()  # not inference_mode: its tensors cannot be saved for backward by a trainer
+    def _generate_batch(self, samples: Sequence[Sample]) -> list[TargetFeatures]:
+        for s in samples:
+            self._check(s)
+        lengths = [s.num_tokens for s in samples]
+        B, T = len(samples), max(lengths)
+        # Right padding: real tokens keep positions 0..len-1, so no position_ids are needed.
+        ids = torch.full((B, T), self.pad_id, dtype=torch.int64)
+        for b, s in enumerate(samples):
+            ids[b, : lengths[b]] = s.input_ids
+        attn = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+        ids, attn_dev = ids.to(self.device), attn.to(self.device)
+
+        aux_ids = self.info.aux_layer_ids
+        with capture_hidden_states(self.layers, aux_ids) as captured:
+            out = self.base(input_ids=ids, attention_mask=attn_dev.long(), use_cache=False)
+        final = out[0]  # last_hidden_state: after the final norm
+
+        # Keep only real tokens, flattened in (sample, position) order, then split per sample.
+        aux = torch.cat([captured[i][attn_dev] for i in aux_ids], dim=-1).to(self.dtype)
+        final = final[attn_dev].to(self.dtype)
+        argmax = chunked_argmax(final, self.lm_head, self.options.argmax_chunk_size)
+
+        aux_c, final_c, argmax_c = (t.cpu().split(lengths) for t in (aux, final, argmax))
+        return [
+            TargetFeatures(
+                sample_id=s.sample_id,
+                input_ids=s.input_ids.to(torch.int64).clone(),
+                loss_mask=s.loss_mask.to(torch.uint8).clone(),
+                # clone: a split is a view of the whole batch, and pickling a view ships it all
+                aux_hidden=a.clone(),
+                final_hidden=f.clone(),
+                target_argmax=g.clone(),
+                category=s.category,
+            )
+            for s, a, f, g in zip(samples, aux_c, final_c, argmax_c, strict=True)
+        ]
+
+    def close(self) -> None:
+        self.model = self.base = self.layers = self.lm_head = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,24 @@
+"""Options of the ``hf`` target backend: the TOML table ``[inference.hf]``."""
+
+from __future__ import annotations
+
+import attrs
+
+from specforge_core.config.fields import option, positive
+
+
+@attrs.define
+class HFBackendOptions:
+    attn_implementation: str = option(
+        "sdpa",
+        "transformers attention kernel for the target ('sdpa', 'eager', 'flash_attention_2', ...)",
+    )
+    argmax_chunk_size: int = option(
+        2048,
+        "Tokens per lm_head chunk when computing the full-vocab target argmax (bounds the "
+        "[tokens x vocab] logits held at once)",
+        validator=positive,
+    )
+    device: str = option(
+        "auto", "Device for the target: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."
+    )
