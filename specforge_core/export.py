@@ -1,0 +1,102 @@
+"""Export a trained draft in the layout SGLang and vLLM load as an EAGLE-3 draft.
+
+``<out_dir>/config.json`` (the draft's ``export_config()``) and ``<out_dir>/model.safetensors``
+with the draft's serving-engine keys (``fc.weight``, ``midlayer.*``, ``norm.weight``,
+``lm_head.weight``) in bf16 plus ``d2t`` (int64 offsets) and ``t2d`` (bool mask). The directory
+appears atomically (written to a temp dir, then renamed), so a half-written export never exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+EXPORT_DTYPE = torch.bfloat16
+
+
+def export_state(draft: Any, vocab: Any) -> dict[str, torch.Tensor]:
+    """The tensors written to ``model.safetensors`` (floating tensors in bf16)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, t in draft.export_state_dict().items():
+        t = t.detach().cpu()
+        state[name] = (t.to(EXPORT_DTYPE) if t.is_floating_point() else t).contiguous()
+    state["d2t"] = vocab.d2t.detach().cpu().to(torch.int64).contiguous()
+    state["t2d"] = vocab.t2d.detach().cpu().to(torch.bool).contiguous()
+    return state
+
+
+def export_draft(draft: Any, vocab: Any, out_dir: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` to ``out_dir`` atomically; returns it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = draft.export_config()
+    if int(config.get("draft_vocab_size", -1)) != int(vocab.d2t.numel()):
+        raise ValueError(
+            f"export: config draft_vocab_size={config.get('draft_vocab_size')} but the vocab "
+            f"mapping has {vocab.d2t.numel()} draft ids"
+        )
+    state = export_state(draft, vocab)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            # Swap: move the old export aside first so `out` is never partially written.
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_from_checkpoint(
+    config: Any,  # SpecforgeConfig
+    checkpoint_dir: Optional[str | Path] = None,
+    out_dir: Optional[str | Path] = None,
+) -> Path:
+    """``specforge export``: load a training checkpoint (default: the newest complete one in
+    ``config.output_dir``) and export it (default: ``<output_dir>/export``)."""
+    from specforge_core.target import target_info
+    from specforge_core.training import checkpoint as ckpt
+    from specforge_core.training.components import create
+    from specforge_core.vocab import VocabMapping
+
+    if checkpoint_dir is None:
+        checkpoint_dir = ckpt.latest_checkpoint(config.output_dir)
+        if checkpoint_dir is None:
+            raise FileNotFoundError(
+                f"export: no complete checkpoint under {ckpt.checkpoint_root(config.output_dir)}"
+            )
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / ckpt.COMPLETE).exists():
+        raise FileNotFoundError(f"export: {checkpoint_dir} is not a complete checkpoint (no COMPLETE file)")
+    out_dir = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "export"
+
+    info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
+    strategy = create(config, "training_strategy", config)
+    # The vocab mapping path is recorded in the checkpoint; peek at it via a throwaway load.
+    vocab_path = _vocab_path(config, checkpoint_dir)
+    vocab = VocabMapping.load(vocab_path)
+    draft = create(config, "draft_model", info, int(vocab.d2t.numel()))
+    model = strategy.prepare(draft)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    strategy.load_checkpoint(str(checkpoint_dir), model, optimizer)
+    return export_draft(draft, vocab, out_dir)
+
+
+def _vocab_path(config: Any, checkpoint_dir: Path) -> str:
+    from specforge_core.pipeline.local import vocab_mapping_path
+
+    return str(vocab_mapping_path(config))

@@ -1,0 +1,1 @@
+"""Pipelines compose the components of one run: data -> target -> transfer store -> trainer."""

@@ -1,0 +1,302 @@
+"""``run_local``: the whole EAGLE-3 training run in one process.
+
+data -> vocab mapping -> target backend (in-process) -> transfer store -> trainer -> checkpoints ->
+export. Every sample's features go put -> get -> delete through the configured transfer store, so
+the local path exercises the same hand-off a disaggregated (Ray) pipeline uses.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from specforge_core.config.schema import SpecforgeConfig
+from specforge_core.types import Sample, TargetFeatures
+
+
+@attrs.define
+class RunResult:
+    output_dir: Path
+    steps: int  # optimizer steps done (in total, including those before a resume)
+    history: list[dict[str, float]]  # metrics of the steps this call ran
+    checkpoint: Optional[Path]
+    export_dir: Optional[Path]
+    accounting: dict[str, int]  # samples in / trained / skipped by reason
+    wall_s: float
+
+
+def vocab_mapping_path(config: SpecforgeConfig) -> Path:
+    return Path(config.output_dir) / "vocab_mapping.safetensors"
+
+
+def trainable(sample: Sample) -> bool:
+    """Step 0 at position t predicts x_{t+2}: a sample needs a loss token at index >= 2."""
+    return sample.num_tokens >= 3 and bool(sample.loss_mask[2:].any())
+
+
+def format_metrics(m: dict[str, float], total_steps: int, ttt_length: int) -> str:
+    accs = " ".join(f"{m[f'acc_{k}']:.2f}" for k in range(ttt_length))
+    return (
+        f"step {int(m['step'])}/{total_steps} | loss {m['loss']:.4f} | acc {accs} | "
+        f"tau {m['accept_len']:.2f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e} | "
+        f"gnorm {m['grad_norm']:.3f}"
+    )
+
+
+class SampleOrder:
+    """Seeded per-epoch permutation; the position (epoch, index) is what a checkpoint records."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._perm = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index
+        self._perm = self._order(epoch)
+
+    def take(self, count: int) -> list[int]:
+        """Up to ``count`` indices; an epoch's last step may be short (no sample is dropped)."""
+        if self.index >= self.n:
+            self.seek(self.epoch + 1, 0)
+        out = self._perm[self.index : self.index + count]
+        self.index += len(out)
+        return out
+
+    def visited_before(self) -> list[int]:
+        """Indices visited before the current position (all of them after the first epoch)."""
+        return list(range(self.n)) if self.epoch > 0 else self._perm[: self.index]
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def _load_or_build_vocab(config: SpecforgeConfig, samples: Sequence[Sample], target_vocab: int, console):
+    from specforge_core.vocab import VocabMapping, build_vocab_mapping
+
+    path = vocab_mapping_path(config)
+    if config.model.vocab_mapping:
+        vocab = VocabMapping.load(config.model.vocab_mapping)
+        source = f"model.vocab_mapping = {config.model.vocab_mapping}"
+    elif path.exists() and config.training.resume:
+        vocab = VocabMapping.load(str(path))
+        source = f"{path} (resume)"
+    else:
+        size = min(config.model.draft_vocab_size, target_vocab)
+        vocab = build_vocab_mapping(samples, target_vocab, size)
+        source = f"computed from {len(samples)} samples"
+    if vocab.t2d.numel() != target_vocab:
+        raise ValueError(
+            f"vocab mapping ({source}) covers {vocab.t2d.numel()} target ids, but the target "
+            f"{config.model.target!r} has vocab_size {target_vocab}"
+        )
+    if not path.exists() or config.model.vocab_mapping:
+        vocab.save(str(path))
+    console.print(f"vocab mapping: draft vocab {vocab.d2t.numel()} of {target_vocab} target ids ({source})")
+    return vocab, path
+
+
+def _fetch_features(backend, store, run_id: str, step: int, samples: list[Sample], batch_size: int,
+                    device) -> list[TargetFeatures]:
+    """Target inference, then every sample through the store: put -> get -> delete."""
+    out: list[TargetFeatures] = []
+    for start in range(0, len(samples), batch_size):
+        for f in backend.generate(samples[start : start + batch_size]):
+            key = f"{run_id}/{step}/{f.sample_id}"
+            store.put(key, f.tensors())
+            tensors = store.get(key, device)
+            store.delete([key])
+            out.append(TargetFeatures.from_tensors(f.sample_id, tensors, f.category))
+    return out
+
+
+def account(data_stats, n_samples: int, skipped: Counter, n_usable: int, seen: set[int]) -> dict[str, int]:
+    acc = {
+        "records_in": data_stats.lines,
+        "trained": len(seen),
+        "skipped: no assistant turn": data_stats.skipped_no_assistant,
+        "skipped: malformed": data_stats.skipped_malformed,
+        "skipped: nothing to learn after truncation": data_stats.skipped_no_loss,
+        "skipped: over dataset.max_samples": data_stats.lines - n_samples - data_stats.skipped_no_assistant
+        - data_stats.skipped_malformed - data_stats.skipped_no_loss,
+        **{f"skipped: {k}": v for k, v in skipped.items()},
+        "skipped: not reached (max_steps)": n_usable - len(seen),
+    }
+    total = acc["trained"] + sum(v for k, v in acc.items() if k.startswith("skipped"))
+    if total != acc["records_in"]:
+        raise RuntimeError(f"sample accounting does not add up: {acc}")
+    return acc
+
+
+def format_accounting(acc: dict[str, int]) -> str:
+    skips = ", ".join(f"{v} {k[len('skipped: '):]}" for k, v in acc.items() if k.startswith("skipped") and v)
+    return f"samples: {acc['records_in']} in = {acc['trained']} trained + skipped ({skips or 'none'})"
+
+
+class _WandB:
+    def __init__(self, config: SpecforgeConfig, config_toml: str):
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        import wandb  # lazy: an optional dependency
+
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=config.logging.wandb_project, name=config.run.name, mode=config.logging.wandb_mode,
+            dir=str(config.output_dir), config=tomllib.loads(config_toml),
+        )
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def run_local(
+    config: SpecforgeConfig,
+    *,
+    stop_after_steps: Optional[int] = None,  # end early as if killed (tests of resume)
+    console: Any = None,
+) -> RunResult:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from specforge_core.config import dump_toml
+    from specforge_core.data import build_samples, load_tokenizer
+    from specforge_core.export import export_draft
+    from specforge_core.training import checkpoint as ckpt
+    from specforge_core.training.components import create
+    from specforge_core.training.trainer import Eagle3Trainer
+
+    t0 = time.perf_counter()
+    console = console or Console()
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_toml = dump_toml(config)
+    (out_dir / "config.toml").write_text(config_toml)
+    random.seed(config.run.seed)
+    torch.manual_seed(config.run.seed)
+    tr = config.training
+
+    # ---- data
+    tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
+    samples, data_stats = build_samples(config.dataset, tokenizer)
+    console.print(f"data: {data_stats.summary()}")
+    usable = [s for s in samples if trainable(s)]
+    skipped: Counter[str] = Counter()
+    skipped["no loss token at index >= 2"] = len(samples) - len(usable)
+    if not usable:
+        raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
+
+    # ---- target, vocab
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = create(config, "target_backend", config, device)
+    info = backend.info
+    vocab, vocab_path = _load_or_build_vocab(config, usable, info.vocab_size, console)
+
+    # ---- plan
+    per_step = tr.micro_batch_size * tr.gradient_accumulation
+    steps_per_epoch = math.ceil(len(usable) / per_step)
+    total_steps = tr.max_steps if tr.max_steps > 0 else tr.num_epochs * steps_per_epoch
+    order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
+
+    trainer = Eagle3Trainer(config, info, vocab, total_steps)
+    start_step = 0
+    seen: set[int] = set()  # indices into `usable` trained at least once
+    if tr.resume:
+        latest = ckpt.latest_checkpoint(out_dir)
+        if latest is not None:
+            extra = ckpt.load(trainer, latest)
+            order.seek(**extra["data_position"])
+            seen.update(order.visited_before())
+            start_step = trainer.step
+            console.print(f"resumed from {latest} (step {trainer.step}, data position {extra['data_position']})")
+        else:
+            console.print(f"training.resume: no complete checkpoint under {ckpt.checkpoint_root(out_dir)}; starting fresh")
+    console.print(
+        f"training: {len(usable)} samples, {per_step} per step, {total_steps} steps, "
+        f"ttt_length {tr.ttt_length}, device {trainer.device}, dtype {str(trainer.dtype).replace('torch.', '')}"
+    )
+
+    wandb = _WandB(config, config_toml) if config.logging.wandb else None
+    provider = create(config, "transfer_store")
+    run_id = f"{config.run.name}-{uuid.uuid4().hex[:8]}"
+    handle = provider.start(run_id)
+    store = provider.connect(handle)
+    history: list[dict[str, float]] = []
+    trained = 0
+    last_ckpt: Optional[Path] = None
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(), console=console, disable=not config.logging.progress,
+    )
+
+    def save() -> Path:
+        return ckpt.save(trainer, out_dir, data_position=order.position(), config_toml=config_toml,
+                         vocab_path=str(vocab_path), keep=tr.keep_checkpoints)
+
+    try:
+        with progress:
+            task = progress.add_task("train", total=total_steps, completed=trainer.step, info="")
+            while trainer.step < total_steps:
+                indices = order.take(per_step)
+                seen.update(indices)
+                picked = [usable[i] for i in indices]
+                feats = _fetch_features(backend, store, run_id, trainer.step, picked,
+                                        config.inference.batch_size, trainer.device)
+                micro = [feats[i : i + tr.micro_batch_size] for i in range(0, len(feats), tr.micro_batch_size)]
+                metrics = trainer.train_step(micro)
+                trained += len(feats)
+                history.append(metrics)
+                info_line = f"loss {metrics['loss']:.3f} acc_0 {metrics['acc_0']:.2f}"
+                progress.update(task, completed=trainer.step, info=info_line)
+                if trainer.step % tr.log_every == 0 or trainer.step == total_steps:
+                    progress.console.print(format_metrics(metrics, total_steps, tr.ttt_length))
+                if wandb:
+                    wandb.log(metrics)
+                if tr.save_every and trainer.step % tr.save_every == 0:
+                    last_ckpt = save()
+                if stop_after_steps is not None and trainer.step - start_step >= stop_after_steps:
+                    break
+        finished = trainer.step >= total_steps
+        if finished and (last_ckpt is None or last_ckpt != ckpt.checkpoint_dir(out_dir, trainer.step)):
+            last_ckpt = save()
+        leftover = store.count()
+        if leftover:
+            raise RuntimeError(f"transfer store still holds {leftover} keys at the end of the run")
+    finally:
+        store.close()
+        provider.stop(handle)
+        backend.close()
+        if wandb:
+            wandb.finish()
+
+    export_dir = export_draft(trainer.draft, vocab, out_dir / "export") if finished else None
+
+    # ---- accounting: every record read is trained (at least once) or skipped for a reason
+    accounting = account(data_stats, len(samples), skipped, len(usable), seen)
+    console.print(format_accounting(accounting))
+    if last_ckpt is not None:
+        console.print(f"checkpoint: {last_ckpt}")
+    if export_dir is not None:
+        console.print(f"export: {export_dir}")
+    wall = time.perf_counter() - t0
+    console.print(f"done in {wall:.1f} s")
+    return RunResult(out_dir, trainer.step, history, last_ckpt, export_dir, accounting, wall)
