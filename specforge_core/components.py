@@ -10,8 +10,8 @@ These are ``typing.Protocol`` classes: plugins need not inherit from them, only 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable, ContextManager, Optional, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ContextManager, Optional, Protocol, runtime_checkable
 
 import attrs
 import torch

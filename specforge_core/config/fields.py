@@ -9,7 +9,8 @@ Every field of a config class (core or plugin) should be declared with it::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import attrs
 
@@ -44,13 +45,19 @@ def option(
 class RangeError(ValueError):
     """A value outside what a field allows; the loader adds the field path and file."""
 
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
 
 def one_of(choices: Sequence[Any]) -> Callable:
     allowed = tuple(choices)
 
     def check(_inst, attribute, value):
         if value not in allowed:
-            raise RangeError(f"{value!r} is not allowed; allowed: {', '.join(repr(c) for c in allowed)}")
+            raise RangeError(
+                f"{value!r} is not allowed; allowed: {', '.join(repr(c) for c in allowed)}", attribute.name
+            )
 
     return check
 
@@ -65,19 +72,19 @@ def in_range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open:
             lo_s = "-inf" if lo is None else repr(lo)
             hi_s = "inf" if hi is None else repr(hi)
             bracket = "(" if lo_open else "["
-            raise RangeError(f"{value!r} is out of range; allowed: {bracket}{lo_s}, {hi_s}]")
+            raise RangeError(f"{value!r} is out of range; allowed: {bracket}{lo_s}, {hi_s}]", attribute.name)
 
     return check
 
 
 def positive(_inst, attribute, value):
     if value is not None and value <= 0:
-        raise RangeError(f"{value!r} is not allowed; allowed: a value > 0")
+        raise RangeError(f"{value!r} is not allowed; allowed: a value > 0", attribute.name)
 
 
 def non_negative(_inst, attribute, value):
     if value is not None and value < 0:
-        raise RangeError(f"{value!r} is not allowed; allowed: a value >= 0")
+        raise RangeError(f"{value!r} is not allowed; allowed: a value >= 0", attribute.name)
 
 
 def help_of(attribute: attrs.Attribute) -> str:

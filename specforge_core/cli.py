@@ -1,0 +1,199 @@
+"""The ``specforge`` command line.
+
+Arguments after a subcommand are config files and ``section.field=value`` overrides, in any order
+(an argument containing ``=`` is an override). Heavy modules load only inside the subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Optional
+
+from specforge_core import __version__
+
+log = logging.getLogger("specforge")
+
+
+def split_config_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    files = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return files, overrides
+
+
+def _load(args: argparse.Namespace):
+    from specforge_core.config import load_config
+
+    files, overrides = split_config_args(args.config)
+    return load_config(files, overrides)
+
+
+# ----------------------------------------------------------------------------------- commands
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from specforge_core.registry import get_registry
+
+    reg = get_registry()
+    table = Table(title="specforge plugins")
+    for col in ("plugin", "distribution", "version", "kind", "components"):
+        table.add_column(col)
+    for plugin in reg.plugins:
+        comps = [c for c in reg.components() if c.plugin.name == plugin.name]
+        kinds = sorted({c.kind for c in comps}, key=lambda k: list(reg._components).index(k))
+        if not kinds:
+            table.add_row(plugin.name, plugin.distribution, plugin.version, "-", "-")
+        for i, kind in enumerate(kinds):
+            names = ", ".join(c.name for c in comps if c.kind == kind)
+            first = i == 0
+            table.add_row(
+                plugin.name if first else "", plugin.distribution if first else "",
+                plugin.version if first else "", kind, names,
+            )
+    Console(width=int(os.environ.get("COLUMNS", "120"))).print(table)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from specforge_core.config import dump_toml
+
+    sys.stdout.write(dump_toml(_load(args)))
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    files, _ = split_config_args(args.config)
+    print(f"ok: {', '.join(files) or 'defaults'} (run {cfg.run.name!r}, pipeline {cfg.run.pipeline!r})")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from specforge_core.config.reference import render_reference
+    from specforge_core.registry import get_registry
+
+    text = render_reference(get_registry())
+    if args.check:
+        current = Path(args.output).read_text() if Path(args.output).exists() else ""
+        if current != text:
+            print(f"{args.output} is stale: run `specforge config reference --output {args.output}`", file=sys.stderr)
+            return 1
+        print(f"{args.output} is up to date")
+        return 0
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from specforge_core.pipeline import run_pipeline
+
+    run_pipeline(_load(args))
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from specforge_core.vocab import build_vocab_for_config
+
+    path = build_vocab_for_config(_load(args), args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from specforge_core.export import export_from_checkpoint
+
+    out = export_from_checkpoint(_load(args), checkpoint_dir=args.checkpoint, out_dir=args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def _delegate(module: str) -> tuple[Callable, Callable]:
+    """Subcommands owned by their own module: ``add_arguments(parser)`` and ``main(args)``."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    return mod.add_arguments, mod.main
+
+
+# Subcommands that live in their own modules (loaded only to build their parser).
+DELEGATED = {
+    "eval": ("specforge_core.evaluation.cli", "measure a draft's acceptance length offline"),
+    "plan": ("specforge_core.plan", "print placement, bytes and memory of a config without running"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specforge", description="Train EAGLE-3 draft models.")
+    parser.add_argument("--version", action="version", version=f"specforge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", nargs="*", help="config files and section.field=value overrides")
+        return p
+
+    with_config(sub.add_parser("run", help="run the pipeline a config describes")).set_defaults(func=cmd_run)
+    sub.add_parser("plugins", help="list installed plugins and their components").set_defaults(func=cmd_plugins)
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    with_config(cfg.add_parser("show", help="print the fully resolved config as TOML")).set_defaults(func=cmd_config_show)
+    with_config(cfg.add_parser("validate", help="check a config without running anything")).set_defaults(
+        func=cmd_config_validate
+    )
+    ref = cfg.add_parser("reference", help="generate the config reference from core and plugin classes")
+    ref.add_argument("--output", default="docs/config-reference.md", help="file to write ('-' = stdout)")
+    ref.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
+    ref.set_defaults(func=cmd_config_reference)
+
+    vocab = with_config(sub.add_parser("vocab", help="build the draft vocab mapping from the dataset"))
+    vocab.add_argument("--output", default=None, help="where to write (default: <output_dir>/vocab_mapping.safetensors)")
+    vocab.set_defaults(func=cmd_vocab)
+
+    export = with_config(sub.add_parser("export", help="export a checkpoint for SGLang / vLLM"))
+    export.add_argument("--checkpoint", default=None, help="checkpoint dir (default: newest in output_dir)")
+    export.add_argument("--output", default=None, help="export dir (default: <output_dir>/export)")
+    export.set_defaults(func=cmd_export)
+
+    for name, (module, help_text) in DELEGATED.items():
+        p = sub.add_parser(name, help=help_text)
+        try:
+            add_arguments, main_fn = _delegate(module)
+        except ImportError:  # module not present in this build
+            p.set_defaults(func=lambda a, n=name: _missing(n))
+            continue
+        add_arguments(p)
+        p.set_defaults(func=main_fn)
+    return parser
+
+
+def _missing(name: str) -> int:
+    print(f"specforge {name}: not available in this build", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from specforge_core.config import ConfigError
+    from specforge_core.registry import RegistryError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Plugin discovery (entry points, group ``specforge``) and the component registry.
+
+Every plugin, bundled or third-party, is a module named by an entry point in the ``specforge``
+group. Loading it registers its hook implementations with a pluggy ``PluginManager``; calling the
+``register_*`` hooks collects the named components. Nothing here imports a plugin by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as md
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
+import attrs
+import pluggy
+
+from specforge_core import hookspecs
+from specforge_core.components import KINDS
+
+ENTRY_POINT_GROUP = "specforge"
+
+
+class RegistryError(Exception):
+    """A component could not be found, or two plugins claim the same name."""
+
+
+@attrs.define(frozen=True)
+class PluginInfo:
+    name: str  # entry-point name (or the name given to `register_plugin`)
+    module: str
+    distribution: str  # distribution that declared the entry point ("" for in-process plugins)
+    version: str
+
+
+@attrs.define(frozen=True)
+class Component:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    config_class: Optional[type]
+    description: str
+    plugin: PluginInfo
+
+
+def _section_fields(section: str) -> set[str]:
+    from specforge_core.config.schema import CORE_SECTIONS
+
+    return {a.name for a in attrs.fields(CORE_SECTIONS[section])}
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[PluginInfo] = []
+        self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self._collected = False
+
+    # ---------------------------------------------------------------------------- discovery
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        for ep in sorted(md.entry_points(group=group), key=lambda e: e.name):
+            dist = ep.dist
+            info = PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=dist.metadata["Name"] if dist else "",
+                version=dist.version if dist else "",
+            )
+            if any(p.name == info.name for p in self.plugins):
+                continue  # the same distribution seen twice on sys.path
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must name itself, not crash obscurely
+                raise RegistryError(
+                    f"plugin {ep.name!r} (entry point {ep.value!r} of {info.distribution or '?'}) "
+                    f"failed to import: {type(exc).__name__}: {exc}"
+                ) from exc
+            self._add(module, info)
+
+    def register_plugin(self, module_or_object: Any, name: str) -> None:
+        """Register an in-process plugin (tests, notebooks) as if it came from an entry point."""
+        self._add(module_or_object, PluginInfo(name=name, module=repr(module_or_object), distribution="", version=""))
+
+    def _add(self, plugin: Any, info: PluginInfo) -> None:
+        self.pm.register(plugin, name=info.name)
+        self.plugins.append(info)
+        self._collected = False
+
+    # ---------------------------------------------------------------------------- collection
+    def _collect(self) -> None:
+        if self._collected:
+            return
+        self._components = {kind: {} for kind in KINDS}
+        for kind, hook_name in hookspecs.HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            # call each implementation separately so we know which plugin registered what
+            for impl in hook.get_hookimpls():
+                info = next((p for p in self.plugins if p.name == impl.plugin_name), None)
+                if info is None:
+                    info = PluginInfo(impl.plugin_name, repr(impl.plugin), "", "")
+                impl.function(register=self._registrar(kind, info))
+        self._collected = True
+
+    def _registrar(self, kind: str, info: PluginInfo) -> Callable[..., None]:
+        section, _selector = KINDS[kind]
+
+        def register(
+            name: str, factory: Callable[..., Any], config: Optional[type] = None, description: str = ""
+        ) -> None:
+            if not isinstance(name, str) or not name:
+                raise RegistryError(f"plugin {info.name!r} registered a {kind} with an empty name")
+            if config is not None and not attrs.has(config):
+                raise RegistryError(
+                    f"plugin {info.name!r}: config of {kind} {name!r} must be an attrs class, got {config!r}"
+                )
+            if name in _section_fields(section):
+                raise RegistryError(
+                    f"plugin {info.name!r}: {kind} name {name!r} clashes with the core field "
+                    f"[{section}].{name}; choose another name"
+                )
+            existing = self._components[kind].get(name)
+            if existing is not None:
+                raise RegistryError(
+                    f"{kind} {name!r} is registered twice: by plugin {existing.plugin.name!r} "
+                    f"({existing.plugin.distribution or 'in-process'}) and by plugin {info.name!r} "
+                    f"({info.distribution or 'in-process'}); uninstall one of them"
+                )
+            self._components[kind][name] = Component(kind, name, factory, config, description, info)
+
+        return register
+
+    # ---------------------------------------------------------------------------- lookup
+    def components(self, kind: Optional[str] = None) -> list[Component]:
+        self._collect()
+        kinds = [kind] if kind else list(KINDS)
+        return [c for k in kinds for c in sorted(self._components[k].values(), key=lambda c: c.name)]
+
+    def names(self, kind: str) -> list[str]:
+        return [c.name for c in self.components(kind)]
+
+    def get(self, kind: str, name: str) -> Component:
+        if kind not in KINDS:
+            raise RegistryError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
+        self._collect()
+        try:
+            return self._components[kind][name]
+        except KeyError:
+            known = sorted(self._components[kind])
+            section, selector = KINDS[kind]
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise RegistryError(
+                f"no {kind} named {name!r} ({section}.{selector}); registered: "
+                f"{', '.join(known) or '(none)'}"
+                + (f". Did you mean {hint[0]!r}?" if hint else "")
+            ) from None
+
+    def find_section_owner(self, section: str, name: str) -> Optional[Component]:
+        """The component whose options table is ``[section.name]``, if any."""
+        self._collect()
+        for kind, (sec, _sel) in KINDS.items():
+            if sec == section and name in self._components[kind]:
+                return self._components[kind][name]
+        return None
+
+    def section_components(self, section: str) -> list[Component]:
+        self._collect()
+        return [c for kind, (sec, _) in KINDS.items() if sec == section for c in self._components[kind].values()]
+
+    # ---------------------------------------------------------------------------- building
+    def default_options(self, kind: str, name: str) -> Any:
+        comp = self.get(kind, name)
+        return comp.config_class() if comp.config_class is not None else None
+
+    def create(self, kind: str, name: str, options: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Build component ``name`` of ``kind``: ``factory(options, *args, **kwargs)``."""
+        comp = self.get(kind, name)
+        if options is None and comp.config_class is not None:
+            options = comp.config_class()
+        return comp.factory(options, *args, **kwargs)
+
+    def create_for(self, config: Any, kind: str, *args: Any, **kwargs: Any) -> Any:
+        """Build the component the config selects for ``kind``, with its options from the config."""
+        section, selector = KINDS[kind]
+        name = getattr(getattr(config, section), selector)
+        return self.create(kind, name, config.options(section, name), *args, **kwargs)
+
+
+_REGISTRY: Optional[Registry] = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The process-wide registry, with every installed entry-point plugin loaded."""
+    global _REGISTRY
+    if _REGISTRY is None or refresh:
+        reg = Registry()
+        reg.load_entry_points()
+        _REGISTRY = reg
+    return _REGISTRY
+
+
+def registry_from(plugins: Iterable[tuple[str, Any]], with_entry_points: bool = True) -> Registry:
+    """A fresh registry with extra in-process plugins (for tests and programmatic use)."""
+    reg = Registry()
+    if with_entry_points:
+        reg.load_entry_points()
+    for name, plugin in plugins:
+        reg.register_plugin(plugin, name)
+    return reg
