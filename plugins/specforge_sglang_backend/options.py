@@ -52,19 +52,20 @@ PROTECTED: frozenset[str] = frozenset(k for keys in PROTECTED_KEYS.values() for 
 
 def _dict_or_none(_inst, attribute, value):
     if value is not None and not isinstance(value, dict):
-        raise RangeError(f"{value!r} is not allowed; allowed: a table (dict) or unset")
+        raise RangeError(f"{value!r} is not allowed; allowed: a table (dict) or unset", attribute.name)
 
 
 def _is_dict(_inst, attribute, value):
     if not isinstance(value, dict):
-        raise RangeError(f"{value!r} is not allowed; allowed: a table (dict) of sgl.Engine keywords")
+        raise RangeError(f"{value!r} is not allowed; allowed: a table (dict) of sgl.Engine keywords", attribute.name)
 
 
 def _pp_one(_inst, attribute, value):
     if value != 1:
         raise RangeError(
             f"{value!r} is not allowed; allowed: 1 (aux hidden states are captured on one pipeline "
-            "stage; use tp_size to spread the target)"
+            "stage; use tp_size to spread the target)",
+            attribute.name,
         )
 
 
@@ -102,9 +103,13 @@ class SglangOptions:
         validator=_is_dict,
     )
 
+    def validate_with(self, config) -> None:
+        """Called by the config loader: the cross-section check, when this backend is selected."""
+        if config.inference.backend == "sglang":
+            check_topology(self, config)
 
-def validate(options: SglangOptions, config) -> None:
-    """Cross-section checks (need the core config as well as the options)."""
+
+def check_topology(options: SglangOptions, config) -> None:
     need = options.nnodes * config.inference.gpus_per_engine
     if options.tp_size != need:
         raise ValueError(
@@ -112,6 +117,11 @@ def validate(options: SglangOptions, config) -> None:
             f"({options.nnodes}) x inference.gpus_per_engine ({config.inference.gpus_per_engine}) = {need}; "
             "change one of them"
         )
+
+
+def validate(options: SglangOptions, config) -> None:
+    """Cross-section checks (need the core config as well as the options)."""
+    check_topology(options, config)
     if not config.model.target:
         raise ValueError("model.target is empty; the sglang backend needs a target model path or hub id")
 
