@@ -1,0 +1,111 @@
+"""Sharded, atomic checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout of a checkpoint directory ``path`` (must be on a filesystem every rank sees)::
+
+    path/
+      .metadata, __0_0.distcp, ...   DCP: {"model": ..., "optim": ...}, each rank writes its shards
+      extra.pt                       the trainer's picklable ``extra`` dict (rank 0)
+      COMPLETE                       written last; a directory without it is never loaded
+
+Atomicity: everything goes to ``path.tmp-<id>`` (one id for all ranks, broadcast from rank 0);
+after a barrier rank 0 writes ``COMPLETE`` and renames the directory to ``path``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+COMPLETE = "COMPLETE"
+EXTRA = "extra.pt"
+
+# The frozen target embedding is the target's own weight (reloaded from the target on resume), so
+# neither checkpoints nor exports carry it.
+_SHARDED = StateDictOptions(ignore_frozen_params=True)
+# Loading then leaves the frozen params as they are: `strict` would report them missing. Every
+# trainable key is still required: `dcp.load` fails on a key the checkpoint lacks.
+_SET = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded trainable params + buffers, on rank 0 as CPU tensors."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = get_model_state_dict(model, options=opts)
+    return {k: v for k, v in state.items()} if dist.get_rank() == 0 else {}
+
+
+def _shared_id() -> str:
+    box = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict, barrier: Callable[[], None]) -> None:
+    path = os.path.abspath(path.rstrip("/"))
+    tmp = f"{path}.tmp-{_shared_id()}"
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective
+    if dist.get_rank() == 0:
+        torch.save(extra, os.path.join(tmp, EXTRA))
+    barrier()  # every rank's shards are on disk
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write("ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, path)
+    barrier()  # nobody returns (or starts the next save) before `path` is in place
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst``. A directory cannot be renamed over a non-empty one, so an older
+    ``dst`` is first moved aside and deleted only once the new one is in place."""
+    old = None
+    if os.path.exists(dst):
+        old = f"{src}.old"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, barrier: Callable[[], None]) -> dict:
+    """Collective: restore model + optimizer in place (resharded if the world size changed);
+    returns the ``extra`` dict."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"checkpoint {path!r} has no {COMPLETE} marker: it was not fully written (a crash during "
+            "save?) and will not be loaded; delete it or pick an older checkpoint"
+        )
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)  # fills the (sharded) tensors in place
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_SET
+    )
+    extra = torch.load(os.path.join(path, EXTRA), weights_only=False)
+    barrier()
+    return extra
