@@ -1,3 +1,40 @@
 """Entry point of the bundled defaults plugin: registers its components."""
 
-from specforge_core import hookimpl  # noqa: F401
+from specforge_core import hookimpl
+from specforge_defaults.loss import ForwardKLOptions, make_forward_kl
+from specforge_defaults.schedulers import DecayOptions, make_constant, make_cosine, make_linear
+from specforge_defaults.strategy import LocalStrategyOptions, make_local_strategy
+from specforge_defaults.transfer_local import make_local
+from specforge_defaults.transfer_shm import ShmOptions, make_shm
+
+
+@hookimpl
+def register_losses(register):
+    register(
+        "forward-kl", make_forward_kl, config=ForwardKLOptions,
+        description="EAGLE-3 soft cross-entropy (forward KL) per TTT step, fused with both lm_heads in chunks",
+    )
+
+
+@hookimpl
+def register_lr_schedulers(register):
+    register("constant", make_constant, description="linear warmup, then the peak LR")
+    register("linear", make_linear, config=DecayOptions, description="linear warmup, then linear decay")
+    register("cosine", make_cosine, config=DecayOptions, description="linear warmup, then cosine decay")
+
+
+@hookimpl
+def register_transfer_stores(register):
+    register("local", make_local, description="in-process dict (one-process local pipeline)")
+    register(
+        "shm", make_shm, config=ShmOptions,
+        description="one file per sample in shared memory (/dev/shm), for processes on one node",
+    )
+
+
+@hookimpl
+def register_training_strategies(register):
+    register(
+        "local", make_local_strategy, config=LocalStrategyOptions,
+        description="one process, no process group; atomic checkpoints",
+    )

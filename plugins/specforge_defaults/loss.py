@@ -1,0 +1,144 @@
+"""``forward-kl``: the EAGLE-3 loss, fused with both lm_heads so that it never holds more than one
+chunk of [tokens x draft_vocab] logits.
+
+For TTT step k, with ``d = draft_hidden @ draft_head.T`` and ``t = target_hidden @ target_head.T``
+(both [N, Vd])::
+
+    loss_k = decay**k * mean_{valid i} ( -sum_v softmax(t_i)_v * log_softmax(d_i)_v )
+
+Soft-label cross-entropy equals KL(p_t || p_d) plus the (constant) target entropy, so its gradient is
+the forward-KL gradient: ``dloss/dd_i = (softmax(d_i) - softmax(t_i)) * decay**k / n_valid``.
+
+The forward pass loops over chunks of valid tokens; for each chunk it builds both logits, the loss,
+the argmax agreement and the gradients w.r.t. ``draft_hidden`` and ``draft_head``, then drops the
+logits. Backward only scales the stored gradients by ``grad_output`` (the same trick as Liger's
+fused-linear-cross-entropy). Peak extra memory: a few [chunk x Vd] fp32 buffers, plus the [N, H]
+and [Vd, H] fp32 gradient accumulators.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from specforge_core.components import LossOutput
+from specforge_core.config.fields import in_range, option, positive
+
+
+@attrs.define
+class ForwardKLOptions:
+    step_weight_decay: float = option(
+        0.8, "Weight of TTT step k is step_weight_decay**k (EAGLE-3 uses 0.8)", validator=in_range(0, 1)
+    )
+    chunk_size: int = option(
+        1024,
+        "Tokens per chunk: at most chunk_size x draft_vocab fp32 logits exist at once (forward and backward)",
+        validator=positive,
+    )
+
+
+class _FusedSoftCE(torch.autograd.Function):
+    """Fused ``lm_head`` x2 + soft cross-entropy over valid rows, gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight: float, chunk: int):
+        device = draft_hidden.device
+        rows = valid.nonzero().squeeze(1)  # indices of valid positions
+        n_valid = rows.numel()
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        # fp32 copies of the heads once per call: the vocab-sized math must not run in bf16
+        w_d = draft_head.float()
+        w_t = target_head.float()
+        grad_h = torch.zeros(draft_hidden.shape, dtype=torch.float32, device=device) if want_h else None
+        grad_w = torch.zeros(w_d.shape, dtype=torch.float32, device=device) if want_w else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        scale = weight / max(n_valid, 1)
+
+        for start in range(0, n_valid, chunk):
+            idx = rows[start : start + chunk]
+            h = draft_hidden.index_select(0, idx).float()  # [C, H]
+            d = h @ w_d.T  # [C, Vd] draft logits
+            t = target_hidden.index_select(0, idx).float() @ w_t.T  # [C, Vd] target logits
+            correct += (d.argmax(-1) == t.argmax(-1)).sum()
+
+            # softmax in place: only two [C, Vd] buffers (d and p_t) live at a time
+            p_t = t.sub_(t.amax(-1, keepdim=True)).exp_()
+            p_t.div_(p_t.sum(-1, keepdim=True))
+            lse = torch.logsumexp(d, dim=-1)  # [C]
+            # CE_i = lse_i - sum_v p_t[i,v] * d[i,v]   (because sum_v p_t = 1)
+            loss_sum += (lse - torch.linalg.vecdot(p_t, d)).sum()
+
+            if want_h or want_w:
+                g = d.sub_(lse.unsqueeze(1)).exp_().sub_(p_t)  # softmax(d) - p_t, in place of d
+                g.mul_(scale)
+                if want_h:
+                    grad_h.index_copy_(0, idx, g @ w_d)
+                if want_w:
+                    grad_w.addmm_(g.T, h)
+            del d, p_t, t
+
+        raw = loss_sum / max(n_valid, 1)
+        ctx.save_for_backward(
+            grad_h.to(draft_hidden.dtype) if want_h else None,
+            grad_w.to(draft_head.dtype) if want_w else None,
+        )
+        ctx.mark_non_differentiable(raw, correct)
+        return raw * weight, raw, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_raw, _grad_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def fused_forward_kl(
+    draft_hidden: torch.Tensor,
+    draft_head: torch.Tensor,
+    target_hidden: torch.Tensor,
+    target_head: torch.Tensor,
+    valid: torch.Tensor,
+    weight: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows; see module doc."""
+    if draft_hidden.dim() != 2 or target_hidden.shape != draft_hidden.shape:
+        raise ValueError(
+            f"forward-kl: draft_hidden and target_hidden must both be [N, H]; got "
+            f"{tuple(draft_hidden.shape)} and {tuple(target_hidden.shape)}"
+        )
+    if draft_head.shape != target_head.shape or draft_head.shape[1] != draft_hidden.shape[1]:
+        raise ValueError(
+            f"forward-kl: draft_head and target_head must both be [Vd, H={draft_hidden.shape[1]}]; got "
+            f"{tuple(draft_head.shape)} and {tuple(target_head.shape)}"
+        )
+    if valid.shape != draft_hidden.shape[:1]:
+        raise ValueError(f"forward-kl: valid must be [N={draft_hidden.shape[0]}], got {tuple(valid.shape)}")
+    return _FusedSoftCE.apply(
+        draft_hidden, draft_head, target_hidden.detach(), target_head.detach(), valid.bool(), float(weight),
+        int(chunk_size),
+    )
+
+
+class ForwardKLLoss:
+    """The ``Loss`` component: one call per TTT step."""
+
+    def __init__(self, options: ForwardKLOptions | None = None):
+        self.options = options or ForwardKLOptions()
+
+    def __call__(self, step, draft_hidden, draft_head, target_hidden, target_head, valid) -> LossOutput:
+        weight = self.options.step_weight_decay**step
+        loss, raw, correct = fused_forward_kl(
+            draft_hidden, draft_head, target_hidden, target_head, valid, weight, self.options.chunk_size
+        )
+        count = valid.sum().to(torch.int64)
+        return LossOutput(loss=loss, raw_loss=raw.detach(), correct=correct, count=count)
+
+
+def make_forward_kl(options: ForwardKLOptions | None) -> ForwardKLLoss:
+    return ForwardKLLoss(options)

@@ -1,0 +1,191 @@
+"""``local`` training strategy: one process, no process group, atomic checkpoints.
+
+A checkpoint is a directory::
+
+    model.safetensors   full state dict (CPU)
+    optimizer.pt        optimizer.state_dict()
+    extra.pt            the trainer's picklable extras (step, scheduler, RNG, ...)
+    COMPLETE            written last; a directory without it is never loaded
+
+It is written into ``<path>.tmp-<random>``, fsynced, then renamed to ``<path>``. An existing
+``<path>`` is renamed aside to ``<path>.old-<random>`` first and deleted after, so at every instant
+one complete copy exists (if a crash hits between the two renames, the next save or load renames the
+``.old`` copy back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import AbstractContextManager as ContextManager
+
+import attrs
+import torch
+from safetensors.torch import load_file, save_file
+
+from specforge_core.config.fields import option
+
+MARKER = "COMPLETE"
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@attrs.define
+class LocalStrategyOptions:
+    device: str = option("auto", "'auto' = cuda if available else cpu; or an explicit 'cpu', 'cuda:1', ...")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"[training.local] device: {name!r} is not a device (allowed: auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"[training.local] device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"training.dtype: {name!r} is not allowed; allowed: auto, {', '.join(DTYPE_NAMES)}") from None
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync directories
+        _fsync_file(path)
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def recover(path: str) -> None:
+    """Finish an interrupted replace: bring a complete ``.old`` copy back if ``path`` is missing."""
+    path = path.rstrip("/")
+    if os.path.exists(path):
+        return
+    for old in sorted(glob.glob(glob.escape(path) + ".old-*")):
+        if _is_complete(old):
+            os.replace(old, path)
+            return
+
+
+class LocalStrategy:
+    rank = 0
+    world_size = 1
+
+    def __init__(self, options: LocalStrategyOptions | None, config=None):
+        self.options = options or LocalStrategyOptions()
+        self.device = resolve_device(self.options.device)
+        dtype_name = config.training.dtype if config is not None else "auto"
+        self.dtype = resolve_dtype(dtype_name, self.device)
+
+    # ------------------------------------------------------------------------------ training
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)
+        # cast parameters only (the frozen embedding too): float buffers such as RoPE inv_freq stay
+        # in their own precision
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
+        return model
+
+    def no_sync(self, model: torch.nn.Module) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        # max_norm <= 0 means "off": still report the norm, scale by 1
+        limit = max_norm if max_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # clone: tied weights become independent tensors, which safetensors requires
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict
+    ) -> None:
+        path = os.path.abspath(path.rstrip("/"))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        recover(path)
+        for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
+
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(tmp)
+        try:
+            files = {
+                "model.safetensors": lambda f: save_file(self.full_state_dict(model), f),
+                "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
+                "extra.pt": lambda f: torch.save(extra, f),
+            }
+            for name, write in files.items():
+                write(os.path.join(tmp, name))
+                _fsync_file(os.path.join(tmp, name))
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"files": list(files), "time": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        if os.path.exists(path):
+            old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(parent)
+
+    def load_checkpoint(self, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        path = os.path.abspath(path.rstrip("/"))
+        recover(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if not _is_complete(path):
+            raise RuntimeError(
+                f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted while being "
+                "written; resume from an earlier checkpoint or delete it"
+            )
+        state = load_file(os.path.join(path, "model.safetensors"))
+        model.load_state_dict(state, strict=True)
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+        # extra.pt holds arbitrary picklables written by our own trainer
+        return torch.load(os.path.join(path, "extra.pt"), map_location="cpu", weights_only=False)
+
+
+def make_local_strategy(options: LocalStrategyOptions | None, config=None) -> LocalStrategy:
+    return LocalStrategy(options, config)

@@ -1,0 +1,258 @@
+"""``shm`` transfer store: one file per key in a shared-memory directory, for several processes on
+one node (the Ray pipeline's default).
+
+File layout (little endian; see docs/defaults.md)::
+
+    [0:8)    magic  b"SFSHM001"
+    [8:16)   uint64 header length L
+    [16:16+L) JSON  {"tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]}
+    then each tensor's raw bytes at its ``offset`` (absolute, 64-byte aligned)
+
+``put`` writes to a hidden temp file and renames it over the key's file, so a reader sees either
+the old sample or the new one, never a partial one (overwrite = last writer wins). ``get`` reads the
+whole file with one read into one buffer and returns views of it (bf16 included).
+Keys may be any non-empty string: they are percent-encoded into file names.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import quote, unquote
+
+import attrs
+import torch
+
+from specforge_core.config.fields import option
+
+MAGIC = b"SFSHM001"
+ALIGN = 64
+MAX_NAME = 200  # file-name bytes (NAME_MAX is 255; leaves room for the temp prefix)
+_PREFIX = struct.Struct("<8sQ")
+_CHUNK = 1 << 30  # one syscall moves at most ~2 GiB on Linux; stay well under
+DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool,
+    )
+}
+
+
+@attrs.define
+class ShmOptions:
+    root: str = option("/dev/shm", "Shared-memory directory; each run uses <root>/specforge-<run_id>")
+
+
+@dataclass(frozen=True)
+class ShmHandle:
+    path: str  # the run's directory; picklable, shipped to every process
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def key_to_filename(key: str) -> str:
+    """Reversible, path-safe file name of a key; ValueError with the reason if it cannot be one."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"transfer store 'shm': key must be a non-empty string, got {key!r}")
+    name = quote(key, safe="-_.:@=+,")
+    if name[0] == ".":  # hidden names are reserved for temp files (and '.', '..')
+        name = "%2E" + name[1:]
+    if len(name) > MAX_NAME:
+        raise ValueError(
+            f"transfer store 'shm': key {key[:40]!r}... is too long ({len(name)} bytes encoded; "
+            f"allowed: at most {MAX_NAME})"
+        )
+    return name
+
+
+def filename_to_key(name: str) -> str:
+    return unquote(name)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        n = os.write(fd, data[:_CHUNK])
+        data = data[n:]
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (after one to CPU/contiguous if needed)."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[int]]:
+    """Prefix+JSON header padded to ALIGN, and the data offset of each tensor."""
+    metas, sizes = [], []
+    for name, t in tensors.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise TypeError(f"transfer store 'shm': tensor {name!r} has unsupported dtype {t.dtype}")
+        sizes.append(t.numel() * t.element_size())
+        metas.append({"name": name, "dtype": dtype, "shape": list(t.shape), "nbytes": sizes[-1]})
+    # offsets depend on the header length, which depends on the offsets' digits: iterate to the fixed
+    # point (offsets only grow, so this ends, usually after 2 passes)
+    offsets = [0] * len(metas)
+    while True:
+        for m, off in zip(metas, offsets, strict=True):
+            m["offset"] = off
+        body = json.dumps({"tensors": metas}, separators=(",", ":")).encode()
+        pos = _align(_PREFIX.size + len(body))
+        new = []
+        for size in sizes:
+            new.append(pos)
+            pos = _align(pos + size)
+        if new == offsets:
+            break
+        offsets = new
+    head = _PREFIX.pack(MAGIC, len(body)) + body
+    return head + b"\0" * (offsets[0] - len(head) if offsets else 0), offsets
+
+
+def decode(buf: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
+    raw = buf.numpy()
+    magic, length = _PREFIX.unpack_from(raw, 0)
+    if magic != MAGIC:
+        raise ValueError(f"transfer store 'shm': {origin} is not a specforge shm sample (bad magic {magic!r})")
+    meta = json.loads(bytes(raw[_PREFIX.size : _PREFIX.size + length]))
+    out = {}
+    for m in meta["tensors"]:
+        start = m["offset"]
+        view = buf[start : start + m["nbytes"]].view(DTYPES[m["dtype"]])
+        out[m["name"]] = view.view(m["shape"])
+    return out
+
+
+class ShmStore:
+    def __init__(self, handle: ShmHandle):
+        self.path = handle.path
+
+    def _file(self, key: str) -> str:
+        return os.path.join(self.path, key_to_filename(key))
+
+    def put(self, key: str, tensors: Mapping[str, torch.Tensor]) -> int:
+        final = self._file(key)
+        if not os.path.isdir(self.path):
+            raise RuntimeError(f"transfer store 'shm': {self.path} does not exist (was the store stopped?)")
+        header, offsets = encode_header(tensors)
+        tmp = os.path.join(self.path, f".tmp-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, memoryview(header))
+            pos, payload = len(header), 0
+            for t, off in zip(tensors.values(), offsets, strict=True):
+                if off > pos:
+                    _write_all(fd, memoryview(b"\0" * (off - pos)))
+                data = _as_bytes(t)
+                _write_all(fd, data)
+                pos, payload = off + data.nbytes, payload + data.nbytes
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, final)  # atomic: readers see the whole sample or none of it
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                free = shutil.disk_usage(self.path).free
+                raise OSError(
+                    errno.ENOSPC,
+                    f"transfer store 'shm': {os.path.dirname(self.path)} is full ({free} bytes free) "
+                    f"writing key {key!r}; lower transfer.max_pool_bytes or enlarge the shared memory "
+                    "(e.g. docker --shm-size), or set [transfer.shm] root",
+                ) from exc
+            raise
+        return payload
+
+    def get(self, key: str, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+        path = self._file(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise KeyError(f"transfer store 'shm' ({self.path}): no key {key!r}") from None
+        try:
+            size = os.fstat(fd).st_size
+            buf = torch.empty(size, dtype=torch.uint8)
+            view, done = memoryview(buf.numpy()), 0
+            while done < size:  # one read for samples under 1 GiB
+                n = os.readv(fd, [view[done : done + _CHUNK]])
+                if n == 0:
+                    raise OSError(f"transfer store 'shm': {path} shrank while reading")
+                done += n
+        finally:
+            os.close(fd)
+        tensors = decode(buf, path)
+        if device is not None and torch.device(device).type != "cpu":
+            tensors = {name: t.to(device) for name, t in tensors.items()}
+        return tensors
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            try:
+                os.unlink(self._file(key))
+            except FileNotFoundError:
+                pass  # idempotent: deleting a missing key is a no-op
+
+    def keys(self) -> list[str]:
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        return [filename_to_key(n) for n in names if not n.startswith(".")]
+
+    def count(self) -> int:
+        return len(self.keys())
+
+    def close(self) -> None:
+        pass  # nothing held open between calls
+
+
+class ShmStoreProvider:
+    def __init__(self, options: Optional[ShmOptions] = None):
+        self.options = options or ShmOptions()
+
+    def start(self, run_id: str) -> ShmHandle:
+        root = self.options.root
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"transfer store 'shm': root {root!r} does not exist; set [transfer.shm] root to a "
+                "tmpfs directory (Linux: /dev/shm)"
+            )
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) or "run"
+        path = os.path.join(root, f"specforge-{safe}")
+        if os.path.exists(path):
+            left = len(ShmStore(ShmHandle(path)).keys())
+            warnings.warn(
+                f"transfer store 'shm': removing {path} left by an earlier run ({left} keys)", stacklevel=2
+            )
+            shutil.rmtree(path)
+        os.makedirs(path, mode=0o700)
+        return ShmHandle(path)
+
+    def connect(self, handle: ShmHandle) -> ShmStore:
+        return ShmStore(handle)
+
+    def stop(self, handle: ShmHandle) -> None:
+        left = ShmStore(handle).count()
+        shutil.rmtree(handle.path, ignore_errors=True)
+        if left:
+            warnings.warn(
+                f"transfer store 'shm': {left} keys were left at stop; removed {handle.path}", stacklevel=2
+            )
+
+
+def make_shm(options: Optional[ShmOptions]) -> ShmStoreProvider:
+    return ShmStoreProvider(options)

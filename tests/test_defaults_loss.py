@@ -1,0 +1,145 @@
+"""forward-kl: the fused chunked loss against a plain float64 autograd reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions, fused_forward_kl
+
+N, H, VD = 13, 16, 37
+
+
+def reference(step, dh, dw, th, tw, valid, decay):
+    """Per-position Python loop over full logits, autograd does the gradients."""
+    total = torch.zeros((), dtype=torch.float64)
+    correct, count = 0, 0
+    for i in range(dh.shape[0]):
+        if not valid[i]:
+            continue
+        d = dw @ dh[i]
+        t = tw @ th[i]
+        total = total - (torch.softmax(t, -1) * torch.log_softmax(d, -1)).sum()
+        correct += int(torch.argmax(d) == torch.argmax(t))
+        count += 1
+    raw = total / count if count else total
+    return raw * decay**step, raw, correct, count
+
+
+def inputs(dtype=torch.float64, seed=0, p_valid=0.7):
+    g = torch.Generator().manual_seed(seed)
+    dh = torch.randn(N, H, generator=g, dtype=torch.float64)
+    dw = torch.randn(VD, H, generator=g, dtype=torch.float64) * 0.5
+    th = torch.randn(N, H, generator=g, dtype=torch.float64)
+    tw = torch.randn(VD, H, generator=g, dtype=torch.float64) * 0.5
+    valid = torch.rand(N, generator=g) < p_valid
+    valid[0] = True
+    return [x.to(dtype) for x in (dh, dw, th, tw)] + [valid]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 13, 100])
+@pytest.mark.parametrize("step", [0, 2])
+def test_matches_reference_float64(chunk, step):
+    dh, dw, th, tw, valid = inputs(seed=chunk + step)
+    assert 0 < valid.sum() < N  # some invalid positions
+    ref_dh, ref_dw = dh.clone().requires_grad_(), dw.clone().requires_grad_()
+    ref_loss, ref_raw, ref_correct, ref_count = reference(step, ref_dh, ref_dw, th, tw, valid, 0.8)
+    ref_loss.backward()
+
+    dh.requires_grad_()
+    dw.requires_grad_()
+    out = ForwardKLLoss(ForwardKLOptions(step_weight_decay=0.8, chunk_size=chunk))(step, dh, dw, th, tw, valid)
+    out.loss.backward()
+
+    # the fused path computes in fp32 internally, so compare at fp32 precision
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.raw_loss.double(), ref_raw.detach(), rtol=1e-5, atol=1e-6)
+    assert int(out.correct) == ref_correct
+    assert int(out.count) == ref_count
+    assert dh.grad.dtype == torch.float64 and dw.grad.dtype == torch.float64
+    torch.testing.assert_close(dh.grad, ref_dh.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw.grad, ref_dw.grad, rtol=1e-4, atol=1e-6)
+    # invalid rows get exactly zero gradient
+    assert (dh.grad[~valid] == 0).all()
+
+
+def test_correct_counts_agreements_exactly():
+    # target head = draft head and same hidden -> every valid position agrees
+    dh, dw, _, _, valid = inputs(torch.float32)
+    out = ForwardKLLoss()(0, dh, dw, dh.clone(), dw.clone(), valid)
+    assert int(out.correct) == int(valid.sum()) == int(out.count)
+    # identical distributions: the soft CE equals the target entropy, and the gradient is ~0
+    p = torch.softmax(dh[valid].double() @ dw.double().T, -1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    torch.testing.assert_close(out.raw_loss.double(), entropy, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_output_scaling():
+    """backward scales the stored gradients by grad_output (e.g. 1/accumulation)."""
+    dh, dw, th, tw, valid = inputs(torch.float32)
+    dh.requires_grad_()
+    out = ForwardKLLoss(ForwardKLOptions(chunk_size=3))(1, dh, dw, th, tw, valid)
+    (out.loss * 0.25).backward()
+    g_quarter = dh.grad.clone()
+    dh.grad = None
+    ForwardKLLoss(ForwardKLOptions(chunk_size=3))(1, dh, dw, th, tw, valid).loss.backward()
+    torch.testing.assert_close(g_quarter, dh.grad * 0.25)
+
+
+def test_all_invalid_is_zero_without_nan():
+    dh, dw, th, tw, valid = inputs(torch.float32)
+    valid[:] = False
+    dh.requires_grad_()
+    dw.requires_grad_()
+    out = ForwardKLLoss()(3, dh, dw, th, tw, valid)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and float(out.raw_loss) == 0.0
+    assert int(out.correct) == 0 and int(out.count) == 0
+    assert torch.isfinite(dh.grad).all() and (dh.grad == 0).all() and (dw.grad == 0).all()
+
+
+def test_bf16_inputs_close_to_fp64_reference():
+    dh, dw, th, tw, valid = inputs(torch.float64, seed=7)
+    ref_dh, ref_dw = dh.clone().requires_grad_(), dw.clone().requires_grad_()
+    ref_loss, *_ = reference(1, ref_dh, ref_dw, th, tw, valid, 0.8)
+    ref_loss.backward()
+
+    b = [x.to(torch.bfloat16) for x in (dh, dw, th, tw)]
+    b[0].requires_grad_()
+    b[1].requires_grad_()
+    out = ForwardKLLoss(ForwardKLOptions(chunk_size=4))(1, *b, valid)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert b[0].grad.dtype == torch.bfloat16 and b[1].grad.dtype == torch.bfloat16
+    # error comes from rounding the inputs to bf16 (8 bits of mantissa)
+    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(b[0].grad.double(), ref_dh.grad, rtol=0.1, atol=5e-3)
+    torch.testing.assert_close(b[1].grad.double(), ref_dw.grad, rtol=0.1, atol=5e-3)
+
+
+def test_peak_logit_memory_is_one_chunk(monkeypatch):
+    """No [rows x Vd] matmul larger than one chunk is ever issued (forward and backward)."""
+    dh, dw, th, tw, valid = inputs(torch.float32)
+    valid[:] = True
+    dh.requires_grad_()
+    dw.requires_grad_()
+    seen = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real_matmul(a, b)
+        if out.dim() == 2 and out.shape[1] == VD:
+            seen.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    ForwardKLLoss(ForwardKLOptions(chunk_size=4))(0, dh, dw, th, tw, valid).loss.backward()
+    assert seen and max(seen) <= 4
+    assert sum(seen) == 2 * N  # draft and target logits, once per row
+
+
+def test_shape_errors_are_clear():
+    dh, dw, th, tw, valid = inputs(torch.float32)
+    with pytest.raises(ValueError, match="valid must be"):
+        fused_forward_kl(dh, dw, th, tw, valid[:-1])
+    with pytest.raises(ValueError, match="draft_head and target_head"):
+        fused_forward_kl(dh, dw, th, tw[:-1], valid)

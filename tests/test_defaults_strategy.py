@@ -1,0 +1,191 @@
+"""'local' training strategy: dtype policy, atomic checkpoints, crash safety."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+from specforge_defaults.strategy import LocalStrategy, LocalStrategyOptions
+
+from specforge_core.config.schema import SpecforgeConfig
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 6).requires_grad_(False)  # frozen, like the draft's
+        self.fc = torch.nn.Linear(6, 6)
+        self.lm_head = torch.nn.Linear(6, 5, bias=False)
+        self.register_buffer("inv_freq", torch.tensor([1.0, 1e-4]) / 3, persistent=False)
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.fc(self.embed(ids))))
+
+
+def trained(seed=0, steps=3):
+    torch.manual_seed(seed)
+    model = Tiny()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(torch.randint(0, 11, (4, 3))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def strategy(dtype="auto"):
+    config = SpecforgeConfig()
+    config.training.dtype = dtype
+    return LocalStrategy(LocalStrategyOptions(device="cpu"), config)
+
+
+def test_prepare_dtype_policy():
+    s = strategy()
+    assert s.rank == 0 and s.world_size == 1 and s.device == torch.device("cpu")
+    m = s.prepare(Tiny())
+    assert all(p.dtype == torch.float32 for p in m.parameters())  # auto on CPU = fp32
+    m = strategy("bf16").prepare(Tiny())
+    assert m.embed.weight.dtype == torch.bfloat16 and m.lm_head.weight.dtype == torch.bfloat16
+    assert not m.embed.weight.requires_grad
+    assert m.inv_freq.dtype == torch.float32  # buffers keep their precision
+
+
+def test_clip_and_identity_ops():
+    s = strategy()
+    model = Tiny()
+    model(torch.tensor([[1, 2]])).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert s.clip_grad_norm(model, 0.0) == pytest.approx(norm)  # 0 = off: report, do not scale
+    assert s.clip_grad_norm(model, norm / 2) == pytest.approx(norm)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert clipped == pytest.approx(norm / 2, rel=1e-4)
+    t = torch.tensor([3.0])
+    assert s.all_reduce(t) is t
+    with s.no_sync(model):
+        pass
+    sd = s.full_state_dict(model)
+    assert all(v.device.type == "cpu" for v in sd.values())
+    assert torch.equal(sd["fc.weight"], model.fc.weight)
+    assert sd["fc.weight"].data_ptr() != model.fc.weight.data_ptr()
+
+
+def test_save_load_round_trip(tmp_path):
+    s = strategy()
+    model, opt = trained(0)
+    extra = {"step": 3, "rng": torch.get_rng_state(), "sched": {"last_epoch": 3}}
+    path = str(tmp_path / "ckpt" / "step-3")
+    s.save_checkpoint(path, model, opt, extra)
+    assert sorted(os.listdir(path)) == ["COMPLETE", "extra.pt", "model.safetensors", "optimizer.pt"]
+    assert os.listdir(tmp_path / "ckpt") == ["step-3"]  # no temp dirs left
+
+    model2, opt2 = trained(1)  # different weights and optimizer state
+    got = s.load_checkpoint(path, model2, opt2)
+    assert got["step"] == 3 and got["sched"] == {"last_epoch": 3} and torch.equal(got["rng"], extra["rng"])
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    sa, sb = opt.state_dict(), opt2.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][i][name], sb["state"][i][name]), (i, name)
+    # and training continues identically from the restored state
+    x = torch.randint(0, 11, (4, 3))
+    for m, o in ((model, opt), (model2, opt2)):
+        m(x).square().mean().backward()
+        o.step()
+    assert torch.equal(model.fc.weight, model2.fc.weight)
+
+
+def test_overwrite_existing_checkpoint(tmp_path):
+    s = strategy()
+    path = str(tmp_path / "latest")
+    m1, o1 = trained(0, steps=1)
+    s.save_checkpoint(path, m1, o1, {"step": 1})
+    m2, o2 = trained(0, steps=2)
+    s.save_checkpoint(path, m2, o2, {"step": 2})
+    assert os.listdir(tmp_path) == ["latest"]
+    m3, o3 = trained(5)
+    assert s.load_checkpoint(path, m3, o3)["step"] == 2
+    assert torch.equal(m3.fc.weight, m2.fc.weight)
+
+
+def test_exception_mid_write_keeps_previous(tmp_path, monkeypatch):
+    s = strategy()
+    path = str(tmp_path / "latest")
+    m1, o1 = trained(0, steps=1)
+    s.save_checkpoint(path, m1, o1, {"step": 1})
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        if str(f).endswith("extra.pt"):
+            raise OSError("disk full (injected)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    m2, o2 = trained(0, steps=2)
+    with pytest.raises(OSError, match="injected"):
+        s.save_checkpoint(path, m2, o2, {"step": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["latest"]  # the failed temp dir was removed
+    m3, o3 = trained(5)
+    assert s.load_checkpoint(path, m3, o3)["step"] == 1
+    assert torch.equal(m3.fc.weight, m1.fc.weight)
+
+
+def _crash_while_saving(path):
+    """Child process: die hard (no cleanup, no finally) while writing optimizer.pt."""
+    import torch as t
+    from specforge_defaults.strategy import LocalStrategy, LocalStrategyOptions
+
+    real_save = t.save
+
+    def dying_save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            os._exit(3)
+        return real_save(obj, f, *a, **k)
+
+    t.save = dying_save
+    model, opt = trained(0, steps=2)
+    LocalStrategy(LocalStrategyOptions(device="cpu")).save_checkpoint(path, model, opt, {"step": 2})
+
+
+def test_hard_crash_leaves_previous_intact(tmp_path):
+    s = strategy()
+    path = str(tmp_path / "latest")
+    m1, o1 = trained(0, steps=1)
+    s.save_checkpoint(path, m1, o1, {"step": 1})
+
+    proc = mp.get_context("spawn").Process(target=_crash_while_saving, args=(path,))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 3
+
+    leftovers = [d for d in os.listdir(tmp_path) if d != "latest"]
+    assert len(leftovers) == 1 and leftovers[0].startswith("latest.tmp-")
+    tmp_dir = tmp_path / leftovers[0]
+    assert "COMPLETE" not in os.listdir(tmp_dir) and "optimizer.pt" in os.listdir(tmp_dir)
+    m3, o3 = trained(5)
+    with pytest.raises(RuntimeError, match="incomplete .no COMPLETE marker"):
+        s.load_checkpoint(str(tmp_dir), m3, o3)
+    assert s.load_checkpoint(path, m3, o3)["step"] == 1
+    assert torch.equal(m3.fc.weight, m1.fc.weight)
+    # the next save sweeps the crashed temp dir
+    s.save_checkpoint(path, m3, o3, {"step": 4})
+    assert os.listdir(tmp_path) == ["latest"]
+
+
+def test_crash_between_renames_is_recovered(tmp_path):
+    """If only '<path>.old-*' exists (crash after moving the old copy aside), load brings it back."""
+    s = strategy()
+    path = str(tmp_path / "latest")
+    m1, o1 = trained(0, steps=1)
+    s.save_checkpoint(path, m1, o1, {"step": 1})
+    os.rename(path, path + ".old-deadbeef")
+    assert s.load_checkpoint(path, *trained(5))["step"] == 1
+    assert os.listdir(tmp_path) == ["latest"]
