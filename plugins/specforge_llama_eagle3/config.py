@@ -1,0 +1,175 @@
+"""The draft's architecture settings: generated from the target's config.json, or read from a file.
+
+Rope settings are normalised to the *legacy* layout (``rope_theta`` + ``rope_scaling``) because that
+is what SGLang/vLLM read from a draft's config.json; transformers >= 5 writes ``rope_parameters``
+instead, so both layouts are accepted on input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class DraftConfigError(ValueError):
+    """A target or draft config that cannot describe a llama-eagle3 draft."""
+
+
+@attrs.define
+class DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]  # None = plain RoPE; else {"rope_type": "llama3"|"linear", ...}
+    max_position_embeddings: int
+    vocab_size: int  # the target's vocabulary (embedding rows)
+    draft_vocab_size: int
+    target_hidden_size: int  # width of each captured aux hidden state
+    num_aux: int = 3  # number of aux layers concatenated into fc
+
+    # ---------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_target(cls, hf_config: dict, draft_vocab_size: int, num_aux: int = 3,
+                    source: str = "target config.json") -> DraftConfig:
+        """Copy the target's layer shape and rope settings (the EAGLE-3 recipe: one target-shaped layer)."""
+        cfg = _text_config(hf_config)
+        get = _getter(cfg, source)
+        hidden = int(get("hidden_size"))
+        heads = int(get("num_attention_heads"))
+        theta, scaling = rope_settings(cfg, source)
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(get("max_position_embeddings")),
+            vocab_size=int(get("vocab_size")),
+            draft_vocab_size=int(draft_vocab_size),
+            target_hidden_size=hidden,
+            num_aux=num_aux,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path, target_info_hidden: int, target_vocab: int,
+                  draft_vocab_size: int, num_aux: int = 3) -> DraftConfig:
+        """A user-written draft config.json (HF llama keys); checked against the target and vocab map."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DraftConfigError(f"{path}: draft config file not found (model.llama-eagle3.config)") from None
+        except json.JSONDecodeError as e:
+            raise DraftConfigError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from None
+        n_layers = raw.get("num_hidden_layers", 1)
+        if n_layers != 1:
+            raise DraftConfigError(f"{path}: num_hidden_layers = {n_layers}; llama-eagle3 supports exactly 1")
+        if "vocab_size" in raw and int(raw["vocab_size"]) != target_vocab:
+            raise DraftConfigError(
+                f"{path}: vocab_size = {raw['vocab_size']} but the target's vocabulary has {target_vocab} "
+                "tokens (the draft shares the target's embedding)")
+        if "draft_vocab_size" in raw and int(raw["draft_vocab_size"]) != draft_vocab_size:
+            raise DraftConfigError(
+                f"{path}: draft_vocab_size = {raw['draft_vocab_size']} but the vocab mapping has "
+                f"{draft_vocab_size} entries (set model.draft_vocab_size to match, or drop the key)")
+        raw = {**raw, "vocab_size": target_vocab}
+        cfg = cls.from_target(raw, draft_vocab_size, num_aux=num_aux, source=str(path))
+        cfg.target_hidden_size = int(raw.get("target_hidden_size", target_info_hidden))
+        if cfg.hidden_size != target_info_hidden:
+            raise DraftConfigError(
+                f"{path}: hidden_size = {cfg.hidden_size} but the target's is {target_info_hidden}; the "
+                "draft reuses the target's token embedding, so they must match")
+        return cfg
+
+    @classmethod
+    def from_export(cls, exported: dict, source: str = "config.json") -> DraftConfig:
+        """Read back what ``export_dict`` wrote."""
+        get = _getter(exported, source)
+        cfg = cls.from_target(exported, int(get("draft_vocab_size")), source=source)
+        cfg.target_hidden_size = int(exported.get("target_hidden_size", cfg.hidden_size))
+        return cfg
+
+    # ---------------------------------------------------------------------------------- export
+    def export_dict(self) -> dict[str, Any]:
+        """The serving-engine config.json fields (rope written out explicitly, see eagle3.md)."""
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "model_type": "llama",
+            "num_hidden_layers": 1,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "vocab_size": self.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _text_config(hf_config: dict) -> dict:
+    # Multimodal wrappers keep the language model's settings under text_config.
+    if "hidden_size" not in hf_config and isinstance(hf_config.get("text_config"), dict):
+        return hf_config["text_config"]
+    return hf_config
+
+
+def _getter(cfg: dict, source: str):
+    def get(key: str):
+        if cfg.get(key) is None:
+            raise DraftConfigError(f"{source}: missing required field '{key}'")
+        return cfg[key]
+
+    return get
+
+
+def rope_settings(cfg: dict, source: str = "config") -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling) from either the legacy or the transformers-5 layout."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        if cfg.get("rope_theta") is None:
+            raise DraftConfigError(
+                f"{source}: missing 'rope_theta' (engines would silently default it to 10000)")
+        theta = float(cfg["rope_theta"])
+        scaling = dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise DraftConfigError(
+                f"{source}: rope type '{rope_type}' is not supported; allowed: {', '.join(ROPE_TYPES)}")
+        if rope_type == "default":
+            scaling = None
+        else:
+            scaling = {k: v for k, v in scaling.items() if k != "type"}
+            scaling["rope_type"] = rope_type
+    return theta, scaling
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3 default aux layers as HF hidden_states indices (= the input of layers 2, L//2, L-3)."""
+    return [2, num_layers // 2, num_layers - 3]

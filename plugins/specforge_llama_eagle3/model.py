@@ -1,0 +1,305 @@
+"""LlamaEagle3Draft: the EAGLE-3 draft (fc + one decoder layer + norm + lm_head), its training-time
+test unroll, cached incremental inference, and the serving-engine export.
+
+Attribute names equal the export keys (``fc.weight``, ``midlayer.self_attn.q_proj.weight``...), so
+``state_dict()`` is the export plus ``embed_tokens.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specforge_llama_eagle3.attention import ttt_attention
+from specforge_llama_eagle3.config import DraftConfig, default_aux_layer_ids
+from specforge_llama_eagle3.rope import apply_rope, cos_sin, inverse_frequencies
+
+EXPORT_KEYS = (
+    "fc.weight",
+    "midlayer.hidden_norm.weight",
+    "midlayer.input_layernorm.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+    "norm.weight",
+    "lm_head.weight",
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Llama, then scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Projections only; the attention pattern is chosen by the caller (TTT or cached)."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        in_dim = 2 * cfg.hidden_size  # cat(normed embedding, normed hidden)
+        self.q_proj = nn.Linear(in_dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(in_dim, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(in_dim, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, 2H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D] with rope applied to q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = attn.shape
+        return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
+
+
+class Eagle3Layer(nn.Module):
+    """The single decoder layer (``midlayer``)."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def attn_input(self, emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
+
+    def finish(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual from the *un-normed* hidden state, then the MLP block; returns un-normed output."""
+        h = hidden + self.self_attn.out(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DraftCache:
+    """Per-sequence K/V of the draft's one layer, in append order (rope already applied).
+
+    Every row of the batch holds the same number of entries; ``crop`` rolls back rejected drafts."""
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None  # [B, Hkv, L, D]
+        self.v: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def crop(self, length: int) -> None:
+        if length < 0 or length > len(self):
+            raise ValueError(f"crop({length}): the cache holds {len(self)} entries")
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+
+
+class LlamaEagle3Draft(nn.Module):
+    def __init__(
+        self,
+        cfg: DraftConfig,
+        aux_layer_ids: Optional[Sequence[int]] = None,  # HF hidden_states indices the target captures
+        target_num_layers: Optional[int] = None,
+        aux_ids_convention: str = "sglang",
+    ):
+        super().__init__()
+        self.config = cfg
+        self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else None
+        self.target_num_layers = target_num_layers
+        self.aux_ids_convention = aux_ids_convention
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
+        self.fc = nn.Linear(cfg.num_aux * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.d2t: Optional[torch.Tensor] = None  # draft id -> target id offsets (set by from_export)
+
+    # ------------------------------------------------------------------------------ pieces
+    def load_embedding(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
+            raise ValueError(f"target embedding has shape {tuple(weight.shape)}; the draft expects "
+                             f"{tuple(self.embed_tokens.weight.shape)} (vocab_size x hidden_size)")
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(weight)
+
+    def fuse(self, aux_hidden: torch.Tensor) -> torch.Tensor:
+        """[..., n_aux*H_t] target features -> [..., H] draft hidden state."""
+        return self.fc(aux_hidden)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits from a normed hidden state."""
+        return self.lm_head(normed)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        return cos_sin(self.inv_freq, positions, dtype)
+
+    # ------------------------------------------------------------------------------ training
+    def ttt_forward(
+        self,
+        input_ids: torch.Tensor,  # int64 [B, T]
+        aux_hidden: torch.Tensor,  # [B, T, n_aux*H_t]
+        attention_mask: torch.Tensor,  # bool [B, T]
+        ttt_length: int,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the normed hidden [B, T, H] of TTT steps k = 0..ttt_length-1.
+
+        Step k at position t reads token x_{t+k+1} with hidden = step k-1's un-normed output at t
+        (step 0: fc(aux_t)), at rope position t+k; see docs/draft-model.md."""
+        B, T = input_ids.shape
+        attn = self.midlayer.self_attn
+        key_valid = attention_mask.bool()
+        hidden = self.fuse(aux_hidden)
+        base_pos = torch.arange(T, device=input_ids.device)
+        k0 = v0 = None
+        k_diag: list[torch.Tensor] = []
+        v_diag: list[torch.Tensor] = []
+        for k in range(ttt_length):
+            ids = _shift_left(input_ids, k + 1)
+            x = self.midlayer.attn_input(self.embed_tokens(ids), hidden)
+            cos, sin = self._rope(base_pos + k, x.dtype)
+            q, kk, vv = attn.qkv(x, cos, sin)
+            if k == 0:
+                k0, v0 = kk, vv
+            else:
+                k_diag.append(kk)
+                v_diag.append(vv)
+            out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale)
+            hidden = self.midlayer.finish(hidden, out)
+            yield self.norm(hidden)
+
+    # ------------------------------------------------------------------------------ inference
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,  # int64 [B, S]: the token each new entry reads
+        hidden: torch.Tensor,  # [B, S, H]: fuse(aux) or a previous out_hidden
+        positions: torch.Tensor,  # int64 [B, S] or [S]: rope positions
+        cache: DraftCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append S entries to ``cache``; each attends to every earlier entry and itself.
+
+        Returns (normed [B, S, H] for ``logits``, out_hidden [B, S, H] to feed the next step)."""
+        attn = self.midlayer.self_attn
+        x = self.midlayer.attn_input(self.embed_tokens(input_ids), hidden)
+        cos, sin = self._rope(positions, x.dtype)
+        q, k, v = attn.qkv(x, cos, sin)
+        past = len(cache)
+        keys, vals = cache.append(k, v)
+        S, L = q.shape[2], keys.shape[2]
+        # entry i (global index past+i) sees cache entries 0..past+i
+        visible = torch.arange(L, device=q.device)[None, :] <= (past + torch.arange(S, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible, scale=attn.scale,
+                                             enable_gqa=attn.n_heads != attn.n_kv)
+        out_hidden = self.midlayer.finish(hidden, out)
+        return self.norm(out_hidden), out_hidden
+
+    # ------------------------------------------------------------------------------ export
+    def export_config(self, aux_ids_convention: Optional[str] = None) -> dict[str, Any]:
+        cfg = self.config.export_dict()
+        ids = self.aux_layer_ids
+        if ids is not None and self.target_num_layers is not None:
+            if ids != default_aux_layer_ids(self.target_num_layers):
+                cfg["eagle_config"] = {
+                    "eagle_aux_hidden_state_layer_ids": engine_aux_ids(ids, aux_ids_convention or self.aux_ids_convention),
+                    "use_aux_hidden_state": True,
+                }
+        return cfg
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = self.state_dict()
+        return {k: sd[k].detach().to("cpu", torch.bfloat16).contiguous() for k in EXPORT_KEYS}
+
+    @classmethod
+    def from_export(cls, directory: str | Path, embed_weight: Optional[torch.Tensor] = None,
+                    dtype: torch.dtype = torch.float32) -> LlamaEagle3Draft:
+        """Load an exported draft (config.json + model.safetensors) for evaluation."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path}: not found (expected an exported llama-eagle3 draft)")
+        raw = json.loads(cfg_path.read_text())
+        model = cls(DraftConfig.from_export(raw, source=str(cfg_path)))
+        model.load_export_weights(directory, load_file)
+        if embed_weight is not None:
+            model.load_embedding(embed_weight)
+        return model.to(dtype)
+
+    def load_export_weights(self, directory: str | Path, load_file=None) -> None:
+        """Copy export-keyed weights (and d2t if present) from ``directory/model.safetensors``."""
+        if load_file is None:
+            from safetensors.torch import load_file
+        path = Path(directory) / "model.safetensors"
+        tensors = load_file(str(path))
+        missing = [k for k in EXPORT_KEYS if k not in tensors]
+        if missing:
+            raise KeyError(f"{path}: missing tensors {missing}")
+        own = self.state_dict()
+        for key in EXPORT_KEYS:
+            if tuple(tensors[key].shape) != tuple(own[key].shape):
+                raise ValueError(f"{path}: '{key}' has shape {tuple(tensors[key].shape)}, the draft "
+                                 f"config needs {tuple(own[key].shape)}")
+        self.load_state_dict({k: tensors[k] for k in EXPORT_KEYS}, strict=False)
+        if "d2t" in tensors:
+            self.d2t = tensors["d2t"]
+        if "embed_tokens.weight" in tensors:
+            self.load_embedding(tensors["embed_tokens.weight"])
+
+
+def engine_aux_ids(hf_ids: Sequence[int], convention: str) -> list[int]:
+    """HF hidden_states indices -> the ids an engine's config expects.
+
+    vLLM captures the input of layer i for id i (= HF index); SGLang adds 1 to explicit ids
+    (captures the input of layer id+1, i.e. the output of layer id), so it needs HF index - 1."""
+    if convention == "vllm":
+        return list(hf_ids)
+    if convention == "sglang":
+        return [i - 1 for i in hf_ids]
+    raise ValueError(f"aux id convention '{convention}' is not known; allowed: 'sglang', 'vllm'")
+
+
+def _shift_left(ids: torch.Tensor, n: int, pad: int = 0) -> torch.Tensor:
+    """ids[:, t] -> ids[:, t+n]; the last n positions get ``pad`` (they carry no loss)."""
+    out = torch.full_like(ids, pad)
+    if n < ids.shape[1]:
+        out[:, : ids.shape[1] - n] = ids[:, n:]
+    return out
