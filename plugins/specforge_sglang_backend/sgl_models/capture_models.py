@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 
 from specforge_sglang_backend.capture import install_capture
 
@@ -33,8 +34,8 @@ def _capture_class(base: type, spec: dict) -> type:
 
 def _entry_classes() -> list[type]:
     raw = os.environ.get(ENV)
-    if not raw:
-        return []  # loaded outside a specforge engine: register nothing, change nothing
+    if not raw or "sglang.srt.models.registry" not in sys.modules:
+        return []  # not loaded by SGLang's registry for a specforge engine: register nothing
     spec = json.loads(raw)
     builtin = _builtin_models()
     missing = [a for a in spec["architectures"] if a not in builtin]
