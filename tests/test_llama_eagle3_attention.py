@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from specforge_llama_eagle3.attention import ttt_attention
+from specforge_llama_eagle3.attention import sdpa_causal_attention_with_lse, ttt_attention
 from specforge_llama_eagle3.reference import dense_ttt_attention, ttt_mask
 
 
@@ -65,3 +65,18 @@ def test_lse_merge_fp32_close_to_dense():
     out = ttt_attention(q, k0, v0, kd, vd, None, 0.25)
     ref = dense_ttt_attention(q, k0, v0, kd, vd, None, 0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_sdpa_causal_part_matches_dense_on_real_rows(k):
+    B, Hq, Hkv, T, D = 2, 4, 2, 16, 16
+    q, k0, v0, kd, vd = _inputs(B, Hq, Hkv, T, D, k, dtype=torch.float32)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, 11:] = False
+    leaves = [q, k0, v0, *kd, *vd]
+    out = ttt_attention(q, k0, v0, kd, vd, valid, 0.25, causal=sdpa_causal_attention_with_lse)
+    ref = dense_ttt_attention(q, k0, v0, kd, vd, valid, 0.25)
+    g = torch.randn_like(out) * valid[:, None, :, None]  # loss only on real rows
+    torch.testing.assert_close(out * valid[:, None, :, None], ref * valid[:, None, :, None], rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -112,7 +112,7 @@ def test_ttt_forward_with_dense_reference_attention(monkeypatch):
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
     real = list(m.ttt_forward(ids, aux, mask, 4))
-    monkeypatch.setattr(model_mod, "ttt_attention", dense_ttt_attention)
+    monkeypatch.setattr(model_mod, "ttt_attention", lambda *a, causal=None: dense_ttt_attention(*a))
     dense = list(m.ttt_forward(ids, aux, mask, 4))
     for a, b in zip(real, dense, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -227,3 +227,15 @@ def test_from_export_round_trip_and_init_from(tmp_path):
     torch.testing.assert_close(fresh.fc.weight, ref.fc.weight)
     with pytest.raises(ValueError, match="lm_head.weight"):
         make_llama_eagle3(LlamaEagle3Options(init_from=str(tmp_path)), _target(), VD * 2)
+
+
+def test_sdpa_attention_option_matches_eager_on_real_positions():
+    eager = _draft().float()
+    fused = _draft(options=LlamaEagle3Options(attention="sdpa")).float()
+    fused.load_state_dict(eager.state_dict())
+    ids, aux = _batch(B=2, T=10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    for a, b in zip(eager.ttt_forward(ids, aux.float(), mask, 3), fused.ttt_forward(ids, aux.float(), mask, 3),
+                    strict=True):
+        torch.testing.assert_close(a[mask], b[mask], rtol=1e-4, atol=1e-4)

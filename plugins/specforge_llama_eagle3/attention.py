@@ -62,6 +62,58 @@ def causal_attention_with_lse(
     return probs @ v, lse
 
 
+def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(out, lse) of causal attention from PyTorch's fused kernels (no [T, T] matrix kept)."""
+    if q.is_cuda:
+        # The memory-efficient kernel returns the LSE on every CUDA arch and dtype we train in.
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, is_causal=True,
+                                                                      scale=scale)
+        return res[0], res[1][..., : q.shape[2]]
+    res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return res[0], res[1]
+
+
+class _CausalSDPAWithLSE(torch.autograd.Function):
+    """Causal attention returning a *differentiable* LSE, on top of fused SDPA kernels.
+
+    d lse_t / d q_t = scale * sum_s p_ts k_s  = scale * attention(q, k, values=k)
+    d lse_t / d k_s = scale * p_ts q_t        -> the value-gradient of attention(q, k, .)
+    so the backward is two more SDPA calls; nothing of size [T, T] is stored."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = _sdpa_lse(q, k, v, scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return out, lse.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v = ctx.saved_tensors
+        scale = ctx.scale
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with torch.enable_grad():
+            q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+            k_as_value = k.detach().requires_grad_()
+            out = sdpa(q_, k_, v_, is_causal=True, scale=scale)
+            pk = sdpa(q.detach(), k.detach(), k_as_value, is_causal=True, scale=scale)  # P @ K
+            g_lse = (scale * d_lse[..., None]).to(q.dtype)
+            dq, dk, dv = torch.autograd.grad(out, (q_, k_, v_), d_out if d_out is not None else torch.zeros_like(out))
+            (dk_lse,) = torch.autograd.grad(pk, (k_as_value,), g_lse * q)
+        return dq + g_lse * pk.detach(), dk + dk_lse, dv, None
+
+
+def sdpa_causal_attention_with_lse(q, k, v, key_valid, scale):
+    """Same contract as ``causal_attention_with_lse`` for *right-padded* batches: real queries can
+    never reach a padded key under the causal mask, so ``key_valid`` is not needed (padded query
+    rows differ from the explicit version; they carry no loss)."""
+    n_rep = q.shape[1] // k.shape[1]
+    return _CausalSDPAWithLSE.apply(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale)
+
+
+CAUSAL_IMPLS = {"eager": causal_attention_with_lse, "sdpa": sdpa_causal_attention_with_lse}
+
+
 def ttt_attention(
     q: torch.Tensor,  # [B, Hq, T, D]: this step's queries (rope at position t+k)
     k0: torch.Tensor,  # [B, Hkv, T, D]: step-0 keys (rope at position s)
@@ -70,9 +122,10 @@ def ttt_attention(
     v_diag: Sequence[torch.Tensor],
     key_valid: Optional[torch.Tensor],  # bool [B, T]
     scale: float,
+    causal=causal_attention_with_lse,  # or sdpa_causal_attention_with_lse / a fused kernel
 ) -> torch.Tensor:
     """Attention output [B, Hq, T, D] of TTT step k = len(k_diag)."""
-    out, lse = causal_attention_with_lse(q, k0, v0, key_valid, scale)
+    out, lse = causal(q, k0, v0, key_valid, scale)
     if not k_diag:
         return out
     n_rep = q.shape[1] // k0.shape[1]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge_llama_eagle3.attention import ttt_attention
+from specforge_llama_eagle3.attention import CAUSAL_IMPLS, ttt_attention
 from specforge_llama_eagle3.config import DraftConfig, default_aux_layer_ids
 from specforge_llama_eagle3.rope import apply_rope, cos_sin, inverse_frequencies
 
@@ -137,8 +137,12 @@ class LlamaEagle3Draft(nn.Module):
         aux_layer_ids: Optional[Sequence[int]] = None,  # HF hidden_states indices the target captures
         target_num_layers: Optional[int] = None,
         aux_ids_convention: str = "sglang",
+        attention: str = "auto",  # TTT causal part: "eager" (explicit), "sdpa" (fused), "auto"
     ):
         super().__init__()
+        if attention not in ("auto", *CAUSAL_IMPLS):
+            raise ValueError(f"attention '{attention}' is not known; allowed: auto, {', '.join(CAUSAL_IMPLS)}")
+        self.attention = attention
         self.config = cfg
         self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else None
         self.target_num_layers = target_num_layers
@@ -172,6 +176,11 @@ class LlamaEagle3Draft(nn.Module):
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return cos_sin(self.inv_freq, positions, dtype)
 
+    def _causal_impl(self, device: torch.device):
+        # Fused kernels on GPU; the explicit version on CPU (exact for any padding, cheap at test sizes).
+        name = self.attention if self.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+        return CAUSAL_IMPLS[name]
+
     # ------------------------------------------------------------------------------ training
     def ttt_forward(
         self,
@@ -189,6 +198,7 @@ class LlamaEagle3Draft(nn.Module):
         key_valid = attention_mask.bool()
         hidden = self.fuse(aux_hidden)
         base_pos = torch.arange(T, device=input_ids.device)
+        causal = self._causal_impl(input_ids.device)
         k0 = v0 = None
         k_diag: list[torch.Tensor] = []
         v_diag: list[torch.Tensor] = []
@@ -202,7 +212,7 @@ class LlamaEagle3Draft(nn.Module):
             else:
                 k_diag.append(kk)
                 v_diag.append(vv)
-            out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale)
+            out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale, causal=causal)
             hidden = self.midlayer.finish(hidden, out)
             yield self.norm(hidden)
 

@@ -21,6 +21,10 @@ class LlamaEagle3Options:
         "config; it must keep num_hidden_layers = 1 and the target's hidden_size and vocab_size")
     init_from: Optional[str] = option(
         None, "Exported draft directory (config.json + model.safetensors) to start training from")
+    attention: str = option(
+        "auto", "TTT attention kernel for the causal part: 'eager' (explicit scores, exact for any "
+        "padding), 'sdpa' (PyTorch fused kernels with a differentiable log-sum-exp, right padding), "
+        "'auto' = sdpa on GPU, eager on CPU", choices=("auto", "eager", "sdpa"))
     aux_ids_convention: str = option(
         "sglang", "Convention of eagle_aux_hidden_state_layer_ids in the exported config.json (only "
         "written for non-default aux layers): 'sglang' = id of the layer whose output is captured "
@@ -39,7 +43,8 @@ def make_llama_eagle3(options: Optional[LlamaEagle3Options], target: TargetInfo,
                                       source=f"{target.model_path}/config.json")
     model = LlamaEagle3Draft(cfg, aux_layer_ids=target.aux_layer_ids,
                              target_num_layers=target.num_hidden_layers,
-                             aux_ids_convention=options.aux_ids_convention)
+                             aux_ids_convention=options.aux_ids_convention,
+                             attention=options.attention)
     if options.init_from:
         init = Path(options.init_from)
         if not (init / "model.safetensors").exists():
