@@ -313,3 +313,38 @@ def test_entry_classes_empty_outside_specforge():
     assert capture_models._entry_classes() == []
     cls = capture_models._capture_class(StandInSglangModel, {"aux_layers": [2], "vocab_size": 512, "argmax_chunk": 4})
     assert cls.__name__ == "StandInSglangModel" and issubclass(cls, StandInSglangModel)
+
+
+def _parity_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "sglang_parity.py"
+    spec = importlib.util.spec_from_file_location("sglang_parity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parity_tool_compare_against_hf_backend(model_dirs, monkeypatch, capsys):
+    """tools/sglang_parity.py's comparison: the (stand-in) sglang backend vs the real hf backend."""
+    from specforge_hf_backend.backend import HFTargetBackend
+    from specforge_hf_backend.options import HFBackendOptions
+
+    tool = _parity_tool()
+    path = model_dirs["llama"]
+    ss = samples(2)
+    sgl = backend(path, monkeypatch).generate(ss)
+    cfg = make_config(path)
+    cfg.inference.backend = "hf"
+    hf = HFTargetBackend(HFBackendOptions(device="cpu"), cfg).generate(ss)
+    rows = tool.compare(sgl, hf, 3, rel_tol=1e-4, argmax_min=1.0)
+    assert [r["tensor"] for r in rows] == ["aux[0]", "aux[1]", "aux[2]", "final", "argmax"]
+    assert all(r["ok"] for r in rows), rows
+    tool.print_table(rows, [2, 4, 5])
+    assert "aux[0] L2" in capsys.readouterr().out
+
+    # An off-by-one layer mapping must fail the table.
+    shifted = backend(path, monkeypatch, aux_layers=(3, 5, 6)).generate(ss)
+    bad = tool.compare(shifted, hf, 3, rel_tol=1e-4, argmax_min=1.0)
+    assert [r["ok"] for r in bad] == [False, False, False, True, True]
