@@ -36,11 +36,11 @@ def assert_same(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.fixture(params=["local", "shm"])
+@pytest.fixture(params=["local", "shm-mmap", "shm-read"])
 def provider(request, tmp_path):
     if request.param == "local":
         return LocalStoreProvider()
-    return ShmStoreProvider(ShmOptions(root=str(tmp_path)))
+    return ShmStoreProvider(ShmOptions(root=str(tmp_path), read_mode=request.param.split("-")[1]))
 
 
 def test_round_trip_and_delete(provider):
@@ -80,6 +80,23 @@ def test_non_contiguous_input(provider):
     assert_same(store.get("k"), {"t": t.contiguous()})
     store.delete(["k"])
     provider.stop(handle)
+
+
+@pytest.mark.parametrize("mode", ["mmap", "read"])
+def test_shm_got_tensors_are_private_and_outlive_delete(tmp_path, mode):
+    p = ShmStoreProvider(ShmOptions(root=str(tmp_path), read_mode=mode))
+    handle = p.start("r")
+    store = p.connect(handle)
+    sent = sample(3)
+    store.put("k", sent)
+    got = store.get("k")
+    got["final_hidden"].add_(1.0)  # writable, and private to this reader
+    assert_same(store.get("k"), sent)
+    store.delete(["k"])
+    assert store.count() == 0
+    torch.testing.assert_close(got["final_hidden"], sent["final_hidden"] + 1.0)  # still readable
+    assert torch.equal(got["aux_hidden"], sent["aux_hidden"])
+    p.stop(handle)
 
 
 def test_local_connect_returns_same_store():

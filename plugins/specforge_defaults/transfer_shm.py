@@ -9,8 +9,9 @@ File layout (little endian; see docs/defaults.md)::
     then each tensor's raw bytes at its ``offset`` (absolute, 64-byte aligned)
 
 ``put`` writes to a hidden temp file and renames it over the key's file, so a reader sees either
-the old sample or the new one, never a partial one (overwrite = last writer wins). ``get`` reads the
-whole file with one read into one buffer and returns views of it (bf16 included).
+the old sample or the new one, never a partial one (overwrite = last writer wins). ``get`` maps the file
+copy-on-write (or, with ``read_mode = "read"``, reads it with one read into one buffer) and returns
+views of it (bf16 included).
 Keys may be any non-empty string: they are percent-encoded into file names.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import re
 import shutil
@@ -51,11 +53,18 @@ DTYPES = {
 @attrs.define
 class ShmOptions:
     root: str = option("/dev/shm", "Shared-memory directory; each run uses <root>/specforge-<run_id>")
+    read_mode: str = option(
+        "mmap",
+        "How get() reads a sample: 'mmap' maps the file (copy-on-write, no copy until touched) or "
+        "'read' copies it into a fresh buffer with one read",
+        choices=("mmap", "read"),
+    )
 
 
 @dataclass(frozen=True)
 class ShmHandle:
     path: str  # the run's directory; picklable, shipped to every process
+    read_mode: str = "mmap"
 
 
 def _align(n: int) -> int:
@@ -138,6 +147,7 @@ def decode(buf: torch.Tensor, origin: str) -> dict[str, torch.Tensor]:
 class ShmStore:
     def __init__(self, handle: ShmHandle):
         self.path = handle.path
+        self.read_mode = handle.read_mode
 
     def _file(self, key: str) -> str:
         return os.path.join(self.path, key_to_filename(key))
@@ -185,19 +195,31 @@ class ShmStore:
             raise KeyError(f"transfer store 'shm' ({self.path}): no key {key!r}") from None
         try:
             size = os.fstat(fd).st_size
-            buf = torch.empty(size, dtype=torch.uint8)
-            view, done = memoryview(buf.numpy()), 0
-            while done < size:  # one read for samples under 1 GiB
-                n = os.readv(fd, [view[done : done + _CHUNK]])
-                if n == 0:
-                    raise OSError(f"transfer store 'shm': {path} shrank while reading")
-                done += n
+            buf = self._map(fd, size) if self.read_mode == "mmap" and size else self._read(fd, size, path)
         finally:
-            os.close(fd)
+            os.close(fd)  # a mapping outlives its descriptor
         tensors = decode(buf, path)
         if device is not None and torch.device(device).type != "cpu":
             tensors = {name: t.to(device) for name, t in tensors.items()}
         return tensors
+
+    @staticmethod
+    def _map(fd: int, size: int) -> torch.Tensor:
+        # copy-on-write: the tensors are writable without touching the shared file; the pages stay
+        # valid after the key is deleted (unlinked) until the last tensor viewing them is freed
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
+    @staticmethod
+    def _read(fd: int, size: int, path: str) -> torch.Tensor:
+        buf = torch.empty(size, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < size:  # one read for samples under 1 GiB
+            n = os.readv(fd, [view[done : done + _CHUNK]])
+            if n == 0:
+                raise OSError(f"transfer store 'shm': {path} shrank while reading")
+            done += n
+        return buf
 
     def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
@@ -240,7 +262,7 @@ class ShmStoreProvider:
             )
             shutil.rmtree(path)
         os.makedirs(path, mode=0o700)
-        return ShmHandle(path)
+        return ShmHandle(path, self.options.read_mode)
 
     def connect(self, handle: ShmHandle) -> ShmStore:
         return ShmStore(handle)
