@@ -143,3 +143,20 @@ def test_shape_errors_are_clear():
         fused_forward_kl(dh, dw, th, tw, valid[:-1])
     with pytest.raises(ValueError, match="draft_head and target_head"):
         fused_forward_kl(dh, dw, th, tw[:-1], valid)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_matches_cpu_fp64():
+    dh, dw, th, tw, valid = inputs(torch.float64, seed=11)
+    ref_dh, ref_dw = dh.clone().requires_grad_(), dw.clone().requires_grad_()
+    ref_loss, _, ref_correct, _ = reference(2, ref_dh, ref_dw, th, tw, valid, 0.8)
+    ref_loss.backward()
+    b = [x.to("cuda", torch.bfloat16) for x in (dh, dw, th, tw)]
+    b[0].requires_grad_()
+    b[1].requires_grad_()
+    out = ForwardKLLoss(ForwardKLOptions(chunk_size=5))(2, *b, valid.cuda())
+    out.loss.backward()
+    assert out.loss.device.type == "cuda" and b[0].grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(b[0].grad.double().cpu(), ref_dh.grad, rtol=0.1, atol=5e-3)
+    torch.testing.assert_close(b[1].grad.double().cpu(), ref_dw.grad, rtol=0.1, atol=5e-3)
