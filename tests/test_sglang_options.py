@@ -8,9 +8,6 @@ import logging
 
 import attrs
 import pytest
-
-from specforge_core.config.loader import ConfigError, load_config
-from specforge_core.config.schema import SpecforgeConfig
 from specforge_sglang_backend.backend import adapt_to_server_args
 from specforge_sglang_backend.options import (
     PROTECTED,
@@ -19,6 +16,9 @@ from specforge_sglang_backend.options import (
     split_extra_args,
     validate,
 )
+
+from specforge_core.config.loader import ConfigError, load_config
+from specforge_core.config.schema import SpecforgeConfig
 
 LOGGER = "specforge_sglang_backend.options"
 PORTS = dict(base_gpu_id=2, node_rank=0, port=31000, nccl_port=31001, dist_init_addr="127.0.0.1:31002")
