@@ -69,6 +69,17 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_config_validate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     files, _ = split_config_args(args.config)
+    try:  # semantic checks across sections and against the target's config.json
+        from specforge_core.checks import check_config
+    except ImportError:
+        problems = []
+    else:
+        problems = check_config(cfg)
+    errors = [p for p in problems if getattr(p, "level", "error") == "error"]
+    for p in problems:
+        print(f"{getattr(p, 'level', 'error')}: {p}", file=sys.stderr)
+    if errors:
+        return 2
     print(f"ok: {', '.join(files) or 'defaults'} (run {cfg.run.name!r}, pipeline {cfg.run.pipeline!r})")
     return 0
 

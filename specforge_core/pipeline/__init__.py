@@ -1,1 +1,22 @@
-"""Pipelines compose the components of one run: data -> target -> transfer store -> trainer."""
+"""Pipelines compose the components of one run: data -> target -> transfer store -> trainer.
+
+``run.pipeline`` picks one; each loads lazily (the Ray pipeline imports ray only when chosen).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from specforge_core.config.schema import SpecforgeConfig
+
+
+def run_pipeline(config: SpecforgeConfig, **components: Any) -> Any:
+    """Run the pipeline ``config.run.pipeline`` names. ``components`` may pass ready-made
+    component instances (e.g. ``target_backend=...``) instead of building them from the config."""
+    if config.run.pipeline == "ray":
+        from specforge_core.pipeline.ray_pipeline import run_ray
+
+        return run_ray(config, **components)
+    from specforge_core.pipeline.local import run_local
+
+    return run_local(config, **components)
