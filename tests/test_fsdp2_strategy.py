@@ -19,6 +19,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from specforge_core.distributed import destroy, free_port, init_process_group
+from specforge_fsdp2.checkpoint import CheckpointError
+from specforge_fsdp2.strategy import FSDP2Options, make_fsdp2
 
 H, V, T, B = 16, 32, 6, 4  # hidden, vocab, sequence, global batch (B/2 per rank)
 STEPS = 3
@@ -138,10 +140,8 @@ def reference(steps, accum=1, max_norm=0.0):
 
 
 # ----------------------------------------------------------------------------- workers
-def _strategy(sharding="full", **kw):
-    from specforge_fsdp2.strategy import FSDP2Options, make_fsdp2
-
-    return make_fsdp2(FSDP2Options(sharding=sharding, mixed_precision=False, **kw), None)
+def _strategy(sharding="full", mixed_precision=False, **kw):
+    return make_fsdp2(FSDP2Options(sharding=sharding, mixed_precision=mixed_precision, **kw), None)
 
 
 def _run_all(rank: int, world: int, out: str) -> dict:
@@ -152,6 +152,18 @@ def _run_all(rank: int, world: int, out: str) -> dict:
         opt = optimizer(model)
         train(model, opt, range(STEPS), rank, world, strategy=s)
         results[sharding] = s.full_state_dict(model)
+
+    # activation checkpointing recomputes the same numbers; bf16 mixed precision gets close
+    for name, kw in (("ac", dict(activation_checkpointing=True)), ("bf16", dict(mixed_precision=True))):
+        s = _strategy(**kw)
+        model = s.prepare(new_model())
+        calls = []
+        model.draft.midlayer.mix.register_forward_pre_hook(lambda *_: calls.append(1))
+        opt = optimizer(model)
+        train(model, opt, range(STEPS), rank, world, strategy=s)
+        results[name] = s.full_state_dict(model)
+        results[name + "_block_calls"] = len(calls)
+        results[name + "_param_dtypes"] = {p.dtype for p in model.parameters()}
 
     # accumulation: 2 micro-steps per optimizer step, with and without no_sync
     for name, use_no_sync in (("accum_nosync", True), ("accum_sync", False)):
@@ -185,8 +197,6 @@ def _run_all(rank: int, world: int, out: str) -> dict:
 
 
 def _resume(rank: int, world: int, out: str) -> dict:
-    from specforge_fsdp2.checkpoint import CheckpointError
-
     s = _strategy()
     model = s.prepare(new_model())
     opt = optimizer(model)
@@ -219,7 +229,8 @@ def _worker(rank: int, world: int, port: int, job: str, out: str) -> None:
 def spawn(job: str, world: int, out: str) -> list[dict]:
     port = free_port()
     try:
-        mp.spawn(_worker, args=(world, port, job, out), nprocs=world, join=True)
+        # fork: the children inherit the already imported torch (a spawn re-imports it, ~10 s each)
+        mp.start_processes(_worker, args=(world, port, job, out), nprocs=world, join=True, start_method="fork")
     except Exception as e:
         errors = [open(os.path.join(out, f)).read() for f in os.listdir(out) if f.startswith("error-")]
         raise AssertionError(f"{job} workers failed: {e}\n" + "\n".join(errors)) from None
@@ -236,7 +247,7 @@ def run2(tmp_path_factory):
 def assert_same(got: dict, want: dict, atol=2e-6, rtol=1e-5):
     assert set(got) == set(want), (sorted(got), sorted(want))
     for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("sharding", ["full", "replicate"])
@@ -248,6 +259,24 @@ def test_two_ranks_equal_single_process(run2, sharding):
     assert r0["plain"]
     # the weights really moved (the comparison above is not vacuous)
     assert not torch.allclose(want["draft.fc.weight"], new_model().state_dict()["draft.fc.weight"])
+
+
+def test_activation_checkpointing_is_exact(run2):
+    _, (r0, _) = run2
+    want, _ = reference(range(STEPS))
+    assert_same(r0["ac"], want)
+    # 2 TTT steps x STEPS forwards, each recomputed once in backward (without: no recompute)
+    assert r0["ac_block_calls"] == 2 * 2 * STEPS and r0["bf16_block_calls"] == 2 * STEPS
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(run2):
+    _, (r0, _) = run2
+    want, _ = reference(range(STEPS))
+    assert r0["bf16_param_dtypes"] == {torch.float32}  # sharded params = fp32 master weights
+    assert all(v.dtype == torch.float32 for k, v in r0["bf16"].items() if k != "draft.t2d")
+    assert_same(r0["bf16"], want, atol=3e-2, rtol=3e-2)  # bf16 compute: close, not equal
+    # ...and really ran in bf16 (fp32 compute would match to ~1e-6)
+    assert max((r0["bf16"][k] - want[k]).abs().max().item() for k in want if k != "draft.t2d") > 1e-5
 
 
 def test_no_sync_accumulation_equals_sync_every_micro_step(run2):
