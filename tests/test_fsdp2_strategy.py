@@ -16,11 +16,11 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
+from specforge_fsdp2.checkpoint import CheckpointError
+from specforge_fsdp2.strategy import FSDP2Options, make_fsdp2
 from torch import nn
 
 from specforge_core.distributed import destroy, free_port, init_process_group
-from specforge_fsdp2.checkpoint import CheckpointError
-from specforge_fsdp2.strategy import FSDP2Options, make_fsdp2
 
 H, V, T, B = 16, 32, 6, 4  # hidden, vocab, sequence, global batch (B/2 per rank)
 STEPS = 3
@@ -158,7 +158,7 @@ def _run_all(rank: int, world: int, out: str) -> dict:
         s = _strategy(**kw)
         model = s.prepare(new_model())
         calls = []
-        model.draft.midlayer.mix.register_forward_pre_hook(lambda *_: calls.append(1))
+        model.draft.midlayer.mix.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
         opt = optimizer(model)
         train(model, opt, range(STEPS), rank, world, strategy=s)
         results[name] = s.full_state_dict(model)
