@@ -46,7 +46,7 @@ def pack_into(buf: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> tuple[i
         raise ValueError(f"sample needs {total} bytes but the buffer holds {buf.numel()}")
     buf[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
     payload = 0
-    for t, off in zip(tensors.values(), offsets):
+    for t, off in zip(tensors.values(), offsets, strict=True):
         n = t.numel() * t.element_size()
         if n:
             buf[off : off + n].view(t.dtype).view(t.shape).copy_(t)

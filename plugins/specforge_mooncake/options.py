@@ -46,6 +46,9 @@ class MooncakeOptions:
         4, "Registered receive buffers per consumer (tensors returned by get are views of one)",
         validator=positive,
     )
+    gpu_direct: bool = option(
+        False, "get(device=cuda) reads into registered GPU buffers (needs the CUDA wheel; RDMA: GPUDirect)"
+    )
     put_timeout_s: float = option(
         60.0, "How long a put retries while the store is full before it raises", validator=positive
     )

@@ -66,6 +66,7 @@ class MooncakeProvider:
             local_buffer_size=o.local_buffer_size or self.sizes.local_buffer_size,
             sample_bytes=o.sample_bytes or self.sizes.sample_bytes,
             recv_buffers=o.recv_buffers,
+            gpu_direct=o.gpu_direct,
             put_timeout_s=o.put_timeout_s,
             connect_timeout_s=o.connect_timeout_s,
             launched=launched,

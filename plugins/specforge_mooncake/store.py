@@ -55,6 +55,7 @@ class MooncakeHandle:
     recv_buffers: int = 4
     put_timeout_s: float = 60.0
     connect_timeout_s: float = 15.0
+    gpu_direct: bool = False  # get(device=cuda) reads straight into registered GPU buffers
     launched: bool = False  # start() launched the master (stop() terminates it)
 
 
@@ -74,7 +75,7 @@ def node_settings(h: MooncakeHandle) -> tuple[str, str, str]:
 
 
 class MooncakeStore:
-    def __init__(self, handle: MooncakeHandle, device: Optional[torch.device] = None) -> None:
+    def __init__(self, handle: MooncakeHandle) -> None:
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
         self.h = handle
@@ -94,6 +95,7 @@ class MooncakeStore:
         reg, unreg = self._mc.register_buffer, self._mc.unregister_buffer
         self._send = BufferPool(1, handle.sample_bytes, reg, unreg)
         self._recv = BufferPool(handle.recv_buffers, handle.sample_bytes, reg, unreg)
+        self._gpu_recv: dict[torch.device, BufferPool] = {}  # gpu_direct: one pool per device
         self._pending_delete: list[str] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -139,25 +141,34 @@ class MooncakeStore:
     # -- consumer -------------------------------------------------------------------------------
     def get(self, key: str, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
         mkey = self._key(key)
-        slot = self._recv.acquire(self.h.put_timeout_s)
+        on_gpu = device is not None and torch.device(device).type != "cpu"
+        pool = self._gpu_pool(torch.device(device)) if on_gpu and self.h.gpu_direct else self._recv
+        slot = pool.acquire(self.h.put_timeout_s)
         try:
-            n = self._get_blob(mkey, slot)
+            n = self._get_blob(mkey, slot, pool)
         except BaseException:
-            self._recv.release(slot)
+            pool.release(slot)
             raise
-        if device is not None and torch.device(device).type != "cpu":
-            try:  # copy out to the device and hand the slot straight back
-                return {k: v.to(device) for k, v in codec.unpack(slot.buf[:n]).items()}
+        if on_gpu:
+            try:  # copy out to the device (device-to-device with gpu_direct) and hand the slot back
+                return {k: v.to(device, copy=True) for k, v in codec.unpack(slot.buf[:n]).items()}
             finally:
-                self._recv.release(slot)
-        return codec.unpack(self._recv.lend(slot, n))  # zero-copy views; slot returns when they die
+                pool.release(slot)
+        return codec.unpack(pool.lend(slot, n))  # zero-copy views; the slot returns when they die
 
-    def _get_blob(self, mkey: str, slot) -> int:
+    def _gpu_pool(self, device: torch.device) -> BufferPool:
+        # The CUDA wheel can register GPU memory (GPUDirect RDMA); the non-CUDA wheel cannot.
+        if device not in self._gpu_recv:
+            self._gpu_recv[device] = BufferPool(self.h.recv_buffers, self.h.sample_bytes,
+                                                self._mc.register_buffer, self._mc.unregister_buffer, device)
+        return self._gpu_recv[device]
+
+    def _get_blob(self, mkey: str, slot, pool: BufferPool) -> int:
         if slot.cap == 0:
-            self._recv.grow(slot, self._size(mkey))
+            pool.grow(slot, self._size(mkey))
         n = self._mc.batch_get_into([mkey], [slot.ptr], [slot.cap])[0]
         if n < 0 and n != OBJECT_NOT_FOUND:  # most likely a buffer too small: size it and retry once
-            self._recv.grow(slot, self._size(mkey))
+            pool.grow(slot, self._size(mkey))
             n = self._mc.batch_get_into([mkey], [slot.ptr], [slot.cap])[0]
         if n == OBJECT_NOT_FOUND:
             raise KeyError(f"mooncake store: no key {mkey!r} (never put, already deleted, or its "
@@ -185,7 +196,7 @@ class MooncakeStore:
             return
         # force=True skips the read lease: we delete only after the consumer has read the sample
         codes = self._mc.batch_remove(keys, True)
-        retry = [k for k, rc in zip(keys, codes) if rc not in (0, OBJECT_NOT_FOUND)]
+        retry = [k for k, rc in zip(keys, codes, strict=True) if rc not in (0, OBJECT_NOT_FOUND)]
         if retry:
             log.warning("mooncake store: %d deletes deferred (%s); retrying on the next call",
                         len(retry), err(codes[keys.index(retry[0])]))
@@ -220,8 +231,8 @@ class MooncakeStore:
         try:
             self._flush_deletes()
         finally:
-            self._send.close()
-            self._recv.close()
+            for pool in (self._send, self._recv, *self._gpu_recv.values()):
+                pool.close()
             self._mc.close()
 
     def __del__(self) -> None:  # noqa: D105
