@@ -67,6 +67,10 @@ def _is_layer(name: str, module: nn.Module) -> bool:
     return leaf == "midlayer" or type(module).__name__.endswith("DecoderLayer") or in_layer_list
 
 
+def _has_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
 def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Outermost decoder layers in ``model`` (a layer inside a layer is not listed again)."""
     found: list[tuple[str, nn.Module]] = []
@@ -122,6 +126,13 @@ class FSDP2Strategy:
     # ------------------------------------------------------------------------------- wrapping
     def prepare(self, model: nn.Module) -> nn.Module:
         opts = self.options
+        if not _has_forward(model):
+            raise TypeError(
+                f"fsdp2: prepare() got a {type(model).__name__}, which has no forward(). FSDP2 gathers "
+                "parameters and reduces gradients from forward hooks, so it needs the module whose "
+                "forward() runs one whole micro-step that touches parameters (draft TTT unroll + loss, "
+                "reading lm_head inside forward); see docs/fsdp2.md"
+            )
         if opts.mixed_precision:
             model = model.float()  # the sharded fp32 params are the optimizer's master weights
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -131,7 +142,17 @@ class FSDP2Strategy:
         if not opts.cpu_offload:
             model = model.to(self.device)
         kwargs = dict(mesh=self.mesh, mp_policy=mp, offload_policy=offload)
-        for _, layer in find_layers(model):
+        for name, layer in find_layers(model):
+            # FSDP2 gathers a group's params in its module's forward hooks, so a layer gets its own
+            # group only if it is run through ``forward``. The EAGLE-3 draft's midlayer is driven
+            # through other methods (attn_input/finish): it stays in the root group.
+            if not _has_forward(layer):
+                if opts.activation_checkpointing:
+                    raise ValueError(
+                        f"[training.fsdp2] activation_checkpointing: layer {name!r} "
+                        f"({type(layer).__name__}) has no forward() to recompute; set it to false"
+                    )
+                continue
             if opts.activation_checkpointing:
                 _checkpoint_forward(layer)
             fully_shard(layer, reshard_after_forward=True, **kwargs)
