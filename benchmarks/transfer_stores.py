@@ -27,11 +27,9 @@ import torch
 def make_provider(spec: str):
     """A TransferStoreProvider from ``name`` or ``name:option=value:option=value`` (e.g.
     ``shm:read_mode=read``), built through the plugin registry like the pipeline does."""
-    from specforge_core.registry import get_registry
-
     name, *pairs = spec.split(":")
-    comp = get_registry().get("transfer_store", name)
-    options = comp.config_class() if comp.config_class is not None else None
+    factory, config_class = _lookup(name)
+    options = config_class() if config_class is not None else None
     if pairs:
         if options is None:
             raise SystemExit(f"store {name!r} has no options (got {spec!r})")
@@ -41,7 +39,25 @@ def make_provider(spec: str):
             current = getattr(options, key)  # AttributeError names the bad option
             changes[key] = type(current)(value) if not isinstance(current, bool) else value == "true"
         options = attrs.evolve(options, **changes)
-    return comp.factory(options)
+    return factory(options)
+
+
+def _lookup(name: str):
+    """(factory, options class) of a store: the registry, or the bundled ones where the package is
+    on sys.path but not installed (no entry points)."""
+    from specforge_core.registry import RegistryError, get_registry
+
+    try:
+        comp = get_registry().get("transfer_store", name)
+        return comp.factory, comp.config_class
+    except RegistryError:
+        from specforge_defaults.transfer_local import make_local
+        from specforge_defaults.transfer_shm import ShmOptions, make_shm
+
+        bundled = {"local": (make_local, None), "shm": (make_shm, ShmOptions)}
+        if name not in bundled:
+            raise
+        return bundled[name]
 
 
 def make_sample(tokens: int, hidden: int, n_aux: int = 3) -> dict[str, torch.Tensor]:
