@@ -196,3 +196,28 @@ def test_compute_sizes_arithmetic():
     assert compute_sizes(0, 3, 2048, 1 << 30).sample_bytes == 0
     with pytest.raises(ValueError, match="max_seq_length"):
         compute_sizes(4096, 3, 0, 1 << 30)
+
+
+def test_node_environment_overrides(master, monkeypatch):
+    from specforge_mooncake.store import node_settings
+
+    h = master[1]
+    assert node_settings(h) == ("tcp", "", "127.0.0.1")  # MC_TCP_BIND_ADDRESS
+    monkeypatch.setenv("SPECFORGE_MOONCAKE_LOCAL_HOSTNAME", "10.1.2.3")
+    monkeypatch.setenv("SPECFORGE_MOONCAKE_PROTOCOL", "rdma")
+    with pytest.raises(ValueError, match="device_name"):
+        node_settings(h)
+    monkeypatch.setenv("SPECFORGE_MOONCAKE_DEVICE_NAME", "mlx5_1")
+    assert node_settings(h) == ("rdma", "mlx5_1", "10.1.2.3")
+    monkeypatch.setenv("SPECFORGE_MOONCAKE_PROTOCOL", "ib")
+    with pytest.raises(ValueError, match="SPECFORGE_MOONCAKE_PROTOCOL"):
+        node_settings(h)
+
+
+def test_handle_and_provider_pickle(master):
+    import pickle
+
+    provider, handle = master
+    assert pickle.loads(pickle.dumps(handle)) == handle
+    clone = pickle.loads(pickle.dumps(provider))
+    assert clone._masters == {} and provider._masters  # the master stays owned by the head

@@ -25,6 +25,10 @@ class MooncakeProvider:
         self.sizes: MooncakeSizes = compute_sizes(0, 3, 2048, 4 << 30)
         self._masters: dict[str, subprocess.Popen] = {}
 
+    def __getstate__(self) -> dict:
+        # a provider may be shipped to actors; the master process handle stays on the head
+        return {**self.__dict__, "_masters": {}}
+
     def configure(
         self, hidden_size: int, n_aux: int, max_seq_length: int, max_pool_bytes: int, dtype_bytes: int = 2
     ) -> MooncakeSizes:
