@@ -40,3 +40,16 @@ def test_init_and_destroy_one_rank_group():
         destroy()
     assert not dist.is_initialized()
     destroy()  # no-op when not initialised
+
+
+def test_fsdp2_registered_with_validated_options():
+    from specforge_fsdp2.strategy import FSDP2Options, make_fsdp2
+
+    from specforge_core.registry import get_registry
+
+    comp = get_registry().get("training_strategy", "fsdp2")
+    assert comp.factory is make_fsdp2 and comp.config_class is FSDP2Options
+    with pytest.raises(ValueError, match="allowed: 'full', 'replicate'"):
+        FSDP2Options(sharding="hybrid")
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        make_fsdp2(FSDP2Options(), None)
