@@ -186,7 +186,7 @@ def run_local(
     from specforge_core.training.trainer import Eagle3Trainer
 
     t0 = time.perf_counter()
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_toml = dump_toml(config)
