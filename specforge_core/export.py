@@ -68,6 +68,7 @@ def export_from_checkpoint(
 ) -> Path:
     """``specforge export``: load a training checkpoint (default: the newest complete one in
     ``config.output_dir``) and export it (default: ``<output_dir>/export``)."""
+    from specforge_core.pipeline.local import vocab_mapping_path
     from specforge_core.target import target_info
     from specforge_core.training import checkpoint as ckpt
     from specforge_core.training.components import create
@@ -86,17 +87,10 @@ def export_from_checkpoint(
 
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
     strategy = create(config, "training_strategy", config)
-    # The vocab mapping path is recorded in the checkpoint; peek at it via a throwaway load.
-    vocab_path = _vocab_path(config, checkpoint_dir)
-    vocab = VocabMapping.load(vocab_path)
+    # The pipeline keeps the run's mapping next to its checkpoints (and records the path in them).
+    vocab = VocabMapping.load(vocab_mapping_path(config))
     draft = create(config, "draft_model", info, int(vocab.d2t.numel()))
     model = strategy.prepare(draft)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     strategy.load_checkpoint(str(checkpoint_dir), model, optimizer)
     return export_draft(draft, vocab, out_dir)
-
-
-def _vocab_path(config: Any, checkpoint_dir: Path) -> str:
-    from specforge_core.pipeline.local import vocab_mapping_path
-
-    return str(vocab_mapping_path(config))
