@@ -1,0 +1,210 @@
+"""Reading conversation files: JSONL or a JSON list, ShareGPT or OpenAI style.
+
+Every record becomes a :class:`Conversation` of normalised turns (roles ``system``, ``user``,
+``assistant``). A bad record never crashes a long run silently: it raises (``on_error="stop"``) or
+is counted and remembered (``on_error="skip"``), always with ``file:line`` in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import attrs
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "sharegpt", "openai")
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+MAX_ERRORS_KEPT = 10
+
+
+class DataError(ValueError):
+    """A malformed data file or record; the message names the file and line."""
+
+
+@attrs.define
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@attrs.define
+class Conversation:
+    sample_id: str
+    turns: list[Turn]
+    category: Optional[str] = None
+    source: str = ""  # "file:line", for error messages
+
+    @property
+    def has_assistant(self) -> bool:
+        return any(t.role == "assistant" for t in self.turns)
+
+    def messages(self) -> list[dict[str, str]]:
+        """OpenAI-style message dicts (what ``tokenizer.apply_chat_template`` takes)."""
+        return [{"role": t.role, "content": t.content} for t in self.turns]
+
+
+@attrs.define
+class DataStats:
+    """Counts from loading + tokenizing; ``errors`` keeps the first few messages."""
+
+    lines: int = 0  # records read (JSONL lines that are not blank, or JSON list items)
+    samples: int = 0  # samples produced
+    skipped_no_assistant: int = 0
+    skipped_malformed: int = 0
+    skipped_no_loss: int = 0  # nothing left to learn after truncation
+    truncated: int = 0
+    errors: list[str] = attrs.field(factory=list)
+    from_cache: bool = False
+
+    def record_error(self, msg: str) -> None:
+        self.skipped_malformed += 1
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(msg)
+
+    def summary(self) -> str:
+        return (
+            f"{self.samples} samples from {self.lines} records; skipped: "
+            f"{self.skipped_no_assistant} without assistant turn, {self.skipped_malformed} malformed, "
+            f"{self.skipped_no_loss} empty after truncation; {self.truncated} truncated"
+        )
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, record)``; a record that is not valid JSON is yielded as a DataError.
+
+    A file whose first non-blank character is ``[`` is one JSON list (the item's line is where it
+    starts); anything else is JSONL (one object per line, blank lines ignored).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read data file: {e}") from e
+    if text.lstrip().startswith("["):
+        yield from _iter_json_list(path, text)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
+
+
+def _iter_json_list(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        # The whole list is unusable; there is no record to skip to.
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+    if not isinstance(items, list):
+        raise DataError(f"{path}:1: expected a JSON list of conversations")
+    # Recover each item's start line cheaply: raw_decode walks the items in order.
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    for item in items:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        lineno = text.count("\n", 0, pos) + 1
+        _, pos = dec.raw_decode(text, pos)
+        yield lineno, item
+
+
+def detect_format(record: dict) -> str:
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "openai"
+    raise ValueError("record has neither 'conversations' (ShareGPT) nor 'messages' (OpenAI) key")
+
+
+def _content_text(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    # OpenAI content parts: [{"type": "text", "text": "..."}]
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)
+    raise ValueError(f"{where}: content must be a string, got {type(value).__name__}")
+
+
+def parse_record(record: Any, fmt: str = "auto", default_id: str = "") -> Conversation:
+    """Turn one JSON record into a Conversation; raises ValueError describing what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    style = detect_format(record) if fmt == "auto" else fmt
+    key, role_key, text_key = {
+        "sharegpt": ("conversations", "from", "value"),
+        "openai": ("messages", "role", "content"),
+    }[style]
+    raw_turns = record.get(key)
+    if not isinstance(raw_turns, list):
+        raise ValueError(f"'{key}' must be a list of turns ({style} format)")
+    turns = []
+    for i, t in enumerate(raw_turns):
+        where = f"turn {i}"
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}: expected an object with '{role_key}' and '{text_key}'")
+        if role_key not in t or text_key not in t:
+            raise ValueError(f"{where}: missing '{role_key}' or '{text_key}' ({style} format)")
+        role = t[role_key]
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise ValueError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLE_ALIASES)})")
+        turns.append(Turn(ROLE_ALIASES[role.lower()], _content_text(t[text_key], where)))
+    category = record.get("category")
+    if category is not None and not isinstance(category, str):
+        raise ValueError(f"'category' must be a string, got {type(category).__name__}")
+    rid = record.get("id")
+    sample_id = str(rid) if rid is not None else default_id
+    return Conversation(sample_id=sample_id, turns=turns, category=category)
+
+
+def load_conversations(
+    paths: Sequence[str | Path],
+    fmt: str = "auto",
+    on_error: str = "skip",
+    stats: Optional[DataStats] = None,
+    require_assistant: bool = True,
+) -> tuple[list[Conversation], DataStats]:
+    """Read every file in order. Conversations without an assistant turn are skipped and counted
+    when ``require_assistant`` (training); prompts for evaluation keep them."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r} (allowed: {', '.join(FORMATS)})")
+    if on_error not in ("skip", "stop"):
+        raise DataError(f"unknown on_error {on_error!r} (allowed: skip, stop)")
+    stats = stats if stats is not None else DataStats()
+    convs: list[Conversation] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: data file not found")
+        for lineno, rec in iter_records(path):
+            stats.lines += 1
+            where = f"{path}:{lineno}"
+            try:
+                if isinstance(rec, DataError):
+                    raise rec
+                conv = parse_record(rec, fmt, default_id=f"{path.stem}:{lineno}")
+            except (ValueError, KeyError) as e:
+                msg = str(e) if isinstance(e, DataError) else f"{where}: {e}"
+                if on_error == "stop":
+                    raise DataError(msg) from e
+                log.warning("skipping malformed record: %s", msg)
+                stats.record_error(msg)
+                continue
+            conv.source = where
+            if require_assistant and not conv.has_assistant:
+                stats.skipped_no_assistant += 1
+                continue
+            convs.append(conv)
+    return convs, stats

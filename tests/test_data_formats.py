@@ -1,0 +1,107 @@
+"""Reading conversation files: format detection, JSON lists, malformed records, no-assistant skips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specforge_core.data import DataError, load_conversations, parse_record
+
+SHAREGPT = {
+    "id": "a1",
+    "category": "math",
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "1+1?"},
+        {"from": "gpt", "value": "2."},
+        {"from": "user", "value": "2+2?"},
+        {"from": "assistant", "value": "4."},
+    ],
+}
+OPENAI = {
+    "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+    ]
+}
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_sharegpt_and_openai_detected_per_record(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [SHAREGPT, "", OPENAI])
+    convs, stats = load_conversations([f])
+    assert stats.lines == 2 and stats.skipped_malformed == 0
+    a, b = convs
+    assert a.sample_id == "a1" and a.category == "math"
+    assert [(t.role, t.content) for t in a.turns] == [
+        ("system", "Be brief."), ("user", "1+1?"), ("assistant", "2."), ("user", "2+2?"), ("assistant", "4."),
+    ]
+    # no id: file stem + line number (line 3: the blank line counts as a line)
+    assert b.sample_id == "d:3" and b.category is None and b.source.endswith("d.jsonl:3")
+    assert [(t.role, t.content) for t in b.turns] == [("user", "Hi"), ("assistant", "Hello")]
+
+
+def test_json_list_file_with_line_numbers(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text("[\n" + json.dumps(OPENAI) + ",\n  " + json.dumps(SHAREGPT) + ",\n 5\n]\n")
+    convs, stats = load_conversations([f])
+    assert [c.sample_id for c in convs] == ["d:2", "a1"]
+    assert stats.skipped_malformed == 1
+    assert stats.errors[0].startswith(f"{f}:4: expected a JSON object")
+
+
+def test_forced_format_rejects_the_other_style(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [SHAREGPT])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: 'messages' must be a list"):
+        load_conversations([f], fmt="openai", on_error="stop")
+    assert len(load_conversations([f], fmt="sharegpt")[0]) == 1
+
+
+BAD_LINES = [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "unknown role 'robot'"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}), "content must be a string, got int"),
+    (json.dumps({"conversations": "hello"}), "'conversations' must be a list"),
+    (json.dumps({"text": "hello"}), "neither 'conversations'"),
+    (json.dumps({"messages": [], "category": 3}), "'category' must be a string"),
+]
+
+
+@pytest.mark.parametrize("line,why", BAD_LINES)
+def test_malformed_line_stop_names_file_and_line(tmp_path, line, why):
+    f = write_jsonl(tmp_path / "d.jsonl", [SHAREGPT, line, OPENAI])
+    with pytest.raises(DataError) as e:
+        load_conversations([f], on_error="stop")
+    assert str(e.value).startswith(f"{f}:2: ") and why in str(e.value)
+
+
+def test_malformed_lines_skipped_and_counted(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [SHAREGPT] + [b for b, _ in BAD_LINES] + [OPENAI])
+    convs, stats = load_conversations([f], on_error="skip")
+    assert len(convs) == 2
+    assert stats.skipped_malformed == len(BAD_LINES)
+    assert [e.split(": ")[0] for e in stats.errors] == [f"{f}:{i}" for i in range(2, 2 + len(BAD_LINES))]
+
+
+def test_no_assistant_turn_skipped_and_counted(tmp_path):
+    only_user = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+    f = write_jsonl(tmp_path / "d.jsonl", [only_user, OPENAI, {"conversations": []}])
+    convs, stats = load_conversations([f])
+    assert len(convs) == 1 and stats.skipped_no_assistant == 2 and stats.skipped_malformed == 0
+    # prompts keep them
+    assert len(load_conversations([f], require_assistant=False)[0]) == 3
+
+
+def test_parse_record_rejects_non_object():
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        parse_record([1, 2])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        load_conversations([tmp_path / "nope.jsonl"])
