@@ -25,6 +25,19 @@ class RunSection:
         "local", "How stages are placed: 'local' (one process) or 'ray' (disaggregated actors)",
         choices=("local", "ray"),
     )
+    ray_address: str = option(
+        "",
+        "Ray pipeline: cluster to join ('auto' = the one `ray start` made on this node, or "
+        "'ray://host:port'); empty = $RAY_ADDRESS if set, else start a local one-node cluster",
+    )
+    # Hardware the run is planned for: used by `specforge plan` and `config validate` (placement,
+    # memory fit); 0 = unknown, those checks are skipped.
+    nodes: int = option(1, "Nodes the run spans (for planning and validation)", validator=positive)
+    gpus_per_node: int = option(0, "GPUs on each node (0 = unknown: placement checks are skipped)", validator=non_negative)
+    gpu_memory_gib: float = option(
+        0.0, "Memory of one GPU in GiB, e.g. 80 (H100) or 141 (H200); 0 = unknown: memory checks are skipped",
+        validator=non_negative,
+    )
 
 
 @attrs.define
@@ -41,6 +54,10 @@ class ModelSection:
         None, "Existing vocab mapping (.safetensors with d2t/t2d) to reuse instead of computing one"
     )
     trust_remote_code: bool = option(False, "Pass trust_remote_code to transformers")
+    target_config: str = option(
+        "", "Local copy of the target's config.json (file or directory) used by `config validate` and "
+        "`specforge plan` when model.target is a hub id; empty = read model.target's own"
+    )
 
 
 @attrs.define
@@ -88,6 +105,14 @@ class InferenceSection:
     gpus_per_engine: int = option(1, "GPUs per inference engine (its TP group)", validator=positive)
     batch_size: int = option(1, "Samples per target forward", validator=positive)
     dtype: str = option("auto", "'auto' = bf16 on GPU, fp32 on CPU", choices=DTYPES)
+    max_restarts: int = option(
+        3, "Ray pipeline: restarts of dead inference engines (in total) before the run fails",
+        validator=non_negative,
+    )
+    max_inflight_per_engine: int = option(
+        2, "Ray pipeline: batches queued on each engine (overlaps dispatch round trips with compute)",
+        validator=positive,
+    )
 
 
 @attrs.define
@@ -95,6 +120,9 @@ class TransferSection:
     store: str = option("local", "Transfer-store component ('local', 'shm', 'mooncake', ...)")
     max_pool_bytes: int = option(
         4 * 1024**3, "Backpressure: inference pauses while finished samples hold more bytes", validator=positive
+    )
+    prefetch_steps: int = option(
+        2, "Ray pipeline: optimizer steps each trainer fetches ahead on a background thread", validator=positive
     )
 
 

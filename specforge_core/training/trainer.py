@@ -38,6 +38,35 @@ def acceptance_length(accs: Sequence[float]) -> float:
     return total
 
 
+def micro_step(ttt_forward, head, loss_fn, batch, target_head, t2d, K):
+    """TTT unroll + loss of one micro-batch: ``(summed step losses, stats [4, K] float64)`` with
+    rows raw-loss sum, correct, count, weighted-loss sum (token-weighted sums per TTT step)."""
+    stats = torch.zeros(4, K, dtype=torch.float64, device=batch.input_ids.device)
+    total = None
+    for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
+        target_hidden, valid = align_step(batch, k, t2d)
+        out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten())
+        total = out.loss if total is None else total + out.loss
+        stats[0, k] += out.raw_loss.detach().double() * out.count
+        stats[1, k] += out.correct
+        stats[2, k] += out.count
+        stats[3, k] += out.loss.detach().double() * out.count
+    return total, stats
+
+
+class DraftStep(torch.nn.Module):
+    """The draft plus its loss as one module whose ``forward`` is one micro-step (what FSDP2's
+    hooks need: ``lm_head.weight`` is read inside forward, where it is unsharded)."""
+
+    def __init__(self, draft: torch.nn.Module, loss_fn: Any, ttt_length: int):
+        super().__init__()
+        self.draft, self.loss_fn, self.ttt_length = draft, loss_fn, ttt_length
+
+    def forward(self, batch: Any, target_head: torch.Tensor, t2d: torch.Tensor):
+        return micro_step(self.draft.ttt_forward, self.draft.lm_head.weight, self.loss_fn, batch,
+                          target_head, t2d, self.ttt_length)
+
+
 class Eagle3Trainer:
     def __init__(
         self,
@@ -66,7 +95,11 @@ class Eagle3Trainer:
             target.model_path, row_ids=vocab.draft_to_target_ids, dtype=torch.float32
         )
         self.draft.load_embedding(embed)
-        self.model = self.strategy.prepare(self.draft)
+        self.loss_fn = create(config, "loss")
+        # Strategies other than 'local' (e.g. fsdp2) gather params and reduce grads from forward
+        # hooks: they get a module whose forward runs the whole micro-step (state keys "draft.*").
+        wrap = t.strategy != "local"
+        self.model = self.strategy.prepare(DraftStep(self.draft, self.loss_fn, t.ttt_length) if wrap else self.draft)
         # Frozen target lm_head rows of the draft vocab, in compute dtype.
         self.target_head = head_rows.to(self.device, self.dtype)
         self.t2d = vocab.t2d.to(self.device)
@@ -78,7 +111,6 @@ class Eagle3Trainer:
         warmup = int(round(t.warmup_ratio * total_steps))
         lr_lambda = create(config, "lr_scheduler", total_steps, warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        self.loss_fn = create(config, "loss")
 
     # ------------------------------------------------------------------------------------ steps
     def _autocast(self):
@@ -102,28 +134,20 @@ class Eagle3Trainer:
         stats = torch.zeros(4, K, dtype=torch.float64, device=self.device)
         tokens = 0
         n = len(micro_batches)
-        head = self.draft.lm_head.weight
         for i, features in enumerate(micro_batches):
             batch = collate(features, self.device, self.dtype)
             tokens += batch.num_tokens
             sync = contextlib.nullcontext() if i == n - 1 else self.strategy.no_sync(self.model)
             with sync:
                 with self._autocast():
-                    total = None
-                    steps = self._ttt_forward(
-                        batch.input_ids, batch.aux_hidden, batch.attention_mask, K
-                    )
-                    for k, hidden in enumerate(steps):
-                        target_hidden, valid = align_step(batch, k, self.t2d)
-                        out = self.loss_fn(
-                            k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1),
-                            self.target_head, valid.flatten(),
+                    if isinstance(self.model, DraftStep):  # FSDP2-style: all param work in forward
+                        total, micro_stats = self.model(batch, self.target_head, self.t2d)
+                    else:
+                        total, micro_stats = micro_step(
+                            self._ttt_forward, self.draft.lm_head.weight, self.loss_fn, batch,
+                            self.target_head, self.t2d, K,
                         )
-                        total = out.loss if total is None else total + out.loss
-                        stats[0, k] += out.raw_loss.detach().double() * out.count
-                        stats[1, k] += out.correct
-                        stats[2, k] += out.count
-                        stats[3, k] += out.loss.detach().double() * out.count
+                    stats += micro_stats
                 # Equal weight per micro-batch: each loss is already a per-token mean.
                 (total / n).backward()
 

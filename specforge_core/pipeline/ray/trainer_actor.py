@@ -1,0 +1,175 @@
+"""One trainer rank as a Ray actor: joins the process group, fetches its batches from the transfer
+store on a background thread, and runs the same ``Eagle3Trainer`` step as the local pipeline.
+
+The controller says *which* samples (store keys) form this rank's micro-batches; this actor reads
+them (``get``), deletes them right away (``delete``: the store only holds what is not yet fetched)
+and tells the controller (``consumed``: frees pool bytes, resumes inference under backpressure).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from specforge_core.pipeline.ray.controller import Assignment
+from specforge_core.types import TargetFeatures
+
+_END = object()
+
+
+class TrainerActor:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.trainer: Any = None
+
+    def address(self) -> tuple[str, int]:
+        """Rendezvous address if this actor is rank 0: this node's IP and a free port."""
+        import ray
+
+        from specforge_core.distributed import free_port
+
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port("0.0.0.0" if not ip.startswith("127.") else ip)
+
+    def setup(
+        self, config: Any, info: Any, vocab_path: str, total_steps: int, master: tuple[str, int],
+        store_handle: Any,
+    ) -> dict[str, Any]:
+        """Join the group, build the trainer, load the newest checkpoint if ``training.resume``.
+        Returns ``{"step", "data_position", "checkpoint"}`` (where the run continues from)."""
+        import torch
+
+        from specforge_core.distributed import init_process_group
+        from specforge_core.training import checkpoint as ckpt
+        from specforge_core.training.components import create
+        from specforge_core.training.trainer import Eagle3Trainer
+        from specforge_core.vocab import VocabMapping
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.config, self.info = config, info
+        self.vocab_path = vocab_path
+        if self.world_size > 1 or config.training.strategy != "local":
+            init_process_group("auto", self.rank, self.world_size, master[0], master[1])
+        self.vocab = VocabMapping.load(vocab_path)
+        strategy = create(config, "training_strategy", config)
+        self.trainer = Eagle3Trainer(config, info, self.vocab, total_steps, strategy)
+        self.store = create(config, "transfer_store").connect(store_handle)
+        out = {"step": 0, "data_position": None, "checkpoint": None}
+        if config.training.resume:
+            latest = ckpt.latest_checkpoint(config.output_dir)
+            if latest is not None:
+                extra = ckpt.load(self.trainer, latest)
+                out = {"step": self.trainer.step, "data_position": extra["data_position"], "checkpoint": str(latest)}
+        return out
+
+    # ------------------------------------------------------------------------------ fetching
+    def _fetch(self, controller: Any, a: Assignment) -> list[list[TargetFeatures]]:
+        import ray
+
+        micro = []
+        for mb in a.micro:
+            feats = []
+            for r in mb:
+                tensors = self.store.get(r.key)
+                feats.append(TargetFeatures.from_tensors(str(r.index), tensors))
+            micro.append(feats)
+        keys = [r.key for mb in a.micro for r in mb] + [r.key for r in a.discard]
+        self.store.delete(keys)
+        seqs = [r.seq for mb in a.micro for r in mb] + [r.seq for r in a.discard]
+        ray.get(controller.consumed.remote(seqs))
+        return micro
+
+    def _prefetch(self, controller: Any, out: queue.Queue, stop: threading.Event) -> None:
+        import ray
+
+        try:
+            while not stop.is_set():
+                got = ray.get(controller.pull.remote(self.rank, 1, 1.0))
+                if got is None:
+                    break
+                for a in got:
+                    out.put((a, self._fetch(controller, a)))  # blocks when `prefetch_steps` are ready
+        except BaseException as exc:  # surfaced by the training loop
+            out.put(exc)
+            return
+        out.put(_END)
+
+    # ------------------------------------------------------------------------------ training
+    def run(self, controller: Any, config_toml: str, stop_after_steps: Optional[int] = None) -> dict[str, Any]:
+        import ray
+
+        from specforge_core.export import export_draft
+        from specforge_core.training import checkpoint as ckpt
+
+        tr, t = self.config.training, self.trainer
+        out_dir = Path(self.config.output_dir)
+        ready: queue.Queue = queue.Queue(maxsize=self.config.transfer.prefetch_steps)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._prefetch, args=(controller, ready, stop), daemon=True)
+        thread.start()
+        history: list[dict[str, float]] = []
+        last_ckpt: Optional[str] = None
+        position: Optional[dict] = None
+        steps_run = 0
+
+        def save() -> str:
+            return str(ckpt.save(t, out_dir, data_position=position, config_toml=config_toml,
+                                 vocab_path=self.vocab_path, keep=tr.keep_checkpoints))
+
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                a, micro = item
+                position = a.position
+                if not micro:  # every sample of this step was skipped
+                    continue
+                metrics = t.train_step(micro)
+                steps_run += 1
+                controller.trained.remote([(r.seq, r.index) for mb in a.micro for r in mb])
+                if self.rank == 0:
+                    history.append(metrics)
+                    controller.report.remote(metrics)
+                if tr.save_every and t.step % tr.save_every == 0:
+                    last_ckpt = save()
+                if stop_after_steps is not None and steps_run >= stop_after_steps:
+                    return {"history": history, "checkpoint": last_ckpt, "export": None, "step": t.step,
+                            "finished": False}
+        finally:
+            stop.set()
+        if position is not None and (last_ckpt is None or Path(last_ckpt) != ckpt.checkpoint_dir(out_dir, t.step)):
+            last_ckpt = save()
+        # export: gather the full draft (collective), rank 0 writes it
+        state = t.strategy.full_state_dict(t.model)
+        export = None
+        if self.rank == 0:
+            export = str(export_draft(self._full_draft(state), self.vocab, out_dir / "export"))
+        t.strategy.barrier()
+        ray.get(controller.summary.remote())  # the last trained/report calls have landed (actor FIFO)
+        return {"history": history, "checkpoint": last_ckpt, "export": export, "step": t.step, "finished": True}
+
+    def _full_draft(self, state: dict) -> Any:
+        """An unsharded draft with the trained weights (the strategy's model may be sharded)."""
+        if self.trainer.strategy.world_size == 1 and self.config.training.strategy == "local":
+            return self.trainer.draft
+        from specforge_core.training.components import create
+
+        draft = create(self.config, "draft_model", self.info, int(self.vocab.d2t.numel()))
+        state = {k.removeprefix("draft."): v for k, v in state.items()}  # trainer.DraftStep's prefix
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"export: unexpected keys in the gathered state: {unexpected}")
+        return draft
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        from specforge_core.distributed import destroy
+
+        if dist.is_initialized():
+            destroy()

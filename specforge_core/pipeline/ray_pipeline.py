@@ -1,0 +1,281 @@
+"""``run_ray``: the disaggregated pipeline on Ray.
+
+Same components and TOML as ``run_local`` (data -> vocab -> target -> store -> trainer ->
+checkpoint -> export), but target inference and draft training run in separate Ray actors on
+separate GPU groups and scale independently::
+
+    driver ── data, vocab, plan ──────────────────────────────────────────────────────────┐
+    ControllerActor  (metadata: prompt buffer, result pool, one queue per trainer rank)     │
+      ▲ take_prompts / push_results           ▲ pull / consumed / trained / report         │
+    InferenceManager ─ generate(prompts) ─▶ EngineActor x N ── put ─▶ transfer store ─ get ─▶ TrainerActor x dp
+                                             (target backend)       (shm / mooncake)       (fsdp2 / local)
+
+See docs/pipeline.md for placement, multi-node use and fault behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from specforge_core.config.schema import SpecforgeConfig
+from specforge_core.pipeline.local import (
+    RunResult,
+    SampleOrder,
+    _load_or_build_vocab,
+    account,
+    format_accounting,
+    format_metrics,
+    trainable,
+)
+
+# environment a worker on another node needs to behave like this driver
+_FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MC_TCP_BIND_ADDRESS", "TOKENIZERS_PARALLELISM")
+
+
+@attrs.define
+class RayRunResult(RunResult):
+    controller: dict[str, Any] = attrs.field(factory=dict)  # the controller's summary + engine stats
+
+
+def connect_ray(config: SpecforgeConfig) -> bool:
+    """Join ``run.ray_address`` / ``$RAY_ADDRESS`` or start a local cluster; True if we started
+    (or joined) Ray here and must shut it down at the end."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def resolve_store(config: SpecforgeConfig) -> SpecforgeConfig:
+    """The Ray pipeline's default store is ``shm`` (one node). The ``local`` store only lives in
+    one process, so asking for it explicitly is an error; ``shm`` across nodes is too."""
+    import ray
+
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    store = config.transfer.store
+    if store == "local":
+        if "transfer.store" in config.sources:
+            raise ValueError(
+                f"transfer.store = 'local' ({config.sources['transfer.store']}) only works inside one "
+                "process; with run.pipeline = 'ray' use 'shm' (one node) or 'mooncake' (several nodes)"
+            )
+        store = "shm"
+    if store == "shm" and nodes > 1:
+        raise ValueError(
+            f"transfer.store = 'shm' is shared memory of one node, but the Ray cluster has {nodes} nodes; "
+            "use transfer.store = 'mooncake'"
+        )
+    return attrs.evolve(config, transfer=attrs.evolve(config.transfer, store=store))
+
+
+def plan_prompts(order: SampleOrder, usable: list, start_step: int, total_steps: int, per_step: int):
+    """The run's sample stream from ``order``'s position: prompts tagged with their optimizer
+    step, and the data position after each step (what a checkpoint of that step records)."""
+    from specforge_core.pipeline.ray.controller import Prompt
+
+    prompts, positions, seq = [], {}, 0
+    for step in range(start_step, total_steps):
+        for i in order.take(per_step):
+            prompts.append(Prompt(seq, i, usable[i].num_tokens, step))
+            seq += 1
+        positions[step] = order.position()
+    return prompts, positions
+
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:  # already dead
+            pass
+
+
+def run_ray(
+    config: SpecforgeConfig,
+    *,
+    stop_after_steps: Optional[int] = None,  # trainers end early as if killed (tests of resume)
+    console: Any = None,
+) -> RunResult:
+    import ray
+    from rich.console import Console
+
+    from specforge_core.config import dump_toml
+    from specforge_core.data import build_samples, load_tokenizer
+    from specforge_core.pipeline.ray import placement as pl
+    from specforge_core.pipeline.ray.controller import ControllerActor
+    from specforge_core.pipeline.ray.inference import EngineActor, InferenceManager
+    from specforge_core.pipeline.ray.trainer_actor import TrainerActor
+    from specforge_core.target import target_info
+    from specforge_core.training.components import create
+
+    t0 = time.perf_counter()
+    console = console or Console()
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(config.run.seed)
+    torch.manual_seed(config.run.seed)
+    tr = config.training
+
+    # ---- data, target facts (no weights on the driver), vocab: as in the local pipeline
+    tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
+    samples, data_stats = build_samples(config.dataset, tokenizer)
+    console.print(f"data: {data_stats.summary()}")
+    usable = [s for s in samples if trainable(s)]
+    skipped: Counter[str] = Counter()
+    skipped["no loss token at index >= 2"] = len(samples) - len(usable)
+    if not usable:
+        raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
+    info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
+    vocab, vocab_path = _load_or_build_vocab(config, usable, info.vocab_size, console)
+
+    # ---- plan: a step is micro_batch_size x gradient_accumulation samples on each of dp ranks
+    dp = tr.num_gpus
+    per_step = tr.micro_batch_size * tr.gradient_accumulation * dp
+    total_steps = tr.max_steps if tr.max_steps > 0 else tr.num_epochs * math.ceil(len(usable) / per_step)
+
+    started_ray = connect_ray(config)
+    config = resolve_store(config)
+    config_toml = dump_toml(config)
+    (out_dir / "config.toml").write_text(config_toml)
+    placement = pl.plan_placement(config)
+    console.print(f"ray: {placement.describe()}; transfer store '{config.transfer.store}'")
+
+    provider = create(config, "transfer_store")
+    if hasattr(provider, "configure"):  # e.g. mooncake sizes its buffers from the model
+        provider.configure(info.hidden_size, len(info.aux_layer_ids), config.dataset.max_seq_length,
+                           config.transfer.max_pool_bytes, 4 if placement.use_gpu is False else 2)
+    run_id = f"{config.run.name}-{uuid.uuid4().hex[:8]}".replace("/", "_")
+    handle = provider.start(run_id)
+    store = provider.connect(handle)
+    actors: list = []
+    manager = None
+    history: list[dict[str, float]] = []
+    result: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    try:
+        # ---- trainers first: a resumed run continues from their checkpoint's data position
+        trainer_cls = ray.remote(TrainerActor)
+        trainers = [trainer_cls.options(**o).remote(r, dp) for r, o in enumerate(placement.trainer_options)]
+        actors += trainers
+        master = ray.get(trainers[0].address.remote())
+        starts = ray.get([t.setup.remote(config, info, str(vocab_path), total_steps, master, handle) for t in trainers])
+        start_step, position = starts[0]["step"], starts[0]["data_position"]
+        order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
+        seen: set[int] = set()
+        if position is not None:
+            order.seek(**position)
+            seen.update(order.visited_before())
+            console.print(f"resumed from {starts[0]['checkpoint']} (step {start_step}, data position {position})")
+        prompts, positions = plan_prompts(order, usable, start_step, total_steps, per_step)
+        console.print(
+            f"training: {len(usable)} samples, {per_step} per step over {dp} rank(s), {total_steps} steps, "
+            f"ttt_length {tr.ttt_length}, strategy {tr.strategy}"
+        )
+
+        controller = ray.remote(ControllerActor).options(num_cpus=0, name=f"{config.run.name}/controller").remote(
+            prompts, positions, num_ranks=dp, micro_batch_size=tr.micro_batch_size,
+            max_pool_bytes=config.transfer.max_pool_bytes,
+        )
+        actors.append(controller)
+        inf = config.inference
+        manager = ray.remote(InferenceManager).options(num_cpus=0, max_concurrency=4).remote(
+            controller, EngineActor, placement.engine_options, (config, ray.put(usable), handle, run_id),
+            batch_size=inf.batch_size, max_inflight_per_engine=inf.max_inflight_per_engine,
+            max_restarts=inf.max_restarts, name_prefix=f"{config.run.name}/",
+        )
+        actors.append(manager)
+        ray.get(manager.ready.remote())
+        manager_ref = manager.run.remote()
+        train_refs = [t.run.remote(controller, config_toml, stop_after_steps) for t in trainers]
+        pending = [manager_ref, *train_refs]
+        while any(r in pending for r in train_refs):
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                out = ray.get(ref)  # raises if that actor died or failed: the run stops here
+                if ref is train_refs[0]:
+                    result = out
+            for m in ray.get(controller.metrics_since.remote(len(history))):
+                history.append(m)
+                if int(m["step"]) % tr.log_every == 0 or int(m["step"]) == total_steps:
+                    console.print(format_metrics(m, total_steps, tr.ttt_length))
+        if manager_ref in pending:  # trainers stopped early (stop_after_steps): stop inference
+            ray.get(manager.stop.remote())
+            ray.get(manager_ref)
+        summary = ray.get(controller.summary.remote())
+        trained_indices = ray.get(controller.trained_indices.remote())
+        skipped_indices = set(ray.get(controller.skipped_indices.remote()))
+        stats = ray.get(manager.stats.remote())
+        ray.get(manager.close.remote())
+        ray.get([t.close.remote() for t in trainers])
+    except BaseException:
+        latest = None
+        from specforge_core.training import checkpoint as ckpt
+
+        latest = ckpt.latest_checkpoint(out_dir)
+        console.print(
+            f"[red]ray pipeline stopped by an error; last complete checkpoint: {latest or 'none'}"
+            + (" (set training.resume = true to continue)" if latest else "")
+        )
+        raise
+    finally:
+        if manager is not None:
+            try:
+                ray.get(manager.close.remote(), timeout=30)
+            except Exception:
+                pass
+        _kill(actors)
+        leftover = store.count()
+        store.close()
+        provider.stop(handle)
+        pl.remove(placement)
+        if started_ray:
+            ray.shutdown()
+
+    finished = result.get("finished", False)
+    if leftover and finished:
+        raise RuntimeError(f"transfer store still holds {leftover} keys at the end of the run")
+    seen.update(trained_indices)
+    # controller view (sample stream of this call): in = trained + skipped (+ not run after a stop)
+    ctrl_skipped = summary["skipped"]
+    stream_line = (
+        f"controller: {summary['samples_in']} samples in = {summary['trained']} trained + "
+        f"{sum(ctrl_skipped.values())} skipped ({', '.join(f'{v} {k}' for k, v in ctrl_skipped.items()) or 'none'})"
+    )
+    if finished and summary["samples_in"] != summary["trained"] + sum(ctrl_skipped.values()):
+        raise RuntimeError(f"controller accounting does not add up: {summary}")
+    console.print(stream_line + f"; {stats['restarts']} engine restart(s); max pool {summary['max_pool_bytes_seen']} bytes")
+    # record view, as in the local pipeline: records never trained, skipped by the controller
+    ray_skipped = len(skipped_indices - seen)
+    if ray_skipped:
+        skipped["dropped by the ray pipeline (see controller line)"] = ray_skipped
+    accounting = account(data_stats, len(samples), skipped, len(usable) - ray_skipped, seen)
+    console.print(format_accounting(accounting))
+    last_ckpt = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    export_dir = Path(result["export"]) if result.get("export") else None
+    if last_ckpt is not None:
+        console.print(f"checkpoint: {last_ckpt}")
+    if export_dir is not None:
+        console.print(f"export: {export_dir}")
+    wall = time.perf_counter() - t0
+    console.print(f"done in {wall:.1f} s")
+    return RayRunResult(out_dir, int(result.get("step", 0)), history, last_ckpt, export_dir, accounting,
+                        wall, controller={**summary, **stats})
