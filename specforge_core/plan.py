@@ -1,0 +1,421 @@
+"""``specforge plan``: what a config would do, computed without starting anything.
+
+Placement (which GPUs of which node run inference engines and which train), bytes of hidden states
+per token and per sample, transfer-store sizes, the draft's parameter count and the memory each
+training GPU needs at ``dataset.max_seq_length``. The formulas are in docs/planning.md; every
+function here is plain arithmetic on the config and the target's config.json (no torch, no
+weights), so ``config validate`` (specforge_core.checks) reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+GiB = 1024**3
+MiB = 1024**2
+DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}  # 'auto' = bf16 on GPU
+# Per token besides the hidden states: input_ids int64, target_argmax int64, loss_mask uint8.
+TOKEN_EXTRA_BYTES = 8 + 8 + 1
+LOGIT_BYTES = 4  # draft logits, log-softmax and target probabilities are kept in fp32
+
+
+# ------------------------------------------------------------------------------------ target
+def text_config(cfg: dict) -> dict:
+    """Multimodal configs keep the language model under ``text_config``; its keys win."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        return cfg
+    return {**{k: v for k, v in cfg.items() if k != "text_config"}, **text}
+
+
+def load_target_config(config: Any) -> tuple[Optional[dict], str]:
+    """(target config dict or None, where it came from / why it is missing).
+
+    ``model.target_config`` (a file or a directory with config.json) wins; otherwise a local
+    ``model.target`` directory. A hub id is not fetched (planning must work offline).
+    """
+    candidates = [config.model.target_config, config.model.target]
+    for i, raw in enumerate(candidates):
+        if not raw:
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            path = path / "config.json"
+        if path.is_file():
+            try:
+                return text_config(json.loads(path.read_text())), str(path)
+            except json.JSONDecodeError as exc:
+                return None, f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})"
+        if i == 0:
+            return None, f"model.target_config = {raw!r}: no such file or directory"
+    if config.model.target:
+        return None, (f"model.target = {config.model.target!r} is not a local directory; set "
+                      "model.target_config to a local copy of its config.json to check against it")
+    return None, "model.target is empty"
+
+
+def aux_layers(config: Any, num_layers: int) -> list[int]:
+    return list(config.model.aux_layers) or [2, num_layers // 2, num_layers - 3]
+
+
+def target_params(t: dict) -> dict[str, int]:
+    """Parameter counts of the target by group (dense Llama/Qwen, Qwen-MoE, DeepSeek-V3 MLA+MoE).
+
+    Groups: 'embed' (embedding + untied lm_head), 'dense' (attention, dense MLPs, shared experts,
+    routers, norms) and 'experts' (routed experts, the part a 4-bit checkpoint quantizes).
+    """
+    H, L, V = int(t["hidden_size"]), int(t["num_hidden_layers"]), int(t["vocab_size"])
+    nh = int(t["num_attention_heads"])
+    nkv = int(t.get("num_key_value_heads") or nh)
+    hd = int(t.get("head_dim") or H // nh)
+    embed = V * H * (1 if t.get("tie_word_embeddings") else 2)
+    if t.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2)
+        qr, kr = int(t.get("q_lora_rank") or 0), int(t["kv_lora_rank"])
+        nope, rope, vd = int(t["qk_nope_head_dim"]), int(t["qk_rope_head_dim"]), int(t["v_head_dim"])
+        q = (H * qr + qr + qr * nh * (nope + rope)) if qr else H * nh * (nope + rope)
+        attn = q + H * (kr + rope) + kr + kr * nh * (nope + vd) + nh * vd * H
+    else:
+        attn = H * nh * hd + 2 * H * nkv * hd + nh * hd * H
+        if str(t.get("model_type", "")).startswith("qwen3"):
+            attn += 2 * hd  # per-head RMSNorm on q and k
+        if t.get("attention_bias") or t.get("model_type") == "qwen2":
+            attn += (nh + 2 * nkv) * hd + (H if t.get("model_type") != "qwen2" else 0)  # q/k/v(/o) biases
+    n_experts = int(t.get("n_routed_experts") or t.get("num_experts") or 0)
+    dense_mlp = 3 * H * int(t["intermediate_size"])
+    if n_experts:
+        moe_i = int(t["moe_intermediate_size"])
+        n_dense = int(t.get("first_k_dense_replace") or 0)
+        shared = int(t.get("n_shared_experts") or 0) * 3 * H * moe_i
+        if t.get("shared_expert_intermediate_size"):  # Qwen-MoE style shared expert
+            shared = 3 * H * int(t["shared_expert_intermediate_size"])
+        n_moe = L - n_dense
+        experts = n_moe * n_experts * 3 * H * moe_i
+        dense = L * (attn + 2 * H) + n_dense * dense_mlp + n_moe * (shared + H * n_experts) + H
+    else:
+        experts = 0
+        dense = L * (attn + dense_mlp + 2 * H) + H
+    return {"embed": embed, "dense": dense, "experts": experts}
+
+
+def target_weight_bytes(t: dict, dtype_bytes: int = 2) -> int:
+    """Bytes of the target's weights as served: 4-bit routed experts for a compressed-tensors int4
+    checkpoint (0.5 B + a bf16 scale per group), 1 B for fp8 checkpoints, else ``dtype_bytes``."""
+    p = target_params(t)
+    q = t.get("quantization_config") or {}
+    method = q.get("quant_method", "")
+    dense_b, expert_b = float(dtype_bytes), float(dtype_bytes)
+    if method == "fp8":
+        dense_b = expert_b = 1.0
+    elif method == "compressed-tensors":
+        weights = next(iter((q.get("config_groups") or {}).values()), {}).get("weights", {})
+        bits, group = int(weights.get("num_bits", 16)), int(weights.get("group_size") or 0)
+        if bits < 16:
+            expert_b = bits / 8 + (2 / group if group else 0)
+    return int(p["embed"] * dtype_bytes + p["dense"] * dense_b + p["experts"] * expert_b)
+
+
+def kv_bytes_per_token(t: dict, tp: int, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token needs on one TP rank (MLA's latent cache is replicated per rank)."""
+    L = int(t["num_hidden_layers"])
+    if t.get("kv_lora_rank"):
+        return L * (int(t["kv_lora_rank"]) + int(t["qk_rope_head_dim"])) * dtype_bytes
+    nh = int(t["num_attention_heads"])
+    nkv = int(t.get("num_key_value_heads") or nh)
+    hd = int(t.get("head_dim") or int(t["hidden_size"]) // nh)
+    return L * 2 * max(1, nkv // tp) * hd * dtype_bytes
+
+
+# ------------------------------------------------------------------------------------- draft
+def draft_shape(config: Any, t: dict) -> tuple[dict, str]:
+    """The draft's layer shape: the draft component's ``config`` file if set, else the target's."""
+    options = config.options("model", config.model.draft)
+    path = getattr(options, "config", None)
+    if path:
+        raw = json.loads(Path(path).read_text())
+        src = str(path)
+    else:
+        raw, src = t, "generated from the target"
+    H = int(raw["hidden_size"])
+    nh = int(raw["num_attention_heads"])
+    return {
+        "hidden_size": H,
+        "intermediate_size": int(raw["intermediate_size"]),
+        "num_attention_heads": nh,
+        "num_key_value_heads": int(raw.get("num_key_value_heads") or nh),
+        "head_dim": int(raw.get("head_dim") or H // nh),
+        "vocab_size": int(t["vocab_size"]),
+        "draft_vocab_size": int(config.model.draft_vocab_size),
+        "target_hidden_size": int(t["hidden_size"]),
+    }, src
+
+
+def draft_params(d: dict, n_aux: int = 3) -> tuple[int, int]:
+    """(trainable, frozen) parameters of a llama-eagle3 draft.
+
+    trainable = fc (n_aux*Ht*H) + q/k/v over 2H inputs + o_proj + SwiGLU MLP + 4 RMSNorms + lm_head
+    frozen    = the target's token embedding (V*H)
+    """
+    H, inter = d["hidden_size"], d["intermediate_size"]
+    nh, nkv, hd = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
+    fc = n_aux * d["target_hidden_size"] * H
+    attn = 2 * H * (nh + 2 * nkv) * hd + nh * hd * H
+    mlp = 3 * H * inter
+    norms = 4 * H  # hidden_norm, input_layernorm, post_attention_layernorm, final norm
+    head = H * d["draft_vocab_size"]
+    return fc + attn + mlp + norms + head, d["vocab_size"] * H
+
+
+@attrs.define
+class TrainMemory:
+    """Bytes per training GPU, by part."""
+
+    weights: int  # fp32 master weights (sharded) + compute-dtype copy
+    grads: int
+    optimizer: int  # AdamW exp_avg + exp_avg_sq
+    embedding: int  # frozen target embedding (replicated)
+    activations: int  # TTT unroll at max_seq_length
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.embedding + self.activations
+
+
+def activation_bytes_per_token(d: dict, n_aux: int, ttt_length: int, compute_bytes: int,
+                               checkpointing: bool = False) -> int:
+    """Stored activations per token for one whole TTT unroll (see docs/planning.md).
+
+    per step:  c*(7H + 2*(nh+nkv)*hd + 4I) + 12*Vd   (layer internals + fp32 logits/log-probs/targets)
+    with activation checkpointing a step keeps only c*4H (layer input and output) + 12*Vd
+    once:      c*(n_aux*Ht + H)                       (aux hidden states and the fc output)
+    """
+    H, inter, Vd = d["hidden_size"], d["intermediate_size"], d["draft_vocab_size"]
+    nh, nkv, hd = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
+    layer = 7 * H + 2 * (nh + nkv) * hd + 4 * inter
+    logits = 3 * LOGIT_BYTES * Vd
+    step = compute_bytes * (4 * H if checkpointing else layer) + logits
+    once = compute_bytes * (n_aux * d["target_hidden_size"] + H)
+    # checkpointing recomputes one step's layer internals at a time
+    recompute = compute_bytes * layer if checkpointing else 0
+    return ttt_length * step + once + recompute
+
+
+def train_memory(config: Any, d: dict, n_aux: int) -> TrainMemory:
+    """Memory per training GPU. Sharding divisor N = training.num_gpus for fsdp2 'full', else 1."""
+    tr = config.training
+    trainable, frozen = draft_params(d, n_aux)
+    c = DTYPE_BYTES[tr.dtype]
+    opts = config.options("training", tr.strategy)
+    sharded = tr.strategy == "fsdp2" and getattr(opts, "sharding", "full") == "full"
+    n = tr.num_gpus if sharded else 1
+    offload = bool(getattr(opts, "cpu_offload", False))
+    ckpt = bool(getattr(opts, "activation_checkpointing", False))
+    state = 0 if offload else 1  # sharded fp32 state lives in CPU memory when offloaded
+    master = 4 * trainable // n * state
+    compute_copy = trainable * c if c != 4 else 0  # bf16 params all-gathered for forward/backward
+    act = tr.micro_batch_size * config.dataset.max_seq_length * activation_bytes_per_token(
+        d, n_aux, tr.ttt_length, c, ckpt)
+    return TrainMemory(
+        weights=master + compute_copy,
+        grads=4 * trainable // n * state,
+        optimizer=8 * trainable // n * state,
+        embedding=frozen * c,
+        activations=act,
+    )
+
+
+# ----------------------------------------------------------------------------------- transfer
+def hidden_bytes_per_token(hidden_size: int, n_aux: int, dtype_bytes: int) -> int:
+    """aux (n_aux*H) + final (H) hidden states in the inference dtype, + ids, argmax, loss mask."""
+    return (n_aux + 1) * hidden_size * dtype_bytes + TOKEN_EXTRA_BYTES
+
+
+# ---------------------------------------------------------------------------------- placement
+def engine_shape(config: Any) -> tuple[int, int, int]:
+    """(nodes one engine spans, GPUs it uses on each, TP size)."""
+    inf = config.inference
+    nnodes = 1
+    if inf.backend == "sglang":
+        nnodes = getattr(config.options("inference", "sglang"), "nnodes", 1)
+    return nnodes, inf.gpus_per_engine, nnodes * inf.gpus_per_engine
+
+
+@attrs.define
+class Placement:
+    roles: list[list[str]]  # node -> GPU -> role ("" = idle)
+    problems: list[str]  # why the config does not fit the hardware (errors)
+
+    def idle(self) -> int:
+        return sum(r == "" for node in self.roles for r in node)
+
+
+def place(config: Any) -> Optional[Placement]:
+    """Engines first (each on ``nnodes`` consecutive nodes), then trainer ranks on what is left."""
+    run, inf, tr = config.run, config.inference, config.training
+    if not run.gpus_per_node:
+        return None
+    roles = [["" for _ in range(run.gpus_per_node)] for _ in range(run.nodes)]
+    problems: list[str] = []
+    nnodes, per_node, tp = engine_shape(config)
+    if inf.num_gpus % tp:
+        problems.append(f"inference.num_gpus = {inf.num_gpus} is not a multiple of the engine size {tp} "
+                        f"(nnodes {nnodes} x inference.gpus_per_engine {per_node})")
+    for e in range(inf.num_gpus // tp):
+        start = next((n for n in range(run.nodes - nnodes + 1)
+                      if all(roles[n + k].count("") >= per_node for k in range(nnodes))), None)
+        if start is None:
+            problems.append(f"inference engine {e} (TP {tp}: {per_node} GPUs on each of {nnodes} node(s)) "
+                            f"does not fit on {run.nodes} node(s) x {run.gpus_per_node} GPUs")
+            break
+        rank = 0
+        for k in range(nnodes):
+            free = [g for g, r in enumerate(roles[start + k]) if r == ""][:per_node]
+            for g in free:
+                roles[start + k][g] = f"engine {e} tp{rank}"
+                rank += 1
+    placed = 0
+    for node in roles:
+        for g, r in enumerate(node):
+            if r == "" and placed < tr.num_gpus:
+                node[g] = f"trainer {placed}"
+                placed += 1
+    if placed < tr.num_gpus:
+        problems.append(f"training.num_gpus = {tr.num_gpus} but only {placed} GPUs are left after inference "
+                        f"({run.nodes} node(s) x {run.gpus_per_node} GPUs)")
+    return Placement(roles, problems)
+
+
+# --------------------------------------------------------------------------------------- plan
+def build_plan(config: Any) -> dict[str, Any]:
+    """Every number ``specforge plan`` prints, as a dict (also used by tests and checks)."""
+    plan: dict[str, Any] = {"placement": place(config)}
+    t, src = load_target_config(config)
+    plan["target_source"] = src
+    if t is None:
+        return plan
+    H, L = int(t["hidden_size"]), int(t["num_hidden_layers"])
+    n_aux = len(aux_layers(config, L))
+    T = config.dataset.max_seq_length
+    hb = DTYPE_BYTES[config.inference.dtype]
+    per_token = hidden_bytes_per_token(H, n_aux, hb)
+    plan.update(target=t, n_aux=n_aux, aux_layers=aux_layers(config, L), bytes_per_token=per_token,
+                bytes_per_sample=per_token * T)
+    plan["pool_samples"] = config.transfer.max_pool_bytes // (per_token * T)
+    if config.transfer.store == "mooncake":
+        try:
+            from specforge_mooncake.sizing import compute_sizes
+        except ImportError:
+            pass
+        else:
+            plan["mooncake"] = compute_sizes(H, n_aux, T, config.transfer.max_pool_bytes, hb)
+    d, dsrc = draft_shape(config, t)
+    plan.update(draft=d, draft_source=dsrc)
+    plan["draft_trainable"], plan["draft_frozen"] = draft_params(d, n_aux)
+    plan["train_memory"] = train_memory(config, d, n_aux)
+    nnodes, per_node, tp = engine_shape(config)
+    weights = target_weight_bytes(t, hb)
+    plan.update(tp=tp, target_weights=weights, target_weights_per_gpu=weights // tp,
+                kv_per_token=kv_bytes_per_token(t, tp, hb))
+    return plan
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
+    out: list[str] = []
+    add = out.append
+    run, inf, tr = config.run, config.inference, config.training
+    nnodes, per_node, tp = engine_shape(config)
+    add(f"run {run.name!r}: pipeline {run.pipeline}, {run.nodes} node(s) x "
+        f"{run.gpus_per_node or '?'} GPUs" + (f" ({run.gpu_memory_gib:g} GiB each)" if run.gpu_memory_gib else ""))
+    add("")
+    add("placement")
+    add(f"  inference: backend {inf.backend}, {inf.num_gpus} GPUs = {inf.num_gpus // tp} engine(s) x TP {tp} "
+        f"({per_node} GPUs on each of {nnodes} node(s))")
+    add(f"  training:  strategy {tr.strategy}, {tr.num_gpus} trainer rank(s), 1 GPU each")
+    placement = plan["placement"]
+    if placement is None:
+        add("  (run.gpus_per_node = 0: hardware unknown, no per-GPU placement)")
+    else:
+        for n, node in enumerate(placement.roles):
+            groups: list[tuple[str, list[int]]] = []
+            for g, role in enumerate(node):
+                key = role.split(" tp")[0] if role.startswith("engine") else ("trainers" if role else "idle")
+                if groups and groups[-1][0] == key:
+                    groups[-1][1].append(g)
+                else:
+                    groups.append((key, [g]))
+            parts = []
+            for key, gpus in groups:
+                span = f"{gpus[0]}-{gpus[-1]}" if len(gpus) > 1 else f"{gpus[0]}"
+                if key == "trainers":
+                    ranks = [node[g].split()[1] for g in gpus]
+                    parts.append(f"GPU {span}: trainer rank {ranks[0]}-{ranks[-1]}" if len(ranks) > 1
+                                 else f"GPU {span}: trainer rank {ranks[0]}")
+                elif key == "idle":
+                    parts.append(f"GPU {span}: idle")
+                else:
+                    rs = [node[g].split("tp")[1] for g in gpus]
+                    parts.append(f"GPU {span}: {key} (TP ranks {rs[0]}-{rs[-1]})" if len(rs) > 1
+                                 else f"GPU {span}: {key} (TP rank {rs[0]})")
+            add(f"  node {n}: " + "; ".join(parts))
+    add("")
+    if "target" not in plan:
+        add(f"target: {plan['target_source']} (byte and memory figures need it)")
+    else:
+        t, d, T = plan["target"], plan["draft"], config.dataset.max_seq_length
+        add(f"target ({plan['target_source']}): {t['num_hidden_layers']} layers, hidden {t['hidden_size']}, "
+            f"vocab {t['vocab_size']}, aux layers {plan['aux_layers']}")
+        add(f"  weights {_gib(plan['target_weights'])} -> {_gib(plan['target_weights_per_gpu'])} per GPU at TP {tp}; "
+            f"KV cache {plan['kv_per_token'] / 1024:.1f} KiB/token per GPU")
+        add("")
+        add(f"hidden states ({inf.dtype} = {DTYPE_BYTES[inf.dtype]} B): {plan['bytes_per_token']:,} B/token "
+            f"= ({plan['n_aux']}+1) x {t['hidden_size']} x {DTYPE_BYTES[inf.dtype]} + {TOKEN_EXTRA_BYTES}")
+        add(f"  per sample at max_seq_length {T}: {plan['bytes_per_sample']:,} B ({plan['bytes_per_sample'] / MiB:.1f} MiB)")
+        add(f"  transfer.max_pool_bytes {_gib(config.transfer.max_pool_bytes)} holds {plan['pool_samples']} full-length samples")
+        mc = plan.get("mooncake")
+        if mc is not None:
+            add(f"  mooncake: sample_bytes {mc.sample_bytes:,}, global_segment_size {mc.global_segment_size:,} "
+                f"({_gib(mc.global_segment_size)}), local_buffer_size {mc.local_buffer_size:,}")
+        add("")
+        add(f"draft ({plan['draft_source']}): hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, "
+            f"heads {d['num_attention_heads']}/{d['num_key_value_heads']} x {d['head_dim']}, draft vocab {d['draft_vocab_size']}")
+        add(f"  parameters: {plan['draft_trainable']:,} trainable ({_human(plan['draft_trainable'])}), "
+            f"{plan['draft_frozen']:,} frozen embedding ({_human(plan['draft_frozen'])})")
+        m: TrainMemory = plan["train_memory"]
+        add(f"  memory per training GPU at max_seq_length {T}, micro_batch {tr.micro_batch_size}, ttt {tr.ttt_length}:")
+        for name in ("weights", "grads", "optimizer", "embedding", "activations"):
+            add(f"    {name:<12}{_gib(getattr(m, name)):>12}")
+        add(f"    {'total':<12}{_gib(m.total):>12}" + (f" of {run.gpu_memory_gib:g} GiB" if run.gpu_memory_gib else ""))
+    if problems:
+        add("")
+        for p in problems:
+            add(f"{p.level}: {p}")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="*", help="config files and section.field=value overrides")
+
+
+def main(args: argparse.Namespace) -> int:
+    from specforge_core.checks import check_config
+    from specforge_core.config import load_config
+
+    files = [i for i in args.config if "=" not in i]
+    overrides = [i for i in args.config if "=" in i]
+    config = load_config(files, overrides)
+    problems = check_config(config)
+    print(format_plan(config, build_plan(config), problems), end="")
+    return 2 if any(p.level == "error" for p in problems) else 0
