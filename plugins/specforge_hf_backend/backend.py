@@ -154,27 +154,29 @@ class HFTargetBackend:
         aux_ids = self.info.aux_layer_ids
         with capture_hidden_states(self.layers, aux_ids) as captured:
             out = self.base(input_ids=ids, attention_mask=attn_dev.long(), use_cache=False)
-        final = out[0]  # last_hidden_state: after the final norm
+        final = out[0].to(self.dtype)  # last_hidden_state: after the final norm [B, T, H]
+        aux = torch.cat([captured[i] for i in aux_ids], dim=-1).to(self.dtype)  # [B, T, n*H], low -> high
+        # Full-vocab argmax over the real tokens only, in chunks (never [B*T, V] logits at once).
+        argmax = chunked_argmax(final[attn_dev], self.lm_head, self.options.argmax_chunk_size)
+        argmax_c = argmax.cpu().split(lengths)
 
-        # Keep only real tokens, flattened in (sample, position) order, then split per sample.
-        aux = torch.cat([captured[i][attn_dev] for i in aux_ids], dim=-1).to(self.dtype)
-        final = final[attn_dev].to(self.dtype)
-        argmax = chunked_argmax(final, self.lm_head, self.options.argmax_chunk_size)
-
-        aux_c, final_c, argmax_c = (t.cpu().split(lengths) for t in (aux, final, argmax))
-        return [
-            TargetFeatures(
-                sample_id=s.sample_id,
-                input_ids=s.input_ids.to(torch.int64).clone(),
-                loss_mask=s.loss_mask.to(torch.uint8).clone(),
-                # clone: a split is a view of the whole batch, and pickling a view ships it all
-                aux_hidden=a.clone(),
-                final_hidden=f.clone(),
-                target_argmax=g.clone(),
-                category=s.category,
+        # One device->host copy per sample slice: each feature owns exactly its storage (a view of
+        # a batch tensor would drag the whole batch along when pickled into a transfer store).
+        feats = []
+        for b, s in enumerate(samples):
+            n = lengths[b]
+            feats.append(
+                TargetFeatures(
+                    sample_id=s.sample_id,
+                    input_ids=s.input_ids.to(torch.int64).clone(),
+                    loss_mask=s.loss_mask.to(torch.uint8).clone(),
+                    aux_hidden=aux[b, :n].to("cpu", copy=True),
+                    final_hidden=final[b, :n].to("cpu", copy=True),
+                    target_argmax=argmax_c[b].clone(),
+                    category=s.category,
+                )
             )
-            for s, a, f, g in zip(samples, aux_c, final_c, argmax_c, strict=True)
-        ]
+        return feats
 
     def close(self) -> None:
         self.model = self.base = self.layers = self.lm_head = None  # type: ignore[assignment]

@@ -19,14 +19,15 @@ from specforge_hf_backend.backend import HFTargetBackend
 from specforge_hf_backend.options import HFBackendOptions
 
 
-def naive(backend: HFTargetBackend, samples: list[Sample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def naive(backend: HFTargetBackend, samples: list[Sample]) -> tuple[list[torch.Tensor], ...]:
     """What a peer does: all hidden states + full logits, then pick."""
     ids = torch.stack([s.input_ids for s in samples]).to(backend.device)
     with torch.no_grad():
         out = backend.model(ids, output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i] for i in backend.info.aux_layer_ids], -1)
         argmax = out.logits.argmax(-1)
-    return list(aux.cpu()), list(argmax.cpu())
+        final = out.hidden_states[-1].cpu()  # move the same bytes to the host as the backend does
+    return list(aux.cpu()), list(argmax.cpu()), list(final)
 
 
 def timed(fn, device) -> tuple[float, float, object]:
@@ -76,7 +77,7 @@ def main() -> None:
         if name == "hf-backend":
             feats = res
         else:
-            aux, argmax = res
+            aux, argmax, _final = res
             same_aux = all(torch.equal(f.aux_hidden, x) for f, x in zip(feats, aux, strict=True))
             agree = sum(int((f.target_argmax == y).sum()) for f, y in zip(feats, argmax, strict=True))
             print(f"aux bit-identical to output_hidden_states: {same_aux}; "
