@@ -131,3 +131,32 @@ def test_auto_without_template_is_a_clear_error(tok):
     tok2.chat_template = None
     with pytest.raises(DataError, match="has no chat_template"):
         tokenize_conversation(tok2, CONV, "auto", 100)
+
+
+QWEN2_JINJA = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_auto_with_a_default_system_template_matches_named_qwen(tok):
+    tok2 = load_tokenizer(str(ASSETS))
+    tok2.chat_template = QWEN2_JINJA
+    for conv in (CONV, Conversation("c2", CONV.turns[1:])):
+        assert tokenize_conversation(tok2, conv, "auto", 4096) == tokenize_conversation(tok, conv, "qwen", 4096)
+
+
+def test_named_template_needs_its_special_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from specforge_core.config.schema import DatasetSection
+    from specforge_core.data import build_samples
+
+    raw = Tokenizer(models.WordLevel({"hi": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
+    with pytest.raises(DataError, match=r"chat_template 'chatml' needs the special tokens \['<\|im_end\|>'"):
+        build_samples(DatasetSection(path=[__file__], chat_template="chatml"), plain, use_cache=False)
