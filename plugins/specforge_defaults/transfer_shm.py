@@ -40,7 +40,6 @@ MAGIC = b"SFSHM001"
 ALIGN = 64
 MAX_NAME = 200  # file-name bytes (NAME_MAX is 255; leaves room for the temp prefix)
 _PREFIX = struct.Struct("<8sQ")
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 _CHUNK = 1 << 30  # one syscall moves at most ~2 GiB on Linux; stay well under
 DTYPES = {
     str(d).removeprefix("torch."): d
@@ -91,10 +90,16 @@ def filename_to_key(name: str) -> str:
     return unquote(name)
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as a flat uint8 view (after a copy to CPU/contiguous only if needed)."""
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        n = os.write(fd, data[:_CHUNK])
+        data = data[n:]
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (after one to CPU/contiguous if needed)."""
     t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8)
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def encode_header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[int]]:
@@ -153,21 +158,16 @@ class ShmStore:
             raise RuntimeError(f"transfer store 'shm': {self.path} does not exist (was the store stopped?)")
         header, offsets = encode_header(tensors)
         tmp = os.path.join(self.path, f".tmp-{uuid.uuid4().hex}")
-        sizes = [t.numel() * t.element_size() for t in tensors.values()]
-        total = offsets[-1] + sizes[-1] if offsets else len(header)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, total)  # ENOSPC here, not as SIGBUS inside the copy
-            # map the whole file pre-faulted and let torch copy into it (multi-threaded for big
-            # tensors): several times faster than write() into tmpfs
-            with mmap.mmap(fd, total, flags=mmap.MAP_SHARED | _POPULATE) as mm:
-                buf = torch.frombuffer(mm, dtype=torch.uint8)
-                buf[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-                for t, off, size in zip(tensors.values(), offsets, sizes, strict=True):
-                    if size:
-                        buf[off : off + size].copy_(_as_bytes(t))
-                del buf  # release the export before the mapping closes
-            payload = sum(sizes)
+            _write_all(fd, memoryview(header))
+            pos, payload = len(header), 0
+            for t, off in zip(tensors.values(), offsets, strict=True):
+                if off > pos:
+                    _write_all(fd, memoryview(b"\0" * (off - pos)))
+                data = _as_bytes(t)
+                _write_all(fd, data)
+                pos, payload = off + data.nbytes, payload + data.nbytes
             os.close(fd)
             fd = -1
             os.replace(tmp, final)  # atomic: readers see the whole sample or none of it
@@ -207,8 +207,7 @@ class ShmStore:
     def _map(fd: int, size: int) -> torch.Tensor:
         # copy-on-write: the tensors are writable without touching the shared file; the pages stay
         # valid after the key is deleted (unlinked) until the last tensor viewing them is freed
-        flags = mmap.MAP_PRIVATE | _POPULATE  # populate: map all pages now, not one fault per 4 KiB
-        mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return torch.frombuffer(mm, dtype=torch.uint8)
 
     @staticmethod
