@@ -80,8 +80,9 @@ def _check_target(config: Any, t: dict, src: str, err, warn) -> None:
     bad = [i for i in layers if not 1 <= i <= L - 1]
     if bad or any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
         err("model.aux_layers", f"{layers} for the {L}-layer target ({src}): ids must be increasing and in 1..{L - 1}")
-    if m.draft_vocab_size > V:
-        err("model.draft_vocab_size", f"{m.draft_vocab_size} exceeds the target's vocab_size {V} ({src})")
+    if m.draft_vocab_size > V:  # the pipeline caps it at the target's vocabulary
+        warn("model.draft_vocab_size", f"{m.draft_vocab_size} exceeds the target's vocab_size {V} ({src}); "
+             f"the draft will use {V}")
     max_pos = int(t.get("max_position_embeddings") or 0)
     if max_pos and ds.max_seq_length > max_pos:
         err("dataset.max_seq_length", f"{ds.max_seq_length} exceeds the target's max_position_embeddings {max_pos}")
