@@ -177,7 +177,17 @@ def run_ray(
         trainers = [trainer_cls.options(**o).remote(r, dp) for r, o in enumerate(placement.trainer_options)]
         actors += trainers
         master = ray.get(trainers[0].address.remote())
-        starts = ray.get([t.setup.remote(config, info, str(vocab_path), total_steps, master, handle) for t in trainers])
+        setups = [t.setup.remote(config, info, str(vocab_path), total_steps, master, handle) for t in trainers]
+        # engines load the target while trainers build the draft
+        inf = config.inference
+        manager = ray.remote(InferenceManager).options(num_cpus=0, max_concurrency=4).remote(
+            EngineActor, placement.engine_options, (config, ray.put(usable), handle, run_id),
+            batch_size=inf.batch_size, max_inflight_per_engine=inf.max_inflight_per_engine,
+            max_restarts=inf.max_restarts, name_prefix=f"{config.run.name}/",
+        )
+        actors.append(manager)
+        engines_ready = manager.ready.remote()
+        starts = ray.get(setups)
         start_step, position = starts[0]["step"], starts[0]["data_position"]
         order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
         seen: set[int] = set()
@@ -190,21 +200,13 @@ def run_ray(
             f"training: {len(usable)} samples, {per_step} per step over {dp} rank(s), {total_steps} steps, "
             f"ttt_length {tr.ttt_length}, strategy {tr.strategy}"
         )
-
         controller = ray.remote(ControllerActor).options(num_cpus=0, name=f"{config.run.name}/controller").remote(
             prompts, positions, num_ranks=dp, micro_batch_size=tr.micro_batch_size,
             max_pool_bytes=config.transfer.max_pool_bytes,
         )
-        actors.append(controller)
-        inf = config.inference
-        manager = ray.remote(InferenceManager).options(num_cpus=0, max_concurrency=4).remote(
-            controller, EngineActor, placement.engine_options, (config, ray.put(usable), handle, run_id),
-            batch_size=inf.batch_size, max_inflight_per_engine=inf.max_inflight_per_engine,
-            max_restarts=inf.max_restarts, name_prefix=f"{config.run.name}/",
-        )
-        actors.append(manager)
-        ray.get(manager.ready.remote())
-        manager_ref = manager.run.remote()
+        actors.insert(0, controller)
+        ray.get(engines_ready)
+        manager_ref = manager.run.remote(controller)
         train_refs = [t.run.remote(controller, config_toml, stop_after_steps) for t in trainers]
         pending = [manager_ref, *train_refs]
         while any(r in pending for r in train_refs):

@@ -74,6 +74,7 @@ class ControllerState:
         self.skipped_indices: set[int] = set()  # dataset indices of skipped stream samples
         self.metrics: list[dict[str, float]] = []
         self.results_in = 0
+        self.max_sample_bytes = 0
         self.dispatched = 0  # samples handed to trainers
 
     # ---------------------------------------------------------------------------- inference side
@@ -83,13 +84,15 @@ class ControllerState:
 
     def take_prompts(self, max_n: int) -> list[Prompt]:
         """Up to ``max_n`` prompts for inference. Backpressure: a prompt is released only if the
-        pool's bytes plus the estimated bytes of everything in flight stay within the limit,
-        except prompts of the very next step (without them nothing could be trained: no deadlock)."""
+        pool's bytes plus the estimated bytes of everything in flight stay within the limit.
+        One exception prevents a deadlock: when nothing dispatched is still held (so no trainer
+        will free bytes), the next step's prompts go regardless (the step cannot start without them)."""
         out: list[Prompt] = []
         bpt = self.bytes_per_token
+        starving = self.pool_bytes == sum(r.nbytes for rs in self.pool.values() for r in rs)
         while self.buffer and len(out) < max_n:
             p = self.buffer[0]
-            if p.step != self.next_step:
+            if not (starving and p.step == self.next_step):
                 if bpt == 0.0 and self.inflight:
                     break  # no size estimate yet: one batch at a time until the first result
                 projected = self.pool_bytes + (self.inflight_tokens + p.num_tokens) * bpt
@@ -125,6 +128,7 @@ class ControllerState:
             if r.num_tokens:
                 self.bytes_per_token = max(self.bytes_per_token, r.nbytes / r.num_tokens)
             self.results_in += 1
+            self.max_sample_bytes = max(self.max_sample_bytes, r.nbytes)
         self.max_pool_bytes_seen = max(self.max_pool_bytes_seen, self.pool_bytes)
         self._dispatch()
 
@@ -192,6 +196,7 @@ class ControllerState:
             "pooled": sum(len(v) for v in self.pool.values()),
             "pool_bytes": self.pool_bytes,
             "max_pool_bytes_seen": self.max_pool_bytes_seen,
+            "max_sample_bytes": self.max_sample_bytes,
             "held_keys": len(self.held),
             "results_in": self.results_in,
             "dispatched": self.dispatched,

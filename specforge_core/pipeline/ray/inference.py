@@ -62,7 +62,6 @@ class InferenceManager:
 
     def __init__(
         self,
-        controller: Any,
         engine_cls: type,  # EngineActor (or a stand-in with the same methods); made a Ray actor here
         engine_options: Sequence[dict],  # .options(...) per engine (placement, resources, name)
         engine_args: tuple,
@@ -74,7 +73,7 @@ class InferenceManager:
     ):
         import ray
 
-        self.controller = controller
+        self.controller: Any = None  # given to run(): engines start loading before the plan exists
         engine_cls = ray.remote(engine_cls)
         self.engine_cls, self.engine_options, self.engine_args = engine_cls, list(engine_options), engine_args
         self.batch_size, self.depth, self.max_restarts = batch_size, max_inflight_per_engine, max_restarts
@@ -120,10 +119,11 @@ class InferenceManager:
         self.generation[i] += 1
         self.engines[i] = self._start(i)
 
-    def run(self) -> dict[str, int]:
+    def run(self, controller: Any) -> dict[str, int]:
         import ray
         from ray.exceptions import RayActorError
 
+        self.controller = controller
         n = len(self.engines)
         inflight: dict[Any, tuple[int, int, list[Prompt]]] = {}  # ref -> (engine, generation, prompts)
         load = [0] * n  # batches in flight per engine
