@@ -1,0 +1,144 @@
+"""``EvalReport``: the numbers of one evaluation, and how they are shown (table, JSON, plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+from specforge_core.evaluation.accounting import AcceptStats
+
+
+@attrs.define
+class PromptReport:
+    sample_id: str
+    category: Optional[str]
+    prompt_tokens: int
+    generated: int  # output tokens (prefill token included)
+    stats: AcceptStats
+    mismatch: Optional[str] = None  # set when speculative output != plain greedy output
+
+
+@attrs.define
+class EvalReport:
+    draft: str
+    target: str
+    steps: int
+    max_new_tokens: int
+    mode: str  # "exact" or "fast"
+    overall: AcceptStats
+    categories: dict[str, AcceptStats]
+    prompts: list[PromptReport]
+    wall_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        return self.overall.tau
+
+    @property
+    def rates(self) -> list[float]:
+        return self.overall.rates
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{p.sample_id}: {p.mismatch}" for p in self.prompts if p.mismatch]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "draft": self.draft, "target": self.target, "steps": self.steps,
+            "max_new_tokens": self.max_new_tokens, "mode": self.mode, "wall_s": self.wall_s,
+            "overall": self.overall.to_dict(),
+            "categories": {k: v.to_dict() for k, v in self.categories.items()},
+            "prompts": [
+                {"sample_id": p.sample_id, "category": p.category, "prompt_tokens": p.prompt_tokens,
+                 "generated": p.generated, **p.stats.to_dict(), "mismatch": p.mismatch}
+                for p in self.prompts
+            ],
+            "errors": self.errors,
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # NaN (no cycle) is not JSON: write null
+        text = json.dumps(_nan_to_none(self.to_dict()), indent=2)
+        path.write_text(text + "\n")
+        return path
+
+    # ------------------------------------------------------------------------------ terminal
+    def table(self):
+        from rich.table import Table
+
+        K = self.steps
+        t = Table(title=f"acceptance: K={K} draft steps, greedy, {self.mode} "
+                        f"({len(self.prompts)} prompts, max_new_tokens {self.max_new_tokens})")
+        for col in ("group", "prompts", "cycles", "tokens", "tau"):
+            t.add_column(col, justify="right" if col != "group" else "left")
+        for i in range(1, K + 1):
+            t.add_column(f"P(acc>={i})", justify="right")
+        counts: dict[str, int] = {}
+        for p in self.prompts:
+            counts[p.category or ""] = counts.get(p.category or "", 0) + 1
+        rows = [("all", len(self.prompts), self.overall)]
+        rows += [(name, counts.get(name, 0), s) for name, s in sorted(self.categories.items())]
+        for i, (name, n, s) in enumerate(rows):
+            t.add_row(name, str(n), str(s.cycles), str(s.tokens), _f(s.tau), *(_f(r) for r in s.rates),
+                      end_section=i == 0 and len(rows) > 1)
+        return t
+
+    def print(self, console=None) -> None:
+        from rich.console import Console
+
+        console = console or Console()
+        console.print(self.table())
+        console.print(f"tau = {_f(self.tau)} tokens per target verification forward "
+                      f"(K+1 = {self.steps + 1} is the ceiling); {self.wall_s:.1f} s")
+        for e in self.errors:
+            console.print(f"[bold red]error[/]: speculative output differs from greedy: {e}")
+
+    # ------------------------------------------------------------------------------ plot
+    def plot(self, path: str | Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        xs = list(range(1, self.steps + 1))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(xs, self.rates, marker="o", linewidth=2, label=f"all (tau {_f(self.tau)})")
+        for name, s in sorted(self.categories.items()):
+            ax.plot(xs, s.rates, marker=".", alpha=0.7, label=f"{name} (tau {_f(s.tau)})")
+        ax.set_xlabel("draft position i")
+        ax.set_ylabel("P(accepted >= i)")
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"per-position acceptance, K={self.steps}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _f(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
+
+
+def _nan_to_none(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    return v

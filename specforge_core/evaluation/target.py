@@ -1,0 +1,77 @@
+"""The target model for evaluation: greedy tokens and EAGLE-3 aux features from one HF model.
+
+Features follow the training capture convention: aux layer id i is HF ``hidden_states[i]`` (the
+residual stream entering decoder layer i), concatenated low -> high. The KV cache is a transformers
+``DynamicCache``; rejected drafts are rolled back with ``crop``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+class TargetModel:
+    def __init__(self, model_path: str, aux_layer_ids: Sequence[int], device: str = "cpu",
+                 dtype: str = "fp32", trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not known; allowed: {', '.join(DTYPES)}")
+        self.path = model_path
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
+        ).to(self.device).eval().requires_grad_(False)
+        self.aux_layer_ids = list(aux_layer_ids)
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def forward(self, ids: Sequence[int] | torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``ids`` (appended after what ``cache`` holds). Returns (greedy next token at every
+        position [S] int64, aux features [S, n_aux * H])."""
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device)[None]
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+                         output_hidden_states=True)
+        aux = torch.cat([out.hidden_states[i][0] for i in self.aux_layer_ids], dim=-1)
+        return out.logits[0].argmax(-1), aux
+
+    @torch.no_grad()
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
+        """Plain greedy decoding, one token per forward: the reference speculation must equal."""
+        cache = self.new_cache()
+        nxt, _ = self.forward(prompt, cache)
+        out = [int(nxt[-1])]
+        while len(out) < max_new_tokens and out[-1] not in eos_ids:
+            nxt, _ = self.forward([out[-1]], cache)
+            out.append(int(nxt[-1]))
+        return out
+
+
+def eos_token_ids(model_path: str, tokenizer=None, extra: Optional[Sequence[int]] = None) -> list[int]:
+    """Stop tokens: the target's generation_config / config ``eos_token_id`` plus the tokenizer's."""
+    import json
+    from pathlib import Path
+
+    ids: set[int] = set(extra or ())
+    for name in ("generation_config.json", "config.json"):
+        p = Path(model_path) / name
+        if p.is_file():
+            v = json.loads(p.read_text()).get("eos_token_id")
+            ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
