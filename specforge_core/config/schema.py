@@ -141,6 +141,7 @@ class EvalSection:
     max_new_tokens: int = option(128, "Tokens to generate per prompt", validator=positive)
     data: list[str] = option(factory=list, help="Prompt files (conversation formats); empty = dataset.path")
     max_prompts: Optional[int] = option(None, "Evaluate at most this many prompts", validator=positive)
+    fast: bool = option(False, "Teacher-forced counts (same numbers as the exact loop; skips the greedy-equality guard)")
 
 
 @attrs.define
