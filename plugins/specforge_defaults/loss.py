@@ -1,5 +1,6 @@
 """``forward-kl``: the EAGLE-3 loss, fused with both lm_heads so that it never holds more than one
-chunk of [tokens x draft_vocab] logits.
+chunk of [tokens x draft_vocab] logits. On CUDA with bf16/fp16 inputs the head GEMMs take bf16
+operands with fp32 outputs (tensor cores); the softmax arithmetic is always fp32.
 
 For TTT step k, with ``d = draft_hidden @ draft_head.T`` and ``t = target_hidden @ target_head.T``
 (both [N, Vd])::
@@ -37,30 +38,52 @@ class ForwardKLOptions:
     )
 
 
+def _low_precision_gemms(x: torch.Tensor) -> bool:
+    """bf16/fp16 inputs on CUDA: run the [C, H] x [H, Vd] products on the tensor cores with fp32
+    outputs (cuBLAS accumulates in fp32 anyway). Elsewhere (CPU tests, fp32 training) upcast."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 class _FusedSoftCE(torch.autograd.Function):
     """Fused ``lm_head`` x2 + soft cross-entropy over valid rows, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight: float, chunk: int):
+    def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight: float, chunk: int,
+                fp32_heads: bool):
         device = draft_hidden.device
         rows = valid.nonzero().squeeze(1)  # indices of valid positions
         n_valid = rows.numel()
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fast = _low_precision_gemms(draft_hidden) and not fp32_heads
 
-        # fp32 copies of the heads once per call: the vocab-sized math must not run in bf16
-        w_d = draft_head.float()
-        w_t = target_head.float()
-        grad_h = torch.zeros(draft_hidden.shape, dtype=torch.float32, device=device) if want_h else None
-        grad_w = torch.zeros(w_d.shape, dtype=torch.float32, device=device) if want_w else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        if fast:
+            # bf16 operands, fp32 logits: the GEMMs run at tensor-core rate (an fp32 GEMM on an H100
+            # is ~15x slower), and all softmax arithmetic stays fp32.
+            w_d, w_t = draft_head, target_head
+
+            def logits(x, w):
+                return torch.mm(x, w.T, out_dtype=torch.float32)
+        else:
+            # fp32 (fp64 stays fp64) copies of the heads once per call: the vocab-sized math must
+            # not run in bf16
+            acc = torch.promote_types(draft_head.dtype, torch.float32)
+            w_d, w_t = draft_head.to(acc), target_head.to(acc)
+
+            def logits(x, w):
+                return x.to(acc) @ w.T
+        f32 = torch.float32 if fast else w_d.dtype
+        grad_h = (torch.zeros(draft_hidden.shape, dtype=draft_hidden.dtype if fast else f32, device=device)
+                  if want_h else None)
+        grad_w = torch.zeros(draft_head.shape, dtype=f32, device=device) if want_w else None
+        loss_sum = torch.zeros((), dtype=f32, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         scale = weight / max(n_valid, 1)
 
         for start in range(0, n_valid, chunk):
             idx = rows[start : start + chunk]
-            h = draft_hidden.index_select(0, idx).float()  # [C, H]
-            d = h @ w_d.T  # [C, Vd] draft logits
-            t = target_hidden.index_select(0, idx).float() @ w_t.T  # [C, Vd] target logits
+            h = draft_hidden.index_select(0, idx)  # [C, H]
+            d = logits(h, w_d)  # [C, Vd] draft logits, fp32
+            t = logits(target_hidden.index_select(0, idx), w_t)  # [C, Vd] target logits, fp32
             correct += (d.argmax(-1) == t.argmax(-1)).sum()
 
             # softmax in place: only two [C, Vd] buffers (d and p_t) live at a time
@@ -73,10 +96,18 @@ class _FusedSoftCE(torch.autograd.Function):
             if want_h or want_w:
                 g = d.sub_(lse.unsqueeze(1)).exp_().sub_(p_t)  # softmax(d) - p_t, in place of d
                 g.mul_(scale)
-                if want_h:
-                    grad_h.index_copy_(0, idx, g @ w_d)
-                if want_w:
-                    grad_w.addmm_(g.T, h)
+                if fast:
+                    g = g.to(draft_hidden.dtype)
+                    if want_h:
+                        grad_h.index_copy_(0, idx, g @ w_d)
+                    if want_w:
+                        grad_w = torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
+                else:
+                    h = h.to(f32)
+                    if want_h:
+                        grad_h.index_copy_(0, idx, g @ w_d)
+                    if want_w:
+                        grad_w.addmm_(g.T, h)
             del d, p_t, t
 
         raw = loss_sum / max(n_valid, 1)
@@ -94,7 +125,7 @@ class _FusedSoftCE(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_forward_kl(
@@ -105,8 +136,11 @@ def fused_forward_kl(
     valid: torch.Tensor,
     weight: float = 1.0,
     chunk_size: int = 1024,
+    fp32_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows; see module doc."""
+    """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows; see module doc.
+
+    ``fp32_heads`` forces the old fp32 head GEMMs on CUDA (the benchmark's "before" variant)."""
     if draft_hidden.dim() != 2 or target_hidden.shape != draft_hidden.shape:
         raise ValueError(
             f"forward-kl: draft_hidden and target_hidden must both be [N, H]; got "
@@ -121,7 +155,7 @@ def fused_forward_kl(
         raise ValueError(f"forward-kl: valid must be [N={draft_hidden.shape[0]}], got {tuple(valid.shape)}")
     return _FusedSoftCE.apply(
         draft_hidden, draft_head, target_hidden.detach(), target_head.detach(), valid.bool(), float(weight),
-        int(chunk_size),
+        int(chunk_size), bool(fp32_heads),
     )
 
 

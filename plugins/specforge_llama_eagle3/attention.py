@@ -11,8 +11,9 @@ ordinary causal attention that also returns its log-sum-exp, score each diagonal
 elementwise dot product, and merge the k+1 partial softmaxes exactly through their log-sum-exps.
 Memory is that of plain causal attention plus O(T*k) per head.
 
-``causal_attention_with_lse`` is the piece a fused kernel (flash / flex with LSE) replaces; keep
-its signature.
+``causal_attention_with_lse`` is the piece a fused kernel replaces (keep its signature): ``sdpa``
+(PyTorch's fused kernels + two extra passes for the LSE gradient) or ``flex`` (FlexAttention, whose
+backward takes the LSE gradient itself). The merge is one autograd Function (``_DiagonalMerge``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,98 @@ def sdpa_causal_attention_with_lse(q, k, v, key_valid, scale):
     return _CausalSDPAWithLSE.apply(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale)
 
 
-CAUSAL_IMPLS = {"eager": causal_attention_with_lse, "sdpa": sdpa_causal_attention_with_lse}
+# ------------------------------------------------------------------------------ flex (GPU)
+_FLEX = {}  # compiled flex_attention and causal block masks, built once per shape
+
+
+def _flex_kernel():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _causal_block_mask(T: int, device):
+    key = (T, str(device))
+    if key not in _FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        _FLEX[key] = create_block_mask(causal, None, None, T, T, device=device)
+    return _FLEX[key]
+
+
+def flex_causal_attention_with_lse(q, k, v, key_valid, scale):
+    """Causal attention + differentiable LSE through FlexAttention (a fused Triton kernel whose
+    backward takes the LSE gradient directly: no [T, T] matrix, no extra attention passes).
+    Right-padded batches, like ``sdpa_causal_attention_with_lse``. The causal block mask is built
+    once per sequence length; GQA is handled by the kernel (no repeated K/V)."""
+    if not q.is_cuda:  # flex's eager CPU path is a dense reference; keep CPU on the explicit one
+        return causal_attention_with_lse(q, k, v, key_valid, scale)
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    out, aux = _flex_kernel()(q, k, v, block_mask=_causal_block_mask(q.shape[2], q.device), scale=scale,
+                              enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True))
+    return out, aux.lse.float()
+
+
+CAUSAL_IMPLS = {"eager": causal_attention_with_lse, "sdpa": sdpa_causal_attention_with_lse,
+                "flex": flex_causal_attention_with_lse}
+
+
+class _DiagonalMerge(torch.autograd.Function):
+    """out = w_0 * causal_out + sum_j w_j * v_j with w = softmax([lse, s_1..s_k]), s_j = scale <q, k_j>.
+
+    One Function instead of autograd over stacked/repeated tensors: GQA is a broadcast view (no
+    repeat_interleave copies), softmax math is fp32, and backward keeps only the inputs plus the
+    [B, Hq, T, k+1] weights."""
+
+    @staticmethod
+    def forward(ctx, scale, q, out, lse, *kv):
+        k_diag, v_diag = kv[: len(kv) // 2], kv[len(kv) // 2 :]
+        B, Hq, T, D = q.shape
+        Hkv = k_diag[0].shape[1]
+        qg = q.view(B, Hkv, Hq // Hkv, T, D)
+        f32 = torch.promote_types(q.dtype, torch.float32)
+        qf = qg.to(f32)
+        scores = [torch.einsum("bgrtd,bgtd->bgrt", qf, kj.to(f32)).reshape(B, Hq, T) * scale for kj in k_diag]
+        w = torch.softmax(torch.stack([lse.to(f32), *scores], dim=-1), dim=-1)  # [B, Hq, T, k+1]
+        res = out.to(f32) * w[..., :1]
+        resg = res.view(B, Hkv, Hq // Hkv, T, D)
+        for j, vj in enumerate(v_diag, start=1):
+            resg += w[..., j].view(B, Hkv, Hq // Hkv, T, 1) * vj.to(f32)[:, :, None]
+        ctx.save_for_backward(q, out, w, *kv)
+        ctx.scale = scale
+        return res.to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, d_res):
+        q, out, w, *kv = ctx.saved_tensors
+        k_diag, v_diag = kv[: len(kv) // 2], kv[len(kv) // 2 :]
+        B, Hq, T, D = q.shape
+        Hkv, rep = k_diag[0].shape[1], Hq // k_diag[0].shape[1]
+        f32 = w.dtype
+        g = d_res.to(f32)
+        gg = g.view(B, Hkv, rep, T, D)
+        d_out = (g * w[..., :1]).to(out.dtype)
+        # d w_0 = <g, out>, d w_j = <g, v_j>; then through the softmax over the k+1 parts
+        dw = [(g * out.to(f32)).sum(-1)]
+        dw += [torch.einsum("bgrtd,bgtd->bgrt", gg, vj.to(f32)).reshape(B, Hq, T) for vj in v_diag]
+        dw = torch.stack(dw, dim=-1)
+        dp = w * (dw - (w * dw).sum(-1, keepdim=True))  # [B, Hq, T, k+1]
+        d_lse = dp[..., 0]
+        qf = q.to(f32).view(B, Hkv, rep, T, D)
+        d_q = torch.zeros_like(qf)
+        d_k, d_v = [], []
+        for j, (kj, vj) in enumerate(zip(k_diag, v_diag, strict=True), start=1):
+            dpj = (dp[..., j] * ctx.scale).view(B, Hkv, rep, T, 1)
+            d_q += dpj * kj.to(f32)[:, :, None]
+            d_k.append((dpj * qf).sum(2).to(kj.dtype))
+            d_v.append((w[..., j].view(B, Hkv, rep, T, 1) * gg).sum(2).to(vj.dtype))
+        return None, d_q.view(B, Hq, T, D).to(q.dtype), d_out, d_lse, *d_k, *d_v
 
 
 def ttt_attention(
@@ -122,18 +214,11 @@ def ttt_attention(
     v_diag: Sequence[torch.Tensor],
     key_valid: Optional[torch.Tensor],  # bool [B, T]
     scale: float,
-    causal=causal_attention_with_lse,  # or sdpa_causal_attention_with_lse / a fused kernel
+    causal=causal_attention_with_lse,  # or sdpa_/flex_causal_attention_with_lse
 ) -> torch.Tensor:
     """Attention output [B, Hq, T, D] of TTT step k = len(k_diag)."""
     out, lse = causal(q, k0, v0, key_valid, scale)
     if not k_diag:
         return out
-    n_rep = q.shape[1] // k0.shape[1]
     # Each diagonal is a single key per query: its "log-sum-exp" is just its score.
-    diag_scores = [_acc((q * repeat_kv(kj, n_rep)).sum(-1)) * scale for kj in k_diag]
-    parts = torch.stack([lse, *diag_scores], dim=-1)  # [B, Hq, T, k+1]
-    weights = torch.softmax(parts, dim=-1).to(out.dtype)  # share of each part in the full softmax
-    out = out * weights[..., :1]
-    for j, vj in enumerate(v_diag, start=1):
-        out = out + weights[..., j : j + 1] * repeat_kv(vj, n_rep)
-    return out
+    return _DiagonalMerge.apply(scale, q, out, lse, *k_diag, *v_diag)

@@ -1,0 +1,249 @@
+"""EAGLE-3 draft training step on one GPU: numerics vs the eager reference, then time, memory and
+MFU of each variant at each sequence length, in one process (one device call).
+
+    python benchmarks/draft_step.py                       # the full table (H100: ~5 min)
+    python benchmarks/draft_step.py --T 2048 --variants flex --no-check
+
+Llama-3.1-8B-shaped draft (hidden 4096, intermediate 14336, 32/8 heads, vocab 128256 -> 32000),
+bf16 weights and features, ttt_length 7, B=1, synthetic target features on the GPU. A step is
+the trainer's micro-step (TTT unroll + forward-kl loss per step) + backward + fused AdamW.
+
+Variants:
+  before       attention=sdpa, fp32 head GEMMs in the loss   (the code before this work)
+  sdpa         attention=sdpa, bf16 head GEMMs
+  flex         attention=flex (FlexAttention with LSE gradient), bf16 head GEMMs
+  flex+ckpt    flex + activation checkpointing of midlayer.finish in every TTT step
+  eager-ref    benchmarks/eager_reference.py (dense masks, full softmax, full logits)
+
+MFU = FLOPs/token (formula below) * tokens/s / 790e12 (H100 SXM dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "plugins", ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions, fused_forward_kl  # noqa: E402
+from specforge_llama_eagle3.config import DraftConfig  # noqa: E402
+from specforge_llama_eagle3.memory import checkpoint_finish  # noqa: E402
+from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
+
+from specforge_core.training.alignment import align_step  # noqa: E402
+from specforge_core.training.batch import Batch  # noqa: E402
+
+try:  # the trainer's own micro-step (needs cattrs through the config package)
+    from specforge_core.training.trainer import micro_step
+except ImportError:  # same code, for machines without cattrs
+
+    def micro_step(ttt_forward, head, loss_fn, batch, target_head, t2d, K):
+        total = None
+        for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
+            target_hidden, valid = align_step(batch, k, t2d)
+            out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten())
+            total = out.loss if total is None else total + out.loss
+        return total, None
+
+H, INTER, NH, NKV, HD, V, VD, K_TTT = 4096, 14336, 32, 8, 128, 128256, 32000, 7
+PEAK = 790e12
+
+
+def flops_per_token(T: int) -> float:
+    kv = NKV * HD
+    per_step = 2 * H * H + 2 * 2 * H * kv + H * H + 3 * H * INTER + H * VD
+    return 6 * 3 * H * H + K_TTT * 6 * per_step + K_TTT * 12 * (T / 2) * H
+
+
+def draft_config() -> DraftConfig:
+    return DraftConfig(hidden_size=H, intermediate_size=INTER, num_attention_heads=NH, num_key_value_heads=NKV,
+                       head_dim=HD, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
+                       max_position_embeddings=131072, vocab_size=V, draft_vocab_size=VD, target_hidden_size=H)
+
+
+def make_batch(T: int, device, dtype=torch.bfloat16, seed: int = 0) -> Batch:
+    g = torch.Generator(device).manual_seed(seed)
+    return Batch(
+        input_ids=torch.randint(0, V, (1, T), device=device, generator=g),
+        loss_mask=torch.ones(1, T, dtype=torch.bool, device=device),
+        attention_mask=torch.ones(1, T, dtype=torch.bool, device=device),
+        aux_hidden=torch.randn(1, T, 3 * H, device=device, generator=g).to(dtype),
+        final_hidden=torch.randn(1, T, H, device=device, generator=g).to(dtype),
+        target_argmax=torch.randint(0, V, (1, T), device=device, generator=g),
+        lengths=torch.tensor([T], device=device),
+    )
+
+
+def make_inputs(T: int, device, model=None):
+    torch.manual_seed(0)
+    if model is None:
+        model = LlamaEagle3Draft(draft_config(), attention="flex").to(device, torch.bfloat16)
+    head = (torch.randn(VD, H, device=device) * H**-0.5).to(torch.bfloat16)  # target lm_head rows
+    t2d = torch.zeros(V, dtype=torch.bool, device=device)
+    t2d[torch.randperm(V, device=device)[:VD]] = True
+    return model, make_batch(T, device), head, t2d
+
+
+def step_loss(variant: str, model, batch, head, t2d):
+    """Forward of one micro-step; returns the loss to backpropagate."""
+    if variant == "eager-ref":
+        from eager_reference import eager_step_loss
+
+        return eager_step_loss(model, batch, head, t2d, K_TTT)[0]
+    model.attention = "sdpa" if variant in ("before", "sdpa") else "flex"
+    checkpoint_finish(model, enabled=variant.endswith("+ckpt"))
+    loss_fn = ForwardKLLoss(ForwardKLOptions())
+    if variant == "before":
+        fn = functools.partial(fused_forward_kl, fp32_heads=True)
+
+        def loss_fn(k, dh, dw, th, tw, valid, _f=fn):  # same LossOutput fields the trainer reads
+            from specforge_core.components import LossOutput
+
+            loss, raw, correct = _f(dh, dw, th, tw, valid, 0.8**k)
+            return LossOutput(loss=loss, raw_loss=raw.detach(), correct=correct, count=valid.sum())
+    return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)[0]
+
+
+def run_variant(variant, model, batch, head, t2d, T, iters=5, warmup=2, opt=None):
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    times = []
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        for i in range(warmup + iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step_loss(variant, model, batch, head, t2d).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end) / 1e3)
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        checkpoint_finish(model, enabled=False)
+        torch.cuda.empty_cache()
+        return {"variant": variant, "T": T, "status": "OOM"}
+    sec = sorted(times)[len(times) // 2]
+    tok_s = T / sec
+    return {"variant": variant, "T": T, "status": "ok", "ms": sec * 1e3, "ms_all": [t * 1e3 for t in times],
+            "tok_s": tok_s, "mfu": flops_per_token(T) * tok_s / PEAK,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def grads_of(variant, model, batch, head, t2d):
+    model.zero_grad(set_to_none=True)
+    loss = step_loss(variant, model, batch, head, t2d)
+    loss.backward()
+    g = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach().double(), g
+
+
+def check_numerics(model, T=1024) -> dict:
+    """Loss and every parameter gradient of each variant vs the eager reference in fp32."""
+    _, batch, head, t2d = make_inputs(T, "cuda", model)
+    ref_model = copy.deepcopy(model).float()
+    b32 = Batch(batch.input_ids, batch.loss_mask, batch.attention_mask, batch.aux_hidden.float(),
+                batch.final_hidden.float(), batch.target_argmax, batch.lengths)
+    ref_loss, ref_g = grads_of("eager-ref", ref_model, b32, head.float(), t2d)
+    del ref_model
+    out = {"T": T, "ref_loss": float(ref_loss)}
+    for variant in ("eager-ref", "sdpa", "flex", "flex+ckpt"):
+        try:
+            loss, g = grads_of(variant, model, batch, head, t2d)
+        except Exception as e:  # report and go on: one broken variant must not hide the others
+            out[variant] = {"loss_rel_err": float("nan"), "grad_rel_err_max": float("nan"), "worst_param": repr(e)[:300]}
+            continue
+        errs = {n: float((g[n] - ref_g[n]).norm() / ref_g[n].norm().clamp(min=1e-30)) for n in ref_g}
+        worst = max(errs, key=errs.get)
+        out[variant] = {"loss_rel_err": float(abs(loss - ref_loss) / abs(ref_loss)),
+                        "grad_rel_err_max": errs[worst], "worst_param": worst}
+    checkpoint_finish(model, enabled=False)
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--variants", nargs="+", default=["eager-ref", "before", "sdpa", "flex", "flex+ckpt"])
+    ap.add_argument("--longest", type=int, nargs="*", default=[49152, 65536],
+                    help="extra lengths tried with flex+ckpt only, to find the longest that fits")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "draft_step.json"))
+    a = ap.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the "before" variant's fp32 GEMMs stay fp32
+    dev = torch.cuda.get_device_name()
+    env = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(env, flush=True)
+    model = LlamaEagle3Draft(draft_config(), attention="flex").to("cuda", torch.bfloat16)
+    results = {"env": env, "runs": []}
+    if not a.no_check:
+        t0 = time.time()
+        results["numerics"] = check_numerics(model)
+        print("numerics vs fp32 eager reference (T=1024):", json.dumps(results["numerics"]),
+              f"[{time.time() - t0:.0f} s]", flush=True)
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    plan = [(T, v) for T in a.T for v in a.variants]
+    plan += [(T, "flex+ckpt") for T in a.longest]
+    skip = set()
+    for T, v in plan:
+        if v == "eager-ref" and T > 4096 or v == "before" and T > 8192 or (v, "OOM") in skip and T > 8192:
+            results["runs"].append({"variant": v, "T": T, "status": "skipped"})
+            continue
+        if T in a.longest and ("flex+ckpt", "OOM-long") in skip:
+            continue
+        _, batch, head, t2d = make_inputs(T, "cuda", model)
+        t0 = time.time()
+        try:
+            r = run_variant(v, model, batch, head, t2d, T, iters=a.iters if T <= 32768 else 2, opt=opt)
+        except Exception as e:
+            opt.zero_grad(set_to_none=True)
+            r = {"variant": v, "T": T, "status": f"error {e!r}"[:300]}
+        r["wall_s"] = time.time() - t0
+        results["runs"].append(r)
+        if r["status"] == "OOM":
+            skip.add((v, "OOM-long" if T in a.longest else "OOM"))
+        print(json.dumps(r), flush=True)
+        del batch
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+    print(f"\n{dev}, torch {env['torch']}, B=1, K={K_TTT}, bf16; MFU vs {PEAK / 1e12:.0f} TFLOP/s")
+    print(f"{'T':>6} {'variant':10} {'ms/step':>9} {'tok/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    for r in results["runs"]:
+        if r["status"] == "ok":
+            print(f"{r['T']:>6} {r['variant']:10} {r['ms']:9.1f} {r['tok_s']:8.0f} {r['mfu'] * 100:5.1f}% "
+                  f"{r['peak_gib']:9.1f}")
+        else:
+            print(f"{r['T']:>6} {r['variant']:10} {r['status']}")
+    if "numerics" in results:
+        n = results["numerics"]
+        for v in ("eager-ref", "sdpa", "flex", "flex+ckpt"):
+            print(f"numerics bf16 {v:10} loss rel err {n[v]['loss_rel_err']:.1e}, worst grad rel err "
+                  f"{n[v]['grad_rel_err_max']:.1e} ({n[v]['worst_param']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The EAGLE-3 draft training step written the plain way: the yardstick for ``draft_step.py``.
+
+Per TTT step k: lay all steps' keys side by side, build the dense [T, T*(k+1)] boolean mask,
+softmax the full fp32 score matrix, then the full [tokens, draft_vocab] logits of draft and target
+and a soft cross-entropy with ``log_softmax``. Same weights and same alignment as the trainer
+(``align_step``), no fused kernels, no chunking. Memory grows as T^2 * k, so it fits only short
+sequences (on an 80 GB H100: 2048 tokens).
+
+    python benchmarks/eager_reference.py --T 1024   # one step on the GPU, prints time and memory
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "plugins"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+from specforge_llama_eagle3.attention import repeat_kv  # noqa: E402
+from specforge_llama_eagle3.model import _shift_left  # noqa: E402
+from specforge_llama_eagle3.reference import ttt_mask  # noqa: E402
+
+from specforge_core.training.alignment import align_step  # noqa: E402
+
+
+def eager_step_loss(model, batch, target_head, t2d, K: int, decay: float = 0.8):
+    """Summed step-weighted loss of one micro-batch (what the trainer backpropagates), plus the
+    per-step raw losses. ``model`` is a ``LlamaEagle3Draft``; only its weights and small pieces
+    (norms, projections, rope) are used."""
+    layer, attn = model.midlayer, model.midlayer.self_attn
+    B, T = batch.input_ids.shape
+    hidden = model.fc(batch.aux_hidden)
+    pos = torch.arange(T, device=hidden.device)
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax math in fp32 (fp64 stays fp64)
+    keys, vals, total, raws = [], [], 0.0, []
+    for k in range(K):
+        x = layer.attn_input(model.embed_tokens(_shift_left(batch.input_ids, k + 1)), hidden)
+        cos, sin = model._rope(pos + k, x.dtype)
+        q, kk, vv = attn.qkv(x, cos, sin)
+        keys.append(kk)
+        vals.append(vv)
+        n_rep = attn.n_heads // attn.n_kv
+        K_all = repeat_kv(torch.cat(keys, dim=2), n_rep).to(acc)  # [B, Hq, T*(k+1), D]
+        V_all = repeat_kv(torch.cat(vals, dim=2), n_rep).to(acc)
+        mask = ttt_mask(T, k, batch.attention_mask.bool().cpu()).to(q.device)[:, None]
+        scores = (q.to(acc) @ K_all.transpose(-1, -2)) * attn.scale
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out = (probs @ V_all).to(q.dtype)
+        hidden = layer.finish(hidden, out)
+        normed = model.norm(hidden)
+
+        target_hidden, valid = align_step(batch, k, t2d)
+        d = model.lm_head(normed).to(acc)  # [B, T, Vd]
+        t = (target_hidden @ target_head.T).to(acc)
+        ce = -(torch.softmax(t, -1) * torch.log_softmax(d, -1)).sum(-1)  # [B, T]
+        n = valid.sum().clamp(min=1)
+        raw = (ce * valid).sum() / n
+        raws.append(raw.detach())
+        total = total + decay**k * raw
+    return total, torch.stack(raws)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from draft_step import make_inputs, run_variant  # noqa: E402  (benchmarks/ is on sys.path)
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=1024)
+    a = ap.parse_args()
+    model, batch, head, t2d = make_inputs(a.T, "cuda")
+    print(run_variant("eager-reference", model, batch, head, t2d, a.T, iters=3))
