@@ -146,8 +146,9 @@ def test_two_runs_never_collide_on_a_joined_master(master, store):
 def test_full_store_raises_without_dropping_samples():
     provider = MooncakeProvider(MooncakeOptions(global_segment_size=32 << 20, put_timeout_s=0.5))
     handle = provider.start("full")
-    s = provider.connect(handle)
+    s = None
     try:
+        s = provider.connect(handle)
         blob = {"x": torch.arange(8 << 20, dtype=torch.uint8)}  # 8 MiB each
         stored = []
         with pytest.raises(MooncakeStoreFull, match="global_segment_size"):
@@ -162,7 +163,8 @@ def test_full_store_raises_without_dropping_samples():
         s.delete(["after"])
         assert s.count() == 0
     finally:
-        s.close()
+        if s is not None:
+            s.close()
         provider.stop(handle)
 
 

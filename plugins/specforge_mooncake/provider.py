@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import subprocess
@@ -54,6 +55,7 @@ class MooncakeProvider:
             bind = host if host.startswith("127.") else "0.0.0.0"
             proc, addrs = launch_master(host, bind, o.master_log, o.connect_timeout_s)
             self._masters[run_id] = proc
+            atexit.register(stop_master, proc)  # no orphaned master if the head exits without stop()
             if o.metadata_server:
                 addrs["metadata_server"] = o.metadata_server
             launched = True
