@@ -177,31 +177,28 @@ class TrainMemory:
     weights: int  # fp32 master weights (sharded) + compute-dtype copy
     grads: int
     optimizer: int  # AdamW exp_avg + exp_avg_sq
-    embedding: int  # frozen target embedding (replicated)
-    activations: int  # TTT unroll at max_seq_length
+    frozen: int  # target embedding + the target lm_head rows of the draft vocab (replicated)
+    activations: int  # saved for backward by the TTT unroll at max_seq_length
+    workspace: int  # the fused loss's chunk of logits (transient)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.embedding + self.activations
+        return self.weights + self.grads + self.optimizer + self.frozen + self.activations + self.workspace
 
 
-def activation_bytes_per_token(d: dict, n_aux: int, ttt_length: int, compute_bytes: int,
-                               checkpointing: bool = False) -> int:
-    """Stored activations per token for one whole TTT unroll (see docs/planning.md).
+def activation_bytes_per_token_step(d: dict, compute_bytes: int) -> int:
+    """Bytes one token keeps for backward in one TTT step (measured on an H100, docs/planning.md):
 
-    per step:  c*(7H + 2*(nh+nkv)*hd + 4I) + 12*Vd   (layer internals + fp32 logits/log-probs/targets)
-    with activation checkpointing a step keeps only c*4H (layer input and output) + 12*Vd
-    once:      c*(n_aux*Ht + H)                       (aux hidden states and the fc output)
+    c*(8H + 4*nh*hd + 4I) + 16H
+      8H: attention input [norm(emb), norm(h)] (2H), o_proj output, residual, post-norm, MLP output,
+          layer output, final norm (5H) and the fused loss's saved gradient of the normed hidden (H)
+      4*nh*hd: q, k and v after repeat_kv to nh heads (SDPA's inputs) and the attention output
+      4I: SwiGLU gate, up, silu(gate), product
+      16H: the fp32 inputs the four RMSNorms keep (they compute in fp32)
     """
-    H, inter, Vd = d["hidden_size"], d["intermediate_size"], d["draft_vocab_size"]
-    nh, nkv, hd = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
-    layer = 7 * H + 2 * (nh + nkv) * hd + 4 * inter
-    logits = 3 * LOGIT_BYTES * Vd
-    step = compute_bytes * (4 * H if checkpointing else layer) + logits
-    once = compute_bytes * (n_aux * d["target_hidden_size"] + H)
-    # checkpointing recomputes one step's layer internals at a time
-    recompute = compute_bytes * layer if checkpointing else 0
-    return ttt_length * step + once + recompute
+    H, inter = d["hidden_size"], d["intermediate_size"]
+    nh, hd = d["num_attention_heads"], d["head_dim"]
+    return compute_bytes * (8 * H + 4 * nh * hd + 4 * inter) + 16 * H
 
 
 def train_memory(config: Any, d: dict, n_aux: int) -> TrainMemory:
@@ -212,19 +209,22 @@ def train_memory(config: Any, d: dict, n_aux: int) -> TrainMemory:
     opts = config.options("training", tr.strategy)
     sharded = tr.strategy == "fsdp2" and getattr(opts, "sharding", "full") == "full"
     n = tr.num_gpus if sharded else 1
-    offload = bool(getattr(opts, "cpu_offload", False))
-    ckpt = bool(getattr(opts, "activation_checkpointing", False))
-    state = 0 if offload else 1  # sharded fp32 state lives in CPU memory when offloaded
-    master = 4 * trainable // n * state
+    state = 0 if getattr(opts, "cpu_offload", False) else 1  # sharded fp32 state in CPU memory
     compute_copy = trainable * c if c != 4 else 0  # bf16 params all-gathered for forward/backward
-    act = tr.micro_batch_size * config.dataset.max_seq_length * activation_bytes_per_token(
-        d, n_aux, tr.ttt_length, c, ckpt)
+    H, Vd = d["hidden_size"], d["draft_vocab_size"]
+    B, T, K = tr.micro_batch_size, config.dataset.max_seq_length, tr.ttt_length
+    # per step: every token's saved tensors + the fused loss's saved draft-head gradient [Vd, H];
+    # once: the batch (aux + final hidden states in the compute dtype) and the fc output
+    act = K * (B * T * activation_bytes_per_token_step(d, c) + c * Vd * H)
+    act += B * T * c * (n_aux * d["target_hidden_size"] + d["target_hidden_size"] + H)
+    chunk = getattr(config.options("training", tr.loss), "chunk_size", 1024)
     return TrainMemory(
-        weights=master + compute_copy,
+        weights=4 * trainable // n * state + compute_copy,
         grads=4 * trainable // n * state,
         optimizer=8 * trainable // n * state,
-        embedding=frozen * c,
+        frozen=c * (frozen + Vd * d["target_hidden_size"]),
         activations=act,
+        workspace=3 * LOGIT_BYTES * min(chunk, B * T) * Vd,  # draft logits, target probs, gradient
     )
 
 
@@ -394,7 +394,7 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
             f"{plan['draft_frozen']:,} frozen embedding ({_human(plan['draft_frozen'])})")
         m: TrainMemory = plan["train_memory"]
         add(f"  memory per training GPU at max_seq_length {T}, micro_batch {tr.micro_batch_size}, ttt {tr.ttt_length}:")
-        for name in ("weights", "grads", "optimizer", "embedding", "activations"):
+        for name in ("weights", "grads", "optimizer", "frozen", "activations", "workspace"):
             add(f"    {name:<12}{_gib(getattr(m, name)):>12}")
         add(f"    {'total':<12}{_gib(m.total):>12}" + (f" of {run.gpu_memory_gib:g} GiB" if run.gpu_memory_gib else ""))
     if problems:
