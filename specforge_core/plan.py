@@ -149,7 +149,8 @@ def draft_shape(config: Any, t: dict) -> tuple[dict, str]:
         "num_key_value_heads": int(raw.get("num_key_value_heads") or nh),
         "head_dim": int(raw.get("head_dim") or H // nh),
         "vocab_size": int(t["vocab_size"]),
-        "draft_vocab_size": int(config.model.draft_vocab_size),
+        # the pipeline caps the draft vocabulary at the target's
+        "draft_vocab_size": min(int(config.model.draft_vocab_size), int(t["vocab_size"])),
         "target_hidden_size": int(t["hidden_size"]),
     }, src
 
@@ -379,7 +380,8 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
         add(f"  weights {_gib(plan['target_weights'])} -> {_gib(plan['target_weights_per_gpu'])} per GPU at TP {tp}; "
             f"KV cache {plan['kv_per_token'] / 1024:.1f} KiB/token per GPU")
         add("")
-        add(f"hidden states ({inf.dtype} = {DTYPE_BYTES[inf.dtype]} B): {plan['bytes_per_token']:,} B/token "
+        dt = "auto: bf16 on GPU" if inf.dtype == "auto" else inf.dtype
+        add(f"hidden states ({dt} = {DTYPE_BYTES[inf.dtype]} B): {plan['bytes_per_token']:,} B/token "
             f"= ({plan['n_aux']}+1) x {t['hidden_size']} x {DTYPE_BYTES[inf.dtype]} + {TOKEN_EXTRA_BYTES}")
         add(f"  per sample at max_seq_length {T}: {plan['bytes_per_sample']:,} B ({plan['bytes_per_sample'] / MiB:.1f} MiB)")
         add(f"  transfer.max_pool_bytes {_gib(config.transfer.max_pool_bytes)} holds {plan['pool_samples']} full-length samples")
