@@ -7,6 +7,7 @@ the local path exercises the same hand-off a disaggregated (Ray) pipeline uses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -176,14 +177,10 @@ def run_local(
     console: Any = None,
 ) -> RunResult:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from specforge_core.config import dump_toml
     from specforge_core.data import build_samples, load_tokenizer
-    from specforge_core.export import export_draft
-    from specforge_core.training import checkpoint as ckpt
     from specforge_core.training.components import create
-    from specforge_core.training.trainer import Eagle3Trainer
 
     t0 = time.perf_counter()
     console = console or Console(soft_wrap=True)
@@ -193,7 +190,6 @@ def run_local(
     (out_dir / "config.toml").write_text(config_toml)
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)
-    tr = config.training
 
     # ---- data
     tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
@@ -207,7 +203,26 @@ def run_local(
 
     # ---- target, vocab
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = create(config, "target_backend", config, device)
+    # Everything opened from here on is closed in reverse order, also when a step raises.
+    with contextlib.ExitStack() as cleanup:
+        backend = create(config, "target_backend", config, device)
+        cleanup.callback(backend.close)
+        return _train(config, backend, cleanup, console, config_toml, stop_after_steps, t0,
+                      data=(samples, usable, data_stats, skipped))
+
+
+def _train(config, backend, cleanup, console, config_toml, stop_after_steps, t0, data) -> RunResult:
+    """Vocab -> trainer (+ resume) -> transfer store -> the step loop -> final checkpoint + export."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from specforge_core.export import export_draft
+    from specforge_core.training import checkpoint as ckpt
+    from specforge_core.training.components import create
+    from specforge_core.training.trainer import Eagle3Trainer
+
+    samples, usable, data_stats, skipped = data
+    tr = config.training
+    out_dir = Path(config.output_dir)
     info = backend.info
     vocab, vocab_path = _load_or_build_vocab(config, usable, info.vocab_size, console)
 
@@ -236,10 +251,14 @@ def run_local(
     )
 
     wandb = _WandB(config, config_toml) if config.logging.wandb else None
+    if wandb:
+        cleanup.callback(wandb.finish)
     provider = create(config, "transfer_store")
     run_id = f"{config.run.name}-{uuid.uuid4().hex[:8]}"
     handle = provider.start(run_id)
+    cleanup.callback(provider.stop, handle)
     store = provider.connect(handle)
+    cleanup.callback(store.close)
     history: list[dict[str, float]] = []
     trained = 0
     last_ckpt: Optional[Path] = None
@@ -252,41 +271,34 @@ def run_local(
         return ckpt.save(trainer, out_dir, data_position=order.position(), config_toml=config_toml,
                          vocab_path=str(vocab_path), keep=tr.keep_checkpoints)
 
-    try:
-        with progress:
-            task = progress.add_task("train", total=total_steps, completed=trainer.step, info="")
-            while trainer.step < total_steps:
-                indices = order.take(per_step)
-                seen.update(indices)
-                picked = [usable[i] for i in indices]
-                feats = _fetch_features(backend, store, run_id, trainer.step, picked,
-                                        config.inference.batch_size, trainer.device)
-                micro = [feats[i : i + tr.micro_batch_size] for i in range(0, len(feats), tr.micro_batch_size)]
-                metrics = trainer.train_step(micro)
-                trained += len(feats)
-                history.append(metrics)
-                info_line = f"loss {metrics['loss']:.3f} acc_0 {metrics['acc_0']:.2f}"
-                progress.update(task, completed=trainer.step, info=info_line)
-                if trainer.step % tr.log_every == 0 or trainer.step == total_steps:
-                    progress.console.print(format_metrics(metrics, total_steps, tr.ttt_length))
-                if wandb:
-                    wandb.log(metrics)
-                if tr.save_every and trainer.step % tr.save_every == 0:
-                    last_ckpt = save()
-                if stop_after_steps is not None and trainer.step - start_step >= stop_after_steps:
-                    break
-        finished = trainer.step >= total_steps
-        if finished and (last_ckpt is None or last_ckpt != ckpt.checkpoint_dir(out_dir, trainer.step)):
-            last_ckpt = save()
-        leftover = store.count()
-        if leftover:
-            raise RuntimeError(f"transfer store still holds {leftover} keys at the end of the run")
-    finally:
-        store.close()
-        provider.stop(handle)
-        backend.close()
-        if wandb:
-            wandb.finish()
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=trainer.step, info="")
+        while trainer.step < total_steps:
+            indices = order.take(per_step)
+            seen.update(indices)
+            picked = [usable[i] for i in indices]
+            feats = _fetch_features(backend, store, run_id, trainer.step, picked,
+                                    config.inference.batch_size, trainer.device)
+            micro = [feats[i : i + tr.micro_batch_size] for i in range(0, len(feats), tr.micro_batch_size)]
+            metrics = trainer.train_step(micro)
+            trained += len(feats)
+            history.append(metrics)
+            info_line = f"loss {metrics['loss']:.3f} acc_0 {metrics['acc_0']:.2f}"
+            progress.update(task, completed=trainer.step, info=info_line)
+            if trainer.step % tr.log_every == 0 or trainer.step == total_steps:
+                progress.console.print(format_metrics(metrics, total_steps, tr.ttt_length))
+            if wandb:
+                wandb.log(metrics)
+            if tr.save_every and trainer.step % tr.save_every == 0:
+                last_ckpt = save()
+            if stop_after_steps is not None and trainer.step - start_step >= stop_after_steps:
+                break
+    finished = trainer.step >= total_steps
+    if finished and (last_ckpt is None or last_ckpt != ckpt.checkpoint_dir(out_dir, trainer.step)):
+        last_ckpt = save()
+    leftover = store.count()
+    if leftover:
+        raise RuntimeError(f"transfer store still holds {leftover} keys at the end of the run")
 
     export_dir = export_draft(trainer.draft, vocab, out_dir / "export") if finished else None
 
