@@ -90,8 +90,13 @@ def make_inputs(T: int, device, model=None):
         model = LlamaEagle3Draft(draft_config(), attention="flex").to(device, torch.bfloat16)
     head = (torch.randn(VD, H, device=device) * H**-0.5).to(torch.bfloat16)  # target lm_head rows
     t2d = torch.zeros(V, dtype=torch.bool, device=device)
-    t2d[torch.randperm(V, device=device)[:VD]] = True
-    return model, make_batch(T, device), head, t2d
+    vocab = torch.randperm(V, device=device)[:VD]
+    t2d[vocab] = True
+    batch = make_batch(T, device)
+    # Every target argmax inside the draft vocab and every token learned: all T-k-2 rows of step k
+    # carry loss, the worst case for the loss and what the FLOP formula counts.
+    batch.target_argmax = vocab[torch.randint(0, VD, (1, T), device=device)]
+    return model, batch, head, t2d
 
 
 def step_loss(variant: str, model, batch, head, t2d):

@@ -93,3 +93,15 @@ def test_bf16_step_within_bf16_tolerance_of_fp64_reference():
     for n in ref_g:
         rel = float((g[n].double() - ref_g[n]).norm() / ref_g[n].norm())
         assert rel < 5e-2, f"grad {n}: relative error {rel:.3g}"
+
+
+def test_chunk_math_matches_softmax_definitions():
+    """The compiled-on-CUDA chunk body of forward-kl (loss, agreements, gradient) vs plain formulas."""
+    from specforge_defaults.loss import _chunk_math
+
+    d, t = torch.randn(6, 50, dtype=torch.float64) * 3, torch.randn(6, 50, dtype=torch.float64) * 3
+    loss, correct, g = _chunk_math(d, t, torch.tensor(0.25, dtype=torch.float64), torch.float64)
+    p_t = torch.softmax(t, -1)
+    torch.testing.assert_close(loss, -(p_t * torch.log_softmax(d, -1)).sum())
+    assert int(correct) == int((d.argmax(-1) == t.argmax(-1)).sum())
+    torch.testing.assert_close(g, 0.25 * (torch.softmax(d, -1) - p_t))

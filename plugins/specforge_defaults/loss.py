@@ -44,6 +44,29 @@ def _low_precision_gemms(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def _chunk_math(d: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
+    """fp32 logits [C, Vd] of draft and target -> (summed soft CE, argmax agreements, scaled
+    gradient ``scale * (softmax(d) - softmax(t))`` in ``out_dtype``). On CUDA this runs compiled:
+    one or two fused passes over the logits instead of ~14 elementwise kernels."""
+    correct = (d.argmax(-1) == t.argmax(-1)).sum()
+    p_t = torch.softmax(t, dim=-1)
+    lse = torch.logsumexp(d, dim=-1)
+    loss = (lse - (p_t * d).sum(-1)).sum()  # CE_i = lse_i - sum_v p_t[i,v] d[i,v]
+    g = (torch.exp(d - lse[:, None]) - p_t) * scale
+    return loss, correct, g.to(out_dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_chunk_math():
+    if "fn" not in _COMPILED:
+        # dynamic=None: the tail chunk's row count changes every step; after the first
+        # recompile the row dimension becomes symbolic, so two compiles cover all shapes.
+        _COMPILED["fn"] = torch.compile(_chunk_math)
+    return _COMPILED["fn"]
+
+
 class _FusedSoftCE(torch.autograd.Function):
     """Fused ``lm_head`` x2 + soft cross-entropy over valid rows, gradients computed in forward."""
 
@@ -78,12 +101,23 @@ class _FusedSoftCE(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=f32, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         scale = weight / max(n_valid, 1)
+        scale_t = torch.tensor(scale, dtype=torch.float32, device=device)  # a tensor: no recompiles
 
         for start in range(0, n_valid, chunk):
             idx = rows[start : start + chunk]
             h = draft_hidden.index_select(0, idx)  # [C, H]
             d = logits(h, w_d)  # [C, Vd] draft logits, fp32
             t = logits(target_hidden.index_select(0, idx), w_t)  # [C, Vd] target logits, fp32
+            if fast:
+                part, corr, g = _compiled_chunk_math()(d, t, scale_t, draft_hidden.dtype)
+                loss_sum += part
+                correct += corr
+                if want_h:
+                    grad_h.index_copy_(0, idx, g @ w_d)
+                if want_w:
+                    grad_w = torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
+                del d, t, g
+                continue
             correct += (d.argmax(-1) == t.argmax(-1)).sum()
 
             # softmax in place: only two [C, Vd] buffers (d and p_t) live at a time
@@ -96,18 +130,11 @@ class _FusedSoftCE(torch.autograd.Function):
             if want_h or want_w:
                 g = d.sub_(lse.unsqueeze(1)).exp_().sub_(p_t)  # softmax(d) - p_t, in place of d
                 g.mul_(scale)
-                if fast:
-                    g = g.to(draft_hidden.dtype)
-                    if want_h:
-                        grad_h.index_copy_(0, idx, g @ w_d)
-                    if want_w:
-                        grad_w = torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
-                else:
-                    h = h.to(f32)
-                    if want_h:
-                        grad_h.index_copy_(0, idx, g @ w_d)
-                    if want_w:
-                        grad_w.addmm_(g.T, h)
+                h = h.to(f32)
+                if want_h:
+                    grad_h.index_copy_(0, idx, g @ w_d)
+                if want_w:
+                    grad_w.addmm_(g.T, h)
             del d, p_t, t
 
         raw = loss_sum / max(n_valid, 1)
