@@ -175,6 +175,8 @@ def run_local(
     *,
     stop_after_steps: Optional[int] = None,  # end early as if killed (tests of resume)
     console: Any = None,
+    target_backend: Any = None,  # a ready-made TargetBackend (the caller closes it)
+    transfer_store: Any = None,  # a ready-made TransferStoreProvider
 ) -> RunResult:
     from rich.console import Console
 
@@ -205,13 +207,15 @@ def run_local(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Everything opened from here on is closed in reverse order, also when a step raises.
     with contextlib.ExitStack() as cleanup:
-        backend = create(config, "target_backend", config, device)
-        cleanup.callback(backend.close)
-        return _train(config, backend, cleanup, console, config_toml, stop_after_steps, t0,
+        backend = target_backend
+        if backend is None:
+            backend = create(config, "target_backend", config, device)
+            cleanup.callback(backend.close)
+        return _train(config, backend, transfer_store, cleanup, console, config_toml, stop_after_steps, t0,
                       data=(samples, usable, data_stats, skipped))
 
 
-def _train(config, backend, cleanup, console, config_toml, stop_after_steps, t0, data) -> RunResult:
+def _train(config, backend, provider, cleanup, console, config_toml, stop_after_steps, t0, data) -> RunResult:
     """Vocab -> trainer (+ resume) -> transfer store -> the step loop -> final checkpoint + export."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -253,7 +257,7 @@ def _train(config, backend, cleanup, console, config_toml, stop_after_steps, t0,
     wandb = _WandB(config, config_toml) if config.logging.wandb else None
     if wandb:
         cleanup.callback(wandb.finish)
-    provider = create(config, "transfer_store")
+    provider = provider if provider is not None else create(config, "transfer_store")
     run_id = f"{config.run.name}-{uuid.uuid4().hex[:8]}"
     handle = provider.start(run_id)
     cleanup.callback(provider.stop, handle)
