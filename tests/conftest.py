@@ -10,11 +10,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+# One intra-op thread per process: tests start several processes (gloo ranks, Ray actors, CLI
+# subprocesses) on a 2-core machine, and oversubscribed threads slow each of them ~10x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
