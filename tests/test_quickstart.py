@@ -24,6 +24,9 @@ def test_quickstart_few_steps(tmp_path, monkeypatch, capsys):
         overrides=[
             "training.max_steps=6", "training.log_every=1", f"run.output_dir={tmp_path / 'run'}",
             f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.max_samples=48", "logging.progress=false",
+            # trace optimizer step 3 with the PyTorch profiler (the [profiler] section)
+            "profiler.enabled=true", "profiler.start_step=3", "profiler.num_steps=1",
+            f"profiler.output_dir={tmp_path / 'traces'}",
         ],
     )
     result = run_pipeline(cfg)
@@ -32,6 +35,9 @@ def test_quickstart_few_steps(tmp_path, monkeypatch, capsys):
     exported = load_file(str(result.export_dir / "model.safetensors"))
     assert {"fc.weight", "lm_head.weight", "d2t", "t2d"} <= set(exported)
     assert (result.export_dir / "config.json").exists()
+
+    traces = list((tmp_path / "traces").glob("trace_rank0_step*.json"))
+    assert len(traces) == 1 and '"traceEvents"' in traces[0].read_text()[:100_000]
 
     losses = [m["loss"] for m in result.history]
     assert sum(losses[-2:]) < sum(losses[:2]), losses

@@ -275,6 +275,9 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
         return ckpt.save(trainer, out_dir, data_position=order.position(), config_toml=config_toml,
                          vocab_path=str(vocab_path), keep=tr.keep_checkpoints)
 
+    from specforge_core.profiling import StepProfiler
+
+    profiler = cleanup.enter_context(StepProfiler(config.profiler, str(out_dir)))
     with progress:
         task = progress.add_task("train", total=total_steps, completed=trainer.step, info="")
         while trainer.step < total_steps:
@@ -285,6 +288,7 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
                                     config.inference.batch_size, trainer.device)
             micro = [feats[i : i + tr.micro_batch_size] for i in range(0, len(feats), tr.micro_batch_size)]
             metrics = trainer.train_step(micro)
+            profiler.step()
             trained += len(feats)
             history.append(metrics)
             info_line = f"loss {metrics['loss']:.3f} acc_0 {metrics['acc_0']:.2f}"
