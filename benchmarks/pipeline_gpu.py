@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Ray pipeline throughput on a machine with 2 GPUs: one inference engine, one trainer.
+
+Measures, on the same synthetic data and model:
+  1. inference alone: the hf target backend on GPU 0 writing features into the shm store
+     (put, then delete) -> samples/s
+  2. training alone: the trainer on GPU 1 on features already in memory -> samples/s
+  3. the pipeline: ``run_ray`` with both stages overlapped through the shm store -> samples/s
+     (steady state: from the end of the first optimizer step to the end of the last)
+and reports the pipeline's throughput as a fraction of the slower stage alone (goal >= 0.9).
+
+    python benchmarks/pipeline_gpu.py --steps 40 --json out.json
+
+Needs: 2 CUDA GPUs, ray. The target is a random Llama built locally (no download); its size is
+set with --hidden/--layers so the two stages are of comparable cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_assets(root: Path, n: int, hidden: int, layers: int, vocab: int, seq: int) -> tuple[Path, Path]:
+    """A random Llama target with a word-level tokenizer, and ``n`` conversations of ~``seq`` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from specforge_core.testing import make_tiny_model
+
+    words = [f"w{i}" for i in range(vocab - 16)]
+    special = ["<|pad|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|> ' + m['role'] + ' <|end_header_id|> ' "
+        "+ m['content'] + ' <|eot_id|> ' }}{% endfor %}"
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|pad|>", unk_token="<unk>", chat_template=template)
+    target = root / "target"
+    make_tiny_model(target, vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                    num_layers=layers, num_heads=max(1, hidden // 128), num_kv_heads=max(1, hidden // 512))
+    fast.save_pretrained(str(target))
+    r = random.Random(0)
+    data = root / "chat.jsonl"
+    with open(data, "w") as f:
+        for i in range(n):
+            q = " ".join(r.choice(words) for _ in range(seq // 4))
+            a = " ".join(r.choice(words) for _ in range(seq - seq // 4 - 12))
+            f.write(json.dumps({"id": f"c{i}", "conversations": [{"from": "human", "value": q},
+                                                                  {"from": "gpt", "value": a}]}) + "\n")
+    return target, data
+
+
+def make_config(target: Path, data: Path, out: Path, steps: int, mbs: int, pipeline: str):
+    from specforge_core.config import load_config
+
+    return load_config(data={
+        "run": {"name": "pipebench", "output_dir": str(out), "pipeline": pipeline},
+        "model": {"target": str(target), "draft_vocab_size": 4096},
+        "dataset": {"path": [str(data)], "cache_dir": "", "max_seq_length": 4096},
+        "training": {"max_steps": steps, "micro_batch_size": mbs, "ttt_length": 7, "num_gpus": 1,
+                     "scheduler": "constant", "save_every": 0},
+        "inference": {"num_gpus": 1, "batch_size": mbs},
+        "transfer": {"store": "shm", "max_pool_bytes": 8 << 30},
+        "logging": {"progress": False},
+    })
+
+
+def inference_alone(config, n: int) -> float:
+    """hf backend on cuda:0 -> shm put + delete, as an engine actor does."""
+    import torch
+
+    from specforge_core.data import build_samples, load_tokenizer
+    from specforge_core.training.components import create
+
+    samples, _ = build_samples(config.dataset, load_tokenizer(config.model.target))
+    backend = create(config, "target_backend", config, "cuda:0")
+    cfg = __import__("attrs").evolve(config, transfer=__import__("attrs").evolve(config.transfer, store="shm"))
+    provider = create(cfg, "transfer_store")
+    handle = provider.start("pipebench-inf")
+    store = provider.connect(handle)
+    bs = config.inference.batch_size
+    backend.generate(samples[:bs])  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = 0
+    for start in range(0, n, bs):
+        for j, f in enumerate(backend.generate(samples[start : start + bs])):
+            store.put(f"k{start + j}", f.tensors())
+            store.delete([f"k{start + j}"])
+            done += 1
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    provider.stop(handle)
+    backend.close()
+    return done / wall
+
+
+def training_alone(config, steps: int) -> float:
+    """The trainer on cuda:1 on features computed once (no store, no inference in the loop)."""
+    import torch
+
+    from specforge_core.data import build_samples, load_tokenizer
+    from specforge_core.target import target_info
+    from specforge_core.training.components import create
+    from specforge_core.training.trainer import Eagle3Trainer
+    from specforge_core.vocab import build_vocab_mapping
+
+    samples, _ = build_samples(config.dataset, load_tokenizer(config.model.target))
+    info = target_info(config.model.target)
+    mbs = config.training.micro_batch_size
+    backend = create(config, "target_backend", config, "cuda:0")
+    feats = [f for s in range(0, 4 * mbs, mbs) for f in backend.generate(samples[s : s + mbs])]
+    backend.close()
+    torch.cuda.set_device(1)
+    vocab = build_vocab_mapping(samples, info.vocab_size, min(config.model.draft_vocab_size, info.vocab_size))
+    trainer = Eagle3Trainer(config, info, vocab, steps + 2)
+    batches = [[feats[i : i + mbs]] for i in range(0, len(feats), mbs)]
+    trainer.train_step(batches[0])  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in range(steps):
+        trainer.train_step(batches[s % len(batches)])
+    torch.cuda.synchronize()
+    return steps * mbs / (time.perf_counter() - t0)
+
+
+def pipeline(config) -> float:
+    from specforge_core.pipeline import run_pipeline
+
+    res = run_pipeline(config)
+    h = res.history
+    mbs = config.training.micro_batch_size
+    return (len(h) - 1) * mbs / (h[-1]["time"] - h[0]["time"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per conversation")
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        raise SystemExit(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    root = Path(tempfile.mkdtemp(prefix="pipebench-"))
+    n = (args.steps + 2) * args.micro_batch_size
+    target, data = make_assets(root, n, args.hidden, args.layers, args.vocab, args.seq)
+    local_cfg = make_config(target, data, root / "out-local", args.steps, args.micro_batch_size, "local")
+    inf = inference_alone(local_cfg, n)
+    print(f"inference alone: {inf:.2f} samples/s", flush=True)
+    tr = training_alone(local_cfg, args.steps)
+    print(f"training alone: {tr:.2f} samples/s", flush=True)
+    pipe = pipeline(make_config(target, data, root / "out-ray", args.steps, args.micro_batch_size, "ray"))
+    row = {"inference_alone": inf, "training_alone": tr, "pipeline": pipe,
+           "fraction_of_slower_stage": pipe / min(inf, tr), "steps": args.steps,
+           "micro_batch_size": args.micro_batch_size, "seq": args.seq, "hidden": args.hidden,
+           "layers": args.layers, "gpu": torch.cuda.get_device_name(0)}
+    print(json.dumps(row, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
