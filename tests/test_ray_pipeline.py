@@ -154,6 +154,14 @@ def test_backpressure_bounds_the_pool(assets, tmp_path):
     assert_clean(res)
 
 
+def named(run_name: str, suffix: str):
+    """A live actor of a run by its name ``<run.name>-<8 hex>/<suffix>`` (ValueError if none yet)."""
+    for name in ray.util.list_named_actors():
+        if name.startswith(f"{run_name}-") and name.endswith(f"/{suffix}"):
+            return ray.get_actor(name)
+    raise ValueError(f"no actor {run_name}-*/{suffix}")
+
+
 def test_killed_inference_engine_loses_no_sample(assets, tmp_path):
     cfg = make_config(assets, tmp_path, name="ft", num_gpus=1, micro_batch_size=1, ttt_length=4,
                       transfer={"max_pool_bytes": 100_000, "prefetch_steps": 1},
@@ -164,9 +172,9 @@ def test_killed_inference_engine_loses_no_sample(assets, tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                ctrl = ray.get_actor("ft/controller")
+                ctrl = named("ft", "controller")
                 if ray.get(ctrl.summary.remote())["results_in"] >= 3:
-                    ray.kill(ray.get_actor("ft/engine-0.0"), no_restart=True)
+                    ray.kill(named("ft", "engine-0.0"), no_restart=True)
                     killed["at"] = time.time()
                     return
             except ValueError:  # not created yet
@@ -186,16 +194,46 @@ def test_killed_inference_engine_loses_no_sample(assets, tmp_path):
 
 
 def test_trainer_death_stops_cleanly_and_resume_continues(assets, tmp_path):
-    cfg = make_config(assets, tmp_path, name="td", strategy="fsdp2", num_gpus=2, micro_batch_size=1,
-                      save_every=1)
-    res = run_pipeline(cfg, stop_after_steps=3)  # trainers end as if killed after step 3
-    assert res.steps == 3 and res.checkpoint.name == "step-000003"
-    cfg = make_config(assets, tmp_path, name="td", strategy="fsdp2", num_gpus=2, micro_batch_size=1,
-                      save_every=1, resume=True)
-    res2 = run_pipeline(cfg)
-    assert res2.steps == N_SAMPLES // 2 and len(res2.history) == N_SAMPLES // 2 - 3
-    assert res2.accounting["trained"] == N_SAMPLES  # 6 before the stop + 6 after, each once
-    assert_clean(res2)
+    from specforge_core.training import checkpoint as ckpt
+
+    def cfg(**kw):
+        return make_config(assets, tmp_path, name="td", strategy="fsdp2", num_gpus=2, micro_batch_size=1,
+                           save_every=1, keep_checkpoints=10, **kw)
+
+    killed = {}
+
+    def killer():  # kill trainer rank 1 once 3 steps are done (checkpoints every step)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                ctrl = named("td", "controller")
+                if ray.get(ctrl.summary.remote())["steps_reported"] >= 3:
+                    ray.kill(named("td", "trainer-1"), no_restart=True)
+                    killed["at"] = True
+                    return
+            except ValueError:
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    with pytest.raises(RuntimeError, match="actor died.*last complete checkpoint: .*step-0000"):
+        run_pipeline(cfg())
+    t.join()
+    assert killed
+    latest = ckpt.latest_checkpoint(tmp_path)
+    done = int(latest.name.split("-")[1])
+    assert 2 <= done < N_SAMPLES // 2  # step 3 was reported; its checkpoint may not have finished
+    shm = [d for d in Path("/dev/shm").glob("specforge-td-*")]
+    assert not shm  # the store was stopped and removed despite the failure
+    res = run_pipeline(cfg(resume=True))
+    assert res.steps == N_SAMPLES // 2 and len(res.history) == N_SAMPLES // 2 - done
+    assert res.accounting["trained"] == N_SAMPLES
+    assert_clean(res)
+    # resumed run = uninterrupted run: same weights at the end (exact resume of data order + state)
+    ref = run_pipeline(make_config(assets, tmp_path / "ref", name="tdref", strategy="fsdp2", num_gpus=2,
+                                   micro_batch_size=1))
+    torch.testing.assert_close(torch.tensor(losses(res)), torch.tensor(losses(ref)[done:]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.mooncake

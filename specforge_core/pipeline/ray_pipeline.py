@@ -174,7 +174,8 @@ def run_ray(
     try:
         # ---- trainers first: a resumed run continues from their checkpoint's data position
         trainer_cls = ray.remote(TrainerActor)
-        trainers = [trainer_cls.options(**o).remote(r, dp) for r, o in enumerate(placement.trainer_options)]
+        trainers = [trainer_cls.options(**o, name=f"{run_id}/trainer-{r}").remote(r, dp)
+                    for r, o in enumerate(placement.trainer_options)]
         actors += trainers
         master = ray.get(trainers[0].address.remote())
         setups = [t.setup.remote(config, info, str(vocab_path), total_steps, master, handle) for t in trainers]
@@ -183,7 +184,7 @@ def run_ray(
         manager = ray.remote(InferenceManager).options(num_cpus=0, max_concurrency=4).remote(
             EngineActor, placement.engine_options, (config, ray.put(usable), handle, run_id),
             batch_size=inf.batch_size, max_inflight_per_engine=inf.max_inflight_per_engine,
-            max_restarts=inf.max_restarts, name_prefix=f"{config.run.name}/",
+            max_restarts=inf.max_restarts, name_prefix=f"{run_id}/",
         )
         actors.append(manager)
         engines_ready = manager.ready.remote()
@@ -200,7 +201,7 @@ def run_ray(
             f"training: {len(usable)} samples, {per_step} per step over {dp} rank(s), {total_steps} steps, "
             f"ttt_length {tr.ttt_length}, strategy {tr.strategy}"
         )
-        controller = ray.remote(ControllerActor).options(num_cpus=0, name=f"{config.run.name}/controller").remote(
+        controller = ray.remote(ControllerActor).options(num_cpus=0, name=f"{run_id}/controller").remote(
             prompts, positions, num_ranks=dp, micro_batch_size=tr.micro_batch_size,
             max_pool_bytes=config.transfer.max_pool_bytes,
         )
@@ -228,15 +229,17 @@ def run_ray(
         stats = ray.get(manager.stats.remote())
         ray.get(manager.close.remote())
         ray.get([t.close.remote() for t in trainers])
-    except BaseException:
-        latest = None
+    except BaseException as exc:
+        from ray.exceptions import RayActorError
+
         from specforge_core.training import checkpoint as ckpt
 
         latest = ckpt.latest_checkpoint(out_dir)
-        console.print(
-            f"[red]ray pipeline stopped by an error; last complete checkpoint: {latest or 'none'}"
-            + (" (set training.resume = true to continue)" if latest else "")
-        )
+        where = f"last complete checkpoint: {latest or 'none'}" + (
+            " (set training.resume = true to continue from it)" if latest else "")
+        console.print(f"[red]ray pipeline stopped: {type(exc).__name__}; {where}")
+        if isinstance(exc, RayActorError):
+            raise RuntimeError(f"a pipeline actor died ({exc.__class__.__name__}); the run stopped; {where}") from exc
         raise
     finally:
         if manager is not None:

@@ -234,14 +234,30 @@ class ControllerActor:
         self.state.skip_prompts(seqs, reason)
         await self._notify()
 
-    async def pull(self, rank: int, max_n: int, timeout_s: float = 1.0) -> Optional[list[Assignment]]:
-        """Wait up to ``timeout_s`` for work; [] on timeout, None when the run has no more."""
-        cond = self._cond()
+    async def exchange(self, results: Sequence[Result], max_new: int) -> tuple[list[Prompt], bool]:
+        """The inference manager's one call per loop: push finished results, take new prompts.
+        Returns ``(prompts, has_work)``; ``has_work`` is False once every prompt is done."""
+        if results:
+            self.state.push_results(results)
+            await self._notify()
+        prompts = self.state.take_prompts(max_new) if max_new else []
+        return prompts, bool(self.state.buffer or self.state.inflight)
+
+    async def pull(
+        self, rank: int, max_n: int, timeout_s: float = 1.0, min_n: int = 1,
+        consumed: Sequence[int] = (), trained: Sequence[tuple[int, int]] = (),
+    ) -> Optional[list[Assignment]]:
+        """A trainer rank's one call: acknowledge ``consumed`` keys and ``trained`` samples, then
+        wait up to ``timeout_s`` for ``min_n`` assignments (fewer once all are dispatched) and take
+        up to ``max_n``. [] on timeout, None when the run has no more work for this rank."""
+        if consumed:
+            self.state.consumed(consumed)
+        if trained:
+            self.state.trained(trained)
+        cond, q = self._cond(), self.state.queues[rank]
         async with cond:
             try:
-                await asyncio.wait_for(
-                    cond.wait_for(lambda: bool(self.state.queues[rank]) or self.state.finished), timeout_s
-                )
+                await asyncio.wait_for(cond.wait_for(lambda: len(q) >= min_n or self.state.finished), timeout_s)
             except asyncio.TimeoutError:
                 return []
         return self.state.pull(rank, max_n)

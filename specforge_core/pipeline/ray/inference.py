@@ -83,6 +83,7 @@ class InferenceManager:
         self.restarts = 0
         self.batches = 0
         self.stopping = False
+        self.timing = {"loops": 0, "exchange_s": 0.0, "wait_s": 0.0}
 
     def _start(self, i: int) -> Any:
         opts = dict(self.engine_options[i])
@@ -100,7 +101,8 @@ class InferenceManager:
         self.stopping = True
 
     def stats(self) -> dict[str, int]:
-        return {"engines": len(self.engines), "restarts": self.restarts, "batches": self.batches}
+        return {"engines": len(self.engines), "restarts": self.restarts, "batches": self.batches,
+                **{k: round(v, 3) for k, v in self.timing.items()}}
 
     def _restart(self, i: int, cause: BaseException) -> None:
         import ray
@@ -129,32 +131,37 @@ class InferenceManager:
         load = [0] * n  # batches in flight per engine
         load_tokens = [0] * n
         idle_wait = 0.002
+        results: list[Result] = []
         while not self.stopping:
-            # -- fill free slots: one controller call for all of them (backpressure decides how many)
+            # -- one controller call per loop: push what finished, take prompts for free slots
             free = sum(self.depth - x for x in load)
-            if free:
-                prompts = ray.get(self.controller.take_prompts.remote(free * self.batch_size))
-                for start in range(0, len(prompts), self.batch_size):
-                    batch = prompts[start : start + self.batch_size]
-                    # least loaded engine with a free slot (by batches, then tokens)
-                    i = min((j for j in range(n) if load[j] < self.depth), key=lambda j: (load[j], load_tokens[j]))
-                    ref = self.engines[i].generate.remote(batch)
-                    inflight[ref] = (i, self.generation[i], batch)
-                    load[i] += 1
-                    load_tokens[i] += sum(p.num_tokens for p in batch)
-                    self.batches += 1
+            t = time.perf_counter()
+            prompts, has_work = ray.get(self.controller.exchange.remote(results, free * self.batch_size))
+            self.timing["exchange_s"] += time.perf_counter() - t
+            self.timing["loops"] += 1
+            results = []
+            for start in range(0, len(prompts), self.batch_size):
+                batch = prompts[start : start + self.batch_size]
+                # least loaded engine with a free slot (by batches, then tokens)
+                i = min((j for j in range(n) if load[j] < self.depth), key=lambda j: (load[j], load_tokens[j]))
+                ref = self.engines[i].generate.remote(batch)
+                inflight[ref] = (i, self.generation[i], batch)
+                load[i] += 1
+                load_tokens[i] += sum(p.num_tokens for p in batch)
+                self.batches += 1
             if not inflight:
-                if not ray.get(self.controller.has_work.remote()):
+                if not has_work:
                     break  # every prompt is done
                 time.sleep(idle_wait)  # backpressure: wait for trainers to consume
                 idle_wait = min(idle_wait * 2, 0.05)
                 continue
             idle_wait = 0.002
+            t = time.perf_counter()
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            self.timing["wait_s"] += time.perf_counter() - t
             if not ready:
                 continue
             ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)  # batch what's done
-            results: list[Result] = []
             for ref in ready:
                 i, gen, batch = inflight.pop(ref)
                 if gen == self.generation[i]:
@@ -173,8 +180,8 @@ class InferenceManager:
                     log.error("inference engine %d failed on a batch: %s", i, exc)
                     reason = f"inference error ({type(getattr(exc, 'cause', exc)).__name__})"
                     ray.get(self.controller.skip_prompts.remote([p.seq for p in batch], reason))
-            if results:
-                ray.get(self.controller.push_results.remote(results))
+        if results:
+            ray.get(self.controller.exchange.remote(results, 0))
         return self.stats()
 
     def _drop_engine_refs(self, inflight: dict, i: int, gen: int) -> None:

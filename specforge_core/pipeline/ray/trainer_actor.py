@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,8 +67,6 @@ class TrainerActor:
 
     # ------------------------------------------------------------------------------ fetching
     def _fetch(self, controller: Any, a: Assignment) -> list[list[TargetFeatures]]:
-        import ray
-
         micro = []
         for mb in a.micro:
             feats = []
@@ -77,8 +76,8 @@ class TrainerActor:
             micro.append(feats)
         keys = [r.key for mb in a.micro for r in mb] + [r.key for r in a.discard]
         self.store.delete(keys)
-        seqs = [r.seq for mb in a.micro for r in mb] + [r.seq for r in a.discard]
-        ray.get(controller.consumed.remote(seqs))
+        self._acks.extend(r.seq for mb in a.micro for r in mb)
+        self._acks.extend(r.seq for r in a.discard)
         return micro
 
     def _prefetch(self, controller: Any, out: queue.Queue, stop: threading.Event) -> None:
@@ -86,7 +85,9 @@ class TrainerActor:
 
         try:
             while not stop.is_set():
-                got = ray.get(controller.pull.remote(self.rank, 1, 1.0))
+                # acks of fetched (deleted) keys ride on the next pull: one call per step
+                acks, self._acks = self._acks, []
+                got = ray.get(controller.pull.remote(self.rank, 1, 1.0, consumed=acks))
                 if got is None:
                     break
                 for a in got:
@@ -107,6 +108,7 @@ class TrainerActor:
         out_dir = Path(self.config.output_dir)
         ready: queue.Queue = queue.Queue(maxsize=self.config.transfer.prefetch_steps)
         stop = threading.Event()
+        self._acks: list[int] = []
         thread = threading.Thread(target=self._prefetch, args=(controller, ready, stop), daemon=True)
         thread.start()
         history: list[dict[str, float]] = []
@@ -133,6 +135,7 @@ class TrainerActor:
                 steps_run += 1
                 controller.trained.remote([(r.seq, r.index) for mb in a.micro for r in mb])
                 if self.rank == 0:
+                    metrics["time"] = time.time()  # wall clock at the end of the step (throughput)
                     history.append(metrics)
                     controller.report.remote(metrics)
                 if tr.save_every and t.step % tr.save_every == 0:
