@@ -82,7 +82,7 @@ class EvalReport:
         for col in ("group", "prompts", "cycles", "tokens", "tau"):
             t.add_column(col, justify="right" if col != "group" else "left")
         for i in range(1, K + 1):
-            t.add_column(f"P(acc>={i})", justify="right")
+            t.add_column(f"acc>={i}", justify="right")  # P(accepted >= i)
         counts: dict[str, int] = {}
         for p in self.prompts:
             counts[p.category or ""] = counts.get(p.category or "", 0) + 1
