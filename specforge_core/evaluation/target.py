@@ -67,11 +67,23 @@ def eos_token_ids(model_path: str, tokenizer=None, extra: Optional[Sequence[int]
     from pathlib import Path
 
     ids: set[int] = set(extra or ())
-    for name in ("generation_config.json", "config.json"):
-        p = Path(model_path) / name
-        if p.is_file():
-            v = json.loads(p.read_text()).get("eos_token_id")
-            ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+
+    def add(v) -> None:
+        ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+
+    if Path(model_path).is_dir():
+        for name in ("generation_config.json", "config.json"):
+            p = Path(model_path) / name
+            if p.is_file():
+                add(json.loads(p.read_text()).get("eos_token_id"))
+    else:  # a hub id: through transformers (honours HF_HUB_OFFLINE and the local cache)
+        from transformers import AutoConfig, GenerationConfig
+
+        add(AutoConfig.from_pretrained(model_path).to_dict().get("eos_token_id"))
+        try:
+            add(GenerationConfig.from_pretrained(model_path).eos_token_id)
+        except OSError:  # no generation_config.json
+            pass
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(ids)
