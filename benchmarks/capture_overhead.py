@@ -10,7 +10,8 @@ and times, per prefill of B x T tokens (median of 5, after a warm-up):
   bare-causallm model(ids): the usual forward with full-vocab logits
   capture-gpu   the backend's forward (hooks, aux concat, final hidden, chunked full-vocab argmax)
                 without the host copies
-  generate      backend.generate(samples): everything, host copies of the features included
+  generate      backend.generate(samples): everything, pinned host copies of the features included
+  generate-same the same with output_device = "same" (features stay on the GPU)
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def build_backend(layers: int, batch: int) -> HFTargetBackend:
     return b
 
 
+def generate_same(b, samples):
+    """generate() with [inference.hf] output_device = "same": the features stay on the GPU."""
+    host = b.options
+    b.options = HFBackendOptions(output_device="same")
+    try:
+        return b.generate(samples)
+    finally:
+        b.options = host
+
+
 def median_time(fn, iters=5) -> float:
     fn()
     times = []
@@ -101,6 +112,7 @@ def main() -> None:
         "bare-causallm": torch.no_grad()(lambda: b.model(input_ids=ids, attention_mask=mask, use_cache=False)),
         "capture-gpu": capture_gpu,
         "generate": lambda: b.generate(samples),
+        "generate-same": lambda: generate_same(b, samples),
     }
     tokens = a.batch * a.seq
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": a.layers,

@@ -36,24 +36,15 @@ for p in (ROOT, ROOT / "plugins", ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions, fused_forward_kl  # noqa: E402
+from specforge_defaults.strategy import LocalStrategy, LocalStrategyOptions  # noqa: E402
 from specforge_llama_eagle3.config import DraftConfig  # noqa: E402
 from specforge_llama_eagle3.memory import checkpoint_finish  # noqa: E402
 from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
 
-from specforge_core.training.alignment import align_step  # noqa: E402
 from specforge_core.training.batch import Batch  # noqa: E402
 
-try:  # the trainer's own micro-step (needs cattrs through the config package)
-    from specforge_core.training.trainer import micro_step
-except ImportError:  # same code, for machines without cattrs
-
-    def micro_step(ttt_forward, head, loss_fn, batch, target_head, t2d, K):
-        total = None
-        for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
-            target_hidden, valid = align_step(batch, k, t2d)
-            out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten())
-            total = out.loss if total is None else total + out.loss
-        return total, None
+# The trainer's own micro-step (needs cattrs + pluggy: carried as wheels to the GPU machine).
+from specforge_core.training.trainer import micro_step  # noqa: E402
 
 H, INTER, NH, NKV, HD, V, VD, K_TTT = 4096, 14336, 32, 8, 128, 128256, 32000, 7
 PEAK = 790e12
@@ -99,15 +90,32 @@ def make_inputs(T: int, device, model=None):
     return model, batch, head, t2d
 
 
+class PerStepTargets:
+    """forward-kl without the precompute_targets extension: target logits once per TTT step (v2)."""
+
+    def __init__(self):
+        self.inner = ForwardKLLoss(ForwardKLOptions())
+
+    def __call__(self, *args):
+        return self.inner(*args)
+
+
+def amp(variant: str) -> bool:
+    """Variants run like Eagle3Trainer + the local strategy's default: fp32 master weights, bf16
+    autocast over the forward."""
+    return variant.startswith("v3") and "bf16w" not in variant or variant == "sdpa-amp"
+
+
 def step_loss(variant: str, model, batch, head, t2d):
     """Forward of one micro-step; returns the loss to backpropagate."""
     if variant == "eager-ref":
         from eager_reference import eager_step_loss
 
         return eager_step_loss(model, batch, head, t2d, K_TTT)[0]
-    model.attention = "sdpa" if variant in ("before", "sdpa") else "flex"
+    model.attention = "sdpa" if variant in ("before", "sdpa", "sdpa-amp") else "flex"
+    model.compile = "on" if variant.startswith(("v3", "compile")) else "off"
     checkpoint_finish(model, enabled=variant.endswith("+ckpt"))
-    loss_fn = ForwardKLLoss(ForwardKLOptions())
+    loss_fn = ForwardKLLoss(ForwardKLOptions()) if variant.startswith("v3") else PerStepTargets()
     if variant == "before":
         fn = functools.partial(fused_forward_kl, fp32_heads=True)
 
@@ -116,7 +124,13 @@ def step_loss(variant: str, model, batch, head, t2d):
 
             loss, raw, correct = _f(dh, dw, th, tw, valid, 0.8**k)
             return LossOutput(loss=loss, raw_loss=raw.detach(), correct=correct, count=valid.sum())
-    return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp(variant)):
+        return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)[0]
+
+
+def master_copy(model):
+    """The model as Eagle3Trainer's local strategy prepares it (master_weights = fp32)."""
+    return LocalStrategy(LocalStrategyOptions(device="cuda"), None).prepare(copy.deepcopy(model))
 
 
 def run_variant(variant, model, batch, head, t2d, T, iters=5, warmup=2, opt=None):
@@ -165,9 +179,10 @@ def check_numerics(model, T=1024) -> dict:
     ref_loss, ref_g = grads_of("eager-ref", ref_model, b32, head.float(), t2d)
     del ref_model
     out = {"T": T, "ref_loss": float(ref_loss)}
-    for variant in ("eager-ref", "sdpa", "flex", "flex+ckpt"):
+    m32 = master_copy(model)
+    for variant in NUMERICS:
         try:
-            loss, g = grads_of(variant, model, batch, head, t2d)
+            loss, g = grads_of(variant, m32 if amp(variant) else model, batch, head, t2d)
         except Exception as e:  # report and go on: one broken variant must not hide the others
             out[variant] = {"loss_rel_err": float("nan"), "grad_rel_err_max": float("nan"), "worst_param": repr(e)[:300]}
             continue
@@ -176,16 +191,38 @@ def check_numerics(model, T=1024) -> dict:
         out[variant] = {"loss_rel_err": float(abs(loss - ref_loss) / abs(ref_loss)),
                         "grad_rel_err_max": errs[worst], "worst_param": worst}
     checkpoint_finish(model, enabled=False)
+    del m32
     torch.cuda.empty_cache()
     return out
+
+
+NUMERICS = ("eager-ref", "flex", "v3-bf16w", "v3", "v3+ckpt", "sdpa-amp")
+
+
+def profile(variant, model, batch, head, t2d, path) -> str:
+    """One profiled step (after the timed ones): the top CUDA kernels by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        step_loss(variant, model, batch, head, t2d).backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(table)
+    return table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
-    ap.add_argument("--variants", nargs="+", default=["eager-ref", "before", "sdpa", "flex", "flex+ckpt"])
-    ap.add_argument("--longest", type=int, nargs="*", default=[49152, 65536],
-                    help="extra lengths tried with flex+ckpt only, to find the longest that fits")
+    ap.add_argument("--variants", nargs="+", default=["eager-ref", "flex", "compile", "v3-bf16w", "v3", "v3+ckpt"])
+    ap.add_argument("--longest", type=int, nargs="*", default=[65536],
+                    help="extra lengths tried with --long-variant only, to find the longest that fits")
+    ap.add_argument("--long-variant", default="v3+ckpt")
+    ap.add_argument("--profile-T", type=int, default=8192)
+    ap.add_argument("--profile-variant", default="v3")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "draft_step.json"))
@@ -209,22 +246,33 @@ def main() -> None:
         print("numerics vs fp32 eager reference (T=1024):", json.dumps(results["numerics"]),
               f"[{time.time() - t0:.0f} s]", flush=True)
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    m32 = master_copy(model)
+    opts = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6, fused=True)
+            for m in (model, m32)}
     plan = [(T, v) for T in a.T for v in a.variants]
-    plan += [(T, "flex+ckpt") for T in a.longest]
+    plan += [(T, a.long_variant) for T in a.longest]
     skip = set()
     for T, v in plan:
-        if v == "eager-ref" and T > 4096 or v == "before" and T > 8192 or (v, "OOM") in skip and T > 8192:
+        long_only = T > 8192 and v not in ("v3", "v3+ckpt")  # the long runs: only what trains them
+        if v == "eager-ref" and T > 4096 or v == "before" and T > 8192 or (v, "OOM") in skip and T > 8192 or long_only:
             results["runs"].append({"variant": v, "T": T, "status": "skipped"})
             continue
-        if T in a.longest and ("flex+ckpt", "OOM-long") in skip:
+        if T in a.longest and (a.long_variant, "OOM-long") in skip:
             continue
+        if T > 8192 and opts[id(model)].state:  # room for the long runs: drop the bf16 model's state
+            opts[id(model)].state.clear()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
         _, batch, head, t2d = make_inputs(T, "cuda", model)
         t0 = time.time()
         try:
-            r = run_variant(v, model, batch, head, t2d, T, iters=a.iters if T <= 32768 else 2, opt=opt)
+            m = m32 if amp(v) else model
+            r = run_variant(v, m, batch, head, t2d, T, iters=a.iters if T <= 32768 else 2, opt=opts[id(m)])
+            if T == a.profile_T and v == a.profile_variant and r["status"] == "ok":
+                print(profile(v, m, batch, head, t2d, os.path.join(os.environ.get("OUT", "."), "profile.txt")))
         except Exception as e:
-            opt.zero_grad(set_to_none=True)
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
             r = {"variant": v, "T": T, "status": f"error {e!r}"[:300]}
         r["wall_s"] = time.time() - t0
         results["runs"].append(r)
@@ -245,7 +293,7 @@ def main() -> None:
             print(f"{r['T']:>6} {r['variant']:10} {r['status']}")
     if "numerics" in results:
         n = results["numerics"]
-        for v in ("eager-ref", "sdpa", "flex", "flex+ckpt"):
+        for v in NUMERICS:
             print(f"numerics bf16 {v:10} loss rel err {n[v]['loss_rel_err']:.1e}, worst grad rel err "
                   f"{n[v]['grad_rel_err_max']:.1e} ({n[v]['worst_param']})")
 

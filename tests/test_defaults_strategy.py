@@ -35,10 +35,10 @@ def trained(seed=0, steps=3):
     return model, opt
 
 
-def strategy(dtype="auto"):
+def strategy(dtype="auto", master_weights="fp32"):
     config = SpecforgeConfig()
     config.training.dtype = dtype
-    return LocalStrategy(LocalStrategyOptions(device="cpu"), config)
+    return LocalStrategy(LocalStrategyOptions(device="cpu", master_weights=master_weights), config)
 
 
 def test_prepare_dtype_policy():
@@ -46,10 +46,33 @@ def test_prepare_dtype_policy():
     assert s.rank == 0 and s.world_size == 1 and s.device == torch.device("cpu")
     m = s.prepare(Tiny())
     assert all(p.dtype == torch.float32 for p in m.parameters())  # auto on CPU = fp32
+    # bf16 compute: fp32 master copies of what the optimizer updates, the frozen embedding in bf16
     m = strategy("bf16").prepare(Tiny())
-    assert m.embed.weight.dtype == torch.bfloat16 and m.lm_head.weight.dtype == torch.bfloat16
-    assert not m.embed.weight.requires_grad
+    assert m.embed.weight.dtype == torch.bfloat16 and not m.embed.weight.requires_grad
+    assert m.lm_head.weight.dtype == torch.float32 and m.fc.bias.dtype == torch.float32
     assert m.inv_freq.dtype == torch.float32  # buffers keep their precision
+    m = strategy("bf16", master_weights="bf16").prepare(Tiny())
+    assert m.embed.weight.dtype == torch.bfloat16 and m.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_fp32_master_weights_keep_small_updates_that_bf16_rounds_away():
+    """lr 1e-4 AdamW steps are ~1e-4 absolute: below half a bf16 ulp of weights near 1, so bf16
+    parameters do not move at all, while fp32 masters do."""
+    moved = {}
+    for master in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        m = strategy("bf16", master_weights=master).prepare(Tiny())
+        with torch.no_grad():
+            m.fc.weight.fill_(1.0)
+        before = m.fc.weight.detach().float().clone()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(torch.randint(0, 11, (4, 3))).float().square().mean()
+        loss.backward()
+        opt.step()
+        moved[master] = float((m.fc.weight.detach().float() - before).abs().max())
+    assert moved["bf16"] == 0.0
+    assert 5e-5 < moved["fp32"] < 2e-4
 
 
 def test_clip_and_identity_ops():

@@ -105,3 +105,47 @@ def test_chunk_math_matches_softmax_definitions():
     torch.testing.assert_close(loss, -(p_t * torch.log_softmax(d, -1)).sum())
     assert int(correct) == int((d.argmax(-1) == t.argmax(-1)).sum())
     torch.testing.assert_close(g, 0.25 * (torch.softmax(d, -1) - p_t))
+
+
+def trainer_micro_step_loss(model, batch, head, t2d):
+    """The trainer's own micro_step: with forward-kl it takes the precomputed-targets path."""
+    from specforge_core.training.trainer import micro_step
+
+    loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=7))
+    assert hasattr(loss_fn, "precompute_targets")
+    return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K)[0]
+
+
+def test_precomputed_targets_path_matches_eager_reference_float64():
+    model, batch, head, t2d = setup(2, torch.float64)
+    ref_loss, ref_g = loss_and_grads(lambda m, *a: eager_step_loss(m, *a, K)[0], model, batch, head, t2d)
+    loss, g = loss_and_grads(trainer_micro_step_loss, model, batch, head, t2d)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)
+    for n in ref_g:
+        torch.testing.assert_close(g[n], ref_g[n], rtol=1e-7, atol=1e-9, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+def test_fp32_master_weights_under_bf16_autocast():
+    """The local strategy's default on GPU: fp32 params, bf16 compute under autocast. The step runs
+    in bf16 (no fp32 promotion through the norms), gradients arrive in fp32 and match the fp64
+    reference within bf16 tolerance."""
+    model, batch, head, t2d = setup(3, torch.float64)
+    ref_loss, ref_g = loss_and_grads(lambda m, *a: eager_step_loss(m, *a, K)[0], model, batch, head, t2d)
+    model.float()
+    model.embed_tokens.to(torch.bfloat16)  # frozen: stored in the compute dtype
+    b16 = Batch(batch.input_ids, batch.loss_mask, batch.attention_mask, batch.aux_hidden.bfloat16(),
+                batch.final_hidden.bfloat16(), batch.target_argmax, batch.lengths)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.compute_dtype(torch.device("cpu")) == torch.bfloat16
+        for hidden in model.ttt_forward(b16.input_ids, b16.aux_hidden, b16.attention_mask, 2):
+            seen.append(hidden.dtype)
+            assert torch.is_autocast_enabled("cpu")  # the generator leaves the caller's state alone
+    assert seen == [torch.bfloat16] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, g = loss_and_grads(trainer_micro_step_loss, model, b16, head.bfloat16(), t2d)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)) < 2e-2
+    for n in ref_g:
+        rel = float((g[n].double() - ref_g[n]).norm() / ref_g[n].norm())
+        assert rel < 5e-2, f"grad {n}: relative error {rel:.3g}"

@@ -56,15 +56,72 @@ def _chunk_math(d: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, out_dtype
     return loss, correct, g.to(out_dtype)
 
 
+def _chunk_math_pre(d: torch.Tensor, p_t: torch.Tensor, t_argmax: torch.Tensor, scale: torch.Tensor,
+                    out_dtype: torch.dtype):
+    """``_chunk_math`` with precomputed target probabilities (fp16 on CUDA, so their sum is 1 only
+    to ~1e-3: the CE is written as sum_v p_t (lse - d), which needs no normalisation)."""
+    correct = (d.argmax(-1) == t_argmax).sum()
+    p = p_t.to(d.dtype)
+    lse = torch.logsumexp(d, dim=-1)
+    loss = (p * (lse[:, None] - d)).sum()
+    g = (torch.exp(d - lse[:, None]) - p) * scale
+    return loss, correct, g.to(out_dtype)
+
+
+def _target_chunk(t: torch.Tensor, out_dtype: torch.dtype):
+    """fp32 target logits [C, Vd] -> (softmax in ``out_dtype``, argmax)."""
+    return torch.softmax(t, dim=-1).to(out_dtype), t.argmax(-1)
+
+
 _COMPILED: dict = {}
 
 
-def _compiled_chunk_math():
-    if "fn" not in _COMPILED:
+def _compiled(fn):
+    if fn not in _COMPILED:
         # dynamic=None: the tail chunk's row count changes every step; after the first
         # recompile the row dimension becomes symbolic, so two compiles cover all shapes.
-        _COMPILED["fn"] = torch.compile(_chunk_math)
-    return _COMPILED["fn"]
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+def _compiled_chunk_math():
+    return _compiled(_chunk_math)
+
+
+@attrs.frozen
+class TargetProbs:
+    """The target's distribution over the draft vocab at every position of a micro-batch, computed
+    once and shared by all TTT steps (step k reads row ``t + k + 1`` for position ``t``).
+
+    ``probs`` [N, Vd] is fp16 on CUDA (0.5 GB at 8k tokens; fp16 keeps 4x bf16's mantissa), fp32
+    or fp64 elsewhere; ``argmax`` [N] comes from the unrounded logits."""
+
+    probs: torch.Tensor
+    argmax: torch.Tensor
+    shift: int = 0
+
+    def shifted(self, n: int) -> TargetProbs:
+        return TargetProbs(self.probs, self.argmax, n)
+
+
+@torch.no_grad()
+def precompute_target_probs(final_hidden: torch.Tensor, target_head: torch.Tensor, chunk: int) -> TargetProbs:
+    """softmax(final_hidden @ target_head.T) for all rows of ``final_hidden`` [..., H], ``chunk``
+    rows at a time (never more than [chunk, Vd] fp32 logits at once)."""
+    h = final_hidden.reshape(-1, final_hidden.shape[-1])
+    fast = _low_precision_gemms(h)
+    acc = torch.float32 if fast else torch.promote_types(target_head.dtype, torch.float32)
+    out_dtype = torch.float16 if fast else acc
+    w = target_head.to(h.dtype) if fast else target_head.to(acc)
+    probs = torch.empty(h.shape[0], w.shape[0], dtype=out_dtype, device=h.device)
+    argmax = torch.empty(h.shape[0], dtype=torch.int64, device=h.device)
+    fn = _compiled(_target_chunk) if fast else _target_chunk
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, h.shape[0], chunk):
+            x = h[s : s + chunk]
+            t = torch.mm(x, w.T, out_dtype=torch.float32) if fast else x.to(acc) @ w.T
+            probs[s : s + chunk], argmax[s : s + chunk] = fn(t, out_dtype)
+    return TargetProbs(probs, argmax)
 
 
 class _FusedSoftCE(torch.autograd.Function):
@@ -72,7 +129,15 @@ class _FusedSoftCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight: float, chunk: int,
-                fp32_heads: bool):
+                fp32_heads: bool, targets):
+        # explicit dtypes below; the caller's autocast must not re-cast the head GEMMs
+        with torch.autocast(draft_hidden.device.type, enabled=False):
+            return _FusedSoftCE._forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid,
+                                         weight, chunk, fp32_heads, targets)
+
+    @staticmethod
+    def _forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight, chunk, fp32_heads,
+                 targets):
         device = draft_hidden.device
         rows = valid.nonzero().squeeze(1)  # indices of valid positions
         n_valid = rows.numel()
@@ -82,7 +147,9 @@ class _FusedSoftCE(torch.autograd.Function):
         if fast:
             # bf16 operands, fp32 logits: the GEMMs run at tensor-core rate (an fp32 GEMM on an H100
             # is ~15x slower), and all softmax arithmetic stays fp32.
-            w_d, w_t = draft_head, target_head
+            # fp32 master weights: one bf16 copy of the head per call (the weight gradient is
+            # accumulated in fp32 below and returned in the head's own dtype)
+            w_d, w_t = draft_head.to(draft_hidden.dtype), target_head.to(draft_hidden.dtype)
 
             def logits(x, w):
                 return torch.mm(x, w.T, out_dtype=torch.float32)
@@ -107,6 +174,24 @@ class _FusedSoftCE(torch.autograd.Function):
             idx = rows[start : start + chunk]
             h = draft_hidden.index_select(0, idx)  # [C, H]
             d = logits(h, w_d)  # [C, Vd] draft logits, fp32
+            if targets is not None:  # target distribution computed once per micro-batch
+                t_idx = idx + targets.shift
+                p_t, t_arg = targets.probs.index_select(0, t_idx), targets.argmax.index_select(0, t_idx)
+                if fast:
+                    part, corr, g = _compiled(_chunk_math_pre)(d, p_t, t_arg, scale_t, draft_hidden.dtype)
+                else:
+                    part, corr, g = _chunk_math_pre(d, p_t, t_arg, torch.tensor(scale, dtype=f32), f32)
+                loss_sum += part
+                correct += corr
+                if want_h:
+                    grad_h.index_copy_(0, idx, g @ w_d)
+                if want_w:
+                    if fast:
+                        grad_w = torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
+                    else:
+                        grad_w.addmm_(g.T, h.to(f32))
+                del d, g
+                continue
             t = logits(target_hidden.index_select(0, idx), w_t)  # [C, Vd] target logits, fp32
             if fast:
                 part, corr, g = _compiled_chunk_math()(d, t, scale_t, draft_hidden.dtype)
@@ -152,7 +237,7 @@ class _FusedSoftCE(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_forward_kl(
@@ -164,10 +249,13 @@ def fused_forward_kl(
     weight: float = 1.0,
     chunk_size: int = 1024,
     fp32_heads: bool = False,
+    targets: TargetProbs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows; see module doc.
 
-    ``fp32_heads`` forces the old fp32 head GEMMs on CUDA (the benchmark's "before" variant)."""
+    ``fp32_heads`` forces the old fp32 head GEMMs on CUDA (the benchmark's "before" variant).
+    ``targets`` (from ``precompute_target_probs``, shifted to this step) replaces the target head
+    GEMM and softmax; ``target_hidden``/``target_head`` are then only shape-checked."""
     if draft_hidden.dim() != 2 or target_hidden.shape != draft_hidden.shape:
         raise ValueError(
             f"forward-kl: draft_hidden and target_hidden must both be [N, H]; got "
@@ -182,7 +270,7 @@ def fused_forward_kl(
         raise ValueError(f"forward-kl: valid must be [N={draft_hidden.shape[0]}], got {tuple(valid.shape)}")
     return _FusedSoftCE.apply(
         draft_hidden, draft_head, target_hidden.detach(), target_head.detach(), valid.bool(), float(weight),
-        int(chunk_size), bool(fp32_heads),
+        int(chunk_size), bool(fp32_heads), targets,
     )
 
 
@@ -192,10 +280,19 @@ class ForwardKLLoss:
     def __init__(self, options: ForwardKLOptions | None = None):
         self.options = options or ForwardKLOptions()
 
-    def __call__(self, step, draft_hidden, draft_head, target_hidden, target_head, valid) -> LossOutput:
+    def precompute_targets(self, final_hidden: torch.Tensor, target_head: torch.Tensor) -> TargetProbs:
+        """Optional Loss extension the trainer's micro-step uses when present: the target
+        distribution of every position once per micro-batch instead of once per TTT step (saves
+        K-1 target-head GEMMs and softmaxes). ``final_hidden`` [B, T, H]; step k then gets
+        ``targets=result.shifted(k + 1)`` (flattened rows b*T + t + k + 1)."""
+        return precompute_target_probs(final_hidden, target_head, self.options.chunk_size)
+
+    def __call__(self, step, draft_hidden, draft_head, target_hidden, target_head, valid,
+                 targets: TargetProbs | None = None) -> LossOutput:
         weight = self.options.step_weight_decay**step
         loss, raw, correct = fused_forward_kl(
-            draft_hidden, draft_head, target_hidden, target_head, valid, weight, self.options.chunk_size
+            draft_hidden, draft_head, target_hidden, target_head, valid, weight, self.options.chunk_size,
+            targets=targets,
         )
         count = valid.sum().to(torch.int64)
         return LossOutput(loss=loss, raw_loss=raw.detach(), correct=correct, count=count)

@@ -37,6 +37,12 @@ DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 @attrs.define
 class LocalStrategyOptions:
     device: str = option("auto", "'auto' = cuda if available else cpu; or an explicit 'cpu', 'cuda:1', ...")
+    master_weights: str = option(
+        "fp32", "Precision of the trainable parameters the optimizer updates when training.dtype is "
+        "bf16/fp16: 'fp32' = fp32 master weights, compute in training.dtype under autocast (the draft "
+        "casts its weights once per micro-step); 'bf16' = parameters stored in training.dtype "
+        "(AdamW updates bf16 weights: less memory, small lr updates get rounded away)",
+        choices=("fp32", "bf16"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,13 +105,20 @@ class LocalStrategy:
         self.dtype = resolve_dtype(dtype_name, self.device)
 
     # ------------------------------------------------------------------------------ training
+    def param_dtype(self, param: torch.nn.Parameter) -> torch.dtype:
+        """fp32 master copies for what the optimizer updates; frozen params (the target embedding)
+        in the compute dtype."""
+        if param.requires_grad and self.options.master_weights == "fp32":
+            return torch.promote_types(self.dtype, torch.float32)
+        return self.dtype
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device)
-        # cast parameters only (the frozen embedding too): float buffers such as RoPE inv_freq stay
-        # in their own precision
+        # cast parameters only: float buffers such as RoPE inv_freq stay in their own precision
         for p in model.parameters():
-            if p.is_floating_point() and p.dtype != self.dtype:
-                p.data = p.data.to(self.dtype)
+            want = self.param_dtype(p)
+            if p.is_floating_point() and p.dtype != want:
+                p.data = p.data.to(want)
         return model
 
     def no_sync(self, model: torch.nn.Module) -> ContextManager:

@@ -158,10 +158,20 @@ class HFTargetBackend:
         aux = torch.cat([captured[i] for i in aux_ids], dim=-1).to(self.dtype)  # [B, T, n*H], low -> high
         # Full-vocab argmax over the real tokens only, in chunks (never [B*T, V] logits at once).
         argmax = chunked_argmax(final[attn_dev], self.lm_head, self.options.argmax_chunk_size)
-        argmax_c = argmax.cpu().split(lengths)
+        on_host = getattr(self.options, "output_device", "cpu") == "cpu"
+        argmax_c = (argmax.cpu() if on_host else argmax).split(lengths)
 
-        # One device->host copy per sample slice: each feature owns exactly its storage (a view of
-        # a batch tensor would drag the whole batch along when pickled into a transfer store).
+        # Each feature owns exactly its storage (a view of a batch tensor would drag the whole batch
+        # along when pickled into a transfer store). Host copies go to pinned buffers without a sync
+        # each (pageable copies serialised the batch: +89% over the forward); one sync at the end.
+        def own(x: torch.Tensor) -> torch.Tensor:
+            if not on_host:
+                return x.clone()
+            if x.device.type == "cpu":
+                return x.clone()
+            buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            return buf.copy_(x, non_blocking=True)
+
         feats = []
         for b, s in enumerate(samples):
             n = lengths[b]
@@ -170,12 +180,14 @@ class HFTargetBackend:
                     sample_id=s.sample_id,
                     input_ids=s.input_ids.to(torch.int64).clone(),
                     loss_mask=s.loss_mask.to(torch.uint8).clone(),
-                    aux_hidden=aux[b, :n].to("cpu", copy=True),
-                    final_hidden=final[b, :n].to("cpu", copy=True),
+                    aux_hidden=own(aux[b, :n]),
+                    final_hidden=own(final[b, :n]),
                     target_argmax=argmax_c[b].clone(),
                     category=s.category,
                 )
             )
+        if on_host and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the features are complete on return
         return feats
 
     def close(self) -> None:

@@ -65,6 +65,9 @@ def causal_attention_with_lse(
 
 def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     """(out, lse) of causal attention from PyTorch's fused kernels (no [T, T] matrix kept)."""
+    if not q.dtype == k.dtype == v.dtype:
+        # the raw aten kernels below do not check this (mixed dtypes read out of bounds on CUDA)
+        raise TypeError(f"sdpa attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.is_cuda:
         # The memory-efficient kernel returns the LSE on every CUDA arch and dtype we train in.
         res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, is_causal=True,

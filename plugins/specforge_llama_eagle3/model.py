@@ -7,6 +7,7 @@ Attribute names equal the export keys (``fc.weight``, ``midlayer.self_attn.q_pro
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -14,7 +15,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from specforge_llama_eagle3 import fused
 from specforge_llama_eagle3.attention import CAUSAL_IMPLS, ttt_attention
 from specforge_llama_eagle3.config import DraftConfig, default_aux_layer_ids
 from specforge_llama_eagle3.rope import apply_rope, cos_sin, inverse_frequencies
@@ -43,10 +46,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like Llama, then scale in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32 like Llama, then scale in the input dtype (an fp32 master weight under
+        # autocast must not promote the output to fp32).
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -137,12 +139,17 @@ class LlamaEagle3Draft(nn.Module):
         aux_layer_ids: Optional[Sequence[int]] = None,  # HF hidden_states indices the target captures
         target_num_layers: Optional[int] = None,
         aux_ids_convention: str = "sglang",
-        attention: str = "auto",  # TTT causal part: "eager" (explicit), "sdpa" (fused), "auto"
+        attention: str = "auto",  # TTT causal part: "eager" (explicit), "sdpa", "flex", "auto"
+        compile: str = "auto",  # torch.compile the step's dense parts: "auto" (on CUDA), "on", "off"
     ):
         super().__init__()
         if attention not in ("auto", *CAUSAL_IMPLS):
             raise ValueError(f"attention '{attention}' is not known; allowed: auto, {', '.join(CAUSAL_IMPLS)}")
+        if compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile '{compile}' is not known; allowed: auto, on, off")
         self.attention = attention
+        self.compile = compile
+        self.checkpoint_finish = False  # recompute the finish block in backward (memory.py)
         self.config = cfg
         self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else None
         self.target_num_layers = target_num_layers
@@ -177,9 +184,32 @@ class LlamaEagle3Draft(nn.Module):
         return cos_sin(self.inv_freq, positions, dtype)
 
     def _causal_impl(self, device: torch.device):
-        # Fused kernels on GPU; the explicit version on CPU (exact for any padding, cheap at test sizes).
-        name = self.attention if self.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+        # FlexAttention on GPU (fastest and most accurate, measured: docs/performance.md); the
+        # explicit version on CPU (exact for any padding, cheap at test sizes).
+        name = self.attention if self.attention != "auto" else ("flex" if device.type == "cuda" else "eager")
         return CAUSAL_IMPLS[name]
+
+    def _compiled(self, device: torch.device) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The autocast dtype when autocast is on for ``device`` (fp32 master weights), else the
+        weights' own dtype."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.fc.weight.dtype
+
+    def _step_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Weights in the compute dtype, cast once per micro-step (no-op when they already are)."""
+        layer, a = self.midlayer, self.midlayer.self_attn
+        w = {
+            "in": layer.input_layernorm.weight, "hid": layer.hidden_norm.weight,
+            "qkv": torch.cat([a.q_proj.weight.to(dtype), a.k_proj.weight.to(dtype), a.v_proj.weight.to(dtype)]),
+            "o": a.o_proj.weight, "post": layer.post_attention_layernorm.weight,
+            "gate": layer.mlp.gate_proj.weight, "up": layer.mlp.up_proj.weight, "down": layer.mlp.down_proj.weight,
+            "norm": self.norm.weight, "fc": self.fc.weight,
+        }
+        return {k: v.to(dtype) for k, v in w.items()}
 
     # ------------------------------------------------------------------------------ training
     def ttt_forward(
@@ -194,27 +224,40 @@ class LlamaEagle3Draft(nn.Module):
         Step k at position t reads token x_{t+k+1} with hidden = step k-1's un-normed output at t
         (step 0: fc(aux_t)), at rope position t+k; see docs/draft-model.md."""
         B, T = input_ids.shape
+        device = input_ids.device
         attn = self.midlayer.self_attn
+        eps = self.config.rms_norm_eps
         key_valid = attention_mask.bool()
-        hidden = self.fuse(aux_hidden)
-        base_pos = torch.arange(T, device=input_ids.device)
-        causal = self._causal_impl(input_ids.device)
+        base_pos = torch.arange(T, device=device)
+        causal = self._causal_impl(device)
+        dtype = self.compute_dtype(device)
+        on = self._compiled(device)
+        f_in, f_qkv, f_finish, f_norm = (fused.get(n, on) for n in ("attn_input", "qkv", "finish", "rms_norm"))
+        # Explicit dtypes inside (autocast would cast every weight again in every TTT step); the
+        # autocast-off region never spans a yield, so the caller's autocast state is untouched.
+        no_autocast = functools.partial(torch.autocast, device.type, enabled=False)
+        with no_autocast():
+            w = self._step_weights(dtype)
+            hidden = F.linear(aux_hidden.to(dtype), w["fc"])
         k0 = v0 = None
         k_diag: list[torch.Tensor] = []
         v_diag: list[torch.Tensor] = []
         for k in range(ttt_length):
-            ids = _shift_left(input_ids, k + 1)
-            x = self.midlayer.attn_input(self.embed_tokens(ids), hidden)
-            cos, sin = self._rope(base_pos + k, x.dtype)
-            q, kk, vv = attn.qkv(x, cos, sin)
-            if k == 0:
-                k0, v0 = kk, vv
-            else:
-                k_diag.append(kk)
-                v_diag.append(vv)
-            out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale, causal=causal)
-            hidden = self.midlayer.finish(hidden, out)
-            yield self.norm(hidden)
+            with no_autocast():
+                ids = _shift_left(input_ids, k + 1)
+                x = f_in(self.embed_tokens(ids), hidden, w["in"], w["hid"], eps)
+                cos, sin = self._rope(base_pos + k, dtype)
+                q, kk, vv = f_qkv(x, w["qkv"], cos, sin, attn.n_heads, attn.n_kv, attn.head_dim)
+                if k == 0:
+                    k0, v0 = kk, vv
+                else:
+                    k_diag.append(kk)
+                    v_diag.append(vv)
+                out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale, causal=causal)
+                args = (hidden, out, w["o"], w["post"], eps, w["gate"], w["up"], w["down"])
+                hidden = checkpoint(f_finish, *args, use_reentrant=False) if self.checkpoint_finish else f_finish(*args)
+                normed = f_norm(hidden, w["norm"], eps)
+            yield normed
 
     # ------------------------------------------------------------------------------ inference
     def forward_cached(

@@ -24,7 +24,11 @@ class LlamaEagle3Options:
     attention: str = option(
         "auto", "TTT attention kernel for the causal part: 'eager' (explicit scores, exact for any "
         "padding), 'sdpa' (PyTorch fused kernels with a differentiable log-sum-exp, right padding), "
-        "'auto' = sdpa on GPU, eager on CPU", choices=("auto", "eager", "sdpa"))
+        "'flex' (FlexAttention with log-sum-exp gradient, right padding; fastest on GPU), "
+        "'auto' = flex on GPU, eager on CPU", choices=("auto", "eager", "sdpa", "flex"))
+    compile: str = option(
+        "auto", "torch.compile the TTT step's dense parts (RMSNorms, rope, SwiGLU, residuals around the "
+        "GEMMs): 'auto' = on CUDA only, 'on', 'off'", choices=("auto", "on", "off"))
     aux_ids_convention: str = option(
         "sglang", "Convention of eagle_aux_hidden_state_layer_ids in the exported config.json (only "
         "written for non-default aux layers): 'sglang' = id of the layer whose output is captured "
@@ -44,7 +48,7 @@ def make_llama_eagle3(options: Optional[LlamaEagle3Options], target: TargetInfo,
     model = LlamaEagle3Draft(cfg, aux_layer_ids=target.aux_layer_ids,
                              target_num_layers=target.num_hidden_layers,
                              aux_ids_convention=options.aux_ids_convention,
-                             attention=options.attention)
+                             attention=options.attention, compile=options.compile)
     if options.init_from:
         init = Path(options.init_from)
         if not (init / "model.safetensors").exists():

@@ -43,9 +43,15 @@ def micro_step(ttt_forward, head, loss_fn, batch, target_head, t2d, K):
     rows raw-loss sum, correct, count, weighted-loss sum (token-weighted sums per TTT step)."""
     stats = torch.zeros(4, K, dtype=torch.float64, device=batch.input_ids.device)
     total = None
+    # Optional Loss extension: the target distribution of every position once per micro-batch
+    # (step k reads it shifted by k+1) instead of one target-head GEMM + softmax per TTT step.
+    pre = getattr(loss_fn, "precompute_targets", None)
+    targets = pre(batch.final_hidden, target_head) if pre is not None else None
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
         target_hidden, valid = align_step(batch, k, t2d)
-        out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten())
+        extra = {} if targets is None else {"targets": targets.shifted(k + 1)}
+        out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten(),
+                      **extra)
         total = out.loss if total is None else total + out.loss
         stats[0, k] += out.raw_loss.detach().double() * out.count
         stats[1, k] += out.correct
@@ -105,8 +111,11 @@ class Eagle3Trainer:
         self.t2d = vocab.t2d.to(self.device)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused AdamW (one kernel over all params) on CUDA with plain tensors ('local'); sharded
+        # strategies keep the default implementation
+        fused = self.device.type == "cuda" and not wrap
         self.optimizer = torch.optim.AdamW(
-            params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused or None
         )
         warmup = int(round(t.warmup_ratio * total_steps))
         lr_lambda = create(config, "lr_scheduler", total_steps, warmup)
