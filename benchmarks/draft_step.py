@@ -1,18 +1,23 @@
 """EAGLE-3 draft training step on one GPU: numerics vs the eager reference, then time, memory and
 MFU of each variant at each sequence length, in one process (one device call).
 
-    python benchmarks/draft_step.py                       # the full table (H100: ~5 min)
-    python benchmarks/draft_step.py --T 2048 --variants flex --no-check
+    python benchmarks/draft_step.py                       # the full table (H100: ~3 min)
+    python benchmarks/draft_step.py --T 2048 --variants v3 --no-check
 
 Llama-3.1-8B-shaped draft (hidden 4096, intermediate 14336, 32/8 heads, vocab 128256 -> 32000),
 bf16 weights and features, ttt_length 7, B=1, synthetic target features on the GPU. A step is
-the trainer's micro-step (TTT unroll + forward-kl loss per step) + backward + fused AdamW.
+the trainer's own micro_step (TTT unroll + forward-kl loss per step) + backward + fused AdamW.
 
 Variants:
-  before       attention=sdpa, fp32 head GEMMs in the loss   (the code before this work)
+  before       attention=sdpa, fp32 head GEMMs in the loss   (the code before round v1)
   sdpa         attention=sdpa, bf16 head GEMMs
-  flex         attention=flex (FlexAttention with LSE gradient), bf16 head GEMMs
-  flex+ckpt    flex + activation checkpointing of midlayer.finish in every TTT step
+  flex         v2: FlexAttention with LSE gradient, bf16 weights, no compile, target logits per step
+  compile      flex + compiled step parts + fused qkv
+  v3-bf16w     compile + target distribution once per micro-batch, bf16 weights
+  v3           the trainer's default: v3-bf16w with fp32 master weights (LocalStrategy.prepare)
+               and bf16 autocast over the forward
+  v3+ckpt      v3 + activation checkpointing of the finish block in every TTT step
+  sdpa-amp     sdpa under fp32 masters + autocast (numerics only, by default)
   eager-ref    benchmarks/eager_reference.py (dense masks, full softmax, full logits)
 
 MFU = FLOPs/token (formula below) * tokens/s / 790e12 (H100 SXM dense bf16).
