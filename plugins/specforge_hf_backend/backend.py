@@ -84,6 +84,15 @@ def chunked_argmax(hidden: torch.Tensor, head: nn.Module, chunk: int) -> torch.T
     return out
 
 
+def resolve_output_device(option: str, config) -> str:
+    """'auto' keeps features on the target's device only when producer and trainer share one
+    process (local pipeline + in-process store); anything crossing processes goes to host memory."""
+    if option != "auto":
+        return option
+    local = config.run.pipeline == "local" and config.transfer.store == "local"
+    return "same" if local else "cpu"
+
+
 class HFTargetBackend:
     """``TargetBackend`` over ``AutoModelForCausalLM`` (see docs/target-backends.md)."""
 
@@ -110,6 +119,7 @@ class HFTargetBackend:
         self.layers = find_decoder_layers(self.base, self.info.num_hidden_layers)
         self.lm_head = model.get_output_embeddings()
         self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+        self.on_host = resolve_output_device(getattr(options, "output_device", "cpu"), config) == "cpu"
 
     # ------------------------------------------------------------------------------- generate
     def generate(self, samples: Sequence[Sample]) -> list[TargetFeatures]:
@@ -158,7 +168,7 @@ class HFTargetBackend:
         aux = torch.cat([captured[i] for i in aux_ids], dim=-1).to(self.dtype)  # [B, T, n*H], low -> high
         # Full-vocab argmax over the real tokens only, in chunks (never [B*T, V] logits at once).
         argmax = chunked_argmax(final[attn_dev], self.lm_head, self.options.argmax_chunk_size)
-        on_host = getattr(self.options, "output_device", "cpu") == "cpu"
+        on_host = self.on_host
         argmax_c = (argmax.cpu() if on_host else argmax).split(lengths)
 
         # Each feature owns exactly its storage (a view of a batch tensor would drag the whole batch

@@ -23,8 +23,9 @@ class HFBackendOptions:
         "auto", "Device for the target: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."
     )
     output_device: str = option(
-        "cpu", "Where captured features live: 'cpu' (pinned host memory, one non_blocking copy per "
-        "sample and one sync per batch; for transfer stores and other processes) or 'same' (stay on "
-        "the target's device: no host round trip when the trainer shares the GPU)",
-        choices=("cpu", "same"),
+        "auto", "Where captured features live: 'cpu' (pinned host memory, one non_blocking copy per "
+        "sample and one sync per batch; for transfer stores and other processes), 'same' (stay on "
+        "the target's device: no host round trip when the trainer shares the GPU), or 'auto' ('same' "
+        "for the one-process local pipeline with the in-process 'local' store, else 'cpu')",
+        choices=("auto", "cpu", "same"),
     )
