@@ -146,6 +146,9 @@ def run_ray(
         raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
     vocab, vocab_path = _load_or_build_vocab(config, usable, info.vocab_size, console)
+    # trainer actors load the mapping from this file: it must be this run's (the local helper keeps
+    # an existing file from an earlier run in the same output_dir)
+    vocab.save(str(vocab_path))
 
     # ---- plan: a step is micro_batch_size x gradient_accumulation samples on each of dp ranks
     dp = tr.num_gpus
