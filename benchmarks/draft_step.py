@@ -17,6 +17,11 @@ Variants:
   v3           the trainer's default: v3-bf16w with fp32 master weights (LocalStrategy.prepare)
                and bf16 autocast over the forward
   v3+ckpt      v3 + activation checkpointing of the finish block in every TTT step
+  v4           the trainer's default after round v4: v3 + compiled stacked diagonal merge
+               (model.merge = "auto") + loss chunks of 8192 rows (forward-kl's default)
+  v4-c4096     v4 with loss chunks of 4096 rows
+  v4+ckpt      v4 + activation checkpointing of the finish block
+  (v3 variants run with model.merge = "loop" and chunk_size = 1024, the v3 code paths)
   sdpa-amp     sdpa under fp32 masters + autocast (numerics only, by default)
   eager-ref    benchmarks/eager_reference.py (dense masks, full softmax, full logits)
 
@@ -99,7 +104,7 @@ class PerStepTargets:
     """forward-kl without the precompute_targets extension: target logits once per TTT step (v2)."""
 
     def __init__(self):
-        self.inner = ForwardKLLoss(ForwardKLOptions())
+        self.inner = ForwardKLLoss(ForwardKLOptions(chunk_size=1024))
 
     def __call__(self, *args):
         return self.inner(*args)
@@ -108,7 +113,7 @@ class PerStepTargets:
 def amp(variant: str) -> bool:
     """Variants run like Eagle3Trainer + the local strategy's default: fp32 master weights, bf16
     autocast over the forward."""
-    return variant.startswith("v3") and "bf16w" not in variant or variant == "sdpa-amp"
+    return variant.startswith(("v3", "v4")) and "bf16w" not in variant or variant == "sdpa-amp"
 
 
 def step_loss(variant: str, model, batch, head, t2d):
@@ -118,9 +123,15 @@ def step_loss(variant: str, model, batch, head, t2d):
 
         return eager_step_loss(model, batch, head, t2d, K_TTT)[0]
     model.attention = "sdpa" if variant in ("before", "sdpa", "sdpa-amp") else "flex"
-    model.compile = "on" if variant.startswith(("v3", "compile")) else "off"
+    model.compile = "on" if variant.startswith(("v3", "v4", "compile")) else "off"
+    model.merge = "auto" if variant.startswith("v4") else "loop"
     checkpoint_finish(model, enabled=variant.endswith("+ckpt"))
-    loss_fn = ForwardKLLoss(ForwardKLOptions()) if variant.startswith("v3") else PerStepTargets()
+    if variant.startswith("v4"):
+        loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=4096) if "c4096" in variant else ForwardKLOptions())
+    elif variant.startswith("v3"):
+        loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=1024))
+    else:
+        loss_fn = PerStepTargets()
     if variant == "before":
         fn = functools.partial(fused_forward_kl, fp32_heads=True)
 
@@ -201,7 +212,7 @@ def check_numerics(model, T=1024) -> dict:
     return out
 
 
-NUMERICS = ("eager-ref", "flex", "v3-bf16w", "v3", "v3+ckpt", "sdpa-amp")
+NUMERICS = ("eager-ref", "v3", "v4", "v4+ckpt")
 
 
 def profile(variant, model, batch, head, t2d, path) -> str:
@@ -219,15 +230,29 @@ def profile(variant, model, batch, head, t2d, path) -> str:
     return table
 
 
+def profile_copies(variant, model, batch, head, t2d, path) -> None:
+    """Which ops launch the copies: CPU ops with input shapes, by CUDA time (written, not printed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
+        step_loss(variant, model, batch, head, t2d).backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(p.key_averages(group_by_input_shape=True).table(
+            sort_by="cuda_time_total", row_limit=60, max_name_column_width=50, max_shapes_column_width=90))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
-    ap.add_argument("--variants", nargs="+", default=["eager-ref", "flex", "compile", "v3-bf16w", "v3", "v3+ckpt"])
+    ap.add_argument("--variants", nargs="+", default=["eager-ref", "v3", "v4", "v4-c4096", "v4+ckpt"])
     ap.add_argument("--longest", type=int, nargs="*", default=[65536],
                     help="extra lengths tried with --long-variant only, to find the longest that fits")
-    ap.add_argument("--long-variant", default="v3+ckpt")
+    ap.add_argument("--long-variant", default="v4+ckpt")
     ap.add_argument("--profile-T", type=int, default=8192)
-    ap.add_argument("--profile-variant", default="v3")
+    ap.add_argument("--profile-variant", default="v4")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "draft_step.json"))
@@ -258,7 +283,7 @@ def main() -> None:
     plan += [(T, a.long_variant) for T in a.longest]
     skip = set()
     for T, v in plan:
-        long_only = T > 8192 and v not in ("v3", "v3+ckpt")  # the long runs: only what trains them
+        long_only = T > 8192 and v not in ("v4", "v4+ckpt")  # the long runs: only what trains them
         if v == "eager-ref" and T > 4096 or v == "before" and T > 8192 or (v, "OOM") in skip and T > 8192 or long_only:
             results["runs"].append({"variant": v, "T": T, "status": "skipped"})
             continue
@@ -274,7 +299,9 @@ def main() -> None:
             m = m32 if amp(v) else model
             r = run_variant(v, m, batch, head, t2d, T, iters=a.iters if T <= 32768 else 2, opt=opts[id(m)])
             if T == a.profile_T and v == a.profile_variant and r["status"] == "ok":
-                print(profile(v, m, batch, head, t2d, os.path.join(os.environ.get("OUT", "."), "profile.txt")))
+                out_dir = os.environ.get("OUT", ".")
+                profile(v, m, batch, head, t2d, os.path.join(out_dir, "profile.txt"))
+                profile_copies(v, m, batch, head, t2d, os.path.join(out_dir, "profile_shapes.txt"))
         except Exception as e:
             for o in opts.values():
                 o.zero_grad(set_to_none=True)

@@ -112,7 +112,7 @@ def test_ttt_forward_with_dense_reference_attention(monkeypatch):
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
     real = list(m.ttt_forward(ids, aux, mask, 4))
-    monkeypatch.setattr(model_mod, "ttt_attention", lambda *a, causal=None: dense_ttt_attention(*a))
+    monkeypatch.setattr(model_mod, "ttt_attention", lambda *a, causal=None, merge=None: dense_ttt_attention(*a))
     dense = list(m.ttt_forward(ids, aux, mask, 4))
     for a, b in zip(real, dense, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

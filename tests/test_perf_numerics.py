@@ -63,11 +63,15 @@ def loss_and_grads(fn, model, *args):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attention,ckpt", [("eager", False), ("sdpa", False), ("flex", True)])
-def test_optimized_step_matches_eager_reference_float64(attention, ckpt):
+@pytest.mark.parametrize("attention,ckpt,merge", [("eager", False, "loop"), ("sdpa", False, "loop"),
+                                                  ("flex", True, "loop"), ("eager", False, "stacked"),
+                                                  ("flex", True, "stacked")])
+def test_optimized_step_matches_eager_reference_float64(attention, ckpt, merge):
+    """``stacked`` is the math of the merge that runs torch.compile'd on GPU, here eager."""
     model, batch, head, t2d = setup(0, torch.float64)
     ref_loss, ref_g = loss_and_grads(lambda m, *a: eager_step_loss(m, *a, K)[0], model, batch, head, t2d)
     model.attention = attention
+    model.merge = merge
     checkpoint_finish(model, ckpt)
     if attention == "sdpa":  # fused CPU kernel assumes right padding: compare only full rows
         batch.attention_mask[:] = True
@@ -116,8 +120,10 @@ def trainer_micro_step_loss(model, batch, head, t2d):
     return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K)[0]
 
 
-def test_precomputed_targets_path_matches_eager_reference_float64():
+@pytest.mark.parametrize("merge", ["loop", "stacked"])
+def test_precomputed_targets_path_matches_eager_reference_float64(merge):
     model, batch, head, t2d = setup(2, torch.float64)
+    model.merge = merge
     ref_loss, ref_g = loss_and_grads(lambda m, *a: eager_step_loss(m, *a, K)[0], model, batch, head, t2d)
     loss, g = loss_and_grads(trainer_micro_step_loss, model, batch, head, t2d)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)

@@ -32,8 +32,10 @@ class ForwardKLOptions:
         0.8, "Weight of TTT step k is step_weight_decay**k (EAGLE-3 uses 0.8)", validator=in_range(0, 1)
     )
     chunk_size: int = option(
-        1024,
-        "Tokens per chunk: at most chunk_size x draft_vocab fp32 logits exist at once (forward and backward)",
+        8192,
+        "Tokens per chunk: at most chunk_size x draft_vocab fp32 logits exist at once (forward and backward). "
+        "Larger chunks make fewer, larger head GEMMs (each chunk's weight-gradient GEMM re-reads and "
+        "re-writes the fp32 [draft_vocab x H] accumulator)",
         validator=positive,
     )
 
@@ -124,6 +126,15 @@ def precompute_target_probs(final_hidden: torch.Tensor, target_head: torch.Tenso
     return TargetProbs(probs, argmax)
 
 
+def _add_weight_grad(acc, g, h, fast: bool, f32: torch.dtype) -> torch.Tensor:
+    """acc + g.T @ h in ``f32`` (acc None: the first chunk, a plain GEMM)."""
+    if fast:  # bf16 operands, fp32 output
+        return torch.mm(g.T, h, out_dtype=torch.float32) if acc is None else torch.addmm(
+            acc, g.T, h, out_dtype=torch.float32)
+    h = h.to(f32)
+    return g.T @ h if acc is None else acc.addmm_(g.T, h)
+
+
 class _FusedSoftCE(torch.autograd.Function):
     """Fused ``lm_head`` x2 + soft cross-entropy over valid rows, gradients computed in forward."""
 
@@ -164,7 +175,8 @@ class _FusedSoftCE(torch.autograd.Function):
         f32 = torch.float32 if fast else w_d.dtype
         grad_h = (torch.zeros(draft_hidden.shape, dtype=draft_hidden.dtype if fast else f32, device=device)
                   if want_h else None)
-        grad_w = torch.zeros(draft_head.shape, dtype=f32, device=device) if want_w else None
+        # the weight gradient starts from the first chunk's GEMM (no zero fill + beta-add pass)
+        grad_w = None
         loss_sum = torch.zeros((), dtype=f32, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         scale = weight / max(n_valid, 1)
@@ -186,10 +198,7 @@ class _FusedSoftCE(torch.autograd.Function):
                 if want_h:
                     grad_h.index_copy_(0, idx, g @ w_d)
                 if want_w:
-                    if fast:
-                        grad_w = torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
-                    else:
-                        grad_w.addmm_(g.T, h.to(f32))
+                    grad_w = _add_weight_grad(grad_w, g, h, fast, f32)
                 del d, g
                 continue
             t = logits(target_hidden.index_select(0, idx), w_t)  # [C, Vd] target logits, fp32
@@ -200,7 +209,7 @@ class _FusedSoftCE(torch.autograd.Function):
                 if want_h:
                     grad_h.index_copy_(0, idx, g @ w_d)
                 if want_w:
-                    grad_w = torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
+                    grad_w = _add_weight_grad(grad_w, g, h, fast, f32)
                 del d, t, g
                 continue
             correct += (d.argmax(-1) == t.argmax(-1)).sum()
@@ -219,9 +228,11 @@ class _FusedSoftCE(torch.autograd.Function):
                 if want_h:
                     grad_h.index_copy_(0, idx, g @ w_d)
                 if want_w:
-                    grad_w.addmm_(g.T, h)
+                    grad_w = _add_weight_grad(grad_w, g, h, False, f32)
             del d, p_t, t
 
+        if want_w and grad_w is None:  # no valid rows
+            grad_w = torch.zeros(draft_head.shape, dtype=f32, device=device)
         raw = loss_sum / max(n_valid, 1)
         ctx.save_for_backward(
             grad_h.to(draft_hidden.dtype) if want_h else None,
@@ -284,7 +295,8 @@ class ForwardKLLoss:
         """Optional Loss extension the trainer's micro-step uses when present: the target
         distribution of every position once per micro-batch instead of once per TTT step (saves
         K-1 target-head GEMMs and softmaxes). ``final_hidden`` [B, T, H]; step k then gets
-        ``targets=result.shifted(k + 1)`` (flattened rows b*T + t + k + 1)."""
+        ``targets=result.shifted(k + 1)`` (flattened rows b*T + t + k + 1), and the trainer passes
+        the *unshifted* ``final_hidden`` as ``target_hidden`` (only its shape is checked then)."""
         return precompute_target_probs(final_hidden, target_head, self.options.chunk_size)
 
     def __call__(self, step, draft_hidden, draft_head, target_hidden, target_head, valid,

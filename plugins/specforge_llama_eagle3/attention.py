@@ -13,7 +13,9 @@ Memory is that of plain causal attention plus O(T*k) per head.
 
 ``causal_attention_with_lse`` is the piece a fused kernel replaces (keep its signature): ``sdpa``
 (PyTorch's fused kernels + two extra passes for the LSE gradient) or ``flex`` (FlexAttention, whose
-backward takes the LSE gradient itself). The merge is one autograd Function (``_DiagonalMerge``).
+backward takes the LSE gradient itself). The merge is one autograd Function: ``_DiagonalMerge``
+(a loop over diagonals; CPU, eager) or ``_StackedDiagonalMerge`` (stacked diagonals, each direction
+one ``torch.compile``d call on GPU).
 """
 
 from __future__ import annotations
@@ -209,6 +211,80 @@ class _DiagonalMerge(torch.autograd.Function):
         return None, d_q.view(B, Hq, T, D).to(q.dtype), d_out, d_lse, *d_k, *d_v
 
 
+# ------------------------------------------------------------------- compiled diagonal merge (GPU)
+# The same math as ``_DiagonalMerge`` written over *stacked* diagonals [n, B, Hkv, T, D] with
+# broadcasts instead of a Python loop, so that ``torch.compile`` turns each direction into a couple
+# of fused reduction kernels (bf16 in, fp32 arithmetic in registers, bf16/fp32 out) instead of
+# ~10 eager fp32 passes over [T, Hq, D] per diagonal. Stacking copies the n diagonals once per step
+# (n x [T, Hkv*D] bf16: small next to the passes it saves).
+
+
+def merge_forward(q, out, lse, ks, vs, scale: float):
+    """-> (merged [B, Hq, T, D] in out's dtype, softmax weights w [n+1, B, Hq, T] fp32)."""
+    n, B, Hkv, T, D = ks.shape
+    Hq = q.shape[1]
+    rep = Hq // Hkv
+    f32 = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(f32).reshape(B, Hkv, rep, T, D)
+    s = (qf[None] * ks.to(f32)[:, :, :, None]).sum(-1).reshape(n, B, Hq, T) * scale
+    w = torch.softmax(torch.cat([lse.to(f32)[None], s]), dim=0)
+    wj = w[1:].reshape(n, B, Hkv, rep, T, 1)
+    res = out.to(f32) * w[0, ..., None] + (wj * vs.to(f32)[:, :, :, None]).sum(0).reshape(B, Hq, T, D)
+    return res.to(out.dtype), w
+
+
+def merge_backward(d_res, q, out, w, ks, vs, scale: float):
+    """Gradients of ``merge_forward`` -> (d_q, d_out, d_lse, d_ks, d_vs)."""
+    n, B, Hkv, T, D = ks.shape
+    Hq = q.shape[1]
+    rep = Hq // Hkv
+    f32 = w.dtype
+    g = d_res.to(f32)
+    gg = g.reshape(B, Hkv, rep, T, D)
+    d_out = (g * w[0, ..., None]).to(out.dtype)
+    dw0 = (g * out.to(f32)).sum(-1)
+    dwj = (gg[None] * vs.to(f32)[:, :, :, None]).sum(-1).reshape(n, B, Hq, T)
+    dw = torch.cat([dw0[None], dwj])
+    dp = w * (dw - (w * dw).sum(0, keepdim=True))  # softmax backward over the n+1 parts
+    dpj = (dp[1:] * scale).reshape(n, B, Hkv, rep, T, 1)
+    qf = q.to(f32).reshape(B, Hkv, rep, T, D)
+    d_q = (dpj * ks.to(f32)[:, :, :, None]).sum(0).reshape(B, Hq, T, D)
+    d_ks = (dpj * qf[None]).sum(3)
+    d_vs = (w[1:].reshape(n, B, Hkv, rep, T, 1) * gg[None]).sum(3)
+    return d_q.to(q.dtype), d_out, dp[0], d_ks.to(ks.dtype), d_vs.to(vs.dtype)
+
+
+_MERGE: dict = {}
+
+
+def _merge_fn(name: str, compiled: bool):
+    fn = {"forward": merge_forward, "backward": merge_backward}[name]
+    if not compiled:
+        return fn
+    if name not in _MERGE:
+        # dynamic=None: the diagonal count n and T become symbolic after their first change, so a
+        # handful of compiles cover every step and sequence length
+        _MERGE[name] = torch.compile(fn)
+    return _MERGE[name]
+
+
+class _StackedDiagonalMerge(torch.autograd.Function):
+    """``_DiagonalMerge`` over stacked diagonals, forward and backward each one compiled call."""
+
+    @staticmethod
+    def forward(ctx, scale, compiled, q, out, lse, ks, vs):
+        res, w = _merge_fn("forward", compiled)(q, out, lse, ks, vs, scale)
+        ctx.save_for_backward(q, out, w, ks, vs)
+        ctx.scale, ctx.compiled = scale, compiled
+        return res
+
+    @staticmethod
+    def backward(ctx, d_res):
+        q, out, w, ks, vs = ctx.saved_tensors
+        d_q, d_out, d_lse, d_ks, d_vs = _merge_fn("backward", ctx.compiled)(d_res, q, out, w, ks, vs, ctx.scale)
+        return None, None, d_q, d_out, d_lse, d_ks, d_vs
+
+
 def ttt_attention(
     q: torch.Tensor,  # [B, Hq, T, D]: this step's queries (rope at position t+k)
     k0: torch.Tensor,  # [B, Hkv, T, D]: step-0 keys (rope at position s)
@@ -218,10 +294,16 @@ def ttt_attention(
     key_valid: Optional[torch.Tensor],  # bool [B, T]
     scale: float,
     causal=causal_attention_with_lse,  # or sdpa_/flex_causal_attention_with_lse
+    merge: str = "loop",  # "loop" (_DiagonalMerge), "stacked" (eager), "compiled" (stacked + torch.compile)
 ) -> torch.Tensor:
     """Attention output [B, Hq, T, D] of TTT step k = len(k_diag)."""
     out, lse = causal(q, k0, v0, key_valid, scale)
     if not k_diag:
         return out
     # Each diagonal is a single key per query: its "log-sum-exp" is just its score.
-    return _DiagonalMerge.apply(scale, q, out, lse, *k_diag, *v_diag)
+    if merge == "loop":
+        return _DiagonalMerge.apply(scale, q, out, lse, *k_diag, *v_diag)
+    if merge not in ("stacked", "compiled"):
+        raise ValueError(f"merge '{merge}' is not known; allowed: loop, stacked, compiled")
+    return _StackedDiagonalMerge.apply(scale, merge == "compiled", q, out, lse, torch.stack(list(k_diag)),
+                                       torch.stack(list(v_diag)))

@@ -150,6 +150,8 @@ class LlamaEagle3Draft(nn.Module):
         self.attention = attention
         self.compile = compile
         self.checkpoint_finish = False  # recompute the finish block in backward (memory.py)
+        # TTT diagonal merge: "auto" = compiled stacked merge when compiling, else the eager loop
+        self.merge = "auto"
         self.config = cfg
         self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else None
         self.target_num_layers = target_num_layers
@@ -232,6 +234,7 @@ class LlamaEagle3Draft(nn.Module):
         causal = self._causal_impl(device)
         dtype = self.compute_dtype(device)
         on = self._compiled(device)
+        merge = self.merge if self.merge != "auto" else ("compiled" if on else "loop")
         f_in, f_qkv, f_finish, f_norm = (fused.get(n, on) for n in ("attn_input", "qkv", "finish", "rms_norm"))
         # Explicit dtypes inside (autocast would cast every weight again in every TTT step); the
         # autocast-off region never spans a yield, so the caller's autocast state is untouched.
@@ -253,7 +256,7 @@ class LlamaEagle3Draft(nn.Module):
                 else:
                     k_diag.append(kk)
                     v_diag.append(vv)
-                out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale, causal=causal)
+                out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale, causal=causal, merge=merge)
                 args = (hidden, out, w["o"], w["post"], eps, w["gate"], w["up"], w["down"])
                 hidden = checkpoint(f_finish, *args, use_reentrant=False) if self.checkpoint_finish else f_finish(*args)
                 normed = f_norm(hidden, w["norm"], eps)

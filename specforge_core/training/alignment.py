@@ -28,16 +28,24 @@ def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def align_step(batch: Batch, k: int, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target tensors for TTT step ``k``: ``(target_hidden [B, T, H], valid bool [B, T])``.
+def align_valid(batch: Batch, k: int, t2d: torch.Tensor) -> torch.Tensor:
+    """``valid`` bool [B, T] of TTT step ``k`` alone: small [B, T] index arithmetic, no copy of
+    ``final_hidden`` (what a loss with precomputed targets needs).
 
     ``t2d`` is the bool [V_target] mask of target ids that are in the draft vocab.
     """
     T = batch.input_ids.shape[1]
     pos = torch.arange(T, device=batch.input_ids.device)
-    target_hidden = shift_left(batch.final_hidden, k + 1)
     argmax = shift_left(batch.target_argmax, k + 1)
     in_range = (pos[None, :] + k + 2) < batch.lengths[:, None]
     predicted_is_learned = shift_left(batch.loss_mask, k + 2)
     in_draft_vocab = t2d.to(argmax.device)[argmax]
-    return target_hidden, in_range & predicted_is_learned & in_draft_vocab
+    return in_range & predicted_is_learned & in_draft_vocab
+
+
+def align_step(batch: Batch, k: int, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target tensors for TTT step ``k``: ``(target_hidden [B, T, H], valid bool [B, T])``.
+
+    ``t2d`` is the bool [V_target] mask of target ids that are in the draft vocab.
+    """
+    return shift_left(batch.final_hidden, k + 1), align_valid(batch, k, t2d)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from specforge_core.config.schema import SpecforgeConfig
-from specforge_core.training.alignment import align_step
+from specforge_core.training.alignment import align_step, align_valid
 from specforge_core.training.batch import collate
 from specforge_core.training.components import create
 from specforge_core.types import TargetFeatures, TargetInfo
@@ -48,8 +48,14 @@ def micro_step(ttt_forward, head, loss_fn, batch, target_head, t2d, K):
     pre = getattr(loss_fn, "precompute_targets", None)
     targets = pre(batch.final_hidden, target_head) if pre is not None else None
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
-        target_hidden, valid = align_step(batch, k, t2d)
-        extra = {} if targets is None else {"targets": targets.shifted(k + 1)}
+        if targets is None:
+            target_hidden, valid = align_step(batch, k, t2d)
+            extra = {}
+        else:
+            # With precomputed targets the loss reads ``targets`` (shifted by index arithmetic) and
+            # only shape-checks target_hidden: pass the unshifted features, no [B, T, H] copy per step.
+            target_hidden, valid = batch.final_hidden, align_valid(batch, k, t2d)
+            extra = {"targets": targets.shifted(k + 1)}
         out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten(),
                       **extra)
         total = out.loss if total is None else total + out.loss
