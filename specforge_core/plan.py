@@ -180,7 +180,7 @@ class TrainMemory:
     optimizer: int  # AdamW exp_avg + exp_avg_sq
     frozen: int  # target embedding + the target lm_head rows of the draft vocab (replicated)
     activations: int  # saved for backward by the TTT unroll at max_seq_length
-    workspace: int  # the fused loss's chunk of logits (transient)
+    workspace: int  # the fused loss's chunk of logits (transient) + precomputed target probs
 
     @property
     def total(self) -> int:
@@ -218,14 +218,19 @@ def train_memory(config: Any, d: dict, n_aux: int) -> TrainMemory:
     # once: the batch (aux + final hidden states in the compute dtype) and the fc output
     act = K * (B * T * activation_bytes_per_token_step(d, c) + c * Vd * H)
     act += B * T * c * (n_aux * d["target_hidden_size"] + d["target_hidden_size"] + H)
-    chunk = getattr(config.options("training", tr.loss), "chunk_size", 1024)
+    loss_opts = config.options("training", tr.loss)
+    chunk = getattr(loss_opts, "chunk_size", 1024)
+    # the loss may hold the target distribution of the whole micro-batch once ([B*T, Vd] fp16)
+    # instead of recomputing it per TTT step (forward-kl's precompute_targets)
+    targets = 2 * B * T * Vd if tr.loss == "forward-kl" else 0
     return TrainMemory(
         weights=4 * trainable // n * state + compute_copy,
         grads=4 * trainable // n * state,
         optimizer=8 * trainable // n * state,
         frozen=c * (frozen + Vd * d["target_hidden_size"]),
         activations=act,
-        workspace=3 * LOGIT_BYTES * min(chunk, B * T) * Vd,  # draft logits, target probs, gradient
+        # draft logits, target probs, gradient of one chunk + the precomputed target distribution
+        workspace=3 * LOGIT_BYTES * min(chunk, B * T) * Vd + targets,
     )
 
 

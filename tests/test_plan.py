@@ -75,8 +75,10 @@ def test_qwen3_8b_training_memory():
     assert m.optimizer == 8 * trainable // n
     assert m.frozen == 2 * (frozen + 32000 * 4096)  # embedding + target lm_head rows
     assert m.activations == 7 * (4096 * per_token_step + head_grad) + once == 9_518_972_928
-    assert m.workspace == 3 * 4 * 1024 * 32000  # one chunk of fp32 [chunk x Vd] buffers
-    assert m.total == 15_414_231_040
+    # one chunk (8192 rows, capped at the 4096 tokens) of fp32 [chunk x Vd] buffers, plus the
+    # target distribution of the micro-batch held once in fp16
+    assert m.workspace == 3 * 4 * min(8192, 4096) * 32000 + 2 * 4096 * 32000
+    assert m.total == 15_414_231_040 - 3 * 4 * 1024 * 32000 + m.workspace
     # 'replicate' keeps full states on every rank; twice the micro batch doubles the per-token part
     r = P.build_plan(_cfg("training.fsdp2.sharding=replicate", "training.micro_batch_size=2"))["train_memory"]
     assert r.optimizer == 8 * trainable
