@@ -114,7 +114,14 @@ def run_ray(
     *,
     stop_after_steps: Optional[int] = None,  # trainers end early as if killed (tests of resume)
     console: Any = None,
+    target_backend: Any = None,  # not supported: engines build theirs inside Ray actors
+    transfer_store: Any = None,  # a ready-made provider of a registered store (actors connect via the registry)
 ) -> RunResult:
+    if target_backend is not None:
+        raise ValueError(
+            "run.pipeline = 'ray' builds the target backend inside each inference actor from the config; "
+            "a ready-made target_backend instance cannot be moved there (use run.pipeline = 'local')"
+        )
     import ray
     from rich.console import Console
 
@@ -162,7 +169,7 @@ def run_ray(
     placement = pl.plan_placement(config)
     console.print(f"ray: {placement.describe()}; transfer store '{config.transfer.store}'")
 
-    provider = create(config, "transfer_store")
+    provider = transfer_store if transfer_store is not None else create(config, "transfer_store")
     if hasattr(provider, "configure"):  # e.g. mooncake sizes its buffers from the model
         provider.configure(info.hidden_size, len(info.aux_layer_ids), config.dataset.max_seq_length,
                            config.transfer.max_pool_bytes, 4 if placement.use_gpu is False else 2)
