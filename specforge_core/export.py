@@ -86,11 +86,32 @@ def export_from_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "export"
 
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
-    strategy = create(config, "training_strategy", config)
     # The pipeline keeps the run's mapping next to its checkpoints (and records the path in them).
     vocab = VocabMapping.load(vocab_mapping_path(config))
     draft = create(config, "draft_model", info, int(vocab.d2t.numel()))
-    model = strategy.prepare(draft)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    strategy.load_checkpoint(str(checkpoint_dir), model, optimizer)
+    if (checkpoint_dir / ".metadata").exists():
+        # A sharded (DCP) checkpoint, e.g. from fsdp2 on N ranks: read it in this one process,
+        # no process group needed.
+        _load_dcp_trainables(checkpoint_dir, draft)
+    else:
+        strategy = create(config, "training_strategy", config)
+        model = strategy.prepare(draft)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        strategy.load_checkpoint(str(checkpoint_dir), model, optimizer)
     return export_draft(draft, vocab, out_dir)
+
+
+def _load_dcp_trainables(path: Path, draft: torch.nn.Module) -> None:
+    """Fill the draft's trainable parameters from a DCP checkpoint's ``model`` entry (keys of the
+    trainer's ``DraftStep`` wrapper: ``draft.<name>``; frozen parameters are not saved)."""
+    import torch.distributed.checkpoint as dcp
+
+    names = [n for n, p in draft.named_parameters() if p.requires_grad]
+    state = {"model": {f"draft.{n}": draft.get_parameter(n).detach().float().clone() for n in names}}
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except Exception as exc:  # a key the checkpoint lacks: name the checkpoint and the draft
+        raise ValueError(f"export: {path} does not hold this draft's weights ({exc})") from exc
+    with torch.no_grad():
+        for n in names:
+            draft.get_parameter(n).copy_(state["model"][f"draft.{n}"])

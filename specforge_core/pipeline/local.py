@@ -106,7 +106,9 @@ def _load_or_build_vocab(config: SpecforgeConfig, samples: Sequence[Sample], tar
             f"vocab mapping ({source}) covers {vocab.t2d.numel()} target ids, but the target "
             f"{config.model.target!r} has vocab_size {target_vocab}"
         )
-    if not path.exists() or config.model.vocab_mapping:
+    if not source.endswith("(resume)"):
+        # a fresh run owns its output_dir's mapping: never leave an older run's file behind, or
+        # checkpoints and `specforge export` would pair these weights with the wrong vocab
         vocab.save(str(path))
     console.print(f"vocab mapping: draft vocab {vocab.d2t.numel()} of {target_vocab} target ids ({source})")
     return vocab, path
