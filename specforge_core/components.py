@@ -131,6 +131,11 @@ class Loss(Protocol):
 
     Called once per TTT step with flattened tokens; must not materialise more than one step's
     [tokens x draft_vocab] fp32 tensor at a time.
+
+    Optional extension: a loss may define ``precompute_targets(final_hidden, target_head)``; the
+    trainer then computes the target distribution once per micro-batch and passes step k
+    ``targets=<result>.shifted(k + 1)`` as a keyword (see ``specforge_defaults.loss``). A loss
+    without it is called exactly as below.
     """
 
     def __call__(
