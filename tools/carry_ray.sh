@@ -12,6 +12,9 @@
 #   mkdir -p /tmp/site && tar xzf .carry/ray/ray.tgz -C /tmp/site &&
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/ray/*.whl &&
 #   export PYTHONPATH=/tmp/site
+#
+# Note: Ray puts the driver's working directory first on every worker's sys.path, so to run a code
+# snapshot (e.g. `git archive HEAD` into .carry/head) `cd` into it; PYTHONPATH alone only moves the driver.
 set -euo pipefail
 PY=${1:-3.12}
 OUT=${2:-.carry/ray}
