@@ -135,7 +135,7 @@ def run_ray(
     from specforge_core.training.components import create
 
     t0 = time.perf_counter()
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # log lines stay whole in files and CI logs
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(config.run.seed)
