@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 import attrs
+import numpy as np
 
-from specforge_core.pipeline.ray.dispatch import Result, plan_step
+from specforge_core.pipeline.ray.dispatch import EMPTY_RESULTS, RankWork, Result, ResultBatch, plan_step
 
 TAIL_REASON = "last micro-step had fewer samples than trainer ranks"
 
@@ -30,6 +31,39 @@ class Prompt(NamedTuple):
     index: int  # dataset index
     num_tokens: int
     step: int  # the optimizer step it belongs to
+
+
+class PromptBatch(NamedTuple):
+    """Prompts as columns (what the controller hands the manager and the manager an engine)."""
+
+    seq: np.ndarray  # int64
+    index: np.ndarray  # int64
+    num_tokens: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, prompts: Sequence[Prompt]) -> PromptBatch:
+        if not prompts:
+            return EMPTY_PROMPTS
+        seq, index, tokens, _ = zip(*prompts, strict=False)
+        return cls(np.asarray(seq, np.int64), np.asarray(index, np.int64), np.asarray(tokens, np.int64))
+
+    @property
+    def n(self) -> int:  # prompts (len() is the tuple's field count: NamedTuple._make needs it)
+        return len(self.seq)
+
+    def wire(self) -> tuple:
+        """A plain tuple of numpy arrays to send (see ``ResultBatch.wire``)."""
+        return tuple(self)
+
+    @classmethod
+    def from_wire(cls, t: tuple) -> PromptBatch:
+        return t if isinstance(t, cls) else cls._make(t)
+
+    def slice(self, start: int, stop: int) -> PromptBatch:
+        return PromptBatch(self.seq[start:stop], self.index[start:stop], self.num_tokens[start:stop])
+
+
+EMPTY_PROMPTS = PromptBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 @attrs.define
@@ -112,12 +146,15 @@ class ControllerState:
 
     def return_prompts(self, seqs: Sequence[int]) -> int:
         """In-flight prompts whose engine died go back to the front of the buffer (stream order)."""
-        back = [p for p in (self._land(s) for s in seqs) if p is not None]
+        back = [p for p in (self._land(s) for s in _ints(seqs)) if p is not None]
         for p in sorted(back, key=lambda p: p.seq, reverse=True):
             self.buffer.appendleft(p)
         return len(back)
 
-    def push_results(self, results: Sequence[Result]) -> None:
+    def push_results(self, results: Sequence[Result] | ResultBatch | tuple) -> None:
+        """Finished results: a list of ``Result``, a ``ResultBatch`` or its wire tuple."""
+        if isinstance(results, tuple) and len(results) == 5 and isinstance(results[0], np.ndarray):
+            results = ResultBatch.from_wire(results).results()
         for r in results:
             p = self._land(r.seq)
             if p is None:
@@ -134,7 +171,7 @@ class ControllerState:
 
     def skip_prompts(self, seqs: Sequence[int], reason: str) -> None:
         """Prompts inference could not process (e.g. the backend raised): skipped, with reason."""
-        for s in seqs:
+        for s in _ints(seqs):
             p = self._land(s)
             if p is not None:
                 self.need[p.step] -= 1
@@ -169,12 +206,36 @@ class ControllerState:
             return None
         return [q.popleft() for _ in range(min(max_n, len(q)))]
 
+    def pull_work(self, rank: int, max_steps: int) -> Optional[RankWork]:
+        """Like ``pull``, as columns: up to ``max_steps`` queued steps of ``rank`` in one
+        ``RankWork``; None once the run has nothing more."""
+        got = self.pull(rank, max_steps)
+        if got is None:
+            return None
+        samples = [r for a in got for mb in a.micro for r in mb]
+        discard = [r for a in got for r in a.discard]
+        return RankWork(
+            steps=np.fromiter((a.step for a in got), np.int64, len(got)),
+            positions=[a.position for a in got],
+            micro_per_step=np.fromiter((len(a.micro) for a in got), np.int64, len(got)),
+            micro_sizes=np.asarray([len(mb) for a in got for mb in a.micro], np.int64),
+            samples=ResultBatch.of(samples),
+            discard=ResultBatch.of(discard) if discard else EMPTY_RESULTS,
+        )
+
     def consumed(self, seqs: Sequence[int]) -> None:
         """The trainer fetched and deleted these keys: their bytes leave the pool."""
-        for s in seqs:
-            self.pool_bytes -= self.held.pop(s, 0)
+        held = self.held
+        freed = 0
+        for s in _ints(seqs):
+            freed += held.pop(s, 0)
+        self.pool_bytes -= freed
 
-    def trained(self, pairs: Sequence[tuple[int, int]]) -> None:
+    def trained_columns(self, seqs: Sequence[int], indices: Sequence[int]) -> None:
+        """``trained`` as two columns (seq array, dataset-index array)."""
+        self.trained(zip(_ints(seqs), _ints(indices), strict=True))
+
+    def trained(self, pairs: Sequence[tuple[int, int]] | Any) -> None:
         """(seq, dataset index) of samples that went through an optimizer step."""
         for seq, index in pairs:
             if seq in self.trained_seqs:
@@ -202,6 +263,11 @@ class ControllerState:
             "dispatched": self.dispatched,
             "steps_reported": len(self.metrics),
         }
+
+
+def _ints(xs: Any) -> list[int]:
+    """Python ints from a numpy column or any sequence (dict keys must be ints, not np.int64)."""
+    return xs.tolist() if isinstance(xs, np.ndarray) else list(xs)
 
 
 class ControllerActor:
@@ -234,33 +300,53 @@ class ControllerActor:
         self.state.skip_prompts(seqs, reason)
         await self._notify()
 
-    async def exchange(self, results: Sequence[Result], max_new: int) -> tuple[list[Prompt], bool]:
-        """The inference manager's one call per loop: push finished results, take new prompts.
+    async def exchange(
+        self, results: ResultBatch | Sequence[Result], max_new: int, failed: Sequence[int] = (),
+    ) -> tuple[PromptBatch, bool]:
+        """The inference manager's one call per loop: return the prompts of ``failed`` (dead)
+        engines to the buffer, push finished results, take new prompts. Everything is columns.
         Returns ``(prompts, has_work)``; ``has_work`` is False once every prompt is done."""
-        if results:
+        if len(failed):
+            self.state.return_prompts(failed)
+        if (results.n if isinstance(results, ResultBatch) else
+                len(results[0]) if isinstance(results, tuple) and len(results) == 5 else len(results)):
             self.state.push_results(results)
             await self._notify()
-        prompts = self.state.take_prompts(max_new) if max_new else []
-        return prompts, bool(self.state.buffer or self.state.inflight)
+        prompts = PromptBatch.of(self.state.take_prompts(max_new)) if max_new else EMPTY_PROMPTS
+        return prompts.wire(), bool(self.state.buffer or self.state.inflight)
 
     async def pull(
-        self, rank: int, max_n: int, timeout_s: float = 1.0, min_n: int = 1,
-        consumed: Sequence[int] = (), trained: Sequence[tuple[int, int]] = (),
-    ) -> Optional[list[Assignment]]:
-        """A trainer rank's one call: acknowledge ``consumed`` keys and ``trained`` samples, then
-        wait up to ``timeout_s`` for ``min_n`` assignments (fewer once all are dispatched) and take
-        up to ``max_n``. [] on timeout, None when the run has no more work for this rank."""
-        if consumed:
-            self.state.consumed(consumed)
-        if trained:
-            self.state.trained(trained)
+        self, rank: int, max_steps: int = 1, timeout_s: float = 1.0, min_steps: int = 1,
+        consumed: Sequence[int] = (), trained_seq: Sequence[int] = (), trained_index: Sequence[int] = (),
+    ) -> Optional[tuple]:
+        """A trainer rank's one call: acknowledge ``consumed`` keys (seq column) and trained
+        samples (seq and dataset-index columns), then wait up to ``timeout_s`` for ``min_steps``
+        queued steps (fewer once all are dispatched) and take up to ``max_steps`` of them as one
+        ``RankWork`` (its wire tuple: ``RankWork.from_wire``). An empty one on timeout, None when
+        the run has no more work for this rank."""
+        self._ack(consumed, trained_seq, trained_index)
         cond, q = self._cond(), self.state.queues[rank]
-        async with cond:
-            try:
-                await asyncio.wait_for(cond.wait_for(lambda: len(q) >= min_n or self.state.finished), timeout_s)
-            except asyncio.TimeoutError:
-                return []
-        return self.state.pull(rank, max_n)
+        if not (len(q) >= min_steps or self.state.finished):
+            async with cond:
+                try:
+                    await asyncio.wait_for(cond.wait_for(lambda: len(q) >= min_steps or self.state.finished),
+                                           timeout_s)
+                except asyncio.TimeoutError:
+                    pass
+        work = self.state.pull_work(rank, max_steps)
+        return None if work is None else work.wire()
+
+    def _ack(self, consumed: Sequence[int], trained_seq: Sequence[int], trained_index: Sequence[int]) -> None:
+        if len(consumed):
+            self.state.consumed(consumed)
+        if len(trained_seq):
+            self.state.trained_columns(trained_seq, trained_index)
+
+    async def ack(
+        self, consumed: Sequence[int] = (), trained_seq: Sequence[int] = (), trained_index: Sequence[int] = (),
+    ) -> None:
+        """Acknowledgements without a pull (a trainer's last ones)."""
+        self._ack(consumed, trained_seq, trained_index)
 
     async def consumed(self, seqs: Sequence[int]) -> None:
         self.state.consumed(seqs)

@@ -7,8 +7,10 @@ through here.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
+
+import numpy as np
 
 
 class Result(NamedTuple):
@@ -19,6 +21,98 @@ class Result(NamedTuple):
     key: str  # transfer-store key of its features
     num_tokens: int
     nbytes: int  # exact payload bytes the store holds for it
+
+
+class ResultBatch(NamedTuple):
+    """Many ``Result`` s as columns: what engines return and the manager pushes (wire format).
+
+    Pickling five flat columns costs a few bytes per sample; a list of ``Result`` tuples costs a
+    Python object per sample on both ends of every hop."""
+
+    seq: np.ndarray  # int64
+    index: np.ndarray  # int64
+    keys: list[str]
+    num_tokens: np.ndarray  # int64
+    nbytes: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, results: Sequence[Result]) -> ResultBatch:
+        if not results:
+            return EMPTY_RESULTS
+        seq, index, keys, tokens, nbytes = zip(*results, strict=False)
+        return cls(_i64(seq), _i64(index), list(keys), _i64(tokens), _i64(nbytes))
+
+    @classmethod
+    def concat(cls, batches: Sequence[ResultBatch]) -> ResultBatch:
+        batches = [b for b in batches if b.n]
+        if len(batches) <= 1:
+            return batches[0] if batches else EMPTY_RESULTS
+        return cls(*(np.concatenate([b[i] for b in batches]) for i in (0, 1)),
+                   [k for b in batches for k in b.keys],
+                   *(np.concatenate([b[i] for b in batches]) for i in (3, 4)))
+
+    @property
+    def n(self) -> int:  # samples (len() is the tuple's field count: NamedTuple._make needs it)
+        return len(self.keys)
+
+    def wire(self) -> tuple:
+        """A plain tuple (numpy arrays + a list of str) to send: unpickling it needs only numpy,
+        not this package (whose import pulls in torch: seconds and ~200 MB per light actor)."""
+        return tuple(self)
+
+    @classmethod
+    def from_wire(cls, t: tuple) -> ResultBatch:
+        return t if isinstance(t, cls) else cls._make(t)
+
+    def results(self) -> list[Result]:
+        return list(map(Result, self.seq.tolist(), self.index.tolist(), self.keys,
+                        self.num_tokens.tolist(), self.nbytes.tolist()))
+
+
+def _i64(xs: Sequence[int]) -> np.ndarray:
+    return np.asarray(xs, dtype=np.int64)
+
+
+EMPTY_RESULTS = ResultBatch(_i64([]), _i64([]), [], _i64([]), _i64([]))
+
+
+class RankWork(NamedTuple):
+    """One rank's share of one or more consecutive optimizer steps, as columns (what ``pull``
+    returns). ``assignments()`` rebuilds the per-step view the trainer iterates."""
+
+    steps: np.ndarray  # int64, one per step
+    positions: list[dict[str, int]]  # data position after each step
+    micro_per_step: np.ndarray  # int64, number of this rank's micro-batches in each step
+    micro_sizes: np.ndarray  # int64, samples in each micro-batch (all steps, in order)
+    samples: ResultBatch  # every micro-batch's samples, concatenated in order
+    discard: ResultBatch  # keys to delete unused (rank 0 only)
+
+    @property
+    def n(self) -> int:  # steps
+        return len(self.steps)
+
+    def wire(self) -> tuple:
+        """Plain nested tuples to send (see ``ResultBatch.wire``)."""
+        return (*self[:4], tuple(self.samples), tuple(self.discard))
+
+    @classmethod
+    def from_wire(cls, t: tuple) -> RankWork:
+        if isinstance(t, cls):
+            return t
+        return cls(*t[:4], ResultBatch.from_wire(t[4]), ResultBatch.from_wire(t[5]))
+
+    def assignments(self) -> Iterator[tuple[int, list[list[Result]], dict[str, int]]]:
+        """``(step, micro_batches, position)`` per step, in order."""
+        res = self.samples.results()
+        sizes = self.micro_sizes.tolist()
+        at = m = 0
+        for step, n_micro, pos in zip(self.steps.tolist(), self.micro_per_step.tolist(), self.positions, strict=False):
+            micro = []
+            for size in sizes[m : m + n_micro]:
+                micro.append(res[at : at + size])
+                at += size
+            m += n_micro
+            yield step, micro, pos
 
 
 def balance(results: Sequence[Result], num_ranks: int) -> list[list[Result]]:

@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from specforge_core.pipeline.ray.controller import Prompt
-from specforge_core.pipeline.ray.dispatch import Result
+import numpy as np
+
+from specforge_core.pipeline.ray.controller import PromptBatch
+from specforge_core.pipeline.ray.dispatch import ResultBatch
 
 log = logging.getLogger("specforge.ray")
 
@@ -24,6 +26,10 @@ log = logging.getLogger("specforge.ray")
 def feature_key(run_id: str, seq: int) -> str:
     """Deterministic per sample: a retried sample overwrites what a dead engine may have left."""
     return f"{run_id}/s{seq}"
+
+
+def _concat(batches: list[tuple]) -> tuple:
+    return ResultBatch.concat([ResultBatch.from_wire(b) for b in batches]).wire()
 
 
 class EngineActor:
@@ -43,14 +49,21 @@ class EngineActor:
     def ready(self) -> bool:
         return True
 
-    def generate(self, prompts: Sequence[Prompt]) -> list[Result]:
-        feats = self.backend.generate([self.samples[p.index] for p in prompts])
-        out = []
-        for p, f in zip(prompts, feats, strict=True):
-            key = feature_key(self.run_id, p.seq)
-            nbytes = self.store.put(key, f.tensors())
-            out.append(Result(p.seq, p.index, key, f.num_tokens, nbytes))
-        return out
+    def generate(self, prompts: tuple) -> tuple:
+        """Features of a batch of prompts (``PromptBatch`` wire tuple) into the store; their
+        metadata back as columns (``ResultBatch`` wire tuple)."""
+        prompts = PromptBatch.from_wire(prompts)
+        feats = self.backend.generate([self.samples[i] for i in prompts.index.tolist()])
+        if len(feats) != prompts.n:
+            raise RuntimeError(f"target backend returned {len(feats)} results for {prompts.n} prompts")
+        keys, tokens, nbytes = [], [], []
+        for seq, f in zip(prompts.seq.tolist(), feats, strict=False):
+            key = feature_key(self.run_id, seq)
+            nbytes.append(self.store.put(key, f.tensors()))
+            keys.append(key)
+            tokens.append(f.num_tokens)
+        return ResultBatch(prompts.seq, prompts.index, keys, np.asarray(tokens, np.int64),
+                           np.asarray(nbytes, np.int64)).wire()
 
     def close(self) -> None:
         self.backend.close()
@@ -122,32 +135,39 @@ class InferenceManager:
         self.engines[i] = self._start(i)
 
     def run(self, controller: Any) -> dict[str, int]:
+        """The loop: one ``exchange`` with the controller (returns of dead engines' prompts,
+        finished results and the request for new prompts ride on the same call), then batches to
+        the least loaded engines, then wait for whatever finishes. Up to ``max_inflight_per_engine``
+        batches are in flight per engine, so engines never wait for the manager's round trip."""
         import ray
         from ray.exceptions import RayActorError
 
         self.controller = controller
         n = len(self.engines)
-        inflight: dict[Any, tuple[int, int, list[Prompt]]] = {}  # ref -> (engine, generation, prompts)
+        inflight: dict[Any, tuple[int, int, PromptBatch]] = {}  # ref -> (engine, generation, prompts)
         load = [0] * n  # batches in flight per engine
         load_tokens = [0] * n
         idle_wait = 0.002
-        results: list[Result] = []
+        results: list[ResultBatch] = []  # wire tuples of finished batches
+        failed: list[np.ndarray] = []  # seqs of dead engines' prompts, back to the buffer
         while not self.stopping:
-            # -- one controller call per loop: push what finished, take prompts for free slots
             free = sum(self.depth - x for x in load)
             t = time.perf_counter()
-            prompts, has_work = ray.get(self.controller.exchange.remote(results, free * self.batch_size))
+            prompts, has_work = ray.get(self.controller.exchange.remote(
+                _concat(results), free * self.batch_size,
+                np.concatenate(failed) if failed else ()))
             self.timing["exchange_s"] += time.perf_counter() - t
             self.timing["loops"] += 1
-            results = []
-            for start in range(0, len(prompts), self.batch_size):
-                batch = prompts[start : start + self.batch_size]
+            prompts = PromptBatch.from_wire(prompts)
+            results, failed = [], []
+            for start in range(0, prompts.n, self.batch_size):
+                batch = prompts.slice(start, start + self.batch_size)
                 # least loaded engine with a free slot (by batches, then tokens)
                 i = min((j for j in range(n) if load[j] < self.depth), key=lambda j: (load[j], load_tokens[j]))
-                ref = self.engines[i].generate.remote(batch)
+                ref = self.engines[i].generate.remote(batch.wire())
                 inflight[ref] = (i, self.generation[i], batch)
                 load[i] += 1
-                load_tokens[i] += sum(p.num_tokens for p in batch)
+                load_tokens[i] += int(batch.num_tokens.sum())
                 self.batches += 1
             if not inflight:
                 if not has_work:
@@ -162,36 +182,39 @@ class InferenceManager:
             if not ready:
                 continue
             ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)  # batch what's done
-            for ref in ready:
+            try:
+                got = ray.get(ready)  # the common case: one call for every finished batch
+            except Exception:
+                got = None  # some batch failed: sort them out one by one below
+            for k, ref in enumerate(ready):
+                if ref not in inflight:
+                    continue  # dropped with its dead engine
                 i, gen, batch = inflight.pop(ref)
                 if gen == self.generation[i]:
                     load[i] -= 1
-                    load_tokens[i] -= sum(p.num_tokens for p in batch)
+                    load_tokens[i] -= int(batch.num_tokens.sum())
                 try:
-                    results.extend(ray.get(ref))
+                    results.append(got[k] if got is not None else ray.get(ref))
                 except RayActorError as exc:
                     # the engine died: its prompts go back to the buffer; restart it once per death
-                    ray.get(self.controller.return_prompts.remote([p.seq for p in batch]))
+                    failed.append(batch.seq)
                     if gen == self.generation[i]:
-                        self._drop_engine_refs(inflight, i, gen)
+                        failed.extend(self._drop_engine_refs(inflight, i, gen))
                         load[i], load_tokens[i] = 0, 0
                         self._restart(i, exc)
                 except Exception as exc:  # the backend raised on this batch: skip it, with the reason
                     log.error("inference engine %d failed on a batch: %s", i, exc)
                     reason = f"inference error ({type(getattr(exc, 'cause', exc)).__name__})"
-                    ray.get(self.controller.skip_prompts.remote([p.seq for p in batch], reason))
-        if results:
-            ray.get(self.controller.exchange.remote(results, 0))
+                    ray.get(self.controller.skip_prompts.remote(batch.seq, reason))
+        if results or failed:
+            ray.get(self.controller.exchange.remote(_concat(results), 0,
+                                                    np.concatenate(failed) if failed else ()))
         return self.stats()
 
-    def _drop_engine_refs(self, inflight: dict, i: int, gen: int) -> None:
-        """Other batches queued on a dead engine: return their prompts now."""
-        import ray
-
+    def _drop_engine_refs(self, inflight: dict, i: int, gen: int) -> list[np.ndarray]:
+        """Other batches queued on a dead engine: their prompts go back to the buffer too."""
         dead = [ref for ref, (j, g, _) in inflight.items() if j == i and g == gen]
-        seqs = [p.seq for ref in dead for p in inflight.pop(ref)[2]]
-        if seqs:
-            ray.get(self.controller.return_prompts.remote(seqs))
+        return [inflight.pop(ref)[2].seq for ref in dead]
 
     def close(self, timeout_s: float = 30.0) -> None:
         import ray

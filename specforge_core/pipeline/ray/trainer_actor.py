@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from specforge_core.pipeline.ray.controller import Assignment
+from specforge_core.pipeline.ray.dispatch import RankWork, Result
 from specforge_core.types import TargetFeatures
 
 _END = object()
@@ -66,32 +66,46 @@ class TrainerActor:
         return out
 
     # ------------------------------------------------------------------------------ fetching
-    def _fetch(self, controller: Any, a: Assignment) -> list[list[TargetFeatures]]:
+    def _fetch(self, micro_results: list[list[Result]]) -> list[list[TargetFeatures]]:
         micro = []
-        for mb in a.micro:
+        for mb in micro_results:
             feats = []
             for r in mb:
                 tensors = self.store.get(r.key)
                 feats.append(TargetFeatures.from_tensors(str(r.index), tensors))
             micro.append(feats)
-        keys = [r.key for mb in a.micro for r in mb] + [r.key for r in a.discard]
-        self.store.delete(keys)
-        self._acks.extend(r.seq for mb in a.micro for r in mb)
-        self._acks.extend(r.seq for r in a.discard)
+        self.store.delete([r.key for mb in micro_results for r in mb])
+        self._acks.extend(r.seq for mb in micro_results for r in mb)
         return micro
+
+    def _take_acks(self) -> tuple[list[int], list[int], list[int]]:
+        """(consumed seqs, trained seqs, trained dataset indices) not yet sent."""
+        with self._lock:
+            acks, self._acks = self._acks, []
+            tseq, self._trained_seq = self._trained_seq, []
+            tidx, self._trained_index = self._trained_index, []
+        return acks, tseq, tidx
 
     def _prefetch(self, controller: Any, out: queue.Queue, stop: threading.Event) -> None:
         import ray
 
         try:
             while not stop.is_set():
-                # acks of fetched (deleted) keys ride on the next pull: one call per step
-                acks, self._acks = self._acks, []
-                got = ray.get(controller.pull.remote(self.rank, 1, 1.0, consumed=acks))
-                if got is None:
+                # acks (fetched+deleted keys, trained samples) ride on the next pull, as columns:
+                # one controller call per step, the whole step's assignment in its reply
+                consumed, tseq, tidx = self._take_acks()
+                wire = ray.get(controller.pull.remote(
+                    self.rank, 1, 1.0, consumed=consumed, trained_seq=tseq, trained_index=tidx))
+                if wire is None:
                     break
-                for a in got:
-                    out.put((a, self._fetch(controller, a)))  # blocks when `prefetch_steps` are ready
+                work = RankWork.from_wire(wire)
+                if work.discard.n:  # rank 0 deletes what a short last micro-step left unused
+                    self.store.delete(list(work.discard.keys))
+                    with self._lock:
+                        self._acks.extend(work.discard.seq.tolist())
+                for step, micro_results, position in work.assignments():
+                    # blocks when `prefetch_steps` are ready
+                    out.put((step, position, micro_results, self._fetch(micro_results)))
         except BaseException as exc:  # surfaced by the training loop
             out.put(exc)
             return
@@ -109,6 +123,9 @@ class TrainerActor:
         ready: queue.Queue = queue.Queue(maxsize=self.config.transfer.prefetch_steps)
         stop = threading.Event()
         self._acks: list[int] = []
+        self._trained_seq: list[int] = []
+        self._trained_index: list[int] = []
+        self._lock = threading.Lock()
         thread = threading.Thread(target=self._prefetch, args=(controller, ready, stop), daemon=True)
         thread.start()
         history: list[dict[str, float]] = []
@@ -127,13 +144,14 @@ class TrainerActor:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                a, micro = item
-                position = a.position
+                _step, position, micro_results, micro = item
                 if not micro:  # every sample of this step was skipped
                     continue
                 metrics = t.train_step(micro)
                 steps_run += 1
-                controller.trained.remote([(r.seq, r.index) for mb in a.micro for r in mb])
+                with self._lock:  # acknowledged on the next pull (or the final ack below)
+                    self._trained_seq.extend(r.seq for mb in micro_results for r in mb)
+                    self._trained_index.extend(r.index for mb in micro_results for r in mb)
                 if self.rank == 0:
                     metrics["time"] = time.time()  # wall clock at the end of the step (throughput)
                     history.append(metrics)
@@ -141,10 +159,14 @@ class TrainerActor:
                 if tr.save_every and t.step % tr.save_every == 0:
                     last_ckpt = save()
                 if stop_after_steps is not None and steps_run >= stop_after_steps:
+                    stop.set()
+                    ray.get(controller.ack.remote(*self._take_acks()))
                     return {"history": history, "checkpoint": last_ckpt, "export": None, "step": t.step,
                             "finished": False}
         finally:
             stop.set()
+        thread.join(timeout=5.0)  # its last pull returned None: no acks race with the final one
+        ray.get(controller.ack.remote(*self._take_acks()))
         if position is not None and (last_ckpt is None or Path(last_ckpt) != ckpt.checkpoint_dir(out_dir, t.step)):
             last_ckpt = save()
         # export: gather the full draft (collective), rank 0 writes it
