@@ -2,10 +2,12 @@
 """How many samples/s can the Ray pipeline's metadata path dispatch? (no GPU, no tensors)
 
 The real ``ControllerActor`` and ``InferenceManager`` are driven by simulated inference engines
-(Ray actors that return ``Result`` metadata at once, without running a model or touching a store)
-and simulated trainer ranks (threads in a few Ray actors that pull their assignments in batches and
-report ``consumed`` / ``trained`` in one call per pull). Everything the controller and manager do
-for a real run happens; only the model work is gone, so the rate is the metadata path's ceiling.
+(one Ray actor each, returning ``ResultBatch`` columns at once, without a model or a store) and
+simulated trainer ranks (one Ray actor each, pulling ``--pull-steps`` optimizer steps per call as
+one ``RankWork`` and acknowledging ``consumed`` / ``trained`` columns on the next pull). Everything
+the controller and manager do for a real run happens; only the model work is gone, so the rate is
+the metadata path's ceiling. Each row also gives the CPU seconds each hop used over the timed part
+(``/proc``), and the rate those seconds would allow with all cores to themselves.
 
     python benchmarks/controller_scale.py                       # 64 engines, 64 ranks
     python benchmarks/controller_scale.py --engines 8 16 64 --ranks 64 --json out.json
@@ -164,7 +166,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[64])
     ap.add_argument("--samples", type=int, default=32768, help="samples per configuration (rounded to steps)")
     ap.add_argument("--engine-batch", type=int, default=128, help="prompts per engine call (results pushed per call)")
-    ap.add_argument("--pull-steps", type=int, default=32, help="optimizer steps a rank pulls per call")
+    ap.add_argument("--pull-steps", type=int, default=64, help="optimizer steps a rank pulls per call")
     ap.add_argument("--depth", type=int, default=2, help="batches in flight per engine")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     args = ap.parse_args()
