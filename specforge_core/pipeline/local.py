@@ -172,6 +172,22 @@ class _WandB:
         self.run.finish()
 
 
+def load_training_samples(config: SpecforgeConfig, console: Any):
+    """Tokenized samples (cached) and the ones with something to learn, with skip reasons; shared
+    by every pipeline so their accounting agrees."""
+    from specforge_core.data import build_samples, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
+    samples, data_stats = build_samples(config.dataset, tokenizer)
+    console.print(f"data: {data_stats.summary()}")
+    usable = [s for s in samples if trainable(s)]
+    skipped: Counter[str] = Counter()
+    skipped["no loss token at index >= 2"] = len(samples) - len(usable)
+    if not usable:
+        raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
+    return samples, usable, data_stats, skipped
+
+
 def run_local(
     config: SpecforgeConfig,
     *,
@@ -183,7 +199,6 @@ def run_local(
     from rich.console import Console
 
     from specforge_core.config import dump_toml
-    from specforge_core.data import build_samples, load_tokenizer
     from specforge_core.training.components import create
 
     t0 = time.perf_counter()
@@ -196,14 +211,7 @@ def run_local(
     torch.manual_seed(config.run.seed)
 
     # ---- data
-    tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
-    samples, data_stats = build_samples(config.dataset, tokenizer)
-    console.print(f"data: {data_stats.summary()}")
-    usable = [s for s in samples if trainable(s)]
-    skipped: Counter[str] = Counter()
-    skipped["no loss token at index >= 2"] = len(samples) - len(usable)
-    if not usable:
-        raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
+    samples, usable, data_stats, skipped = load_training_samples(config, console)
 
     # ---- target, vocab
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,6 @@ import os
 import random
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,7 +34,7 @@ from specforge_core.pipeline.local import (
     account,
     format_accounting,
     format_metrics,
-    trainable,
+    load_training_samples,
 )
 
 # environment a worker on another node needs to behave like this driver
@@ -126,7 +125,6 @@ def run_ray(
     from rich.console import Console
 
     from specforge_core.config import dump_toml
-    from specforge_core.data import build_samples, load_tokenizer
     from specforge_core.pipeline.ray import placement as pl
     from specforge_core.pipeline.ray.controller import ControllerActor
     from specforge_core.pipeline.ray.inference import EngineActor, InferenceManager
@@ -143,19 +141,10 @@ def run_ray(
     tr = config.training
 
     # ---- data, target facts (no weights on the driver), vocab: as in the local pipeline
-    tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
-    samples, data_stats = build_samples(config.dataset, tokenizer)
-    console.print(f"data: {data_stats.summary()}")
-    usable = [s for s in samples if trainable(s)]
-    skipped: Counter[str] = Counter()
-    skipped["no loss token at index >= 2"] = len(samples) - len(usable)
-    if not usable:
-        raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
+    samples, usable, data_stats, skipped = load_training_samples(config, console)
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
+    # trainer actors load the mapping from this file (a fresh run always rewrites it)
     vocab, vocab_path = _load_or_build_vocab(config, usable, info.vocab_size, console)
-    # trainer actors load the mapping from this file: it must be this run's (the local helper keeps
-    # an existing file from an earlier run in the same output_dir)
-    vocab.save(str(vocab_path))
 
     # ---- plan: a step is micro_batch_size x gradient_accumulation samples on each of dp ranks
     dp = tr.num_gpus
