@@ -75,7 +75,8 @@ class TrainerActor:
                 feats.append(TargetFeatures.from_tensors(str(r.index), tensors))
             micro.append(feats)
         self.store.delete([r.key for mb in micro_results for r in mb])
-        self._acks.extend(r.seq for mb in micro_results for r in mb)
+        with self._lock:
+            self._acks.extend(r.seq for mb in micro_results for r in mb)
         return micro
 
     def _take_acks(self) -> tuple[list[int], list[int], list[int]]:
