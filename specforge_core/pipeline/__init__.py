@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from specforge_core.config.schema import SpecforgeConfig
+if TYPE_CHECKING:  # light import: Ray actors that only receive handles must not pull in torch
+    from specforge_core.config.schema import SpecforgeConfig
 
 
 def run_pipeline(config: SpecforgeConfig, **components: Any) -> Any:

@@ -6,7 +6,8 @@ separate GPU groups and scale independently::
 
     driver ── data, vocab, plan ──────────────────────────────────────────────────────────┐
     ControllerActor  (metadata: prompt buffer, result pool, one queue per trainer rank)     │
-      ▲ take_prompts / push_results           ▲ pull / consumed / trained / report         │
+      ▲ exchange (results in, prompts out,     ▲ pull (a batch of steps per call, carrying  │
+      │   failed prompts back: one call)        │   consumed/trained acks) / ack / report     │
     InferenceManager ─ generate(prompts) ─▶ EngineActor x N ── put ─▶ transfer store ─ get ─▶ TrainerActor x dp
                                              (target backend)       (shm / mooncake)       (fsdp2 / local)
 
