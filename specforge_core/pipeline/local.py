@@ -322,6 +322,13 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
 
     # ---- accounting: every record read is trained (at least once) or skipped for a reason
     accounting = account(data_stats, len(samples), skipped, len(usable), seen)
+    wall = print_run_end(console, accounting, last_ckpt, export_dir, t0)
+    return RunResult(out_dir, trainer.step, history, last_ckpt, export_dir, accounting, wall)
+
+
+def print_run_end(console: Any, accounting: Any, last_ckpt: Optional[Path], export_dir: Optional[Path],
+                  t0: float) -> float:
+    """The closing lines every pipeline prints: accounting, checkpoint, export, wall time."""
     console.print(format_accounting(accounting))
     if last_ckpt is not None:
         console.print(f"checkpoint: {last_ckpt}")
@@ -329,4 +336,4 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
         console.print(f"export: {export_dir}")
     wall = time.perf_counter() - t0
     console.print(f"done in {wall:.1f} s")
-    return RunResult(out_dir, trainer.step, history, last_ckpt, export_dir, accounting, wall)
+    return wall

@@ -33,9 +33,9 @@ from specforge_core.pipeline.local import (
     SampleOrder,
     _load_or_build_vocab,
     account,
-    format_accounting,
     format_metrics,
     load_training_samples,
+    print_run_end,
 )
 
 # environment a worker on another node needs to behave like this driver
@@ -273,14 +273,8 @@ def run_ray(
     if ray_skipped:
         skipped["dropped by the ray pipeline (see controller line)"] = ray_skipped
     accounting = account(data_stats, len(samples), skipped, len(usable) - ray_skipped, seen)
-    console.print(format_accounting(accounting))
     last_ckpt = Path(result["checkpoint"]) if result.get("checkpoint") else None
     export_dir = Path(result["export"]) if result.get("export") else None
-    if last_ckpt is not None:
-        console.print(f"checkpoint: {last_ckpt}")
-    if export_dir is not None:
-        console.print(f"export: {export_dir}")
-    wall = time.perf_counter() - t0
-    console.print(f"done in {wall:.1f} s")
+    wall = print_run_end(console, accounting, last_ckpt, export_dir, t0)
     return RayRunResult(out_dir, int(result.get("step", 0)), history, last_ckpt, export_dir, accounting,
                         wall, controller={**summary, **stats})
