@@ -182,6 +182,14 @@ class _FusedSoftCE(torch.autograd.Function):
         scale = weight / max(n_valid, 1)
         scale_t = torch.tensor(scale, dtype=torch.float32, device=device)  # a tensor: no recompiles
 
+        def accumulate(g, h, idx, grad_w):
+            """Add one chunk's gradients (g = scaled softmax(d) - p_t) to both accumulators."""
+            if want_h:
+                grad_h.index_copy_(0, idx, g @ w_d)
+            if want_w:
+                grad_w = _add_weight_grad(grad_w, g, h, fast, f32)
+            return grad_w
+
         for start in range(0, n_valid, chunk):
             idx = rows[start : start + chunk]
             h = draft_hidden.index_select(0, idx)  # [C, H]
@@ -195,10 +203,7 @@ class _FusedSoftCE(torch.autograd.Function):
                     part, corr, g = _chunk_math_pre(d, p_t, t_arg, torch.tensor(scale, dtype=f32), f32)
                 loss_sum += part
                 correct += corr
-                if want_h:
-                    grad_h.index_copy_(0, idx, g @ w_d)
-                if want_w:
-                    grad_w = _add_weight_grad(grad_w, g, h, fast, f32)
+                grad_w = accumulate(g, h, idx, grad_w)
                 del d, g
                 continue
             t = logits(target_hidden.index_select(0, idx), w_t)  # [C, Vd] target logits, fp32
@@ -206,10 +211,7 @@ class _FusedSoftCE(torch.autograd.Function):
                 part, corr, g = _compiled_chunk_math()(d, t, scale_t, draft_hidden.dtype)
                 loss_sum += part
                 correct += corr
-                if want_h:
-                    grad_h.index_copy_(0, idx, g @ w_d)
-                if want_w:
-                    grad_w = _add_weight_grad(grad_w, g, h, fast, f32)
+                grad_w = accumulate(g, h, idx, grad_w)
                 del d, t, g
                 continue
             correct += (d.argmax(-1) == t.argmax(-1)).sum()
@@ -224,11 +226,7 @@ class _FusedSoftCE(torch.autograd.Function):
             if want_h or want_w:
                 g = d.sub_(lse.unsqueeze(1)).exp_().sub_(p_t)  # softmax(d) - p_t, in place of d
                 g.mul_(scale)
-                h = h.to(f32)
-                if want_h:
-                    grad_h.index_copy_(0, idx, g @ w_d)
-                if want_w:
-                    grad_w = _add_weight_grad(grad_w, g, h, False, f32)
+                grad_w = accumulate(g, h, idx, grad_w)  # fast is False here: h is upcast inside
             del d, p_t, t
 
         if want_w and grad_w is None:  # no valid rows
