@@ -57,20 +57,24 @@ def test_default_aux_layers_too_small_target():
 
 
 # ---------------------------------------------------------------------------------------- config
+# (family, tied embeddings, sharded checkpoint): every loader path once
+CASES = [
+    ("llama", False, False),
+    ("llama", True, True),
+    ("qwen2", False, True),
+    ("qwen2", True, False),
+    ("qwen3", False, False),
+    ("qwen3", True, False),
+    ("qwen3", False, True),
+]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(family, tied, sharded) -> (path, instantiated model)."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for family, tied, sharded in [
-        ("llama", False, False),
-        ("llama", True, True),
-        ("qwen2", False, True),
-        ("qwen2", True, False),
-        ("qwen3", False, False),
-        ("qwen3", True, False),
-        ("qwen3", False, True),
-    ]:
+    for family, tied, sharded in CASES:
         path = root / f"{family}-{'tied' if tied else 'untied'}-{'sharded' if sharded else 'single'}"
         model = make_tiny_model(
             path, family, tie_word_embeddings=tied, max_shard_size="200KB" if sharded else None, seed=len(out)
@@ -118,15 +122,7 @@ def test_load_target_config_errors(tmp_path):
 # ------------------------------------------------------------------------------ embedding + head
 @pytest.mark.parametrize(
     "key",
-    [
-        ("llama", False, False),
-        ("llama", True, True),
-        ("qwen2", False, True),
-        ("qwen2", True, False),
-        ("qwen3", False, False),
-        ("qwen3", True, False),
-        ("qwen3", False, True),
-    ],
+    CASES,
     ids=lambda k: "-".join([k[0], "tied" if k[1] else "untied", "sharded" if k[2] else "single"]),
 )
 def test_head_and_embedding_match_model(models, key):
