@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Optional
 import attrs
 import numpy as np
 
-from specforge_core.pipeline.ray.dispatch import EMPTY_RESULTS, RankWork, Result, ResultBatch, plan_step
+from specforge_core.pipeline.ray.dispatch import EMPTY_RESULTS, RankWork, Result, ResultBatch, _i64, plan_step
 
 TAIL_REASON = "last micro-step had fewer samples than trainer ranks"
 
@@ -45,7 +45,7 @@ class PromptBatch(NamedTuple):
         if not prompts:
             return EMPTY_PROMPTS
         seq, index, tokens, _ = zip(*prompts, strict=False)
-        return cls(np.asarray(seq, np.int64), np.asarray(index, np.int64), np.asarray(tokens, np.int64))
+        return cls(_i64(seq), _i64(index), _i64(tokens))
 
     @property
     def n(self) -> int:  # prompts (len() is the tuple's field count: NamedTuple._make needs it)
