@@ -107,11 +107,13 @@ def inference_alone(config, n: int) -> float:
 
 
 def training_alone(config, steps: int) -> float:
-    """The trainer on cuda:1 on features computed once (no store, no inference in the loop)."""
+    """The trainer on cuda:1 on batches already collated in its GPU's memory: the compute ceiling
+    (no store, no host-to-device copy, no inference in the loop)."""
     import torch
 
     from specforge_core.data import build_samples, load_tokenizer
     from specforge_core.target import target_info
+    from specforge_core.training.batch import collate
     from specforge_core.training.components import create
     from specforge_core.training.trainer import Eagle3Trainer
     from specforge_core.vocab import build_vocab_mapping
@@ -125,23 +127,32 @@ def training_alone(config, steps: int) -> float:
     torch.cuda.set_device(1)
     vocab = build_vocab_mapping(samples, info.vocab_size, min(config.model.draft_vocab_size, info.vocab_size))
     trainer = Eagle3Trainer(config, info, vocab, steps + 2)
-    batches = [[feats[i : i + mbs]] for i in range(0, len(feats), mbs)]
-    trainer.train_step(batches[0])  # warm-up
+    batches = [collate(feats[i : i + mbs], trainer.device, trainer.dtype) for i in range(0, len(feats), mbs)]
+    trainer.train_step([batches[0]])  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for s in range(steps):
-        trainer.train_step(batches[s % len(batches)])
+        trainer.train_step([batches[s % len(batches)]])
     torch.cuda.synchronize()
     return steps * mbs / (time.perf_counter() - t0)
 
 
-def pipeline(config) -> float:
+def pipeline(config) -> dict[str, float]:
+    """samples/s from the end of the first optimizer step to the end of the last, and where rank
+    0's time went in between (waiting for batches vs the steps)."""
     from specforge_core.pipeline import run_pipeline
 
     res = run_pipeline(config)
     h = res.history
     mbs = config.training.micro_batch_size
-    return (len(h) - 1) * mbs / (h[-1]["time"] - h[0]["time"])
+    span = h[-1]["time"] - h[0]["time"]
+    steady = h[1:]
+    return {
+        "samples_per_s": (len(h) - 1) * mbs / span,
+        "data_wait_share": sum(m["data_wait_s"] for m in steady) / span,
+        "stage_s_per_step": sum(m["stage_s"] for m in steady) / len(steady),
+        "step_s": sum(m["tokens"] / m["tokens_per_s"] for m in steady) / len(steady),
+    }
 
 
 def main() -> None:
@@ -168,14 +179,21 @@ def main() -> None:
     tr = training_alone(local_cfg, args.steps)
     print(f"training alone: {tr:.2f} samples/s", flush=True)
     pipe = pipeline(make_config(target, data, root / "out-ray", args.steps, args.micro_batch_size, "ray"))
-    row = {"inference_alone": inf, "training_alone": tr, "pipeline": pipe,
-           "fraction_of_slower_stage": pipe / min(inf, tr), "steps": args.steps,
-           "micro_batch_size": args.micro_batch_size, "seq": args.seq, "hidden": args.hidden,
-           "layers": args.layers, "gpu": torch.cuda.get_device_name(0)}
-    print(json.dumps(row, indent=2))
+    slower = min(inf, tr)
+    row = {"inference_alone": inf, "training_alone": tr, "pipeline": pipe["samples_per_s"],
+           "fraction_of_slower_stage": pipe["samples_per_s"] / slower, **{f"pipeline_{k}": v for k, v in pipe.items()},
+           "steps": args.steps, "micro_batch_size": args.micro_batch_size, "seq": args.seq,
+           "hidden": args.hidden, "layers": args.layers, "gpu": torch.cuda.get_device_name(0)}
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
-
+    print("\n| stage | samples/s |\n| --- | --- |")
+    print(f"| inference alone (GPU 0, hf target + shm put) | {inf:.2f} |")
+    print(f"| training alone (GPU 1, batches resident on the GPU) | {tr:.2f} |")
+    print(f"| pipeline (Ray, steady state) | {pipe['samples_per_s']:.2f} |")
+    print(f"| pipeline / slower stage | **{pipe['samples_per_s'] / slower:.2f}** (goal >= 0.9) |")
+    print(f"| trainer idle waiting for batches | {pipe['data_wait_share']:.1%} of the steady state |")
+    print(f"| trainer step (compute, in the pipeline) | {pipe['step_s'] * 1e3:.0f} ms |")
+    print(f"| staging per step (prefetch thread) | {pipe['stage_s_per_step'] * 1e3:.0f} ms |")
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ import shutil
 import struct
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import quote, unquote
@@ -203,6 +203,21 @@ class ShmStore:
             tensors = {name: t.to(device) for name, t in tensors.items()}
         return tensors
 
+    def get_into(self, key: str, alloc: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Like ``get``, read with one ``readv`` straight into ``alloc(file size)`` (a uint8 buffer
+        the caller owns and may reuse, e.g. pinned memory); the tensors are views of it."""
+        path = self._file(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise KeyError(f"transfer store 'shm' ({self.path}): no key {key!r}") from None
+        try:
+            size = os.fstat(fd).st_size
+            buf = self._read(fd, size, path, alloc(size))
+        finally:
+            os.close(fd)
+        return decode(buf, path)
+
     @staticmethod
     def _map(fd: int, size: int) -> torch.Tensor:
         # copy-on-write: the tensors are writable without touching the shared file; the pages stay
@@ -211,8 +226,8 @@ class ShmStore:
         return torch.frombuffer(mm, dtype=torch.uint8)
 
     @staticmethod
-    def _read(fd: int, size: int, path: str) -> torch.Tensor:
-        buf = torch.empty(size, dtype=torch.uint8)
+    def _read(fd: int, size: int, path: str, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+        buf = torch.empty(size, dtype=torch.uint8) if buf is None else buf
         view, done = memoryview(buf.numpy()), 0
         while done < size:  # one read for samples under 1 GiB
             n = os.readv(fd, [view[done : done + _CHUNK]])

@@ -50,6 +50,7 @@ def format_metrics(m: dict[str, float], total_steps: int, ttt_length: int) -> st
         f"step {int(m['step'])}/{total_steps} | loss {m['loss']:.4f} | acc {accs} | "
         f"tau {m['accept_len']:.2f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e} | "
         f"gnorm {m['grad_norm']:.3f}"
+        + (f" | data wait {m['data_wait_s'] * 1e3:.0f} ms" if "data_wait_s" in m else "")
     )
 
 

@@ -268,6 +268,8 @@ def run_ray(
     if finished and summary["samples_in"] != summary["trained"] + sum(ctrl_skipped.values()):
         raise RuntimeError(f"controller accounting does not add up: {summary}")
     console.print(stream_line + f"; {stats['restarts']} engine restart(s); max pool {summary['max_pool_bytes_seen']} bytes")
+    if history:
+        console.print(data_path_line(history))
     # record view, as in the local pipeline: records never trained, skipped by the controller
     ray_skipped = len(skipped_indices - seen)
     if ray_skipped:
@@ -278,3 +280,16 @@ def run_ray(
     wall = print_run_end(console, accounting, last_ckpt, export_dir, t0)
     return RayRunResult(out_dir, int(result.get("step", 0)), history, last_ckpt, export_dir, accounting,
                         wall, controller={**summary, **stats})
+
+
+def data_path_line(history: list[dict[str, float]]) -> str:
+    """Where rank 0's time went: waiting for data (pipeline starved) vs the steps themselves.
+    The first step is left out: it also waits for the engines' first results."""
+    steady = history[1:] or history
+    wait = sum(m.get("data_wait_s", 0.0) for m in steady)
+    stage = sum(m.get("stage_s", 0.0) for m in steady)
+    span = steady[-1]["time"] - history[0]["time"] if len(history) > 1 else 0.0
+    share = f" ({wait / span:.0%} of the steady-state wall time)" if span > 0 else ""
+    first = 2 if len(history) > 1 else 1
+    return (f"data path (rank 0, steps {first}..{len(history)}): waited {wait:.2f} s for batches{share}; "
+            f"staging took {stage / len(steady):.3f} s per step on the prefetch thread")

@@ -38,11 +38,15 @@ def collate(
     aux_dim = features[0].aux_hidden.shape[-1]
     hid_dim = features[0].final_hidden.shape[-1]
 
-    input_ids = torch.zeros(B, T, dtype=torch.long)
-    loss_mask = torch.zeros(B, T, dtype=torch.bool)
-    target_argmax = torch.zeros(B, T, dtype=torch.long)
-    aux = torch.zeros(B, T, aux_dim, dtype=dtype)
-    final = torch.zeros(B, T, hid_dim, dtype=dtype)
+    device = torch.device(device)
+    # Built on ``device`` directly: each sample's tensors cross to the device in their stored dtype
+    # (bf16 hidden states: half the bytes of fp32) and are cast there. From pinned host memory the
+    # copies are asynchronous (the prefetch stager's case); from pageable memory they block.
+    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    target_argmax = torch.zeros(B, T, dtype=torch.long, device=device)
+    aux = torch.zeros(B, T, aux_dim, dtype=dtype, device=device)
+    final = torch.zeros(B, T, hid_dim, dtype=dtype, device=device)
     for i, (f, n) in enumerate(zip(features, lengths, strict=True)):
         for name, t in (("aux_hidden", f.aux_hidden), ("final_hidden", f.final_hidden),
                         ("loss_mask", f.loss_mask), ("target_argmax", f.target_argmax)):
@@ -50,19 +54,19 @@ def collate(
                 raise ValueError(
                     f"sample {f.sample_id!r}: {name} has {t.shape[0]} positions, input_ids has {n}"
                 )
-        input_ids[i, :n] = f.input_ids.long()
-        loss_mask[i, :n] = f.loss_mask.bool()
-        target_argmax[i, :n] = f.target_argmax.long()
-        aux[i, :n] = f.aux_hidden.to(dtype)
-        final[i, :n] = f.final_hidden.to(dtype)
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
-    attention_mask = torch.arange(T)[None, :] < lengths_t[:, None]
-
-    def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
-
+        input_ids[i, :n] = _on(f.input_ids, device)
+        loss_mask[i, :n] = _on(f.loss_mask, device)
+        target_argmax[i, :n] = _on(f.target_argmax, device)
+        aux[i, :n] = _on(f.aux_hidden, device)
+        final[i, :n] = _on(f.final_hidden, device)
+    lengths_t = torch.tensor(lengths, dtype=torch.long).to(device, non_blocking=True)
+    attention_mask = torch.arange(T, device=device)[None, :] < lengths_t[:, None]
     return Batch(
-        input_ids=dev(input_ids), loss_mask=dev(loss_mask), attention_mask=dev(attention_mask),
-        aux_hidden=dev(aux), final_hidden=dev(final), target_argmax=dev(target_argmax),
-        lengths=dev(lengths_t),
+        input_ids=input_ids, loss_mask=loss_mask, attention_mask=attention_mask, aux_hidden=aux,
+        final_hidden=final, target_argmax=target_argmax, lengths=lengths_t,
     )
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` in its own dtype (the assignment into the batch casts)."""
+    return t if t.device == device else t.to(device, non_blocking=True)

@@ -15,11 +15,22 @@ import torch
 
 from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.training.alignment import align_step, align_valid
-from specforge_core.training.batch import collate
+from specforge_core.training.batch import Batch, collate
 from specforge_core.training.components import create
+from specforge_core.training.staging import StagedBatch
 from specforge_core.types import TargetFeatures, TargetInfo
 
+MicroBatch = Sequence[TargetFeatures] | Batch | StagedBatch
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def as_batch(micro: MicroBatch, device: torch.device, dtype: torch.dtype) -> Batch:
+    if isinstance(micro, StagedBatch):
+        return micro.ready()
+    if isinstance(micro, Batch):
+        return micro
+    return collate(micro, device, dtype)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -137,8 +148,11 @@ class Eagle3Trainer:
         fwd = getattr(self.model, "ttt_forward", None) or self.model.module.ttt_forward
         return fwd(*args)
 
-    def train_step(self, micro_batches: Sequence[Sequence[TargetFeatures]]) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics."""
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics.
+
+        A micro-batch is a list of ``TargetFeatures`` (collated here), or a ``Batch`` / a
+        ``StagedBatch`` already collated on the device (the Ray trainer's prefetch thread)."""
         if not micro_batches:
             raise ValueError("train_step: no micro-batches")
         start = time.perf_counter()
@@ -150,7 +164,7 @@ class Eagle3Trainer:
         tokens = 0
         n = len(micro_batches)
         for i, features in enumerate(micro_batches):
-            batch = collate(features, self.device, self.dtype)
+            batch = as_batch(features, self.device, self.dtype)
             tokens += batch.num_tokens
             sync = contextlib.nullcontext() if i == n - 1 else self.strategy.no_sync(self.model)
             with sync:

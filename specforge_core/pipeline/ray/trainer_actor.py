@@ -1,6 +1,11 @@
 """One trainer rank as a Ray actor: joins the process group, fetches its batches from the transfer
 store on a background thread, and runs the same ``Eagle3Trainer`` step as the local pipeline.
 
+The background thread stages each micro-batch on the device (``training.staging``: pinned reads,
+copies on a side stream, collation on the GPU), so the training thread only computes. Each step's
+metrics carry ``data_wait_s`` (the training thread idle, waiting for its next batch) and ``stage_s``
+(the prefetch thread's time for that step).
+
 The controller says *which* samples (store keys) form this rank's micro-batches; this actor reads
 them (``get``), deletes them right away (``delete``: the store only holds what is not yet fetched)
 and tells the controller (``consumed``: frees pool bytes, resumes inference under backpressure).
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from specforge_core.pipeline.ray.dispatch import RankWork, Result
-from specforge_core.types import TargetFeatures
+from specforge_core.training.staging import BatchStager, StagedBatch
 
 _END = object()
 
@@ -57,6 +62,7 @@ class TrainerActor:
         strategy = create(config, "training_strategy", config)
         self.trainer = Eagle3Trainer(config, info, self.vocab, total_steps, strategy)
         self.store = create(config, "transfer_store").connect(store_handle)
+        self.stager = BatchStager(self.trainer.device, self.trainer.dtype)
         out = {"step": 0, "data_position": None, "checkpoint": None}
         if config.training.resume:
             latest = ckpt.latest_checkpoint(config.output_dir)
@@ -66,18 +72,16 @@ class TrainerActor:
         return out
 
     # ------------------------------------------------------------------------------ fetching
-    def _fetch(self, micro_results: list[list[Result]]) -> list[list[TargetFeatures]]:
-        micro = []
-        for mb in micro_results:
-            feats = []
-            for r in mb:
-                tensors = self.store.get(r.key)
-                feats.append(TargetFeatures.from_tensors(str(r.index), tensors))
-            micro.append(feats)
+    def _fetch(self, micro_results: list[list[Result]]) -> tuple[list[StagedBatch], float]:
+        """Stage this step's micro-batches on the device; delete their keys. Returns the staged
+        batches and the seconds it took (the prefetch thread's share of a step)."""
+        t0 = time.perf_counter()
+        micro = [self.stager.stage(self.store, [r.key for r in mb], [str(r.index) for r in mb])
+                 for mb in micro_results]
         self.store.delete([r.key for mb in micro_results for r in mb])
         with self._lock:
             self._acks.extend(r.seq for mb in micro_results for r in mb)
-        return micro
+        return micro, time.perf_counter() - t0
 
     def _take_acks(self) -> tuple[list[int], list[int], list[int]]:
         """(consumed seqs, trained seqs, trained dataset indices) not yet sent."""
@@ -89,7 +93,10 @@ class TrainerActor:
 
     def _prefetch(self, controller: Any, out: queue.Queue, stop: threading.Event) -> None:
         import ray
+        import torch
 
+        if self.stager.cuda:
+            torch.cuda.set_device(self.stager.device)
         try:
             while not stop.is_set():
                 # acks (fetched+deleted keys, trained samples) ride on the next pull, as columns:
@@ -106,7 +113,7 @@ class TrainerActor:
                         self._acks.extend(work.discard.seq.tolist())
                 for step, micro_results, position in work.assignments():
                     # blocks when `prefetch_steps` are ready
-                    out.put((step, position, micro_results, self._fetch(micro_results)))
+                    out.put((step, position, micro_results, *self._fetch(micro_results)))
         except BaseException as exc:  # surfaced by the training loop
             out.put(exc)
             return
@@ -140,12 +147,14 @@ class TrainerActor:
 
         try:
             while True:
+                t_wait = time.perf_counter()
                 item = ready.get()
+                wait_s = time.perf_counter() - t_wait  # the training thread idle, waiting for data
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                _step, position, micro_results, micro = item
+                _step, position, micro_results, micro, stage_s = item
                 if not micro:  # every sample of this step was skipped
                     continue
                 metrics = t.train_step(micro)
@@ -153,6 +162,7 @@ class TrainerActor:
                 with self._lock:  # acknowledged on the next pull (or the final ack below)
                     self._trained_seq.extend(r.seq for mb in micro_results for r in mb)
                     self._trained_index.extend(r.index for mb in micro_results for r in mb)
+                metrics["data_wait_s"], metrics["stage_s"] = wait_s, stage_s
                 if self.rank == 0:
                     metrics["time"] = time.time()  # wall clock at the end of the step (throughput)
                     history.append(metrics)
