@@ -108,3 +108,19 @@ def test_accounting_returned_prompts_skips_and_no_double_training():
     assert state.pull(0, 1) is None  # finished
     with pytest.raises(RuntimeError, match="trained twice"):
         state.trained(trained[:1])
+
+
+def test_trainer_waits_on_a_dead_prefetch_thread_with_an_error_not_a_hang():
+    import queue
+    import threading
+
+    from specforge_core.pipeline.ray.trainer_actor import TrainerActor
+
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    dead = threading.Thread(target=lambda: None)  # ends without putting anything (e.g. it crashed)
+    dead.start()
+    dead.join()
+    with pytest.raises(RuntimeError, match="prefetch thread ended without a result"):
+        TrainerActor._next(ready, dead)
+    ready.put("last")  # an item put just before the thread ended is still returned
+    assert TrainerActor._next(ready, dead) == "last"

@@ -95,9 +95,9 @@ class TrainerActor:
         import ray
         import torch
 
-        if self.stager.cuda:
-            torch.cuda.set_device(self.stager.device)
         try:
+            if self.stager.cuda and self.stager.device.index is not None:
+                torch.cuda.set_device(self.stager.device)  # this thread's current device
             while not stop.is_set():
                 # acks (fetched+deleted keys, trained samples) ride on the next pull, as columns:
                 # one controller call per step, the whole step's assignment in its reply
@@ -118,6 +118,19 @@ class TrainerActor:
             out.put(exc)
             return
         out.put(_END)
+
+    @staticmethod
+    def _next(ready: queue.Queue, thread: threading.Thread) -> Any:
+        """The next prefetched step; an error (never a hang) if the prefetch thread is gone."""
+        while True:
+            try:
+                return ready.get(timeout=1.0)
+            except queue.Empty:
+                if not thread.is_alive():
+                    try:  # it may have put its last item just before ending
+                        return ready.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("trainer: the prefetch thread ended without a result") from None
 
     # ------------------------------------------------------------------------------ training
     def run(self, controller: Any, config_toml: str, stop_after_steps: Optional[int] = None) -> dict[str, Any]:
@@ -148,7 +161,7 @@ class TrainerActor:
         try:
             while True:
                 t_wait = time.perf_counter()
-                item = ready.get()
+                item = self._next(ready, thread)
                 wait_s = time.perf_counter() - t_wait  # the training thread idle, waiting for data
                 if item is _END:
                     break
