@@ -121,3 +121,18 @@ def test_training_staging_cuda(store):
     for field in attrs.fields(type(reference)):
         assert torch.equal(getattr(batch, field.name), getattr(reference, field.name)), field.name
     assert stager.ring.pinned_bytes > 0
+
+
+def test_to_device_views_one_buffer_at_the_same_offsets(store):
+    """The CUDA path's single-copy transfer (offset math checked on the CPU, where .to is a no-op)."""
+    ts = feature_tensors(9)
+    store.put("k", ts)
+    bufs: list[torch.Tensor] = []
+    host = read_into(store, "k", lambda n: bufs.append(torch.empty(n, dtype=torch.uint8)) or bufs[-1])
+    stager = BatchStager("cpu", torch.float32)
+    out = stager._to_device(host, bufs[0])
+    for k in ts:
+        assert torch.equal(out[k], ts[k]) and out[k].data_ptr() == host[k].data_ptr(), k
+    # tensors outside the given buffer fall back to one copy each
+    other = {"x": torch.arange(4)}
+    assert torch.equal(stager._to_device(other, bufs[0])["x"], other["x"])

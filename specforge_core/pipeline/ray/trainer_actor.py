@@ -72,16 +72,16 @@ class TrainerActor:
         return out
 
     # ------------------------------------------------------------------------------ fetching
-    def _fetch(self, micro_results: list[list[Result]]) -> tuple[list[StagedBatch], float]:
+    def _fetch(self, micro_results: list[list[Result]]) -> tuple[list[StagedBatch], tuple[float, float]]:
         """Stage this step's micro-batches on the device; delete their keys. Returns the staged
-        batches and the seconds it took (the prefetch thread's share of a step)."""
-        t0 = time.perf_counter()
+        batches and (seconds it took, seconds of it in store reads; CUDA only) for the metrics."""
+        t0, read0 = time.perf_counter(), self.stager.read_s
         micro = [self.stager.stage(self.store, [r.key for r in mb], [str(r.index) for r in mb])
                  for mb in micro_results]
         self.store.delete([r.key for mb in micro_results for r in mb])
         with self._lock:
             self._acks.extend(r.seq for mb in micro_results for r in mb)
-        return micro, time.perf_counter() - t0
+        return micro, (time.perf_counter() - t0, self.stager.read_s - read0)
 
     def _take_acks(self) -> tuple[list[int], list[int], list[int]]:
         """(consumed seqs, trained seqs, trained dataset indices) not yet sent."""
@@ -167,7 +167,7 @@ class TrainerActor:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                _step, position, micro_results, micro, stage_s = item
+                _step, position, micro_results, micro, (stage_s, read_s) = item
                 if not micro:  # every sample of this step was skipped
                     continue
                 metrics = t.train_step(micro)
@@ -175,7 +175,7 @@ class TrainerActor:
                 with self._lock:  # acknowledged on the next pull (or the final ack below)
                     self._trained_seq.extend(r.seq for mb in micro_results for r in mb)
                     self._trained_index.extend(r.index for mb in micro_results for r in mb)
-                metrics["data_wait_s"], metrics["stage_s"] = wait_s, stage_s
+                metrics.update(data_wait_s=wait_s, stage_s=stage_s, stage_read_s=read_s)
                 if self.rank == 0:
                     metrics["time"] = time.time()  # wall clock at the end of the step (throughput)
                     history.append(metrics)
