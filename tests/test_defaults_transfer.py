@@ -198,3 +198,18 @@ def test_shm_producer_and_consumer_processes(tmp_path):
     store.delete(["latest"])
     provider.stop(handle)
     assert not os.path.exists(handle.path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tensors: the pinned staging path needs CUDA")
+def test_shm_put_of_gpu_tensors_round_trips(tmp_path):
+    provider = ShmStoreProvider(ShmOptions(root=str(tmp_path)))
+    handle = provider.start("gpu")
+    store = provider.connect(handle)
+    for n in (5, 300, 17):  # grows, then reuses the pinned buffer
+        ts = {"a": torch.randn(n, 33, device="cuda").to(torch.bfloat16), "b": torch.arange(n, device="cuda"),
+              "m": torch.ones(n, dtype=torch.uint8)}  # a host tensor mixed in
+        assert store.put(f"k{n}", ts) == sum(t.numel() * t.element_size() for t in ts.values())
+        got = store.get(f"k{n}")
+        assert all(torch.equal(got[k], ts[k].cpu()) for k in ts)
+        store.delete([f"k{n}"])
+    provider.stop(handle)

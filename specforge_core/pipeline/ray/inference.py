@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 import numpy as np
@@ -45,6 +46,8 @@ class EngineActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backend = create(config, "target_backend", config, device)
         self.store = create(config, "transfer_store").connect(store_handle)
+        # puts release the GIL (file writes, copies): a batch's samples are written in parallel
+        self.writers = ThreadPoolExecutor(config.transfer.put_threads, thread_name_prefix="put")
 
     def ready(self) -> bool:
         return True
@@ -56,16 +59,20 @@ class EngineActor:
         feats = self.backend.generate([self.samples[i] for i in prompts.index.tolist()])
         if len(feats) != prompts.n:
             raise RuntimeError(f"target backend returned {len(feats)} results for {prompts.n} prompts")
-        keys, tokens, nbytes = [], [], []
-        for seq, f in zip(prompts.seq.tolist(), feats, strict=False):
-            key = feature_key(self.run_id, seq)
-            nbytes.append(self.store.put(key, f.tensors()))
-            keys.append(key)
-            tokens.append(f.num_tokens)
+        keys = [feature_key(self.run_id, seq) for seq in prompts.seq.tolist()]
+        tokens = [f.num_tokens for f in feats]
+        puts = [self.writers.submit(self.store.put, k, f.tensors()) for k, f in zip(keys, feats, strict=True)]
+        wait(puts)  # all of them, failed or not, before any cleanup
+        if any(p.exception() is not None for p in puts):
+            # the batch fails as a whole (the manager skips its prompts, with the reason): what
+            # its other puts wrote must not stay in the store
+            self.store.delete(keys)
+        nbytes = [p.result() for p in puts]  # re-raises the first failure
         return ResultBatch(prompts.seq, prompts.index, keys, np.asarray(tokens, np.int64),
                            np.asarray(nbytes, np.int64)).wire()
 
     def close(self) -> None:
+        self.writers.shutdown(wait=True)
         self.backend.close()
         self.store.close()
 
