@@ -78,32 +78,41 @@ def make_config(target: Path, data: Path, out: Path, steps: int, mbs: int, pipel
 
 
 def inference_alone(config, n: int) -> float:
-    """hf backend on cuda:0 -> shm put + delete, as an engine actor does."""
+    """One inference engine (``EngineActor``, the code a pipeline engine runs, in this process) on
+    GPU 0: target forward, features into the shm store (parallel puts), then delete."""
+    import attrs
+    import numpy as np
     import torch
 
     from specforge_core.data import build_samples, load_tokenizer
+    from specforge_core.pipeline.ray.controller import PromptBatch
+    from specforge_core.pipeline.ray.dispatch import ResultBatch
+    from specforge_core.pipeline.ray.inference import EngineActor
     from specforge_core.training.components import create
 
     samples, _ = build_samples(config.dataset, load_tokenizer(config.model.target))
-    backend = create(config, "target_backend", config, "cuda:0")
-    cfg = __import__("attrs").evolve(config, transfer=__import__("attrs").evolve(config.transfer, store="shm"))
+    cfg = attrs.evolve(config, transfer=attrs.evolve(config.transfer, store="shm"))
     provider = create(cfg, "transfer_store")
     handle = provider.start("pipebench-inf")
-    store = provider.connect(handle)
+    engine = EngineActor(cfg, samples, handle, "pipebench-inf")
     bs = config.inference.batch_size
-    backend.generate(samples[:bs])  # warm-up
+
+    def batch(start: int) -> tuple:
+        idx = np.arange(start, min(start + bs, n), dtype=np.int64)
+        return PromptBatch(idx, idx, np.asarray([samples[i].num_tokens for i in idx], np.int64)).wire()
+
+    engine.store.delete(list(ResultBatch.from_wire(engine.generate(batch(0))).keys))  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     done = 0
     for start in range(0, n, bs):
-        for j, f in enumerate(backend.generate(samples[start : start + bs])):
-            store.put(f"k{start + j}", f.tensors())
-            store.delete([f"k{start + j}"])
-            done += 1
+        res = ResultBatch.from_wire(engine.generate(batch(start)))
+        engine.store.delete(list(res.keys))
+        done += res.n
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    engine.close()
     provider.stop(handle)
-    backend.close()
     return done / wall
 
 
@@ -196,7 +205,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
     print("\n| stage | samples/s |\n| --- | --- |")
-    print(f"| inference alone (GPU 0, hf target + shm put) | {inf:.2f} |")
+    print(f"| inference alone (GPU 0, engine: hf target + parallel shm puts) | {inf:.2f} |")
     print(f"| training alone (GPU 1, batches resident on the GPU) | {tr:.2f} |")
     print(f"| pipeline (Ray, steady state: last {pipe['window_steps']} steps) | {pipe['samples_per_s']:.2f} |")
     print(f"| pipeline / slower stage | **{pipe['samples_per_s'] / slower:.2f}** (goal >= 0.9) |")
