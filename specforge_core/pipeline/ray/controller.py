@@ -244,6 +244,9 @@ class ControllerState:
             self.trained_indices.append(index)
 
     def report(self, metrics: dict[str, float]) -> None:
+        # samples between the stages when the step ended (produced, not yet fetched by a trainer):
+        # a throughput window must not count a rise or fall of this buffer as pipeline throughput
+        metrics["buffered_samples"] = len(self.held)
         self.metrics.append(metrics)
 
     # ------------------------------------------------------------------------------- reporting
