@@ -92,6 +92,9 @@ class TransferStore(Protocol):
 
     def get(self, key: str, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]: ...
 
+    # Optional fast path (see training/staging.py): ``get_into(key, alloc)`` reads the sample into
+    # ``alloc(nbytes)``, a uint8 buffer the caller owns (pinned, reused), and returns views of it.
+
     def delete(self, keys: Sequence[str]) -> None: ...
 
     def count(self) -> int:
