@@ -97,8 +97,7 @@ class StagedBatch:
     """A collated batch whose device copies may still be in flight on the stager's stream."""
 
     batch: Batch
-    event: Optional[torch.cuda.Event] = None
-    stream: Optional[torch.cuda.Stream] = None
+    event: Optional[torch.cuda.Event] = None  # recorded on the stager's stream after the batch's last copy
 
     def ready(self) -> Batch:
         """The batch, usable on the calling thread's current stream (call it from that thread)."""
@@ -158,7 +157,7 @@ class BatchStager:
             event = torch.cuda.Event()
             event.record(self.stream)
         self.stage_s += time.perf_counter() - t0
-        return StagedBatch(batch, event, self.stream)
+        return StagedBatch(batch, event)
 
     def _to_device(self, host: dict[str, torch.Tensor], buf: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One copy of the whole pinned buffer, then views at the same offsets (one transfer and
