@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -109,7 +110,9 @@ def _load_dcp_trainables(path: Path, draft: torch.nn.Module) -> None:
     names = [n for n, p in draft.named_parameters() if p.requires_grad]
     state = {"model": {f"draft.{n}": draft.get_parameter(n).detach().float().clone() for n in names}}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        with warnings.catch_warnings():  # loading in one process without a group is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except Exception as exc:  # a key the checkpoint lacks: name the checkpoint and the draft
         raise ValueError(f"export: {path} does not hold this draft's weights ({exc})") from exc
     with torch.no_grad():
