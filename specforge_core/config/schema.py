@@ -124,11 +124,6 @@ class TransferSection:
     prefetch_steps: int = option(
         2, "Ray pipeline: optimizer steps each trainer fetches ahead on a background thread", validator=positive
     )
-    read_threads: int = option(
-        2, "Ray pipeline on GPU: threads per trainer reading a micro-batch's samples from the store "
-        "into pinned memory in parallel (each thread holds two pinned buffers of one sample)",
-        validator=positive,
-    )
     put_threads: int = option(
         4, "Ray pipeline: threads per inference engine writing a batch's samples into the store in "
         "parallel (a single writer is bound by one core's memory-copy speed)", validator=positive

@@ -15,10 +15,8 @@ the prefetch thread, not faulted in later) and collates on the CPU.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import attrs
@@ -76,12 +74,10 @@ class PinnedRing:
             raise ValueError(f"PinnedRing: slots must be >= 1, got {slots}")
         self.slots = [_Slot() for _ in range(slots)]
         self.next = 0
-        self._lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> _Slot:
-        with self._lock:  # parallel readers: each takes a distinct slot
-            slot = self.slots[self.next]
-            self.next = (self.next + 1) % len(self.slots)
+        slot = self.slots[self.next]
+        self.next = (self.next + 1) % len(self.slots)
         if slot.event is not None:
             slot.event.synchronize()
             slot.event = None
@@ -119,17 +115,12 @@ class StagedBatch:
 class BatchStager:
     """Reads micro-batches from a transfer store into device-resident ``Batch``es (one thread)."""
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype, ring_slots: int = 3, readers: int = 1):
-        if readers < 1:
-            raise ValueError(f"BatchStager: readers must be >= 1, got {readers}")
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, ring_slots: int = 3):
         self.device = torch.device(device)
         self.dtype = dtype
         self.cuda = self.device.type == "cuda"
-        self.readers = readers
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # a wave of `readers` samples is read while the previous wave's copies run: twice the slots
-        self.ring = PinnedRing(max(ring_slots, 2 * readers)) if self.cuda else None
-        self.pool = ThreadPoolExecutor(readers, thread_name_prefix="stage") if self.cuda and readers > 1 else None
+        self.ring = PinnedRing(ring_slots) if self.cuda else None
         self.read_s = 0.0  # seconds in the store's reads (cumulative; CUDA path)
         self.stage_s = 0.0  # seconds in stage() (cumulative; CUDA path)
 
@@ -143,47 +134,30 @@ class BatchStager:
             return StagedBatch(collate(feats, self.device, self.dtype))  # (read_s/stage_s: CUDA only)
         assert self.stream is not None and self.ring is not None
         feats = []
-        items = list(zip(keys, sample_ids, strict=True))
         t0 = time.perf_counter()
         with torch.cuda.stream(self.stream):
-            # waves of `readers` samples: read in parallel (file reads release the GIL), then one
-            # copy each to the GPU; a wave's slots are reused only after its copies finished
-            for w in range(0, len(items), self.readers):
-                wave = items[w : w + self.readers]
-                given: list[list[tuple[_Slot, torch.Tensor]]] = [[] for _ in wave]
+            for key, sid in zip(keys, sample_ids, strict=True):
+                given: list[tuple[_Slot, torch.Tensor]] = []
+
+                def alloc(nbytes: int, given: list = given) -> torch.Tensor:
+                    slot = self.ring.acquire(nbytes)  # type: ignore[union-attr]
+                    given.append((slot, slot.buf[:nbytes]))  # type: ignore[index]
+                    return given[-1][1]
+
                 t = time.perf_counter()
-                if self.pool is not None and len(wave) > 1:
-                    hosts = list(self.pool.map(self._read, [store] * len(wave), [k for k, _ in wave], given))
-                else:
-                    hosts = [self._read(store, key, g) for (key, _), g in zip(wave, given, strict=True)]
+                host = read_into(store, key, alloc)
                 self.read_s += time.perf_counter() - t
-                for (_, sid), host, g in zip(wave, hosts, given, strict=True):
-                    on_device = self._to_device(host, g[-1][1] if len(g) == 1 else None)
-                    feats.append(TargetFeatures.from_tensors(sid, on_device))
+                on_device = self._to_device(host, given[-1][1] if len(given) == 1 else None)
                 done = torch.cuda.Event()
                 done.record(self.stream)
-                for g in given:
-                    for slot, _ in g:
-                        slot.event = done
+                for slot, _ in given:
+                    slot.event = done
+                feats.append(TargetFeatures.from_tensors(sid, on_device))
             batch = collate(feats, self.device, self.dtype)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.stage_s += time.perf_counter() - t0
         return StagedBatch(batch, event)
-
-    def _read(self, store: Any, key: str, given: list[tuple[_Slot, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """``key`` into a ring slot (``given`` records which, for the copy's event)."""
-
-        def alloc(nbytes: int) -> torch.Tensor:
-            slot = self.ring.acquire(nbytes)  # type: ignore[union-attr]
-            given.append((slot, slot.buf[:nbytes]))  # type: ignore[index]
-            return given[-1][1]
-
-        return read_into(store, key, alloc)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
 
     def _to_device(self, host: dict[str, torch.Tensor], buf: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One copy of the whole pinned buffer, then views at the same offsets (one transfer and

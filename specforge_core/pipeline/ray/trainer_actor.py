@@ -62,7 +62,7 @@ class TrainerActor:
         strategy = create(config, "training_strategy", config)
         self.trainer = Eagle3Trainer(config, info, self.vocab, total_steps, strategy)
         self.store = create(config, "transfer_store").connect(store_handle)
-        self.stager = BatchStager(self.trainer.device, self.trainer.dtype, readers=config.transfer.read_threads)
+        self.stager = BatchStager(self.trainer.device, self.trainer.dtype)
         out = {"step": 0, "data_position": None, "checkpoint": None}
         if config.training.resume:
             latest = ckpt.latest_checkpoint(config.output_dir)
@@ -217,9 +217,6 @@ class TrainerActor:
 
     def close(self) -> None:
         import torch.distributed as dist
-
-        if getattr(self, "stager", None) is not None:
-            self.stager.close()
 
         from specforge_core.distributed import destroy
 
