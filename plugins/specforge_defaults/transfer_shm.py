@@ -98,7 +98,8 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes without a copy (after one to CPU/contiguous if needed)."""
+    """The tensor's bytes without a copy (after one to CPU/contiguous if needed: CUDA tensors take
+    the pinned path in ``put``, other devices come through here)."""
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -216,17 +217,10 @@ class ShmStore:
         return payload
 
     def get(self, key: str, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
-        path = self._file(key)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise KeyError(f"transfer store 'shm' ({self.path}): no key {key!r}") from None
-        try:
-            size = os.fstat(fd).st_size
-            buf = self._map(fd, size) if self.read_mode == "mmap" and size else self._read(fd, size, path)
-        finally:
-            os.close(fd)  # a mapping outlives its descriptor
-        tensors = decode(buf, path)
+        def into(fd: int, size: int, path: str) -> torch.Tensor:
+            return self._map(fd, size) if self.read_mode == "mmap" and size else self._read(fd, size, path)
+
+        tensors = self._load(key, into)
         if device is not None and torch.device(device).type != "cpu":
             tensors = {name: t.to(device) for name, t in tensors.items()}
         return tensors
@@ -234,16 +228,19 @@ class ShmStore:
     def get_into(self, key: str, alloc: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
         """Like ``get``, read with one ``readv`` straight into ``alloc(file size)`` (a uint8 buffer
         the caller owns and may reuse, e.g. pinned memory); the tensors are views of it."""
+        return self._load(key, lambda fd, size, path: self._read(fd, size, path, alloc(size)))
+
+    def _load(self, key: str, into: Callable[[int, int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Open ``key``'s file, let ``into(fd, size, path)`` bring its bytes into a buffer, decode."""
         path = self._file(key)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise KeyError(f"transfer store 'shm' ({self.path}): no key {key!r}") from None
         try:
-            size = os.fstat(fd).st_size
-            buf = self._read(fd, size, path, alloc(size))
+            buf = into(fd, os.fstat(fd).st_size, path)
         finally:
-            os.close(fd)
+            os.close(fd)  # a mapping outlives its descriptor
         return decode(buf, path)
 
     @staticmethod
