@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from specforge_core.config.fields import option
+from specforge_core.training.checkpoint import COMPLETE, is_complete
 
-MARKER = "COMPLETE"
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -79,17 +79,13 @@ def _fsync_dir(path: str) -> None:
         _fsync_file(path)
 
 
-def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
-
-
 def recover(path: str) -> None:
     """Finish an interrupted replace: bring a complete ``.old`` copy back if ``path`` is missing."""
     path = path.rstrip("/")
     if os.path.exists(path):
         return
     for old in sorted(glob.glob(glob.escape(path) + ".old-*")):
-        if _is_complete(old):
+        if is_complete(old):
             os.replace(old, path)
             return
 
@@ -164,7 +160,7 @@ class LocalStrategy:
             for name, write in files.items():
                 write(os.path.join(tmp, name))
                 _fsync_file(os.path.join(tmp, name))
-            with open(os.path.join(tmp, MARKER), "w") as f:
+            with open(os.path.join(tmp, COMPLETE), "w") as f:
                 json.dump({"files": list(files), "time": time.time()}, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -188,9 +184,9 @@ class LocalStrategy:
         recover(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        if not _is_complete(path):
+        if not is_complete(path):
             raise RuntimeError(
-                f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted while being "
+                f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while being "
                 "written; resume from an earlier checkpoint or delete it"
             )
         state = load_file(os.path.join(path, "model.safetensors"))

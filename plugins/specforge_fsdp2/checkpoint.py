@@ -29,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-COMPLETE = "COMPLETE"
+from specforge_core.training.checkpoint import COMPLETE, is_complete
+
 EXTRA = "extra.pt"
 
 # The frozen target embedding is the target's own weight (reloaded from the target on resume), so
@@ -84,10 +85,6 @@ def _replace_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE))
 
 
 def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, barrier: Callable[[], None]) -> dict:

@@ -15,8 +15,13 @@ from typing import Any, Optional
 
 import torch
 
-COMPLETE = "COMPLETE"
+COMPLETE = "COMPLETE"  # every strategy writes it last into a finished checkpoint directory
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def is_complete(path: str | Path) -> bool:
+    """``path`` is a finished checkpoint directory (its ``COMPLETE`` marker was written)."""
+    return (Path(path) / COMPLETE).is_file()
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -34,7 +39,7 @@ def _complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for d in root.iterdir():
         m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and (d / COMPLETE).exists():
+        if m and d.is_dir() and is_complete(d):
             found.append((int(m.group(1)), d))
     return sorted(found)
 
