@@ -10,60 +10,164 @@ These are ``typing.Protocol`` classes: plugins need not inherit from them, only 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ContextManager, Optional, Protocol, runtime_checkable
 
 import attrs
 import torch
 
+# The table of component kinds lives in ``hookspecs`` (torch-free: light processes import it);
+# re-exported here because each row names its contract in this module.
+from specforge_core.hookspecs import KINDS, Kind  # noqa: F401
 from specforge_core.types import Sample, TargetFeatures, TargetInfo
 
-# --------------------------------------------------------------------------------------------------
-# Component kinds. The value is the config selector (``section.field``) that picks a component by
-# name; a component's own options live in the table ``[section.<component-name>]``.
-# --------------------------------------------------------------------------------------------------
-KINDS: dict[str, tuple[str, str]] = {
-    "draft_model": ("model", "draft"),
-    "target_backend": ("inference", "backend"),
-    "transfer_store": ("transfer", "store"),
-    "loss": ("training", "loss"),
-    "lr_scheduler": ("training", "scheduler"),
-    "training_strategy": ("training", "strategy"),
-}
 
+# ============================================================================ draft algorithm
+# The unit a draft plugin provides. The core (trainer, pipelines, export, plan, checks) is generic
+# over it and never names one. Division of labour for the training objective:
+#
+#   core (trainer)  collates micro-batches (``training.batch.Batch``), asks the algorithm for the
+#                   step's loss denominators first (``count_targets``, summed over micro-batches
+#                   and ranks), runs ``objective`` per micro-batch inside ``DraftStep.forward``,
+#                   backpropagates the returned loss as is, sums the returned statistics over
+#                   micro-batches and ranks and hands them to ``summarize``.
+#   algorithm       the draft's forward (e.g. EAGLE-3's training-time-test unroll), the alignment
+#                   (which target position teaches which draft output, which are valid), the
+#                   prediction *groups* (EAGLE-3: one per TTT step), their weights (EAGLE-3:
+#                   0.8**k) and the normalisation: group g's summed per-token loss is divided by
+#                   ``ctx.denominators[g]`` (valid targets of group g in the whole optimizer step,
+#                   all micro-batches, all ranks), so the step's objective does not depend on how
+#                   its samples are split into micro-batches or ranks.
+#   loss plugin     a per-token divergence between the draft's distribution and the target's on
+#                   the rows the algorithm marks valid: returns the *sum* over those rows (no
+#                   weighting, no normalisation) plus argmax agreements (see ``Loss``).
+# ============================================================================================
+@attrs.frozen
+class FeatureSpec:
+    """Which target features an algorithm trains on (what inference captures per token).
 
-# ----------------------------------------------------------------------------------------- draft
-@runtime_checkable
-class DraftModel(Protocol):
-    """An EAGLE-3 style draft (a ``torch.nn.Module``).
-
-    Factory: ``factory(options, target: TargetInfo, draft_vocab_size: int) -> DraftModel``.
-    The trainer copies the target's embedding in with ``load_embedding`` (it stays frozen).
+    Today every target backend captures the fields of ``types.TargetFeatures``: ``input_ids``,
+    ``loss_mask``, ``aux_hidden`` (the residual stream entering ``model.aux_layers``, concatenated),
+    ``final_hidden`` (post-norm) and ``target_argmax`` (full-vocab argmax). The spec says which of
+    them the algorithm reads; ``plan`` sizes transfers from it.
     """
 
-    lm_head: torch.nn.Linear  # H -> draft vocab, no bias
+    aux_hidden: bool = True
+    final_hidden: bool = True
+    target_argmax: bool = True
+    # Tokens the draft proposes per forward at inference (EAGLE-3: 1, chained; DFlash: its block).
+    block_size: int = 1
+    # Default aux layers for a target of L layers when ``model.aux_layers`` is empty (HF
+    # hidden_states indices). None: the EAGLE-3 default (2, L//2, L-3).
+    default_aux_layers: Optional[Callable[[int], list[int]]] = None
 
-    def load_embedding(self, weight: torch.Tensor) -> None: ...
 
-    def ttt_forward(
-        self,
-        input_ids: torch.Tensor,  # int64 [B, T], unshifted
-        aux_hidden: torch.Tensor,  # [B, T, n_aux*H_target]
-        attention_mask: torch.Tensor,  # bool [B, T], True on real tokens (right padding)
-        ttt_length: int,
-    ) -> Iterator[torch.Tensor]:
-        """Yield, for each TTT step k = 0..ttt_length-1, the *normed* hidden state [B, T, H]
-        whose ``lm_head`` gives the step-k logits. Step k at position t consumes token x_{t+k+1}
-        and predicts x_{t+k+2} (see docs/architecture.md, "Training-time test")."""
+@attrs.define
+class TargetHead:
+    """The frozen target weights a trainer hands an objective (and its loss), on the device.
+
+    ``rows`` [Vd, H] are the target lm_head rows of the draft vocabulary in draft order (compute
+    dtype), ``t2d`` bool [V] marks target ids in the draft vocab, ``draft_ids`` int64 [Vd] is the
+    target id of each draft id. ``full()`` loads the *whole* target lm_head [V, H] on first call
+    (cached) for losses that need the target's full-vocab distribution (``Loss.needs_full_vocab``).
+    """
+
+    rows: torch.Tensor
+    t2d: torch.Tensor
+    draft_ids: torch.Tensor
+    full_loader: Optional[Callable[[], torch.Tensor]] = None
+    _full: Optional[torch.Tensor] = None
+
+    def full(self) -> torch.Tensor:
+        if self._full is None:
+            if self.full_loader is None:
+                raise RuntimeError("the full target lm_head was not made available to this objective")
+            self._full = self.full_loader()
+        return self._full
+
+
+@attrs.define
+class ObjectiveContext:
+    """What ``DraftAlgorithm.objective`` receives besides the draft and the batch."""
+
+    loss: Loss  # the configured loss plugin
+    head: TargetHead
+    # float64 [G]: valid targets of each prediction group g in the whole optimizer step (all
+    # micro-batches, all ranks): the sum of ``count_targets`` over them. Divide group g by it.
+    denominators: torch.Tensor
+
+
+@attrs.define
+class DraftPlan:
+    """An algorithm's contribution to ``specforge plan`` and ``config validate`` (arithmetic only)."""
+
+    shape: dict[str, Any]  # printable architecture facts (hidden, heads, draft vocab...)
+    source: str  # where the shape came from ("generated from the target", a file path...)
+    trainable_params: int
+    frozen_params: int  # frozen target weights the draft holds (e.g. the token embedding)
+    # Bytes one token of a micro-batch keeps for backward through the whole objective (all
+    # groups/steps), and per micro-batch independently of its length (e.g. a head gradient).
+    activation_bytes_per_token: int
+    activation_bytes_fixed: int = 0
+    frozen_bytes: int = 0  # device bytes of frozen weights (embedding, target head rows...)
+    # config problems: (level "error"|"warning", dotted config key, message)
+    problems: list[tuple[str, str, str]] = attrs.Factory(list)
+
+
+@runtime_checkable
+class DraftAlgorithm(Protocol):
+    """A draft-model training algorithm (EAGLE-3, DFlash, ...): registered under the name that
+    ``model.draft`` selects, options in ``[model.<name>]``.
+
+    Factory: ``factory(options, config: SpecforgeConfig) -> DraftAlgorithm``. It must be cheap
+    (no weights, no device work): ``plan`` and ``config validate`` build it too.
+    """
+
+    features: FeatureSpec
+
+    def build(self, target: TargetInfo, vocab: Any, weights: Any = None) -> torch.nn.Module:
+        """The trainable draft module. ``vocab`` is the run's ``vocab.VocabMapping``; ``weights``
+        (a ``target.TargetWeights`` or None) gives the frozen target tensors to copy in (token
+        embedding...); None when the caller loads a trained state next (export, eval). The
+        trainer seeds torch before calling, so every rank starts from the same weights."""
         ...
 
-    def export_config(self) -> dict[str, Any]:
-        """config.json for serving engines (architectures, sizes, rope, draft_vocab_size...)."""
+    def count_targets(self, batch: Any, head: TargetHead) -> torch.Tensor:
+        """float64 [G] on the batch's device: valid targets of each prediction group in this
+        micro-batch (``training.batch.Batch``), from its masks only (cheap, no forward). The
+        trainer sums them over the step's micro-batches and ranks into ``denominators``."""
         ...
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Serving-engine key names (fc.weight, midlayer.*, norm.weight, lm_head.weight)."""
+    def objective(self, draft: torch.nn.Module, batch: Any, ctx: ObjectiveContext
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, stats)`` of one micro-batch. ``loss``: a differentiable scalar, already
+        normalised with ``ctx.denominators`` (the trainer backpropagates it as is, and the logged
+        loss is the sum of these over micro-batches and ranks: the optimised objective). ``stats``:
+        *additive* detached tensors (sums and counts, any shape, fixed per algorithm) that the
+        trainer sums over micro-batches and ranks and passes to ``summarize``.
+
+        Runs inside ``DraftStep.forward`` (so sharding strategies gather parameters around it):
+        read every parameter through ``draft``, call the loss as ``ctx.loss``."""
         ...
+
+    def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Logged metrics from the step's summed ``stats`` (e.g. ``acc_k``, ``accept_len``).
+        The trainer adds ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``."""
+        ...
+
+    def export(self, draft: torch.nn.Module, vocab: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``(config.json dict, tensors)`` in the layout the serving engines load (keys, dtypes,
+        vocab maps...). ``export.write_export`` writes them atomically as they are."""
+        ...
+
+    def plan(self, config: Any, target: dict) -> DraftPlan:
+        """Sizes and config problems from the config and the target's config.json dict alone."""
+        ...
+
+    # ---- Eval proposer: PLACEHOLDER. Helper EVAL defines the ``Proposer`` protocol (the draft side
+    # of ``specforge eval``) in the evaluation section of this module; an algorithm will expose it
+    # as ``proposer(self, export_dir, target, device) -> Proposer``.
+
 
 
 # ---------------------------------------------------------------------------------------- target
@@ -123,32 +227,46 @@ class TransferStoreProvider(Protocol):
 # ------------------------------------------------------------------------------------------ loss
 @attrs.define
 class LossOutput:
-    loss: torch.Tensor  # scalar, already weighted for this step, mean over valid positions
-    raw_loss: torch.Tensor  # scalar, unweighted mean over valid positions (for logging), detached
-    correct: torch.Tensor  # scalar int: argmax agreements on valid positions
-    count: torch.Tensor  # scalar int: valid positions
+    loss_sum: torch.Tensor  # scalar, differentiable: SUM over valid rows of the per-token loss
+    correct: torch.Tensor  # scalar int: valid rows whose draft argmax == the target's draft-vocab argmax
+    count: torch.Tensor  # scalar int: valid rows
 
 
 class Loss(Protocol):
-    """Factory: ``factory(options) -> Loss``.
+    """A per-token divergence between the draft's and the target's next-token distributions.
 
-    Called once per TTT step with flattened tokens; must not materialise more than one step's
-    [tokens x draft_vocab] fp32 tensor at a time.
+    Factory: ``factory(options) -> Loss`` (cheap; ``plan`` builds it too).
 
-    Optional extension: a loss may define ``precompute_targets(final_hidden, target_head)``; the
-    trainer then computes the target distribution once per micro-batch and passes step k
-    ``targets=<result>.shifted(k + 1)`` as a keyword (see ``specforge_defaults.loss``). A loss
-    without it is called exactly as below.
+    The contract, in call order, once per micro-batch (called by the algorithm's ``objective``):
+
+    1. ``prepared = loss.prepare(final_hidden, head)`` with ``final_hidden`` [N, H] the target's
+       post-norm final hidden state at every position of the micro-batch (rows b*T + t) and
+       ``head`` the ``TargetHead`` (draft-vocab rows of the target lm_head, ``t2d``, ``draft_ids``
+       and, if the loss sets ``needs_full_vocab = True``, ``head.full()``: the whole [V, H] target
+       lm_head, for losses that need the target's probability mass outside the draft vocab).
+       No gradient. The result is the loss's own (e.g. forward-kl: the target softmax over the
+       draft vocab of every position, computed once and shared by all prediction groups).
+    2. For each prediction group: ``loss(draft_hidden, draft_head, prepared, target_rows, valid)``
+       with ``draft_hidden`` [N, H] the draft's normed hidden state, ``draft_head`` [Vd, H] its
+       lm_head weight (trainable), ``target_rows`` int64 [N] the row of ``final_hidden`` that
+       teaches each draft row (only read where ``valid``), ``valid`` bool [N].
+
+    The loss returns SUMS over valid rows (``LossOutput``); weighting across groups and the
+    normalisation are the algorithm's (see "Division of labour" above). A loss must not hold more
+    than about one group's [tokens x draft_vocab] fp32 tensor at a time.
     """
+
+    needs_full_vocab: bool  # optional attribute; absent = False
+
+    def prepare(self, final_hidden: torch.Tensor, head: TargetHead) -> Any: ...
 
     def __call__(
         self,
-        step: int,
-        draft_hidden: torch.Tensor,  # [N, H] normed draft hidden of this step
-        draft_head: torch.Tensor,  # [Vd, H] draft lm_head weight (trainable)
-        target_hidden: torch.Tensor,  # [N, H] target final (post-norm) hidden, aligned to this step
-        target_head: torch.Tensor,  # [Vd, H] target lm_head rows of the draft vocab (frozen)
-        valid: torch.Tensor,  # bool [N]
+        draft_hidden: torch.Tensor,
+        draft_head: torch.Tensor,
+        prepared: Any,
+        target_rows: torch.Tensor,
+        valid: torch.Tensor,
     ) -> LossOutput: ...
 
 
@@ -163,7 +281,16 @@ class TrainingStrategy(Protocol):
     """How the draft is placed, wrapped, synchronised and checkpointed.
 
     Factory: ``factory(options, config: SpecforgeConfig) -> TrainingStrategy``. The process group
-    (if any) is already initialised by the caller (``torch.distributed``) when the factory runs.
+    (if any) is already initialised by the caller (``torch.distributed``) when the factory runs; a
+    factory that needs one even for a single rank sets ``factory.needs_process_group = True``.
+
+    Gradients are SUMMED over ranks (not averaged): each rank's loss is already divided by the
+    whole step's token count (``ObjectiveContext.denominators``).
+
+    Optional attribute ``wraps_step = True``: ``prepare`` then receives a ``training.trainer.DraftStep``
+    (the draft plus its objective; ``forward`` runs one whole micro-step, state keys ``draft.*``)
+    instead of the bare draft, for strategies that gather parameters and reduce gradients from
+    forward hooks (FSDP2).
     """
 
     rank: int
@@ -197,6 +324,32 @@ class TrainingStrategy(Protocol):
     ) -> dict: ...
 
     def barrier(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------------- planning
+# ``specforge plan`` and ``config validate`` are arithmetic on the config: they never start a
+# backend or a strategy. Components contribute through optional methods on their *options class*
+# (the attrs config they registered), called with ``getattr``; none is required:
+#
+#   engine_nodes(self) -> int
+#       target backends: nodes one inference engine spans (default 1).
+#   train_state_split(self, num_gpus: int) -> tuple[int, bool]
+#       training strategies: (ranks the fp32 params, grads and optimizer state are sharded over,
+#       whether that state lives in CPU memory). Default (1, False).
+#   plan_notes(self, config, plan: dict) -> PlanNotes
+#       any component: extra facts for ``plan`` (stored as ``plan[<component name>]``), lines
+#       ``specforge plan`` prints, and config problems ``config validate`` reports.
+#
+# Losses contribute with an optional method on the loss object (losses are cheap to build):
+#   workspace_bytes(self, tokens: int, draft_vocab: int) -> int
+#       transient device bytes per micro-batch of ``tokens`` tokens (chunk buffers, precomputed
+#       target distributions...).
+# The draft algorithm contributes ``DraftAlgorithm.plan``.
+@attrs.define
+class PlanNotes:
+    facts: Any = None
+    lines: list[str] = attrs.Factory(list)
+    problems: list[tuple[str, str, str]] = attrs.Factory(list)  # (level, dotted key, message)
 
 
 def null_context() -> ContextManager:

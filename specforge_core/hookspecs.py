@@ -1,4 +1,5 @@
-"""pluggy hook specifications: one hook per component kind.
+"""pluggy hook specifications: one hook per component kind. The whole extension surface is this
+file plus the contracts in ``components.py`` (its ``KINDS`` table is the one list of kinds).
 
 A plugin module (the target of an entry point in the ``specforge`` group) implements any of these::
 
@@ -11,6 +12,18 @@ A plugin module (the target of an entry point in the ``specforge`` group) implem
 
 ``register(name, factory, config=None, description="")``: ``config`` is an attrs class whose
 fields become the TOML table ``[<section>.<name>]`` (see ``components.KINDS``).
+
+Who owns which part of the training objective (details in ``components.py``):
+
+- the **draft algorithm** (``register_draft_algorithms``) owns the draft's forward, the alignment of
+  draft outputs to target positions, the prediction groups, their weights and the normalisation
+  (each group's summed loss divided by its valid-target count over the whole optimizer step, all
+  micro-batches and ranks, which the trainer gathers before the step from ``count_targets``);
+- the **loss** (``register_losses``) owns only the per-token divergence: ``prepare`` once per
+  micro-batch (it may ask for the full-vocab target head), then summed loss over valid rows per
+  group; it never normalises or weights;
+- the **trainer** (core) is generic: micro-batching, backward, clipping, optimizer, summing the
+  algorithm's statistics over micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -22,9 +35,45 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+# --------------------------------------------------------------------------------------------------
+# Component kinds: the ONE table. Each kind has a config selector (``section.field`` picks a
+# component by name; its own options live in ``[section.<component-name>]``), the pluggy hook that
+# registers it (``HOOKS`` below derives from it) and its contract (a class in ``components.py``).
+# --------------------------------------------------------------------------------------------------
+class Kind(tuple):
+    """One row of ``KINDS``. Unpacks as ``(section, selector)`` (what the config code reads);
+    ``.hook`` names the registering hook, ``.contract`` its protocol in ``components.py``."""
+
+    hook: str
+    contract: str
+
+    def __new__(cls, section: str, selector: str, hook: str, contract: str) -> Kind:
+        self = super().__new__(cls, (section, selector))
+        self.hook, self.contract = hook, contract
+        return self
+
+    @property
+    def section(self) -> str:
+        return self[0]
+
+    @property
+    def selector(self) -> str:
+        return self[1]
+
+
+KINDS: dict[str, Kind] = {
+    "draft_algorithm": Kind("model", "draft", "register_draft_algorithms", "DraftAlgorithm"),
+    "target_backend": Kind("inference", "backend", "register_target_backends", "TargetBackend"),
+    "transfer_store": Kind("transfer", "store", "register_transfer_stores", "TransferStoreProvider"),
+    "loss": Kind("training", "loss", "register_losses", "Loss"),
+    "lr_scheduler": Kind("training", "scheduler", "register_lr_schedulers", "LRLambda"),
+    "training_strategy": Kind("training", "strategy", "register_training_strategies", "TrainingStrategy"),
+}
+
+
 @hookspec
-def register_draft_models(register):
-    """Register draft-model factories (see ``components.DraftModel``)."""
+def register_draft_algorithms(register):
+    """Register draft algorithms (see ``components.DraftAlgorithm``): factory ``(options, config)``."""
 
 
 @hookspec
@@ -52,12 +101,5 @@ def register_training_strategies(register):
     """Register training strategies (see ``components.TrainingStrategy``)."""
 
 
-# kind -> hook name, in the order `specforge plugins` lists them
-HOOKS = {
-    "draft_model": "register_draft_models",
-    "target_backend": "register_target_backends",
-    "transfer_store": "register_transfer_stores",
-    "loss": "register_losses",
-    "lr_scheduler": "register_lr_schedulers",
-    "training_strategy": "register_training_strategies",
-}
+# kind -> hook name, in the order `specforge plugins` lists them (derived from KINDS)
+HOOKS = {kind: k.hook for kind, k in KINDS.items()}
