@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from specforge_llama_eagle3 import model as model_mod
 from specforge_llama_eagle3 import plugin as plugin_mod
-from specforge_llama_eagle3.config import DraftConfig, DraftConfigError
+from specforge_llama_eagle3.config import DraftConfig, DraftConfigError, hf_aux_layer_ids
 from specforge_llama_eagle3.model import EXPORT_KEYS, DraftCache, LlamaEagle3Draft
 from specforge_llama_eagle3.plugin import LlamaEagle3Options, make_llama_eagle3
 from specforge_llama_eagle3.reference import dense_ttt_attention
@@ -195,16 +195,32 @@ def test_export_keys_and_config():
               "rope_scaling": None, "max_position_embeddings": 4096, "vocab_size": V, "draft_vocab_size": VD,
               "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
     assert {k: cfg[k] for k in expect} == expect
-    assert "eagle_config" not in cfg  # default aux layers: ids omitted
+    # default aux layers: ids omitted; target_hidden_size == hidden_size: omitted
+    assert not {"eagle_config", "eagle_aux_hidden_state_layer_ids", "target_hidden_size"} & set(cfg)
     json.dumps(cfg)
 
 
-def test_export_writes_non_default_aux_ids_in_engine_convention():
+def test_export_writes_non_default_aux_ids_for_both_engines():
     m = _draft(aux=[1, 3, 6])
-    assert m.export_config()["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 5]
-    assert m.export_config("vllm")["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]
-    m = _draft(aux=[1, 3, 6], options=LlamaEagle3Options(aux_ids_convention="vllm"))
-    assert m.export_config()["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]
+    cfg = m.export_config()
+    # vLLM V1 reads the top-level key, HF numbering (captures the input of layer i)
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]
+    # SGLang reads eagle_config and adds 1 (captures the output of layer id)
+    assert cfg["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [0, 2, 5], "use_aux_hidden_state": True}
+    assert hf_aux_layer_ids(cfg) == [1, 3, 6]
+    # exports written before the top-level key: eagle_config only, in the chosen convention
+    assert hf_aux_layer_ids({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 2, 5]}}) == [1, 3, 6]
+    assert hf_aux_layer_ids({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 6]}}, "vllm") == [1, 3, 6]
+    assert hf_aux_layer_ids(_draft().export_config()) is None
+
+
+def test_export_writes_target_hidden_size_only_when_it_differs():
+    # SafeAILab/EAGLE loads the target's embedding only without the key; engines default it to hidden_size
+    assert "target_hidden_size" not in _draft().export_config()
+    cfg = _draft().config
+    cfg.target_hidden_size = 2 * cfg.hidden_size
+    assert cfg.export_dict()["target_hidden_size"] == 2 * cfg.hidden_size
+    assert DraftConfig.from_export(cfg.export_dict()).target_hidden_size == 2 * cfg.hidden_size
 
 
 def test_from_export_round_trip_and_init_from(tmp_path):

@@ -8,6 +8,7 @@ instead, so both layouts are accepted on input.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,9 +103,13 @@ class DraftConfig:
         return cfg
 
     # ---------------------------------------------------------------------------------- export
-    def export_dict(self) -> dict[str, Any]:
-        """The serving-engine config.json fields (rope written out explicitly, see eagle3.md)."""
-        return {
+    def export_dict(self, aux_layer_ids: Optional[Sequence[int]] = None,
+                    target_num_layers: Optional[int] = None) -> dict[str, Any]:
+        """The serving-engine config.json fields (rope written out explicitly, see eagle3.md).
+
+        ``aux_layer_ids`` (HF hidden_states indices) and ``target_num_layers`` add the aux-layer
+        keys when the layers differ from the default (``aux_layer_keys``)."""
+        out = {
             "architectures": ["LlamaForCausalLMEagle3"],
             "model_type": "llama",
             "num_hidden_layers": 1,
@@ -119,13 +124,19 @@ class DraftConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "vocab_size": self.vocab_size,
             "draft_vocab_size": self.draft_vocab_size,
-            "target_hidden_size": self.target_hidden_size,
             "hidden_act": "silu",
             "attention_bias": False,
             "mlp_bias": False,
             "tie_word_embeddings": False,
             "torch_dtype": "bfloat16",
         }
+        # Only when it differs: SafeAILab/EAGLE's loader (cnets.py) copies the target's embedding
+        # into the draft only when the key is absent; SGLang and vLLM fall back to hidden_size.
+        if self.target_hidden_size != self.hidden_size:
+            out["target_hidden_size"] = self.target_hidden_size
+        if aux_layer_ids is not None and target_num_layers is not None:
+            out.update(aux_layer_keys(aux_layer_ids, target_num_layers))
+        return out
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -173,3 +184,41 @@ def rope_settings(cfg: dict, source: str = "config") -> tuple[float, Optional[di
 def default_aux_layer_ids(num_layers: int) -> list[int]:
     """EAGLE-3 default aux layers as HF hidden_states indices (= the input of layers 2, L//2, L-3)."""
     return [2, num_layers // 2, num_layers - 3]
+
+
+def aux_layer_keys(hf_ids: Sequence[int], target_num_layers: int) -> dict[str, Any]:
+    """config.json keys naming non-default aux layers, each in the numbering of the engine that
+    reads it ({} for the default layers, which every engine picks by itself).
+
+    * ``eagle_aux_hidden_state_layer_ids`` (top level): vLLM V1 reads it (v1 spec_decode eagle3
+      utils ``get_eagle3_aux_layers_from_config``, the V1 model runner) and captures the input of
+      layer i for id i: **HF index**. The speculators format writes the same key.
+    * ``eagle_config.eagle_aux_hidden_state_layer_ids``: SGLang reads it (model_runner) and
+      captures the output of layer id (``set_eagle3_layers_to_capture`` adds 1): **HF index - 1**.
+      vLLM reads it only when the top-level key is absent, so the two never clash.
+    """
+    ids = [int(i) for i in hf_ids]
+    if ids == default_aux_layer_ids(target_num_layers):
+        return {}
+    return {
+        "eagle_aux_hidden_state_layer_ids": ids,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in ids], "use_aux_hidden_state": True},
+    }
+
+
+def hf_aux_layer_ids(exported: dict, old_convention: str = "sglang") -> Optional[list[int]]:
+    """HF hidden_states indices an export's config.json names (None = the default layers).
+
+    The top-level key (written since the vLLM fix) is in HF numbering. Older exports wrote the ids
+    only under ``eagle_config``, in the numbering their ``aux_ids_convention`` chose:
+    ``old_convention`` says which ("sglang" = HF index - 1, "vllm" = HF index)."""
+    ids = exported.get("eagle_aux_hidden_state_layer_ids")
+    if ids:
+        return [int(i) for i in ids]
+    eagle = exported.get("eagle_config")
+    ids = eagle.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle, dict) else None
+    if not ids:
+        return None
+    if old_convention not in ("sglang", "vllm"):
+        raise ValueError(f"aux ids convention '{old_convention}' is not known; allowed: sglang, vllm")
+    return [int(i) + (1 if old_convention == "sglang" else 0) for i in ids]

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from specforge_llama_eagle3 import fused
 from specforge_llama_eagle3.attention import CAUSAL_IMPLS, ttt_attention
-from specforge_llama_eagle3.config import DraftConfig, default_aux_layer_ids
+from specforge_llama_eagle3.config import DraftConfig
 from specforge_llama_eagle3.rope import apply_rope, cos_sin, inverse_frequencies
 
 EXPORT_KEYS = (
@@ -288,16 +288,9 @@ class LlamaEagle3Draft(nn.Module):
         return self.norm(out_hidden), out_hidden
 
     # ------------------------------------------------------------------------------ export
-    def export_config(self, aux_ids_convention: Optional[str] = None) -> dict[str, Any]:
-        cfg = self.config.export_dict()
-        ids = self.aux_layer_ids
-        if ids is not None and self.target_num_layers is not None:
-            if ids != default_aux_layer_ids(self.target_num_layers):
-                cfg["eagle_config"] = {
-                    "eagle_aux_hidden_state_layer_ids": engine_aux_ids(ids, aux_ids_convention or self.aux_ids_convention),
-                    "use_aux_hidden_state": True,
-                }
-        return cfg
+    def export_config(self) -> dict[str, Any]:
+        # aux ids for both engines, each in its own numbering (config.aux_layer_keys)
+        return self.config.export_dict(self.aux_layer_ids, self.target_num_layers)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         sd = self.state_dict()
@@ -339,18 +332,6 @@ class LlamaEagle3Draft(nn.Module):
             self.d2t = tensors["d2t"]
         if "embed_tokens.weight" in tensors:
             self.load_embedding(tensors["embed_tokens.weight"])
-
-
-def engine_aux_ids(hf_ids: Sequence[int], convention: str) -> list[int]:
-    """HF hidden_states indices -> the ids an engine's config expects.
-
-    vLLM captures the input of layer i for id i (= HF index); SGLang adds 1 to explicit ids
-    (captures the input of layer id+1, i.e. the output of layer id), so it needs HF index - 1."""
-    if convention == "vllm":
-        return list(hf_ids)
-    if convention == "sglang":
-        return [i - 1 for i in hf_ids]
-    raise ValueError(f"aux id convention '{convention}' is not known; allowed: 'sglang', 'vllm'")
 
 
 def _shift_left(ids: torch.Tensor, n: int, pad: int = 0) -> torch.Tensor:

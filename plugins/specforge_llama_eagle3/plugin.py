@@ -30,9 +30,9 @@ class LlamaEagle3Options:
         "auto", "torch.compile the TTT step's dense parts (RMSNorms, rope, SwiGLU, residuals around the "
         "GEMMs): 'auto' = on CUDA only, 'on', 'off'", choices=("auto", "on", "off"))
     aux_ids_convention: str = option(
-        "sglang", "Convention of eagle_aux_hidden_state_layer_ids in the exported config.json (only "
-        "written for non-default aux layers): 'sglang' = id of the layer whose output is captured "
-        "(HF index - 1), 'vllm' = HF hidden_states index", choices=("sglang", "vllm"))
+        "sglang", "Ignored (kept so older configs load): the export now writes non-default aux layers "
+        "for both engines, top-level eagle_aux_hidden_state_layer_ids in vLLM's numbering (HF index) and "
+        "eagle_config's in SGLang's (HF index - 1)", choices=("sglang", "vllm"))
 
 
 def make_llama_eagle3(options: Optional[LlamaEagle3Options], target: TargetInfo,

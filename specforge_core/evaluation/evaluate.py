@@ -20,22 +20,26 @@ from specforge_core.evaluation.target import TargetModel, eos_token_ids
 def export_aux_layers(draft_dir: str | Path, num_layers: int, convention: str = "sglang") -> Optional[list[int]]:
     """HF hidden_states indices named by an export's config.json (None = the default layers).
 
-    The export writes engine ids: SGLang's (HF index - 1) unless exported with
-    ``aux_ids_convention = "vllm"`` (HF index); ``convention`` says which one the file holds."""
-    path = Path(draft_dir) / "config.json"
-    raw = json.loads(path.read_text())
-    ids = raw.get("eagle_aux_hidden_state_layer_ids")
-    if ids is None and isinstance(raw.get("eagle_config"), dict):
-        ids = raw["eagle_config"].get("eagle_aux_hidden_state_layer_ids")
-    if ids is None:
-        return None
+    The top-level ``eagle_aux_hidden_state_layer_ids`` is in HF numbering (vLLM's). Exports made
+    before it was written hold the ids only under ``eagle_config``, in the numbering their
+    ``aux_ids_convention`` chose: SGLang's (HF index - 1) by default, ``convention`` says which."""
     if convention not in ("sglang", "vllm"):
         raise ValueError(f"aux ids convention '{convention}' is not known; allowed: sglang, vllm")
-    hf = [int(i) + (1 if convention == "sglang" else 0) for i in ids]
+    path = Path(draft_dir) / "config.json"
+    raw = json.loads(path.read_text())
+    top = raw.get("eagle_aux_hidden_state_layer_ids")
+    eagle = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
+    if top:
+        hf, where = [int(i) for i in top], "eagle_aux_hidden_state_layer_ids (HF numbering)"
+    elif eagle.get("eagle_aux_hidden_state_layer_ids"):
+        ids = eagle["eagle_aux_hidden_state_layer_ids"]
+        hf = [int(i) + (1 if convention == "sglang" else 0) for i in ids]
+        where = f"eagle_config.eagle_aux_hidden_state_layer_ids {ids} ({convention} convention)"
+    else:
+        return None
     bad = [i for i in hf if not 1 <= i <= num_layers - 1]
     if bad:
-        raise ValueError(f"{path}: eagle_aux_hidden_state_layer_ids {ids} ({convention} convention) "
-                         f"name HF layers {hf}, outside 1..{num_layers - 1} of this target")
+        raise ValueError(f"{path}: {where} name HF layers {hf}, outside 1..{num_layers - 1} of this target")
     return hf
 
 
