@@ -38,12 +38,18 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
 def causal_key_mask(key_valid: Optional[torch.Tensor], T: int, device) -> torch.Tensor:
     """bool [B or 1, 1, T, T]: query t may see key s iff s <= t and key s is a real token.
 
+    ``key_valid`` is a bool [B, T] (True on real tokens) or, for packed rows, an integer [B, T] of
+    document ids (-1 on padding): then key s must also belong to query t's document.
     A query always sees its own position, so rows of padded positions stay finite (they carry no
     loss; with right padding a real query never reaches a padded key anyway)."""
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     if key_valid is None:
         return causal[None, None]
     eye = torch.eye(T, dtype=torch.bool, device=device)
+    if key_valid.dtype != torch.bool:  # document ids: same document, and a real token
+        docs = key_valid
+        same = (docs[:, :, None] == docs[:, None, :]) & (docs[:, None, :] >= 0)
+        return (causal & (same | eye))[:, None]
     return (causal & (key_valid[:, None, None, :] | eye))
 
 
@@ -51,7 +57,7 @@ def causal_attention_with_lse(
     q: torch.Tensor,  # [B, Hq, T, D] (rope applied)
     k: torch.Tensor,  # [B, Hkv, T, D]
     v: torch.Tensor,  # [B, Hkv, T, D]
-    key_valid: Optional[torch.Tensor],  # bool [B, T] or None
+    key_valid: Optional[torch.Tensor],  # bool [B, T], int document ids [B, T] (packed rows), or None
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal, padding-aware attention. Returns (out [B, Hq, T, D], lse [B, Hq, T]), both
@@ -112,7 +118,10 @@ class _CausalSDPAWithLSE(torch.autograd.Function):
 def sdpa_causal_attention_with_lse(q, k, v, key_valid, scale):
     """Same contract as ``causal_attention_with_lse`` for *right-padded* batches: real queries can
     never reach a padded key under the causal mask, so ``key_valid`` is not needed (padded query
-    rows differ from the explicit version; they carry no loss)."""
+    rows differ from the explicit version; they carry no loss). Packed rows (document ids) need a
+    document mask, which these kernels cannot take: use flex (GPU) or eager."""
+    if key_valid is not None and key_valid.dtype != torch.bool:
+        raise ValueError("attention 'sdpa' cannot run packed rows (document masks); use 'flex' or 'eager'")
     n_rep = q.shape[1] // k.shape[1]
     return _CausalSDPAWithLSE.apply(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale)
 
@@ -120,13 +129,32 @@ def sdpa_causal_attention_with_lse(q, k, v, key_valid, scale):
 # ------------------------------------------------------------------------------ flex (GPU)
 _FLEX = {}  # compiled flex_attention and causal block masks, built once per shape
 
+# How flex_attention is compiled. ``None`` (torch's automatic dynamic shapes): the first sequence
+# length compiles a static kernel, the first *different* one recompiles once with a symbolic T and
+# every later length reuses it. ``False`` compiled one kernel per length and, past torch's recompile
+# limit (8), silently ran flex uncompiled: 20x slower and a dense [T, T] score matrix per head.
+FLEX_DYNAMIC: Optional[bool] = None
+
 
 def _flex_kernel():
     if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=FLEX_DYNAMIC)
     return _FLEX["fn"]
+
+
+def _document_block_mask(docs: torch.Tensor):
+    """Block mask of causal attention inside documents for packed rows (``docs`` int [B, T], -1 on
+    padding). Built per micro-batch (the documents differ); cheap next to the attention itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = docs.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & ((docs[b, q_idx] == docs[b, kv_idx]) | (q_idx == kv_idx))
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=docs.device)
 
 
 def _causal_block_mask(T: int, device):
@@ -150,7 +178,9 @@ def flex_causal_attention_with_lse(q, k, v, key_valid, scale):
         return causal_attention_with_lse(q, k, v, key_valid, scale)
     from torch.nn.attention.flex_attention import AuxRequest
 
-    out, aux = _flex_kernel()(q, k, v, block_mask=_causal_block_mask(q.shape[2], q.device), scale=scale,
+    packed = key_valid is not None and key_valid.dtype != torch.bool
+    block_mask = _document_block_mask(key_valid) if packed else _causal_block_mask(q.shape[2], q.device)
+    out, aux = _flex_kernel()(q, k, v, block_mask=block_mask, scale=scale,
                               enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True))
     return out, aux.lse.float()
 
@@ -291,7 +321,7 @@ def ttt_attention(
     v0: torch.Tensor,  # [B, Hkv, T, D]
     k_diag: Sequence[torch.Tensor],  # steps 1..k: [B, Hkv, T, D] each (rope at t+j)
     v_diag: Sequence[torch.Tensor],
-    key_valid: Optional[torch.Tensor],  # bool [B, T]
+    key_valid: Optional[torch.Tensor],  # bool [B, T] or int document ids [B, T] (packed rows)
     scale: float,
     causal=causal_attention_with_lse,  # or sdpa_/flex_causal_attention_with_lse
     merge: str = "loop",  # "loop" (_DiagonalMerge), "stacked" (eager), "compiled" (stacked + torch.compile)
