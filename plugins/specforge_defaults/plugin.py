@@ -2,6 +2,7 @@
 
 from specforge_core import hookimpl
 from specforge_defaults.loss import ForwardKLOptions, make_forward_kl
+from specforge_defaults.loss_lk import LKOptions, make_lk
 from specforge_defaults.schedulers import DecayOptions, make_constant, make_cosine, make_linear
 from specforge_defaults.strategy import LocalStrategyOptions, make_local_strategy
 from specforge_defaults.transfer_local import make_local
@@ -13,6 +14,10 @@ def register_losses(register):
     register(
         "forward-kl", make_forward_kl, config=ForwardKLOptions,
         description="EAGLE-3 soft cross-entropy (forward KL) per TTT step, fused with both lm_heads in chunks",
+    )
+    register(
+        "lk", make_lk, config=LKOptions,
+        description="LK losses (arXiv 2602.23881): the acceptance rate itself (-log alpha, or a KL/acceptance hybrid)",
     )
 
 
