@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import attrs
 import torch
@@ -19,6 +20,10 @@ class Batch:
     final_hidden: torch.Tensor  # [B, T, H]
     target_argmax: torch.Tensor  # int64 [B, T], 0 on padding
     lengths: torch.Tensor  # int64 [B]
+    # Packed rows only (training/packing.py): document index inside the row (-1 on padding) and
+    # the position inside the document. None for ordinary right-padded batches.
+    doc_ids: Optional[torch.Tensor] = None  # int32 [B, T]
+    position_ids: Optional[torch.Tensor] = None  # int64 [B, T]
 
     @property
     def num_tokens(self) -> int:
@@ -29,12 +34,15 @@ def collate(
     features: Sequence[TargetFeatures],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    pad_multiple: int = 1,
 ) -> Batch:
-    """Right-pad ``features`` to the longest sample; hidden states are cast to ``dtype``."""
+    """Right-pad ``features`` to the longest sample, rounded up to ``pad_multiple`` (GPU: 128, so
+    compiled kernels see few distinct lengths); hidden states are cast to ``dtype``."""
     if not features:
         raise ValueError("collate: empty micro-batch")
     lengths = [f.num_tokens for f in features]
     B, T = len(features), max(lengths)
+    T += -T % pad_multiple
     aux_dim = features[0].aux_hidden.shape[-1]
     hid_dim = features[0].final_hidden.shape[-1]
 

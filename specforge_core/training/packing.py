@@ -1,0 +1,87 @@
+"""Pack a micro-batch's samples into rows of one fixed length (``training.packing``).
+
+Chat data is short and skewed, so padding every sample to the longest of its micro-batch wastes
+much of each step, and every new longest length is a new shape for compiled kernels. Packing puts
+several samples (documents) end to end into rows of exactly ``row_tokens`` positions: the shape is
+the same every step and padding is left only at the end of a row.
+
+A packed ``Batch`` carries ``doc_ids`` (int32 [B, T]: the document index of each position inside
+its row, -1 on padding) and ``position_ids`` (int64 [B, T]: the position inside its document, for
+rope). Algorithms that accept packed batches must keep attention and targets inside documents
+(llama-eagle3 does: document-masked attention, no target across a boundary); ``lengths`` holds
+each row's used positions, so ``num_tokens`` stays the count of real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specforge_core.training.batch import Batch, _on
+from specforge_core.types import TargetFeatures
+
+
+def assign_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, each row's total <= ``row_tokens``; samples
+    keep their input order inside a row (only the row choice follows the sorted order)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > row_tokens:
+            raise ValueError(f"packing: a sample of {n} tokens does not fit a row of {row_tokens} "
+                             f"(training.pack_tokens must be >= dataset.max_seq_length)")
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - n)
+    return [sorted(r) for r in rows]
+
+
+def pack(
+    features: Sequence[TargetFeatures],
+    row_tokens: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Batch:
+    """Packed ``Batch`` [rows, row_tokens] of ``features`` (see the module doc)."""
+    if not features:
+        raise ValueError("pack: empty micro-batch")
+    device = torch.device(device)
+    lengths = [f.num_tokens for f in features]
+    rows = assign_rows(lengths, row_tokens)
+    B, T = len(rows), row_tokens
+    aux_dim, hid_dim = features[0].aux_hidden.shape[-1], features[0].final_hidden.shape[-1]
+    input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    target_argmax = torch.zeros(B, T, dtype=torch.long, device=device)
+    aux = torch.zeros(B, T, aux_dim, dtype=dtype, device=device)
+    final = torch.zeros(B, T, hid_dim, dtype=dtype, device=device)
+    doc_ids = torch.full((B, T), -1, dtype=torch.int32, device=device)
+    position_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    used = []
+    for r, members in enumerate(rows):
+        start = 0
+        for d, i in enumerate(members):
+            f, n = features[i], lengths[i]
+            span = slice(start, start + n)
+            input_ids[r, span] = _on(f.input_ids, device)
+            loss_mask[r, span] = _on(f.loss_mask, device)
+            target_argmax[r, span] = _on(f.target_argmax, device)
+            aux[r, span] = _on(f.aux_hidden, device)
+            final[r, span] = _on(f.final_hidden, device)
+            doc_ids[r, span] = d
+            position_ids[r, span] = torch.arange(n, device=device)
+            start += n
+        used.append(start)
+    lengths_t = torch.tensor(used, dtype=torch.long).to(device, non_blocking=True)
+    return Batch(
+        input_ids=input_ids, loss_mask=loss_mask, attention_mask=doc_ids >= 0, aux_hidden=aux,
+        final_hidden=final, target_argmax=target_argmax, lengths=lengths_t, doc_ids=doc_ids,
+        position_ids=position_ids,
+    )
