@@ -220,17 +220,22 @@ class LlamaEagle3Draft(nn.Module):
         aux_hidden: torch.Tensor,  # [B, T, n_aux*H_t]
         attention_mask: torch.Tensor,  # bool [B, T]
         ttt_length: int,
+        position_ids: Optional[torch.Tensor] = None,  # int64 [B, T]: packed rows (training/packing.py)
+        doc_ids: Optional[torch.Tensor] = None,  # int [B, T]: packed rows' documents, -1 on padding
     ) -> Iterator[torch.Tensor]:
         """Yield the normed hidden [B, T, H] of TTT steps k = 0..ttt_length-1.
 
         Step k at position t reads token x_{t+k+1} with hidden = step k-1's un-normed output at t
-        (step 0: fc(aux_t)), at rope position t+k; see docs/draft-model.md."""
+        (step 0: fc(aux_t)), at rope position t+k; see docs/draft-model.md. In packed rows ``t`` is
+        the position inside the document and attention stays inside it (a document's last
+        positions read the next document's first tokens, but their outputs carry no loss and
+        only they themselves attend to them: the diagonal keys)."""
         B, T = input_ids.shape
         device = input_ids.device
         attn = self.midlayer.self_attn
         eps = self.config.rms_norm_eps
-        key_valid = attention_mask.bool()
-        base_pos = torch.arange(T, device=device)
+        key_valid = attention_mask.bool() if doc_ids is None else doc_ids
+        base_pos = torch.arange(T, device=device) if position_ids is None else position_ids
         causal = self._causal_impl(device)
         dtype = self.compute_dtype(device)
         on = self._compiled(device)
