@@ -1,0 +1,1 @@
+"""specforge bundled plugin: vllm (target backend, evaluation engine). Importing it imports no vLLM."""

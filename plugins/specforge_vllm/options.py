@@ -1,0 +1,106 @@
+"""Options of the ``vllm`` target backend: the TOML table ``[inference.vllm]``.
+
+Nothing here imports vLLM or torch: the options are plain data, checked on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import attrs
+
+from specforge_core.config.fields import RangeError, in_range, option, positive
+
+log = logging.getLogger(__name__)
+
+# inference.dtype -> vLLM's dtype; 'auto' follows the hf backend (bf16 on GPU, fp32 on CPU) and is
+# resolved by the backend, not by vLLM (whose 'auto' follows config.json and may differ from hf).
+DTYPE_MAP = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+# LLM(...) keywords the backend sets itself; dropped (with a warning) from extra_args.
+PROTECTED = frozenset({
+    "model", "tokenizer", "dtype", "trust_remote_code", "max_model_len", "tensor_parallel_size",
+    "enforce_eager", "enable_prefix_caching", "speculative_config", "kv_transfer_config",
+    "worker_extension_cls", "gpu_memory_utilization", "pipeline_parallel_size",
+})
+
+
+def _is_dict(_inst, attribute, value):
+    if not isinstance(value, dict):
+        raise RangeError(f"{value!r} is not allowed; allowed: a table (dict)", attribute.name)
+
+
+@attrs.define
+class VLLMBackendOptions:
+    python: str = option(
+        "",
+        "Python interpreter of the environment vLLM is installed in (vLLM pins its own torch and "
+        "transformers, so it usually lives in a venv of its own); empty = $SPECFORGE_VLLM_PYTHON, "
+        "then this interpreter if it imports vllm, then a venv found by the plugin's discovery",
+    )
+    tensor_parallel_size: int = option(
+        1, "Tensor-parallel size of one engine; must equal inference.gpus_per_engine", validator=positive
+    )
+    max_model_len: Optional[int] = option(
+        None,
+        "vLLM's max_model_len; unset = dataset.max_seq_length + 1 (one sampled token follows each "
+        "prompt), capped at the target's max_position_embeddings",
+        validator=positive,
+    )
+    gpu_memory_utilization: float = option(
+        0.8, "GPU builds: fraction of GPU memory vLLM takes for weights + KV cache",
+        validator=in_range(0, 1, lo_open=True),
+    )
+    cpu_kvcache_space_gib: float = option(
+        1.0, "CPU builds: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); the hidden states captured per "
+        "token live in it too until copied out", validator=in_range(0, None, lo_open=True),
+    )
+    enforce_eager: bool = option(True, "No CUDA graphs / torch.compile (prefill-only work gains nothing from them)")
+    argmax_chunk_size: int = option(
+        2048, "Tokens per compute_logits call for the full-vocab argmax", validator=positive
+    )
+    workdir: str = option(
+        "", "Directory for the per-sample feature files handed from vLLM to the backend; empty = a "
+        "fresh directory under /dev/shm (memory) where it exists, else the system temp dir",
+    )
+    start_timeout: int = option(900, "Seconds to wait for vLLM to start before failing", validator=positive)
+    request_timeout: int = option(3600, "Seconds one batch may take before the backend gives up", validator=positive)
+    log_level: str = option("WARNING", "vLLM's log level (VLLM_LOGGING_LEVEL)",
+                            choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_file: str = option(
+        "", "Where vLLM's output goes; empty = runner.log in the workdir (its tail is quoted in errors)"
+    )
+    env: dict = option(factory=dict, help="Extra environment variables for the vLLM process", validator=_is_dict)
+    extra_args: dict = option(
+        factory=dict,
+        help="Any other vllm.LLM keyword, passed as is (e.g. extra_args.max_num_batched_tokens = 16384); "
+        "keys the backend manages are dropped with a warning",
+        validator=_is_dict,
+    )
+
+    def validate_with(self, config) -> None:
+        """Called by the config loader: cross-section checks, when this backend is selected."""
+        if config.inference.backend != "vllm":
+            return
+        if self.tensor_parallel_size != config.inference.gpus_per_engine:
+            raise ValueError(
+                f"inference.vllm.tensor_parallel_size = {self.tensor_parallel_size} must equal "
+                f"inference.gpus_per_engine = {config.inference.gpus_per_engine} (one engine = one TP group); "
+                "change one of them"
+            )
+        if self.max_model_len is not None and self.max_model_len <= config.dataset.max_seq_length:
+            raise ValueError(
+                f"inference.vllm.max_model_len = {self.max_model_len} must exceed dataset.max_seq_length = "
+                f"{config.dataset.max_seq_length} (vLLM samples one token after each prompt)"
+            )
+
+
+def split_extra_args(extra_args: dict) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for key, value in extra_args.items():
+        if key in PROTECTED:
+            log.warning("inference.vllm.extra_args.%s is managed by the vllm backend; ignoring it", key)
+            continue
+        kept[key] = value
+    return kept
