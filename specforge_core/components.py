@@ -164,9 +164,10 @@ class DraftAlgorithm(Protocol):
         """Sizes and config problems from the config and the target's config.json dict alone."""
         ...
 
-    # ---- Eval proposer: PLACEHOLDER. Helper EVAL defines the ``Proposer`` protocol (the draft side
-    # of ``specforge eval``) in the evaluation section of this module; an algorithm will expose it
-    # as ``proposer(self, export_dir, target, device) -> Proposer``.
+    # ---- Optional, for ``specforge eval`` (see "evaluation" at the end of this module):
+    #   export_architectures: tuple[str, ...]   config.json ``architectures`` its export writes
+    #       (how ``specforge eval --draft DIR`` finds the algorithm without a run config)
+    #   proposer(self, export_dir, target: EvalTarget, device) -> Proposer
 
 
 
@@ -354,3 +355,83 @@ class PlanNotes:
 
 def null_context() -> ContextManager:
     return contextlib.nullcontext()
+
+
+# ================================================================================ evaluation
+# ``specforge eval`` is generic over two plugin-provided parts:
+#
+#   proposer     the draft side of greedy speculation (``Proposer``), given by the draft algorithm:
+#                ``DraftAlgorithm.proposer(export_dir, target: EvalTarget, device) -> Proposer``.
+#                The core runs the target, verifies, rolls back, counts and guards; the proposer
+#                only turns committed tokens + target features into the next K draft tokens.
+#   eval engine  optional: a serving engine that measures the same export end to end (e.g. vLLM).
+#                Registered through the ``register_eval_engines`` hook: ``register(name, run,
+#                description=...)`` with ``run(request: EvalRequest) -> EvalReport`` (see
+#                ``evaluation.engines``). The in-process engine ``hf`` is the core's own.
+@runtime_checkable
+class EvalTarget(Protocol):
+    """What a proposer may read from the target during ``specforge eval`` (frozen, on ``device``)."""
+
+    hf_config: dict  # the target's config.json
+    num_layers: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def embedding(self) -> torch.Tensor:
+        """[V, H] token embedding (drafts that share it: EAGLE-3, DFlash)."""
+        ...
+
+    def lm_head(self) -> torch.Tensor:
+        """[V, H] output head (drafts that share it: DFlash)."""
+        ...
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """The draft side of greedy speculation, batched over R rows (one prompt each).
+
+    Indexing: row r's committed sequence is x[0..n]; the target has run x[0..n-1] and produced
+    features f[0..n-1] (``f[p]`` = the concatenated ``aux_layers`` hidden states at position p, the
+    state that predicted x[p+1]). ``x[n]`` (the last committed token, the bonus of the last cycle)
+    has no features yet: the next verification computes them.
+
+    Call order per batch: ``begin(prompts)``, then ``observe`` with the prefill (tokens x[1..P],
+    features f[0..P-1]), then per cycle ``propose(K)``, the target verifies, ``observe`` with the
+    cycle's committed tokens and their features, ``keep`` drops finished rows.
+
+    * A chain drafter (EAGLE-3) extends its own KV cache in ``observe`` (one entry per committed
+      position, its chain entries from the last ``propose`` dropped) and runs K cached forwards in
+      ``propose``.
+    * A block drafter (DFlash) keeps the context features in ``observe`` and runs *one* forward over
+      ``[x[n], mask x (block-1)]`` attending to them in ``propose``; K is then its block size - 1.
+
+    Proposals must be a deterministic function of what was observed (greedy): the core compares
+    speculative output with plain greedy decoding and exits 1 on any difference.
+    """
+
+    # HF hidden_states indices whose features ``observe`` needs, low -> high (from the export's
+    # config); None = the algorithm's default for this target (``FeatureSpec.default_aux_layers``,
+    # else the EAGLE-3 default).
+    aux_layers: Optional[list[int]]
+
+    def begin(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Start a batch: row r holds ``prompts[r]`` (forget any earlier batch)."""
+        ...
+
+    def observe(self, tokens: Sequence[Sequence[int]], features: Sequence[torch.Tensor]) -> None:
+        """Row r committed ``tokens[r]`` = x[n+1..n+c] (c >= 1), with ``features[r]`` [c, F] =
+        f[n..n+c-1] (feature i is the target's state at the token before ``tokens[r][i]``). Every
+        row of the batch gets an entry."""
+        ...
+
+    def propose(self, k: int) -> list[list[int]]:
+        """Exactly ``k`` draft tokens (target vocabulary ids) per row, continuing x[0..n]."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (ascending indices into the current batch), renumbered 0.."""
+        ...
+
+    # Optional: ``teacher_forced(tokens [T] int64, features [T, F], k) -> int64 [k, T]``: the
+    # drafts the chain would propose at every position of a *known* greedy sequence in one pass
+    # (row j, column t = draft j+1 after x[0..t+1] with features f[0..t]); enables ``--fast``.

@@ -101,5 +101,13 @@ def register_training_strategies(register):
     """Register training strategies (see ``components.TrainingStrategy``)."""
 
 
+@hookspec
+def register_eval_engines(register):
+    """Register serving engines for ``specforge eval --engine NAME`` / ``[eval] engine``:
+    ``register(name, run, description="")`` with ``run(request: evaluation.engines.EvalRequest)
+    -> evaluation.report.EvalReport`` (see ``components.py``, "evaluation"). Not a component kind:
+    no options table; the in-process engine ``hf`` is the core's own."""
+
+
 # kind -> hook name, in the order `specforge plugins` lists them (derived from KINDS)
 HOOKS = {kind: k.hook for kind, k in KINDS.items()}

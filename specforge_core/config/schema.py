@@ -84,6 +84,11 @@ class TrainingSection:
     num_epochs: int = option(1, "Passes over the dataset", validator=positive)
     max_steps: int = option(0, "Stop after this many optimizer steps (0 = from num_epochs)", validator=non_negative)
     micro_batch_size: int = option(1, "Samples per trainer per micro-step", validator=positive)
+    pack_tokens: int = option(
+        0, "Pack each micro-batch's samples end to end into rows of this many tokens (attention and targets "
+        "stay inside each sample; one shape every step, no padding between samples). 0 = pad every sample to "
+        "the micro-batch's longest. Must be >= dataset.max_seq_length", validator=non_negative,
+    )
     gradient_accumulation: int = option(1, "Micro-steps per optimizer step", validator=positive)
     lr: float = option(1e-4, "Peak learning rate", validator=in_range(0, None, lo_open=True))
     betas: list[float] = option(factory=lambda: [0.9, 0.95], help="AdamW betas")
@@ -146,6 +151,10 @@ class EvalSection:
     data: list[str] = option(factory=list, help="Prompt files (conversation formats); empty = dataset.path")
     max_prompts: Optional[int] = option(None, "Evaluate at most this many prompts", validator=positive)
     fast: bool = option(False, "Teacher-forced counts (same numbers as the exact loop; skips the greedy-equality guard)")
+    engine: str = option("hf", "Who runs the speculation: 'hf' (in-process transformers) or an engine a plugin "
+                         "registers (register_eval_engines), e.g. 'vllm'")
+    engine_python: str = option("", "Python of the engine's own environment (empty: the engine's discovery)")
+    batch_size: int = option(16, "Prompts per target forward (hf engine)", validator=positive)
 
 
 @attrs.define

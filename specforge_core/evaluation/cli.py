@@ -33,15 +33,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", help="'auto' or a named template (default: dataset.chat_template)")
     p.add_argument("--aux-layers", help="comma-separated HF hidden_states indices (default: the "
                    "export's eagle ids, else 2,L//2,L-3; with a config: model.aux_layers)")
-    p.add_argument("--aux-ids-convention", default="sglang", choices=("sglang", "vllm"),
-                   help="how the export's eagle_aux_hidden_state_layer_ids are numbered")
+    p.add_argument("--aux-ids-convention", choices=("sglang", "vllm"),
+                   help="numbering of an old export's eagle_config ids (exports written before the "
+                   "top-level eagle_aux_hidden_state_layer_ids; default: sglang)")
+    p.add_argument("--engine", help="who runs the speculation: 'hf' (in-process, default) or an "
+                   "installed engine plugin such as 'vllm' (default: eval.engine)")
+    p.add_argument("--engine-python", help="python of the engine's own environment (default: "
+                   "eval.engine_python, else the engine's discovery, e.g. $SPECFORGE_VLLM_PYTHON)")
+    p.add_argument("--batch-size", type=int, help="prompts per target forward, hf engine (default: eval.batch_size = 16)")
+    p.add_argument("--algorithm", help="draft algorithm whose proposer drafts (default: model.draft, "
+                   "else found from the export's architectures)")
 
 
 def _settings(args: argparse.Namespace) -> dict:
     """Merge a run config (if given) with the flags; flags win."""
     s: dict = {"steps": 3, "max_new_tokens": 128, "data": None, "max_prompts": None, "draft": None,
                "target": None, "chat_template": "auto", "max_seq_length": 2048, "aux_layers": None,
-               "fast": False, "trust_remote_code": False}
+               "fast": False, "trust_remote_code": False, "engine": "hf", "engine_python": None,
+               "batch_size": 16, "algorithm": None}
     if args.config:
         from specforge_core.cli import _load
 
@@ -51,8 +60,11 @@ def _settings(args: argparse.Namespace) -> dict:
                  data=list(e.data) or list(cfg.dataset.path), draft=str(Path(cfg.output_dir) / "export"),
                  target=cfg.model.target, chat_template=cfg.dataset.chat_template,
                  max_seq_length=cfg.dataset.max_seq_length, trust_remote_code=cfg.model.trust_remote_code,
-                 aux_layers=list(cfg.model.aux_layers) or None, fast=getattr(e, "fast", False))
-    for key in ("steps", "max_new_tokens", "max_prompts", "data", "draft", "target", "chat_template", "fast"):
+                 aux_layers=list(cfg.model.aux_layers) or None, fast=getattr(e, "fast", False),
+                 engine=getattr(e, "engine", "hf"), engine_python=getattr(e, "engine_python", None),
+                 batch_size=getattr(e, "batch_size", 16), algorithm=cfg.model.draft)
+    for key in ("steps", "max_new_tokens", "max_prompts", "data", "draft", "target", "chat_template", "fast",
+                "engine", "engine_python", "batch_size", "algorithm"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     if args.aux_layers:
@@ -81,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
             check=not args.no_check, aux_layers=s["aux_layers"], aux_ids_convention=args.aux_ids_convention,
             device=args.device, dtype=args.dtype, chat_template=s["chat_template"],
             max_seq_length=s["max_seq_length"], max_prompts=s["max_prompts"],
-            trust_remote_code=s["trust_remote_code"], progress=True,
+            trust_remote_code=s["trust_remote_code"], progress=True, batch_size=s["batch_size"],
+            algorithm=s["algorithm"], engine=s["engine"], engine_python=s["engine_python"] or None,
         )
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

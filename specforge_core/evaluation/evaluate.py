@@ -1,4 +1,4 @@
-"""``evaluate``: acceptance length of an exported draft against an HF target, no serving engine."""
+"""``evaluate``: acceptance length of an exported draft, in-process (HF target) or in a serving engine."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Any, Optional
 
 import torch
 
-from specforge_core.evaluation.accounting import AcceptStats
+from specforge_core.evaluation.accounting import AcceptStats, stats_from_cycles
 from specforge_core.evaluation.fast import fast_speculate
+from specforge_core.evaluation.proposers import load_proposer
 from specforge_core.evaluation.report import EvalReport, PromptReport
-from specforge_core.evaluation.speculate import ChainProposer, GreedyVerifier, speculate
+from specforge_core.evaluation.speculate import greedy_batch, speculate_batch
 from specforge_core.evaluation.target import TargetModel, eos_token_ids
+from specforge_core.target import resolve_aux_layers
 
 
 def export_aux_layers(draft_dir: str | Path, num_layers: int, convention: str = "sglang") -> Optional[list[int]]:
@@ -81,7 +83,7 @@ def evaluate(
     fast: bool = False,
     check: bool = True,
     aux_layers: Optional[Sequence[int]] = None,
-    aux_ids_convention: str = "sglang",
+    aux_ids_convention: Optional[str] = None,
     eos_ids: Optional[Sequence[int]] = None,
     device: Optional[str] = None,
     dtype: str = "fp32",
@@ -91,26 +93,34 @@ def evaluate(
     max_prompts: Optional[int] = None,
     trust_remote_code: bool = False,
     progress: bool = False,
+    batch_size: int = 16,
+    algorithm: Optional[str] = None,
+    proposer: Any = None,
+    engine: str = "hf",
+    engine_python: Optional[str] = None,
+    registry: Any = None,
 ) -> EvalReport:
-    """Greedy chain speculation with ``steps`` draft tokens per cycle on every prompt.
+    """Greedy speculation with ``steps`` draft tokens per cycle on every prompt.
 
     ``prompts``: conversation files (their last assistant turn is dropped), ``Prompt`` objects, or
     token-id lists. ``fast``: teacher-forced counts (same numbers, no guard). ``check``: also run
     plain greedy decoding and record any token difference as an error (``report.ok``).
-    ``eos_ids``: stop tokens (default: the target's eos ids); ``()`` disables EOS."""
-    from specforge_llama_eagle3.model import LlamaEagle3Draft
+    ``eos_ids``: stop tokens (default: the target's eos ids); ``()`` disables EOS.
+    ``batch_size``: prompts per target forward (hf engine). ``algorithm``: the draft algorithm
+    whose proposer drafts (default: found from the export's architecture); ``proposer``: a
+    ``components.Proposer`` or ``factory(draft_dir, target, device)`` instead.
+    ``engine``: ``hf`` (in-process) or an engine a plugin registers (``--engine vllm``).
+    ``aux_ids_convention``: numbering of an *old* export's ``eagle_config`` ids (sglang/vllm)."""
+    from specforge_core.evaluation.engines import EvalRequest, get_engine
+    from specforge_core.target import load_target_config
 
-    from specforge_core.target import load_target_config, resolve_aux_layers
-
-    if steps < 1 or max_new_tokens < 1:
-        raise ValueError(f"steps ({steps}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if steps < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"steps ({steps}), max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) "
+                         "must be >= 1")
     t0 = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     num_layers = int(load_target_config(target, trust_remote_code)["num_hidden_layers"])
-    if aux_layers is None:
-        aux_layers = export_aux_layers(draft_dir, num_layers, aux_ids_convention) or ()
-    aux_layers = resolve_aux_layers(aux_layers, num_layers)
-
+    if aux_layers is None and aux_ids_convention is not None:
+        aux_layers = export_aux_layers(draft_dir, num_layers, aux_ids_convention)
     items = resolve_prompts(prompts, target, tokenizer, chat_template, max_seq_length)
     if max_prompts is not None:
         items = items[:max_prompts]
@@ -118,44 +128,74 @@ def evaluate(
         raise ValueError(f"no prompts to evaluate (from {prompts!r})")
     if eos_ids is None:
         eos_ids = eos_token_ids(target, tokenizer)
+    if engine != "hf":
+        if fast:
+            raise ValueError(f"--fast is a shortcut of the hf engine; engine '{engine}' runs the real loop")
+        run = get_engine(engine, registry)
+        return run(EvalRequest(str(draft_dir), target, items, steps, max_new_tokens, list(eos_ids), check, dtype,
+                               list(aux_layers) if aux_layers else None, engine_python, trust_remote_code,
+                               progress))
 
-    tm = TargetModel(target, aux_layers, device, dtype, trust_remote_code)
-    draft = LlamaEagle3Draft.from_export(draft_dir, embed_weight=tm.embedding.detach().float().cpu(),
-                                         dtype=tm.dtype).to(tm.device).eval()
-    expect = len(aux_layers) * int(tm.model.config.hidden_size)
-    if draft.fc.weight.shape[1] != expect:
-        raise ValueError(f"{draft_dir}: the draft's fc takes {draft.fc.weight.shape[1]} features but "
-                         f"{len(aux_layers)} aux layers of this target give {expect}")
-    proposer = ChainProposer(draft, draft.d2t, tm.device)
-    verifier = GreedyVerifier(tm)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tm = TargetModel(target, [], device, dtype, trust_remote_code)
+    if proposer is None:
+        proposer = load_proposer(draft_dir, tm, tm.device, algorithm, registry)
+    elif not hasattr(proposer, "propose"):
+        proposer = proposer(draft_dir, tm, tm.device)
+    if fast and not callable(getattr(proposer, "teacher_forced", None)):
+        raise ValueError("--fast needs a proposer with teacher_forced(); this draft algorithm has none")
+    tm.aux_layer_ids = resolve_aux_layers(aux_layers or proposer.aux_layers or (), num_layers)
 
-    overall = AcceptStats(steps)
+    overall, raw_all = AcceptStats(steps), AcceptStats(steps)
     categories: dict[str, AcceptStats] = {}
     reports: list[PromptReport] = []
-    for p in _progress(items, progress):
-        ids = p.input_ids.tolist()
+    timings = {"speculate_s": 0.0, "greedy_s": 0.0}
+    bar = _Progress(len(items), progress)
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo: lo + batch_size]
+        ids = [p.input_ids.tolist() for p in chunk]
+        t1 = time.perf_counter()
+        reference = greedy_batch(ids, tm, max_new_tokens, eos_ids) if (fast or check) else None
+        t2 = time.perf_counter()
         if fast:
-            output = tm.greedy(ids, max_new_tokens, eos_ids)
-            res = fast_speculate(ids, output, draft, proposer.draft_to_target, tm, steps)
-            mismatch = None
+            results = [fast_speculate(x, out, proposer, tm, steps) for x, out in zip(ids, reference, strict=True)]
         else:
-            res = speculate(ids, proposer, verifier, steps, max_new_tokens, eos_ids)
-            mismatch = first_difference(res.output, tm.greedy(ids, max_new_tokens, eos_ids)) if check else None
-        stats = AcceptStats(steps)
-        for accepted, committed in res.cycles:
-            stats.add_cycle(accepted, committed)
-        overall.merge(stats)
-        if p.category:
-            categories.setdefault(p.category, AcceptStats(steps)).merge(stats)
-        reports.append(PromptReport(p.sample_id, p.category, len(ids), len(res.output), stats, mismatch))
+            results = speculate_batch(ids, proposer, tm, steps, max_new_tokens, eos_ids)
+        timings["greedy_s"] += t2 - t1
+        timings["speculate_s"] += time.perf_counter() - t2
+        for p, x, res, i in zip(chunk, ids, results, range(len(chunk)), strict=True):
+            mismatch = first_difference(res.output, reference[i]) if (check and not fast) else None
+            stats = AcceptStats(steps)
+            for accepted, committed in res.cycles:
+                stats.add_cycle(accepted, committed)
+            raw = None if fast else stats_from_cycles(res.matched, steps)
+            overall.merge(stats)
+            if raw is not None:
+                raw_all.merge(raw)
+            if p.category:
+                categories.setdefault(p.category, AcceptStats(steps)).merge(stats)
+            reports.append(PromptReport(p.sample_id, p.category, len(x), len(res.output), stats, mismatch, raw))
+        bar.advance(len(chunk))
+    bar.close()
     return EvalReport(str(draft_dir), target, steps, max_new_tokens, "fast" if fast else "exact",
-                      overall, categories, reports, time.perf_counter() - t0)
+                      overall, categories, reports, time.perf_counter() - t0, engine="hf",
+                      raw=None if fast else raw_all, extra={"timings": timings, "batch_size": batch_size})
 
 
-def _progress(items, enabled: bool):
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import track
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.progress import Progress
 
-    yield from track(items, description="eval")
+            self.progress = Progress(transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("eval", total=total)
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -2,7 +2,8 @@
 
 Greedy speculation commits exactly the target's greedy output y, so every cycle's drafts can be
 computed from the final sequence x = prompt + y at once: one target forward gives all features,
-and one K-step training-time-test pass of the draft gives, at every position t, the chain the
+and one teacher-forced pass of the draft (``Proposer.teacher_forced``; EAGLE-3: its K-step
+training-time-test unroll) gives, at every position t, the chain the
 draft would propose from there. TTT step k at t reads the *true* token x[t+k+1] where the exact
 chain reads its own draft d_k; they differ only after a rejected draft, which no longer affects
 the accepted prefix. So walking the cycles over these predictions gives the same counts as the
@@ -18,17 +19,6 @@ import torch
 from specforge_core.evaluation.accounting import truncate_cycle
 from specforge_core.evaluation.speculate import SpecResult, accepted_prefix
 from specforge_core.evaluation.target import TargetModel
-
-
-@torch.no_grad()
-def chain_predictions(draft, draft_to_target: torch.Tensor, ids: torch.Tensor, aux: torch.Tensor,
-                      steps: int) -> torch.Tensor:
-    """[K, T] target ids: row k, column t = the draft's step-k token from position t."""
-    mask = torch.ones(1, ids.numel(), dtype=torch.bool, device=ids.device)
-    rows = []
-    for normed in draft.ttt_forward(ids[None], aux.to(draft.fc.weight.dtype)[None], mask, steps):
-        rows.append(draft_to_target[draft.logits(normed)[0].argmax(-1)])
-    return torch.stack(rows)
 
 
 def walk_cycles(prompt_len: int, output: Sequence[int], preds: torch.Tensor, steps: int) -> SpecResult:
@@ -49,11 +39,12 @@ def walk_cycles(prompt_len: int, output: Sequence[int], preds: torch.Tensor, ste
     return SpecResult(list(output), cycles, matched)
 
 
-def fast_speculate(prompt: Sequence[int], output: Sequence[int], draft, draft_to_target: torch.Tensor,
-                   target: TargetModel, steps: int) -> SpecResult:
-    """Cycle counts of greedy speculation, given the target's greedy ``output`` for ``prompt``."""
+def fast_speculate(prompt: Sequence[int], output: Sequence[int], proposer, target: TargetModel,
+                   steps: int) -> SpecResult:
+    """Cycle counts of greedy speculation, given the target's greedy ``output`` for ``prompt``;
+    ``proposer.teacher_forced`` gives every position's drafts in one pass."""
     seq = list(prompt) + list(output)
     _, aux = target.forward(seq)  # one pass, no cache
     ids = torch.tensor(seq, dtype=torch.int64, device=target.device)
-    preds = chain_predictions(draft, draft_to_target, ids, aux, steps).cpu()
+    preds = proposer.teacher_forced(ids, aux, steps).cpu()
     return walk_cycles(len(prompt), output, preds, steps)

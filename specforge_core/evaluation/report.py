@@ -20,6 +20,9 @@ class PromptReport:
     generated: int  # output tokens (prefill token included)
     stats: AcceptStats
     mismatch: Optional[str] = None  # set when speculative output != plain greedy output
+    # untruncated: the last cycle's drafts accepted past EOS / max_new_tokens still count, as
+    # vLLM's counters do (None: not known, e.g. the fast path)
+    raw: Optional[AcceptStats] = None
 
 
 @attrs.define
@@ -33,6 +36,9 @@ class EvalReport:
     categories: dict[str, AcceptStats]
     prompts: list[PromptReport]
     wall_s: float = 0.0
+    engine: str = "hf"
+    raw: Optional[AcceptStats] = None  # untruncated counts over all prompts (engine-comparable)
+    extra: dict[str, Any] = attrs.Factory(dict)  # engine-specific facts (timings, raw counters...)
 
     @property
     def tau(self) -> float:
@@ -54,14 +60,18 @@ class EvalReport:
         return {
             "draft": self.draft, "target": self.target, "steps": self.steps,
             "max_new_tokens": self.max_new_tokens, "mode": self.mode, "wall_s": self.wall_s,
+            "engine": self.engine,
             "overall": self.overall.to_dict(),
+            "raw": self.raw.to_dict() if self.raw else None,
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
             "prompts": [
                 {"sample_id": p.sample_id, "category": p.category, "prompt_tokens": p.prompt_tokens,
-                 "generated": p.generated, **p.stats.to_dict(), "mismatch": p.mismatch}
+                 "generated": p.generated, **p.stats.to_dict(), "mismatch": p.mismatch,
+                 "raw": p.raw.to_dict() if p.raw else None}
                 for p in self.prompts
             ],
             "errors": self.errors,
+            **({"extra": self.extra} if self.extra else {}),
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -77,7 +87,7 @@ class EvalReport:
         from rich.table import Table
 
         K = self.steps
-        t = Table(title=f"acceptance: K={K} draft steps, greedy, {self.mode} "
+        t = Table(title=f"acceptance ({self.engine}): K={K} draft steps, greedy, {self.mode} "
                         f"({len(self.prompts)} prompts, max_new_tokens {self.max_new_tokens})")
         for col in ("group", "prompts", "cycles", "tokens", "tau"):
             t.add_column(col, justify="right" if col != "group" else "left")
@@ -100,6 +110,11 @@ class EvalReport:
         console.print(self.table())
         console.print(f"tau = {_f(self.tau)} tokens per target verification forward "
                       f"(K+1 = {self.steps + 1} is the ceiling); {self.wall_s:.1f} s")
+        if self.raw is not None:
+            console.print(f"untruncated (engine-comparable, vLLM's 1 + accepted/drafts): {_f(self.raw.tau)}, "
+                          f"per position {' '.join(_f(r) for r in self.raw.rates)}")
+        for key, value in self.extra.get("summary", {}).items():
+            console.print(f"{key}: {value}")
         for e in self.errors:
             console.print(f"[bold red]error[/]: speculative output differs from greedy: {e}")
 

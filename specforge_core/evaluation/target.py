@@ -30,9 +30,20 @@ class TargetModel:
         ).to(self.device).eval().requires_grad_(False)
         self.aux_layer_ids = list(aux_layer_ids)
 
+    # ---- EvalTarget (components.py): what a proposer may read
     @property
+    def hf_config(self) -> dict:
+        return self.model.config.to_dict()
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
     def embedding(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight
+
+    def lm_head(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
 
     def new_cache(self):
         from transformers import DynamicCache
@@ -48,6 +59,17 @@ class TargetModel:
                          output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i][0] for i in self.aux_layer_ids], dim=-1)
         return out.logits[0].argmax(-1), aux
+
+    @torch.no_grad()
+    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched forward of ``ids`` [B, S] at rope ``positions`` [B, S], appended to ``cache``;
+        ``mask`` bool [B, S, L] says which of the L = cached + S entries each new token attends
+        to. Returns (greedy token [B, S], aux features [B, S, n_aux * H])."""
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                         past_key_values=cache, use_cache=True, output_hidden_states=True)
+        aux = torch.cat([out.hidden_states[i] for i in self.aux_layer_ids], dim=-1)
+        return out.logits.argmax(-1), aux
 
     @torch.no_grad()
     def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:

@@ -1,0 +1,144 @@
+"""The EAGLE-3 chain proposer for ``specforge eval`` (``specforge_core.components.Proposer``).
+
+SGLang ``topk = 1`` / vLLM ``method = "eagle3"``: K greedy draft tokens per cycle, chained through
+the draft's own KV cache, batched over rows (prompts).
+
+Draft cache (one layer): entry p of a row reads x[p+1] with hidden fc(f[p]) at rope position p, so
+after ``observe`` the row's last entry (p = n-1) predicts x[n+1]. ``propose(K)`` appends K-1 chain
+entries (each reads the previous draft with the previous step's un-normed output as hidden); the
+next ``observe`` turns them into holes and appends the real entries of the committed positions.
+Rows share one [B, Hkv, L, D] cache; ``valid`` [B, L] marks each row's live entries (padding and
+dropped chain entries are holes no query attends to), the same scheme as the target's
+``TargetBatch``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from specforge_llama_eagle3.config import hf_aux_layer_ids
+from specforge_llama_eagle3.model import LlamaEagle3Draft
+
+
+class Eagle3ChainProposer:
+    def __init__(self, draft: LlamaEagle3Draft, device: torch.device, aux_layers: Optional[list[int]] = None):
+        self.draft, self.device = draft, torch.device(device)
+        self.aux_layers = aux_layers
+        vd = draft.config.draft_vocab_size
+        d2t = torch.zeros(vd, dtype=torch.int64) if draft.d2t is None else draft.d2t.to(torch.int64)
+        self.draft_to_target = (torch.arange(vd) + d2t).to(self.device)
+        self.begin([])
+
+    @property
+    def fc_inputs(self) -> int:
+        return int(self.draft.fc.weight.shape[1])
+
+    # ------------------------------------------------------------------------------ protocol
+    def begin(self, prompts: Sequence[Sequence[int]]) -> None:
+        B = len(prompts)
+        self.k = self.v = None
+        self.valid = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
+        self.entries = [0] * B  # real entries per row = next rope position
+        self.chain_from = 0  # cache column where the last propose's chain entries start
+        self._normed = self._out = None  # [B, 1, H]: outputs of each row's last real entry
+
+    @torch.no_grad()
+    def observe(self, tokens: Sequence[Sequence[int]], features: Sequence[torch.Tensor]) -> None:
+        if self.k is not None:  # the chain entries of the last propose are not real: holes
+            self.valid[:, self.chain_from:] = False
+        B, S = len(tokens), max(len(t) for t in tokens)
+        dtype = self.draft.fc.weight.dtype
+        ids = torch.zeros(B, S, dtype=torch.int64, device=self.device)
+        feats = torch.zeros(B, S, self.fc_inputs, dtype=dtype, device=self.device)
+        live = torch.zeros(B, S, dtype=torch.bool, device=self.device)
+        pos = torch.zeros(B, S, dtype=torch.int64, device=self.device)
+        for b, (t, f) in enumerate(zip(tokens, features, strict=True)):
+            c = len(t)
+            ids[b, :c] = torch.as_tensor(list(t), dtype=torch.int64, device=self.device)
+            feats[b, :c] = f.to(device=self.device, dtype=dtype)
+            live[b, :c] = True
+            pos[b, :c] = torch.arange(self.entries[b], self.entries[b] + c, device=self.device)
+        normed, out = self._forward(ids, self.draft.fuse(feats), pos, live)
+        last = torch.tensor([len(t) - 1 for t in tokens], device=self.device)
+        rows = torch.arange(B, device=self.device)
+        self._normed, self._out = normed[rows, last][:, None], out[rows, last][:, None]
+        self.entries = [n + len(t) for n, t in zip(self.entries, tokens, strict=True)]
+        self.chain_from = self.valid.shape[1]
+
+    @torch.no_grad()
+    def propose(self, k: int) -> list[list[int]]:
+        B = len(self.entries)
+        self.chain_from = self.valid.shape[1]
+        normed, out = self._normed, self._out
+        base = torch.tensor(self.entries, dtype=torch.int64, device=self.device)  # = n per row
+        live = torch.ones(B, 1, dtype=torch.bool, device=self.device)
+        drafts = []
+        for j in range(1, k + 1):
+            tok = self.draft_to_target[self.draft.logits(normed)[:, -1].argmax(-1)]  # [B]
+            drafts.append(tok)
+            if j == k:
+                break
+            # chain entry j reads draft j at position n-1+j with the previous step's output
+            normed, out = self._forward(tok[:, None], out, (base - 1 + j)[:, None], live)
+        return torch.stack(drafts, dim=1).tolist()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
+        self.k, self.v = self.k.index_select(0, idx), self.v.index_select(0, idx)
+        self.valid = self.valid.index_select(0, idx)
+        self._normed, self._out = self._normed.index_select(0, idx), self._out.index_select(0, idx)
+        self.entries = [self.entries[r] for r in rows]
+
+    @torch.no_grad()
+    def teacher_forced(self, tokens: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
+        """[k, T] target ids: row j, column t = the chain's draft j+1 from position t (one TTT
+        pass: step j reads the true token where the chain reads its own draft; they differ only
+        after a rejected draft, which no longer changes the accepted prefix)."""
+        ids = tokens.to(self.device)[None]
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        feats = features.to(self.device, self.draft.fc.weight.dtype)[None]
+        rows = [self.draft_to_target[self.draft.logits(h)[0].argmax(-1)]
+                for h in self.draft.ttt_forward(ids, feats, mask, k)]
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------------------------ one layer
+    def _forward(self, ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, live: torch.Tensor):
+        """Append S entries per row (``live`` False = padding); each new entry attends to its row's
+        valid entries, the new ones up to itself, and itself. Returns (normed, out_hidden) [B, S, H]."""
+        d = self.draft
+        attn = d.midlayer.self_attn
+        x = d.midlayer.attn_input(d.embed_tokens(ids), hidden)
+        cos, sin = d._rope(pos, x.dtype)
+        q, k, v = attn.qkv(x, cos, sin)
+        B, S = ids.shape
+        L0 = self.valid.shape[1]
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
+        mask = torch.cat([self.valid[:, None, :].expand(B, S, L0), causal[None] & live[:, None, :]], dim=2)
+        mask[:, torch.arange(S), L0 + torch.arange(S)] = True
+        self.valid = torch.cat([self.valid, live], dim=1)
+        out = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask[:, None], scale=attn.scale,
+                                             enable_gqa=attn.n_heads != attn.n_kv)
+        out_hidden = d.midlayer.finish(hidden, out)
+        return d.norm(out_hidden), out_hidden
+
+
+def make_proposer(export_dir: str | Path, target: Any, device: Any) -> Eagle3ChainProposer:
+    """The proposer of an exported llama-eagle3 draft; ``target`` is a
+    ``specforge_core.components.EvalTarget`` (the draft shares its token embedding)."""
+    cfg = json.loads((Path(export_dir) / "config.json").read_text())
+    draft = LlamaEagle3Draft.from_export(export_dir, embed_weight=target.embedding().detach().float().cpu(),
+                                         dtype=target.dtype).to(device).eval()
+    aux = hf_aux_layer_ids(cfg)
+    width = (len(aux) if aux else 3) * int(target.hf_config["hidden_size"])
+    if draft.fc.weight.shape[1] != width:
+        raise ValueError(f"{export_dir}: the draft's fc takes {draft.fc.weight.shape[1]} features but "
+                         f"{len(aux) if aux else 3} aux layers of this target give {width}")
+    return Eagle3ChainProposer(draft, device, aux)

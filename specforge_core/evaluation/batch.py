@@ -1,0 +1,88 @@
+"""Several prompts through the target at once, each with its own sequence, in one shared KV cache.
+
+Rows advance in lockstep: every forward appends S entries to every row of a transformers
+``DynamicCache``. A row that needs fewer (a shorter prompt, fewer committed tokens) pads, and
+rejected drafts are *not* cropped (other rows keep theirs): their entries become holes that no
+later token attends to. So each row is its own sequence, with its own rope positions, exactly as
+if it ran alone; only the cache layout is shared.
+
+``valid`` [B, L] marks the entries that belong to a row's committed sequence; the attention mask
+of a new token is "valid entries before it, plus the new tokens of its row up to itself". A padded
+token still attends to itself (a query with no key would give NaN, and NaN * 0 still poisons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specforge_core.evaluation.target import TargetModel
+
+
+class TargetBatch:
+    def __init__(self, target: TargetModel):
+        self.target = target
+        self.cache = None
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=target.device)  # [B, L]
+        self.lengths: list[int] = []  # committed entries per row = next rope position
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[torch.Tensor]]:
+        """Run the prompts (left-padded). Returns each row's first generated token and its
+        features f[0..P-1]."""
+        self.cache = self.target.new_cache()
+        self.valid = torch.zeros(len(prompts), 0, dtype=torch.bool, device=self.target.device)
+        self.lengths = [0] * len(prompts)
+        nxt, aux, width = self.append(prompts, left=True)
+        firsts = [int(nxt[b, -1]) for b in range(len(prompts))]
+        feats = [aux[b, width - len(p):] for b, p in enumerate(prompts)]
+        self.commit([len(p) for p in prompts], width, left=True)
+        return firsts, feats
+
+    def append(self, tokens: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One forward appending row b's ``tokens[b]`` (right-padded, or left-padded for a
+        prefill) after its committed entries. Returns (greedy tokens [B, S], features [B, S, F], S);
+        follow with ``commit`` to say how many of them each row keeps."""
+        dev = self.target.device
+        B, S = len(tokens), max(len(t) for t in tokens)
+        ids = torch.zeros(B, S, dtype=torch.int64)
+        new_valid = torch.zeros(B, S, dtype=torch.bool)
+        pos = torch.zeros(B, S, dtype=torch.int64)
+        for b, t in enumerate(tokens):
+            lo = S - len(t) if left else 0
+            ids[b, lo:lo + len(t)] = torch.as_tensor(list(t), dtype=torch.int64)
+            new_valid[b, lo:lo + len(t)] = True
+            pos[b, lo:lo + len(t)] = torch.arange(self.lengths[b], self.lengths[b] + len(t))
+        ids, new_valid, pos = ids.to(dev), new_valid.to(dev), pos.to(dev)
+        L0 = self.valid.shape[1]
+        keys = torch.cat([self.valid, new_valid], dim=1)  # [B, L0 + S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat([self.valid[:, None, :].expand(B, S, L0),
+                          causal[None] & new_valid[:, None, :]], dim=2)
+        mask[:, torch.arange(S), L0 + torch.arange(S)] = True  # every query sees itself
+        nxt, aux = self.target.forward_rows(ids, pos, mask, self.cache)
+        self._pending = (new_valid, left)
+        self.valid = keys
+        return nxt, aux, S
+
+    def commit(self, keep: Sequence[int], width: int, left: bool = False) -> None:
+        """Row b keeps the first ``keep[b]`` of the tokens it appended last (all of a prefill's);
+        the rest of the ``width`` new entries become holes."""
+        L = self.valid.shape[1]
+        for b, k in enumerate(keep):
+            if not left:
+                self.valid[b, L - width + k:] = False
+            self.lengths[b] += k
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (finished prompts leave the batch)."""
+        if list(rows) == list(range(self.rows)):
+            return
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.target.device)
+        self.cache.batch_select_indices(idx)
+        self.valid = self.valid.index_select(0, idx)
+        self.lengths = [self.lengths[r] for r in rows]
