@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import sys
@@ -45,16 +44,17 @@ for p in (ROOT, ROOT / "plugins", ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
-from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions, fused_forward_kl  # noqa: E402
+from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions  # noqa: E402
 from specforge_defaults.strategy import LocalStrategy, LocalStrategyOptions  # noqa: E402
 from specforge_llama_eagle3.config import DraftConfig  # noqa: E402
 from specforge_llama_eagle3.memory import checkpoint_finish  # noqa: E402
 from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
 
-from specforge_core.training.batch import Batch  # noqa: E402
+# The trainer's own micro-step: the llama-eagle3 algorithm's objective (needs cattrs + pluggy:
+# carried as wheels to the GPU machine).
+from specforge_llama_eagle3.objective import micro_step  # noqa: E402
 
-# The trainer's own micro-step (needs cattrs + pluggy: carried as wheels to the GPU machine).
-from specforge_core.training.trainer import micro_step  # noqa: E402
+from specforge_core.training.batch import Batch  # noqa: E402
 
 H, INTER, NH, NKV, HD, V, VD, K_TTT = 4096, 14336, 32, 8, 128, 128256, 32000, 7
 PEAK = 790e12
@@ -100,14 +100,9 @@ def make_inputs(T: int, device, model=None):
     return model, batch, head, t2d
 
 
-class PerStepTargets:
-    """forward-kl without the precompute_targets extension: target logits once per TTT step (v2)."""
-
-    def __init__(self):
-        self.inner = ForwardKLLoss(ForwardKLOptions(chunk_size=1024))
-
-    def __call__(self, *args):
-        return self.inner(*args)
+def PerStepTargets():  # noqa: N802
+    """forward-kl without precomputed targets: target logits once per TTT step (v2)."""
+    return ForwardKLLoss(ForwardKLOptions(chunk_size=1024), precompute=False)
 
 
 def amp(variant: str) -> bool:
@@ -133,13 +128,7 @@ def step_loss(variant: str, model, batch, head, t2d):
     else:
         loss_fn = PerStepTargets()
     if variant == "before":
-        fn = functools.partial(fused_forward_kl, fp32_heads=True)
-
-        def loss_fn(k, dh, dw, th, tw, valid, _f=fn):  # same LossOutput fields the trainer reads
-            from specforge_core.components import LossOutput
-
-            loss, raw, correct = _f(dh, dw, th, tw, valid, 0.8**k)
-            return LossOutput(loss=loss, raw_loss=raw.detach(), correct=correct, count=valid.sum())
+        loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=1024), precompute=False, fp32_heads=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp(variant)):
         return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)[0]
 

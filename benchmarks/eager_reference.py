@@ -22,9 +22,8 @@ for p in (ROOT, ROOT / "plugins"):
 import torch  # noqa: E402
 from specforge_llama_eagle3.attention import repeat_kv  # noqa: E402
 from specforge_llama_eagle3.model import _shift_left  # noqa: E402
+from specforge_llama_eagle3.objective import align_step  # noqa: E402
 from specforge_llama_eagle3.reference import ttt_mask  # noqa: E402
-
-from specforge_core.training.alignment import align_step  # noqa: E402
 
 
 def eager_step_loss(model, batch, target_head, t2d, K: int, decay: float = 0.8):

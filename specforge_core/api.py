@@ -58,4 +58,4 @@ class Pipeline:
         building them (``target_backend=...``, ``transfer_store=...``)."""
         from specforge_core.pipeline import run_pipeline
 
-        return run_pipeline(self.config, **components)
+        return run_pipeline(self.config, registry=self.registry, **components)

@@ -1,9 +1,9 @@
-"""Export a trained draft in the layout SGLang and vLLM load as an EAGLE-3 draft.
+"""Export a trained draft in the layout its serving engines load.
 
-``<out_dir>/config.json`` (the draft's ``export_config()``) and ``<out_dir>/model.safetensors``
-with the draft's serving-engine keys (``fc.weight``, ``midlayer.*``, ``norm.weight``,
-``lm_head.weight``) in bf16 plus ``d2t`` (int64 offsets) and ``t2d`` (bool mask). The directory
-appears atomically (written to a temp dir, then renamed), so a half-written export never exists.
+What is written is the draft algorithm's (``DraftAlgorithm.export``: a config.json dict and the
+tensors, e.g. llama-eagle3's ``fc.weight``, ``midlayer.*``, ``d2t``/``t2d`` for SGLang and vLLM); this
+module writes ``<out_dir>/config.json`` and ``<out_dir>/model.safetensors`` *atomically* (a temp dir,
+then renamed), so a half-written export never exists.
 """
 
 from __future__ import annotations
@@ -19,31 +19,12 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-EXPORT_DTYPE = torch.bfloat16
 
-
-def export_state(draft: Any, vocab: Any) -> dict[str, torch.Tensor]:
-    """The tensors written to ``model.safetensors`` (floating tensors in bf16)."""
-    state: dict[str, torch.Tensor] = {}
-    for name, t in draft.export_state_dict().items():
-        t = t.detach().cpu()
-        state[name] = (t.to(EXPORT_DTYPE) if t.is_floating_point() else t).contiguous()
-    state["d2t"] = vocab.d2t.detach().cpu().to(torch.int64).contiguous()
-    state["t2d"] = vocab.t2d.detach().cpu().to(torch.bool).contiguous()
-    return state
-
-
-def export_draft(draft: Any, vocab: Any, out_dir: str | Path) -> Path:
+def write_export(config: dict[str, Any], state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` to ``out_dir`` atomically; returns it."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = draft.export_config()
-    if int(config.get("draft_vocab_size", -1)) != int(vocab.d2t.numel()):
-        raise ValueError(
-            f"export: config draft_vocab_size={config.get('draft_vocab_size')} but the vocab "
-            f"mapping has {vocab.d2t.numel()} draft ids"
-        )
-    state = export_state(draft, vocab)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -62,16 +43,31 @@ def export_draft(draft: Any, vocab: Any, out_dir: str | Path) -> Path:
     return out
 
 
+ALGORITHM_ATTR = "specforge_algorithm"  # the trainer tags the draft it builds with its algorithm
+
+
+def export_draft(draft: Any, vocab: Any, out_dir: str | Path, algorithm: Any = None) -> Path:
+    """Export ``draft`` to ``out_dir`` with ``algorithm``'s layout (default: the algorithm the
+    trainer built it with, ``draft.specforge_algorithm``)."""
+    algorithm = algorithm if algorithm is not None else getattr(draft, ALGORITHM_ATTR, None)
+    if algorithm is None:
+        raise ValueError(f"export: no draft algorithm given for a {type(draft).__name__} (pass algorithm=)")
+    config, state = algorithm.export(draft, vocab)
+    return write_export(config, state, out_dir)
+
+
 def export_from_checkpoint(
     config: Any,  # SpecforgeConfig
     checkpoint_dir: Optional[str | Path] = None,
     out_dir: Optional[str | Path] = None,
+    registry: Any = None,
 ) -> Path:
     """``specforge export``: load a training checkpoint (default: the newest complete one in
     ``config.output_dir``) and export it (default: ``<output_dir>/export``)."""
     from specforge_core.pipeline.local import vocab_mapping_path
     from specforge_core.target import target_info
     from specforge_core.training import checkpoint as ckpt
+    from specforge_core.training.components import algorithm as build_algorithm
     from specforge_core.training.components import create
     from specforge_core.vocab import VocabMapping
 
@@ -89,17 +85,18 @@ def export_from_checkpoint(
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
     # The pipeline keeps the run's mapping next to its checkpoints (and records the path in them).
     vocab = VocabMapping.load(vocab_mapping_path(config))
-    draft = create(config, "draft_model", info, int(vocab.d2t.numel()))
+    algorithm = build_algorithm(config, registry)
+    draft = algorithm.build(info, vocab)
     if (checkpoint_dir / ".metadata").exists():
         # A sharded (DCP) checkpoint, e.g. from fsdp2 on N ranks: read it in this one process,
         # no process group needed.
         _load_dcp_trainables(checkpoint_dir, draft)
     else:
-        strategy = create(config, "training_strategy", config)
+        strategy = create(config, "training_strategy", config, registry=registry)
         model = strategy.prepare(draft)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         strategy.load_checkpoint(str(checkpoint_dir), model, optimizer)
-    return export_draft(draft, vocab, out_dir)
+    return export_draft(draft, vocab, out_dir, algorithm)
 
 
 def _load_dcp_trainables(path: Path, draft: torch.nn.Module) -> None:

@@ -103,7 +103,7 @@ def test_broken_plugin_names_itself(monkeypatch):
 def test_every_kind_has_a_bundled_default():
     reg = get_registry()
     cfg = load_config()
-    for kind in ("draft_model", "target_backend", "transfer_store", "loss", "lr_scheduler", "training_strategy"):
+    for kind in ("draft_algorithm", "target_backend", "transfer_store", "loss", "lr_scheduler", "training_strategy"):
         from specforge_core.components import KINDS
 
         section, selector = KINDS[kind]

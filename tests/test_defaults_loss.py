@@ -1,4 +1,5 @@
-"""forward-kl: the fused chunked loss against a plain float64 autograd reference."""
+"""forward-kl: the fused chunked loss against a plain float64 autograd reference, through the loss
+contract (``prepare`` once, then a summed loss per prediction group with explicit target rows)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions, fused_forwa
 N, H, VD = 13, 16, 37
 
 
-def reference(step, dh, dw, th, tw, valid, decay):
-    """Per-position Python loop over full logits, autograd does the gradients."""
+def reference(dh, dw, th, tw, valid, rows=None):
+    """Per-position Python loop over full logits, autograd does the gradients: the SUM over valid
+    rows (row i taught by target row rows[i])."""
     total = torch.zeros((), dtype=torch.float64)
     correct, count = 0, 0
     for i in range(dh.shape[0]):
         if not valid[i]:
             continue
         d = dw @ dh[i]
-        t = tw @ th[i]
+        t = tw @ th[i if rows is None else int(rows[i])]
         total = total - (torch.softmax(t, -1) * torch.log_softmax(d, -1)).sum()
         correct += int(torch.argmax(d) == torch.argmax(t))
         count += 1
-    raw = total / count if count else total
-    return raw * decay**step, raw, correct, count
+    return total, correct, count
+
+
+def run(dh, dw, th, tw, valid, rows=None, chunk=8192, precompute=True):
+    """The contract's call order: prepare once, then one summed-loss call."""
+    loss = ForwardKLLoss(ForwardKLOptions(chunk_size=chunk), precompute=precompute)
+    prepared = loss.prepare(th, tw)
+    rows = torch.arange(dh.shape[0]) if rows is None else rows
+    return loss(dh, dw, prepared, rows.to(dh.device), valid)
 
 
 def inputs(dtype=torch.float64, seed=0, p_valid=0.7):
@@ -37,22 +46,22 @@ def inputs(dtype=torch.float64, seed=0, p_valid=0.7):
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 5, 13, 100])
-@pytest.mark.parametrize("step", [0, 2])
-def test_matches_reference_float64(chunk, step):
-    dh, dw, th, tw, valid = inputs(seed=chunk + step)
+@pytest.mark.parametrize("precompute", [True, False])
+def test_matches_reference_float64(chunk, precompute):
+    dh, dw, th, tw, valid = inputs(seed=chunk + precompute)
     assert 0 < valid.sum() < N  # some invalid positions
+    rows = (torch.arange(N) + 2).clamp(max=N - 1)  # each row taught by a later target row
     ref_dh, ref_dw = dh.clone().requires_grad_(), dw.clone().requires_grad_()
-    ref_loss, ref_raw, ref_correct, ref_count = reference(step, ref_dh, ref_dw, th, tw, valid, 0.8)
+    ref_loss, ref_correct, ref_count = reference(ref_dh, ref_dw, th, tw, valid, rows)
     ref_loss.backward()
 
     dh.requires_grad_()
     dw.requires_grad_()
-    out = ForwardKLLoss(ForwardKLOptions(step_weight_decay=0.8, chunk_size=chunk))(step, dh, dw, th, tw, valid)
-    out.loss.backward()
+    out = run(dh, dw, th, tw, valid, rows, chunk=chunk, precompute=precompute)
+    out.loss_sum.backward()
 
     # the fused path computes in fp32 internally, so compare at fp32 precision
-    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.raw_loss.double(), ref_raw.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss_sum.double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
     assert int(out.correct) == ref_correct
     assert int(out.count) == ref_count
     assert dh.grad.dtype == torch.float64 and dw.grad.dtype == torch.float64
@@ -62,26 +71,34 @@ def test_matches_reference_float64(chunk, step):
     assert (dh.grad[~valid] == 0).all()
 
 
+def test_weighted_mean_helper_matches_reference():
+    """``fused_forward_kl`` (weighted mean over valid rows) = the summed reference / count."""
+    dh, dw, th, tw, valid = inputs(seed=3)
+    ref_sum, _, count = reference(dh, dw, th, tw, valid)
+    loss, raw, _ = fused_forward_kl(dh, dw, th, tw, valid, weight=0.64, chunk_size=4)
+    torch.testing.assert_close(raw.double(), ref_sum / count, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), 0.64 * ref_sum / count, rtol=1e-5, atol=1e-6)
+
+
 def test_correct_counts_agreements_exactly():
     # target head = draft head and same hidden -> every valid position agrees
     dh, dw, _, _, valid = inputs(torch.float32)
-    out = ForwardKLLoss()(0, dh, dw, dh.clone(), dw.clone(), valid)
+    out = run(dh, dw, dh.clone(), dw.clone(), valid)
     assert int(out.correct) == int(valid.sum()) == int(out.count)
     # identical distributions: the soft CE equals the target entropy, and the gradient is ~0
     p = torch.softmax(dh[valid].double() @ dw.double().T, -1)
-    entropy = -(p * p.log()).sum(-1).mean()
-    torch.testing.assert_close(out.raw_loss.double(), entropy, rtol=1e-5, atol=1e-6)
+    entropy = -(p * p.log()).sum(-1).sum()
+    torch.testing.assert_close(out.loss_sum.double(), entropy, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_output_scaling():
-    """backward scales the stored gradients by grad_output (e.g. 1/accumulation)."""
+    """backward scales the stored gradients by grad_output (the algorithm's weight / count)."""
     dh, dw, th, tw, valid = inputs(torch.float32)
     dh.requires_grad_()
-    out = ForwardKLLoss(ForwardKLOptions(chunk_size=3))(1, dh, dw, th, tw, valid)
-    (out.loss * 0.25).backward()
+    (run(dh, dw, th, tw, valid, chunk=3).loss_sum * 0.25).backward()
     g_quarter = dh.grad.clone()
     dh.grad = None
-    ForwardKLLoss(ForwardKLOptions(chunk_size=3))(1, dh, dw, th, tw, valid).loss.backward()
+    run(dh, dw, th, tw, valid, chunk=3).loss_sum.backward()
     torch.testing.assert_close(g_quarter, dh.grad * 0.25)
 
 
@@ -90,9 +107,9 @@ def test_all_invalid_is_zero_without_nan():
     valid[:] = False
     dh.requires_grad_()
     dw.requires_grad_()
-    out = ForwardKLLoss()(3, dh, dw, th, tw, valid)
-    out.loss.backward()
-    assert float(out.loss.detach()) == 0.0 and float(out.raw_loss) == 0.0
+    out = run(dh, dw, th, tw, valid)
+    out.loss_sum.backward()
+    assert float(out.loss_sum.detach()) == 0.0
     assert int(out.correct) == 0 and int(out.count) == 0
     assert torch.isfinite(dh.grad).all() and (dh.grad == 0).all() and (dw.grad == 0).all()
 
@@ -100,20 +117,20 @@ def test_all_invalid_is_zero_without_nan():
 def test_bf16_inputs_close_to_fp64_reference():
     dh, dw, th, tw, valid = inputs(torch.float64, seed=7)
     ref_dh, ref_dw = dh.clone().requires_grad_(), dw.clone().requires_grad_()
-    ref_loss, *_ = reference(1, ref_dh, ref_dw, th, tw, valid, 0.8)
+    ref_loss, *_ = reference(ref_dh, ref_dw, th, tw, valid)
     ref_loss.backward()
 
     b = [x.to(torch.bfloat16) for x in (dh, dw, th, tw)]
     b[0].requires_grad_()
     b[1].requires_grad_()
-    out = ForwardKLLoss(ForwardKLOptions(chunk_size=4))(1, *b, valid)
-    out.loss.backward()
-    assert out.loss.dtype == torch.float32
+    out = run(*b, valid, chunk=4, precompute=False)
+    out.loss_sum.backward()
+    assert out.loss_sum.dtype == torch.float32
     assert b[0].grad.dtype == torch.bfloat16 and b[1].grad.dtype == torch.bfloat16
     # error comes from rounding the inputs to bf16 (8 bits of mantissa)
-    torch.testing.assert_close(out.loss.double(), ref_loss.detach(), rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(b[0].grad.double(), ref_dh.grad, rtol=0.1, atol=5e-3)
-    torch.testing.assert_close(b[1].grad.double(), ref_dw.grad, rtol=0.1, atol=5e-3)
+    torch.testing.assert_close(out.loss_sum.double(), ref_loss.detach(), rtol=3e-2, atol=3e-1)
+    torch.testing.assert_close(b[0].grad.double(), ref_dh.grad, rtol=0.1, atol=5e-2)
+    torch.testing.assert_close(b[1].grad.double(), ref_dw.grad, rtol=0.1, atol=5e-2)
 
 
 def test_peak_logit_memory_is_one_chunk(monkeypatch):
@@ -132,7 +149,7 @@ def test_peak_logit_memory_is_one_chunk(monkeypatch):
         return out
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
-    ForwardKLLoss(ForwardKLOptions(chunk_size=4))(0, dh, dw, th, tw, valid).loss.backward()
+    run(dh, dw, th, tw, valid, chunk=4, precompute=False).loss_sum.backward()
     assert seen and max(seen) <= 4
     assert sum(seen) == 2 * N  # draft and target logits, once per row
 
@@ -146,17 +163,18 @@ def test_shape_errors_are_clear():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_matches_cpu_fp64():
+@pytest.mark.parametrize("precompute", [True, False])
+def test_cuda_bf16_matches_cpu_fp64(precompute):
     dh, dw, th, tw, valid = inputs(torch.float64, seed=11)
     ref_dh, ref_dw = dh.clone().requires_grad_(), dw.clone().requires_grad_()
-    ref_loss, _, ref_correct, _ = reference(2, ref_dh, ref_dw, th, tw, valid, 0.8)
+    ref_loss, ref_correct, _ = reference(ref_dh, ref_dw, th, tw, valid)
     ref_loss.backward()
     b = [x.to("cuda", torch.bfloat16) for x in (dh, dw, th, tw)]
     b[0].requires_grad_()
     b[1].requires_grad_()
-    out = ForwardKLLoss(ForwardKLOptions(chunk_size=5))(2, *b, valid.cuda())
-    out.loss.backward()
-    assert out.loss.device.type == "cuda" and b[0].grad.dtype == torch.bfloat16
-    torch.testing.assert_close(out.loss.double().cpu(), ref_loss.detach(), rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(b[0].grad.double().cpu(), ref_dh.grad, rtol=0.1, atol=5e-3)
-    torch.testing.assert_close(b[1].grad.double().cpu(), ref_dw.grad, rtol=0.1, atol=5e-3)
+    out = run(*b, valid.cuda(), chunk=5, precompute=precompute)
+    out.loss_sum.backward()
+    assert out.loss_sum.device.type == "cuda" and b[0].grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss_sum.double().cpu(), ref_loss.detach(), rtol=3e-2, atol=3e-1)
+    torch.testing.assert_close(b[0].grad.double().cpu(), ref_dh.grad, rtol=0.1, atol=5e-2)
+    torch.testing.assert_close(b[1].grad.double().cpu(), ref_dw.grad, rtol=0.1, atol=5e-2)

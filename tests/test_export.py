@@ -33,7 +33,10 @@ def draft_and_vocab(target_dir):
     used = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:VD]
     vocab = VocabMapping.from_target_ids(used, V)
     torch.manual_seed(0)
-    return create(cfg, "draft_model", info, VD), vocab
+    algorithm = create(cfg, "draft_algorithm", cfg)
+    draft = algorithm.build(info, vocab)
+    draft.specforge_algorithm = algorithm  # what the trainer tags its draft with (export_draft finds it)
+    return draft, vocab
 
 
 EXPECTED = {

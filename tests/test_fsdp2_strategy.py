@@ -1,7 +1,8 @@
 """The fsdp2 strategy on real gloo process groups (2 CPU ranks) against single-process training.
 
-Each rank trains on its own half of the global batch; FSDP2 averages gradients over ranks, so the
-result must equal one process training on the whole batch (fp32, tight tolerance).
+Each rank trains on its own half of the global batch and divides its loss by the world size (its
+share of the global mean); FSDP2 sums gradients over ranks (the strategy contract), so the result
+must equal one process training on the whole batch (fp32, tight tolerance).
 
 To keep the file fast, one 2-rank spawn runs every training scenario and a second spawn (fresh
 processes) resumes from the checkpoint the first one wrote; a third (1 rank) resumes it at another
@@ -141,7 +142,8 @@ def train(model, opt, steps, rank, world, *, strategy=None, accum=1, use_no_sync
             last = i == len(mbs) - 1
             ctx = strategy.no_sync(model) if (strategy and use_no_sync and not last) else _null()
             with ctx:
-                (model(ids, aux, labels) / accum).backward()
+                # each rank's loss is its share of the global mean: FSDP2 sums gradients over ranks
+                (model(ids, aux, labels) / (accum * world)).backward()
         if strategy is not None:
             norms.append(strategy.clip_grad_norm(model, max_norm))
         elif max_norm > 0:

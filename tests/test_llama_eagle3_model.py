@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import save_file
 from specforge_llama_eagle3 import model as model_mod
 from specforge_llama_eagle3 import plugin as plugin_mod
+from specforge_llama_eagle3.algorithm import build_draft
 from specforge_llama_eagle3.config import DraftConfig, DraftConfigError, hf_aux_layer_ids
 from specforge_llama_eagle3.model import EXPORT_KEYS, DraftCache, LlamaEagle3Draft
-from specforge_llama_eagle3.plugin import LlamaEagle3Options, make_llama_eagle3
+from specforge_llama_eagle3.plugin import LlamaEagle3Options
 from specforge_llama_eagle3.reference import dense_ttt_attention
 
 from specforge_core.registry import registry_from
@@ -27,7 +28,7 @@ def _target(aux=None, **cfg_kwargs) -> TargetInfo:
 
 def _draft(aux=None, seed=0, options=None) -> LlamaEagle3Draft:
     torch.manual_seed(seed)
-    m = make_llama_eagle3(options, _target(aux), VD)
+    m = build_draft(options, _target(aux), VD)
     with torch.no_grad():  # larger-than-default weights so every term matters numerically
         for _name, p in m.named_parameters():
             if p.dim() == 2:
@@ -48,9 +49,12 @@ def _batch(B=1, T=12, seed=1):
 # ------------------------------------------------------------------------------------ config
 def test_plugin_registered_and_config_generated_from_target():
     # the entry point itself is covered by the core registry test; load just this plugin (fast)
-    comp = registry_from([("llama-eagle3", plugin_mod)], with_entry_points=False).get("draft_model", "llama-eagle3")
+    comp = registry_from([("llama-eagle3", plugin_mod)], with_entry_points=False).get("draft_algorithm",
+                                                                                       "llama-eagle3")
     assert comp.config_class is LlamaEagle3Options
-    m = comp.factory(None, _target(), VD)
+    from specforge_core.vocab import VocabMapping
+
+    m = comp.factory(None, None).build(_target(), VocabMapping.from_target_ids(torch.arange(VD), V))
     c = m.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
         64, 128, 4, 2, 16)
@@ -95,14 +99,14 @@ def test_config_file_override_is_checked(tmp_path):
     base = {"hidden_size": H, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
             "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048}
     p.write_text(json.dumps(base))
-    m = make_llama_eagle3(LlamaEagle3Options(config=str(p)), _target(), VD)
+    m = build_draft(LlamaEagle3Options(config=str(p)), _target(), VD)
     assert m.config.intermediate_size == 256 and m.config.num_key_value_heads == 4
     p.write_text(json.dumps({**base, "num_hidden_layers": 2}))
     with pytest.raises(DraftConfigError, match="num_hidden_layers = 2"):
-        make_llama_eagle3(LlamaEagle3Options(config=str(p)), _target(), VD)
+        build_draft(LlamaEagle3Options(config=str(p)), _target(), VD)
     p.write_text("{\n  \"hidden_size\": 64,\n  oops\n}")
     with pytest.raises(DraftConfigError, match="line 3"):
-        make_llama_eagle3(LlamaEagle3Options(config=str(p)), _target(), VD)
+        build_draft(LlamaEagle3Options(config=str(p)), _target(), VD)
 
 
 # ------------------------------------------------------------------------------------ TTT
@@ -239,10 +243,10 @@ def test_from_export_round_trip_and_init_from(tmp_path):
     for a, b in zip(back.ttt_forward(ids, aux.float(), ones, 2), ref.ttt_forward(ids, aux.float(), ones, 2), strict=True):
         torch.testing.assert_close(back.logits(a), ref.logits(b))
 
-    fresh = make_llama_eagle3(LlamaEagle3Options(init_from=str(tmp_path)), _target(), VD)
+    fresh = build_draft(LlamaEagle3Options(init_from=str(tmp_path)), _target(), VD)
     torch.testing.assert_close(fresh.fc.weight, ref.fc.weight)
     with pytest.raises(ValueError, match="lm_head.weight"):
-        make_llama_eagle3(LlamaEagle3Options(init_from=str(tmp_path)), _target(), VD * 2)
+        build_draft(LlamaEagle3Options(init_from=str(tmp_path)), _target(), VD * 2)
 
 
 def test_sdpa_attention_option_matches_eager_on_real_positions():

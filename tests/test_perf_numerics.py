@@ -15,21 +15,17 @@ from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions  # noqa: E40
 from specforge_llama_eagle3.config import DraftConfig  # noqa: E402
 from specforge_llama_eagle3.memory import checkpoint_finish  # noqa: E402
 from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
+from specforge_llama_eagle3.objective import micro_step  # noqa: E402
 
-from specforge_core.training.alignment import align_step  # noqa: E402
 from specforge_core.training.batch import Batch  # noqa: E402
 
 V, VD, H, K = 96, 40, 32, 4
 
 
 def optimized_loss(model, batch, head, t2d):
-    # the trainer's micro_step, spelled out (its module needs the full config stack)
-    loss_fn, total = ForwardKLLoss(ForwardKLOptions(chunk_size=7)), 0.0
-    for k, hidden in enumerate(model.ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
-        th, valid = align_step(batch, k, t2d)
-        total = total + loss_fn(k, hidden.flatten(0, 1), model.lm_head.weight, th.flatten(0, 1), head,
-                                valid.flatten()).loss
-    return total
+    # the algorithm's micro_step with per-step target logits (no precomputed distribution)
+    loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=7), precompute=False)
+    return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K)[0]
 
 
 def setup(seed, dtype):
@@ -112,11 +108,9 @@ def test_chunk_math_matches_softmax_definitions():
 
 
 def trainer_micro_step_loss(model, batch, head, t2d):
-    """The trainer's own micro_step: with forward-kl it takes the precomputed-targets path."""
-    from specforge_core.training.trainer import micro_step
-
+    """The trainer's own micro_step: forward-kl's default prepares the target distribution once."""
     loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=7))
-    assert hasattr(loss_fn, "precompute_targets")
+    assert loss_fn.precompute
     return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K)[0]
 
 

@@ -109,7 +109,7 @@ def test_target_params_match_real_hf_models(family, tied):
 
 
 def test_draft_params_match_real_draft():
-    from specforge_llama_eagle3.plugin import make_llama_eagle3
+    from specforge_llama_eagle3.algorithm import build_draft
 
     from specforge_core.testing import tiny_config
     from specforge_core.types import TargetInfo
@@ -117,7 +117,7 @@ def test_draft_params_match_real_draft():
     t = tiny_config("qwen3").to_dict()
     info = TargetInfo(model_path="tiny", hf_config=t, aux_layer_ids=[2, 4, 5], hidden_size=64,
                       vocab_size=512, num_hidden_layers=8)
-    draft = make_llama_eagle3(None, info, draft_vocab_size=100)
+    draft = build_draft(None, info, draft_vocab_size=100)
     trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in draft.parameters() if not p.requires_grad)
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -1,8 +1,9 @@
 """TTT alignment and collation on a hand-made case, checked against explicit index loops."""
 
 import torch
+from specforge_llama_eagle3.objective import align_step
 
-from specforge_core.training import align_step, collate
+from specforge_core.training import collate
 from specforge_core.types import TargetFeatures
 
 

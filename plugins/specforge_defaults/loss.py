@@ -2,13 +2,17 @@
 chunk of [tokens x draft_vocab] logits. On CUDA with bf16/fp16 inputs the head GEMMs take bf16
 operands with fp32 outputs (tensor cores); the softmax arithmetic is always fp32.
 
-For TTT step k, with ``d = draft_hidden @ draft_head.T`` and ``t = target_hidden @ target_head.T``
-(both [N, Vd])::
+The loss contract (``specforge_core.components.Loss``): ``prepare`` once per micro-batch, then one
+call per prediction group (EAGLE-3: per TTT step) that returns the SUM over valid rows. With
+``d = draft_hidden @ draft_head.T`` and ``t = final_hidden[target_rows] @ target_head.T`` (both
+[N, Vd])::
 
-    loss_k = decay**k * mean_{valid i} ( -sum_v softmax(t_i)_v * log_softmax(d_i)_v )
+    loss_sum = sum_{valid i} ( -sum_v softmax(t_i)_v * log_softmax(d_i)_v )
 
 Soft-label cross-entropy equals KL(p_t || p_d) plus the (constant) target entropy, so its gradient is
-the forward-KL gradient: ``dloss/dd_i = (softmax(d_i) - softmax(t_i)) * decay**k / n_valid``.
+the forward-KL gradient: ``dloss_sum/dd_i = softmax(d_i) - softmax(t_i)``. Weighting (EAGLE-3's
+0.8**k) and normalisation are the draft algorithm's: it scales the returned sum, and autograd
+scales the stored gradients by the same factor.
 
 The forward pass loops over chunks of valid tokens; for each chunk it builds both logits, the loss,
 the argmax agreement and the gradients w.r.t. ``draft_hidden`` and ``draft_head``, then drops the
@@ -19,18 +23,19 @@ and [Vd, H] fp32 gradient accumulators.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import torch
 
 from specforge_core.components import LossOutput
-from specforge_core.config.fields import in_range, option, positive
+from specforge_core.config.fields import option, positive
+
+LOGIT_BYTES = 4
 
 
 @attrs.define
 class ForwardKLOptions:
-    step_weight_decay: float = option(
-        0.8, "Weight of TTT step k is step_weight_decay**k (EAGLE-3 uses 0.8)", validator=in_range(0, 1)
-    )
     chunk_size: int = option(
         8192,
         "Tokens per chunk: at most chunk_size x draft_vocab fp32 logits exist at once (forward and backward). "
@@ -93,17 +98,21 @@ def _compiled_chunk_math():
 @attrs.frozen
 class TargetProbs:
     """The target's distribution over the draft vocab at every position of a micro-batch, computed
-    once and shared by all TTT steps (step k reads row ``t + k + 1`` for position ``t``).
+    once and shared by all prediction groups (a group reads the rows its ``target_rows`` name).
 
     ``probs`` [N, Vd] is fp16 on CUDA (0.5 GB at 8k tokens; fp16 keeps 4x bf16's mantissa), fp32
     or fp64 elsewhere; ``argmax`` [N] comes from the unrounded logits."""
 
     probs: torch.Tensor
     argmax: torch.Tensor
-    shift: int = 0
 
-    def shifted(self, n: int) -> TargetProbs:
-        return TargetProbs(self.probs, self.argmax, n)
+
+@attrs.frozen
+class TargetRows:
+    """``prepare`` without precomputation: the target logits are built per group from these rows."""
+
+    final_hidden: torch.Tensor  # [N, H]
+    head: torch.Tensor  # [Vd, H]
 
 
 @torch.no_grad()
@@ -139,19 +148,23 @@ class _FusedSoftCE(torch.autograd.Function):
     """Fused ``lm_head`` x2 + soft cross-entropy over valid rows, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight: float, chunk: int,
-                fp32_heads: bool, targets):
+    def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight: float,
+                mean: bool, chunk: int, fp32_heads: bool, targets):
+        """-> (scaled loss, summed loss, argmax agreements); scaled = sum * weight (/ valid rows
+        if ``mean``). Row i of the draft is taught by target row ``target_rows[i]`` (None: row i)."""
         # explicit dtypes below; the caller's autocast must not re-cast the head GEMMs
         with torch.autocast(draft_hidden.device.type, enabled=False):
             return _FusedSoftCE._forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid,
-                                         weight, chunk, fp32_heads, targets)
+                                         target_rows, weight, mean, chunk, fp32_heads, targets)
 
     @staticmethod
-    def _forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, weight, chunk, fp32_heads,
-                 targets):
+    def _forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight, mean,
+                 chunk, fp32_heads, targets):
         device = draft_hidden.device
         rows = valid.nonzero().squeeze(1)  # indices of valid positions
         n_valid = rows.numel()
+        # the target row of each valid draft row
+        t_rows = rows if target_rows is None else target_rows.index_select(0, rows)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fast = _low_precision_gemms(draft_hidden) and not fp32_heads
 
@@ -179,7 +192,7 @@ class _FusedSoftCE(torch.autograd.Function):
         grad_w = None
         loss_sum = torch.zeros((), dtype=f32, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        scale = weight / max(n_valid, 1)
+        scale = weight / max(n_valid, 1) if mean else weight
         scale_t = torch.tensor(scale, dtype=torch.float32, device=device)  # a tensor: no recompiles
 
         def accumulate(g, h, idx, grad_w):
@@ -192,10 +205,10 @@ class _FusedSoftCE(torch.autograd.Function):
 
         for start in range(0, n_valid, chunk):
             idx = rows[start : start + chunk]
+            t_idx = t_rows[start : start + chunk]
             h = draft_hidden.index_select(0, idx)  # [C, H]
             d = logits(h, w_d)  # [C, Vd] draft logits, fp32
             if targets is not None:  # target distribution computed once per micro-batch
-                t_idx = idx + targets.shift
                 p_t, t_arg = targets.probs.index_select(0, t_idx), targets.argmax.index_select(0, t_idx)
                 if fast:
                     part, corr, g = _compiled(_chunk_math_pre)(d, p_t, t_arg, scale_t, draft_hidden.dtype)
@@ -206,7 +219,7 @@ class _FusedSoftCE(torch.autograd.Function):
                 grad_w = accumulate(g, h, idx, grad_w)
                 del d, g
                 continue
-            t = logits(target_hidden.index_select(0, idx), w_t)  # [C, Vd] target logits, fp32
+            t = logits(target_hidden.index_select(0, t_idx), w_t)  # [C, Vd] target logits, fp32
             if fast:
                 part, corr, g = _compiled_chunk_math()(d, t, scale_t, draft_hidden.dtype)
                 loss_sum += part
@@ -231,13 +244,13 @@ class _FusedSoftCE(torch.autograd.Function):
 
         if want_w and grad_w is None:  # no valid rows
             grad_w = torch.zeros(draft_head.shape, dtype=f32, device=device)
-        raw = loss_sum / max(n_valid, 1)
         ctx.save_for_backward(
             grad_h.to(draft_hidden.dtype) if want_h else None,
             grad_w.to(draft_head.dtype) if want_w else None,
         )
+        raw = loss_sum.detach().clone()
         ctx.mark_non_differentiable(raw, correct)
-        return raw * weight, raw, correct
+        return loss_sum * scale, raw, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_raw, _grad_correct):
@@ -246,26 +259,12 @@ class _FusedSoftCE(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
-def fused_forward_kl(
-    draft_hidden: torch.Tensor,
-    draft_head: torch.Tensor,
-    target_hidden: torch.Tensor,
-    target_head: torch.Tensor,
-    valid: torch.Tensor,
-    weight: float = 1.0,
-    chunk_size: int = 1024,
-    fp32_heads: bool = False,
-    targets: TargetProbs | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows; see module doc.
-
-    ``fp32_heads`` forces the old fp32 head GEMMs on CUDA (the benchmark's "before" variant).
-    ``targets`` (from ``precompute_target_probs``, shifted to this step) replaces the target head
-    GEMM and softmax; ``target_hidden``/``target_head`` are then only shape-checked."""
-    if draft_hidden.dim() != 2 or target_hidden.shape != draft_hidden.shape:
+def _check_shapes(draft_hidden, draft_head, target_hidden, target_head, valid, aligned: bool) -> None:
+    if draft_hidden.dim() != 2 or target_hidden.dim() != 2 or target_hidden.shape[1] != draft_hidden.shape[1] or (
+            aligned and target_hidden.shape != draft_hidden.shape):
         raise ValueError(
             f"forward-kl: draft_hidden and target_hidden must both be [N, H]; got "
             f"{tuple(draft_hidden.shape)} and {tuple(target_hidden.shape)}"
@@ -277,35 +276,78 @@ def fused_forward_kl(
         )
     if valid.shape != draft_hidden.shape[:1]:
         raise ValueError(f"forward-kl: valid must be [N={draft_hidden.shape[0]}], got {tuple(valid.shape)}")
-    return _FusedSoftCE.apply(
-        draft_hidden, draft_head, target_hidden.detach(), target_head.detach(), valid.bool(), float(weight),
-        int(chunk_size), bool(fp32_heads), targets,
+
+
+def fused_forward_kl(
+    draft_hidden: torch.Tensor,
+    draft_head: torch.Tensor,
+    target_hidden: torch.Tensor,
+    target_head: torch.Tensor,
+    valid: torch.Tensor,
+    weight: float = 1.0,
+    chunk_size: int = 1024,
+    fp32_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows, with
+    ``target_hidden`` aligned row by row to ``draft_hidden`` (a standalone helper; the component
+    below is the contract's summed form).
+
+    ``fp32_heads`` forces the old fp32 head GEMMs on CUDA (the benchmark's "before" variant)."""
+    _check_shapes(draft_hidden, draft_head, target_hidden, target_head, valid, aligned=True)
+    loss, raw_sum, correct = _FusedSoftCE.apply(
+        draft_hidden, draft_head, target_hidden.detach(), target_head.detach(), valid.bool(), None, float(weight),
+        True, int(chunk_size), bool(fp32_heads), None,
     )
+    return loss, raw_sum / valid.sum().clamp(min=1), correct
 
 
 class ForwardKLLoss:
-    """The ``Loss`` component: one call per TTT step."""
+    """The ``Loss`` component (``specforge_core.components.Loss``).
 
-    def __init__(self, options: ForwardKLOptions | None = None):
+    ``precompute`` (default): ``prepare`` computes the target distribution of every position once
+    per micro-batch (saves a target-head GEMM and softmax per further prediction group); False
+    builds the target logits per group from the target rows (the benchmark's v2 variant).
+    ``fp32_heads``: fp32 head GEMMs on CUDA (the benchmark's "before" variant)."""
+
+    needs_full_vocab = False
+
+    def __init__(self, options: ForwardKLOptions | None = None, precompute: bool = True, fp32_heads: bool = False):
         self.options = options or ForwardKLOptions()
+        self.precompute, self.fp32_heads = precompute, fp32_heads
 
-    def precompute_targets(self, final_hidden: torch.Tensor, target_head: torch.Tensor) -> TargetProbs:
-        """Optional Loss extension the trainer's micro-step uses when present: the target
-        distribution of every position once per micro-batch instead of once per TTT step (saves
-        K-1 target-head GEMMs and softmaxes). ``final_hidden`` [B, T, H]; step k then gets
-        ``targets=result.shifted(k + 1)`` (flattened rows b*T + t + k + 1), and the trainer passes
-        the *unshifted* ``final_hidden`` as ``target_hidden`` (only its shape is checked then)."""
-        return precompute_target_probs(final_hidden, target_head, self.options.chunk_size)
+    def prepare(self, final_hidden: torch.Tensor, head: Any) -> TargetProbs | TargetRows:
+        """``final_hidden`` [N, H] (or [B, T, H]: flattened), ``head`` a ``TargetHead`` (or the
+        [Vd, H] rows themselves)."""
+        rows = head.rows if hasattr(head, "rows") else head
+        final_hidden = final_hidden.reshape(-1, final_hidden.shape[-1])
+        if self.precompute and not self.fp32_heads:
+            return precompute_target_probs(final_hidden, rows, self.options.chunk_size)
+        return TargetRows(final_hidden.detach(), rows.detach())
 
-    def __call__(self, step, draft_hidden, draft_head, target_hidden, target_head, valid,
-                 targets: TargetProbs | None = None) -> LossOutput:
-        weight = self.options.step_weight_decay**step
-        loss, raw, correct = fused_forward_kl(
-            draft_hidden, draft_head, target_hidden, target_head, valid, weight, self.options.chunk_size,
-            targets=targets,
+    def __call__(self, draft_hidden: torch.Tensor, draft_head: torch.Tensor, prepared: TargetProbs | TargetRows,
+                 target_rows: torch.Tensor, valid: torch.Tensor) -> LossOutput:
+        if isinstance(prepared, TargetProbs):
+            if prepared.probs.shape[1] != draft_head.shape[0]:
+                raise ValueError(f"forward-kl: prepared targets cover {prepared.probs.shape[1]} draft ids, "
+                                 f"the draft head has {draft_head.shape[0]}")
+            # the kernel reads the precomputed distribution; these two are placeholders
+            th, tw, targets = draft_hidden.detach(), draft_head.detach(), prepared
+        else:
+            th, tw, targets = prepared.final_hidden, prepared.head, None
+        _check_shapes(draft_hidden, draft_head, th, tw, valid, aligned=False)
+        if target_rows.shape != valid.shape:
+            raise ValueError(f"forward-kl: target_rows must be [N={valid.shape[0]}], got {tuple(target_rows.shape)}")
+        loss_sum, _raw, correct = _FusedSoftCE.apply(
+            draft_hidden, draft_head, th, tw.detach(), valid.bool(), target_rows, 1.0, False,
+            int(self.options.chunk_size), self.fp32_heads, targets,
         )
-        count = valid.sum().to(torch.int64)
-        return LossOutput(loss=loss, raw_loss=raw.detach(), correct=correct, count=count)
+        return LossOutput(loss_sum=loss_sum, correct=correct, count=valid.sum().to(torch.int64))
+
+    def workspace_bytes(self, tokens: int, draft_vocab: int) -> int:
+        """Draft logits, target probs and gradient of one chunk (fp32), plus the precomputed
+        target distribution of the micro-batch (fp16 on GPU)."""
+        chunk = 3 * LOGIT_BYTES * min(self.options.chunk_size, tokens) * draft_vocab
+        return chunk + (2 * tokens * draft_vocab if self.precompute else 0)
 
 
 def make_forward_kl(options: ForwardKLOptions | None) -> ForwardKLLoss:

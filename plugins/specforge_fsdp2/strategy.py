@@ -5,8 +5,8 @@ What the trainer must know (see docs/fsdp2.md):
   parameters (draft TTT unroll + loss). FSDP2 all-gathers parameters in forward hooks and reduces
   gradients from hooks installed there; parameters used outside ``forward`` (e.g. reading
   ``draft.lm_head.weight`` in a loss called by the trainer) would be the sharded DTensors.
-- Gradients are *averaged* over ranks (like DDP): each rank's loss should be the mean over its own
-  part of the global batch, and the parts should weigh equally.
+- Gradients are *summed* over ranks (``set_gradient_divide_factor(1)``): the trainer divides each
+  rank's loss by the whole step's token count already (``components.TrainingStrategy``).
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def _checkpoint_forward(module: nn.Module) -> None:
 class FSDP2Strategy:
     """``TrainingStrategy`` over the default process group (already initialised by the caller)."""
 
+    wraps_step = True  # prepare() gets the trainer's DraftStep (forward = one whole micro-step)
+
     def __init__(self, options: Optional[FSDP2Options] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
@@ -160,6 +162,12 @@ class FSDP2Strategy:
         # reduces gradients only for params that require them). Kept unsharded from forward to
         # backward: it is needed again first thing in backward.
         fully_shard(model, reshard_after_forward=False, **kwargs)
+        # sum, not mean, over ranks: every rank's loss is already its share of the global objective
+        # (plain SUM collectives: gloo has no PREMUL_SUM)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
         return model
 
     @contextlib.contextmanager
@@ -212,3 +220,6 @@ class FSDP2Strategy:
 def make_fsdp2(options: Optional[FSDP2Options], config: Any = None) -> FSDP2Strategy:
     """Factory registered as ``fsdp2``: ``(options, config: SpecforgeConfig) -> strategy``."""
     return FSDP2Strategy(options)
+
+
+make_fsdp2.needs_process_group = True  # even on one rank (components.TrainingStrategy)

@@ -11,13 +11,16 @@ if TYPE_CHECKING:  # light import: Ray actors that only receive handles must not
     from specforge_core.config.schema import SpecforgeConfig
 
 
-def run_pipeline(config: SpecforgeConfig, **components: Any) -> Any:
+def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: Any) -> Any:
     """Run the pipeline ``config.run.pipeline`` names. ``components`` may pass ready-made
-    component instances (e.g. ``target_backend=...``) instead of building them from the config."""
+    component instances (e.g. ``target_backend=...``) instead of building them from the config.
+
+    ``registry``: the plugin registry the local pipeline builds every component with (None: the
+    installed entry points). Ray actors run in other processes and always use the entry points."""
     if config.run.pipeline == "ray":
         from specforge_core.pipeline.ray_pipeline import run_ray
 
         return run_ray(config, **components)
     from specforge_core.pipeline.local import run_local
 
-    return run_local(config, **components)
+    return run_local(config, registry=registry, **components)

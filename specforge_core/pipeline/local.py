@@ -196,6 +196,7 @@ def run_local(
     console: Any = None,
     target_backend: Any = None,  # a ready-made TargetBackend (the caller closes it)
     transfer_store: Any = None,  # a ready-made TransferStoreProvider
+    registry: Any = None,  # the plugin registry to build components with (None: entry points)
 ) -> RunResult:
     from rich.console import Console
 
@@ -220,20 +221,21 @@ def run_local(
     with contextlib.ExitStack() as cleanup:
         backend = target_backend
         if backend is None:
-            backend = create(config, "target_backend", config, device)
+            backend = create(config, "target_backend", config, device, registry=registry)
             cleanup.callback(backend.close)
         return _train(config, backend, transfer_store, cleanup, console, config_toml, stop_after_steps, t0,
-                      data=(samples, usable, data_stats, skipped))
+                      data=(samples, usable, data_stats, skipped), registry=registry)
 
 
-def _train(config, backend, provider, cleanup, console, config_toml, stop_after_steps, t0, data) -> RunResult:
+def _train(config, backend, provider, cleanup, console, config_toml, stop_after_steps, t0, data,
+           registry=None) -> RunResult:
     """Vocab -> trainer (+ resume) -> transfer store -> the step loop -> final checkpoint + export."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from specforge_core.export import export_draft
     from specforge_core.training import checkpoint as ckpt
     from specforge_core.training.components import create
-    from specforge_core.training.trainer import Eagle3Trainer
+    from specforge_core.training.trainer import Trainer
 
     samples, usable, data_stats, skipped = data
     tr = config.training
@@ -247,7 +249,7 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     total_steps = tr.max_steps if tr.max_steps > 0 else tr.num_epochs * steps_per_epoch
     order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
 
-    trainer = Eagle3Trainer(config, info, vocab, total_steps)
+    trainer = Trainer(config, info, vocab, total_steps, registry=registry)
     start_step = 0
     seen: set[int] = set()  # indices into `usable` trained at least once
     if tr.resume:
@@ -268,7 +270,7 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     wandb = _WandB(config, config_toml) if config.logging.wandb else None
     if wandb:
         cleanup.callback(wandb.finish)
-    provider = provider if provider is not None else create(config, "transfer_store")
+    provider = provider if provider is not None else create(config, "transfer_store", registry=registry)
     run_id = f"{config.run.name}-{uuid.uuid4().hex[:8]}"
     handle = provider.start(run_id)
     cleanup.callback(provider.stop, handle)

@@ -1,7 +1,16 @@
-"""``Eagle3Trainer``: one optimizer step of EAGLE-3 training-time-test (TTT) on given features.
+"""``Trainer``: one optimizer step of a draft algorithm's objective on given features.
 
-The trainer owns the draft, its optimizer and LR schedule. It does not know where features come
-from (local loop, Ray actor, ...): callers hand ``train_step`` micro-batches of ``TargetFeatures``.
+The trainer owns the draft, its optimizer and LR schedule, and is generic over the draft algorithm
+(``components.DraftAlgorithm``): the algorithm builds the draft, computes the loss of a micro-batch
+and turns summed statistics into metrics. The trainer does not know where features come from
+(local loop, Ray actor, ...): callers hand ``train_step`` micro-batches of ``TargetFeatures``.
+
+Normalisation: before the step's first forward the trainer asks the algorithm for each
+micro-batch's loss denominators (``count_targets``, from masks only), sums them over micro-batches
+and ranks (one small all-reduce), and hands the totals to every ``objective`` call. Each micro-batch
+loss is then its share of the step's token-weighted objective: backpropagated as is (gradients are
+summed over micro-batches and ranks), and the logged ``loss`` is their sum over micro-batches and
+ranks, the optimised value.
 """
 
 from __future__ import annotations
@@ -13,10 +22,13 @@ from typing import Any
 
 import torch
 
+from specforge_core.components import ObjectiveContext, TargetHead
 from specforge_core.config.schema import SpecforgeConfig
-from specforge_core.training.alignment import align_step, align_valid
+from specforge_core.export import ALGORITHM_ATTR
 from specforge_core.training.batch import Batch, collate
+from specforge_core.training.components import algorithm as build_algorithm
 from specforge_core.training.components import create
+from specforge_core.training.frozen import TargetWeights
 from specforge_core.training.staging import StagedBatch
 from specforge_core.types import TargetFeatures, TargetInfo
 
@@ -40,57 +52,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def acceptance_length(accs: Sequence[float]) -> float:
-    """Simulated greedy-chain acceptance length: 1 + sum_k prod_{j<=k} acc_j."""
-    total, prod = 1.0, 1.0
-    for a in accs:
-        prod *= a
-        total += prod
-    return total
-
-
-def micro_step(ttt_forward, head, loss_fn, batch, target_head, t2d, K):
-    """TTT unroll + loss of one micro-batch: ``(summed step losses, stats [4, K] float64)`` with
-    rows raw-loss sum, correct, count, weighted-loss sum (token-weighted sums per TTT step)."""
-    stats = torch.zeros(4, K, dtype=torch.float64, device=batch.input_ids.device)
-    total = None
-    # Optional Loss extension: the target distribution of every position once per micro-batch
-    # (step k reads it shifted by k+1) instead of one target-head GEMM + softmax per TTT step.
-    pre = getattr(loss_fn, "precompute_targets", None)
-    targets = pre(batch.final_hidden, target_head) if pre is not None else None
-    for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
-        if targets is None:
-            target_hidden, valid = align_step(batch, k, t2d)
-            extra = {}
-        else:
-            # With precomputed targets the loss reads ``targets`` (shifted by index arithmetic) and
-            # only shape-checks target_hidden: pass the unshifted features, no [B, T, H] copy per step.
-            target_hidden, valid = batch.final_hidden, align_valid(batch, k, t2d)
-            extra = {"targets": targets.shifted(k + 1)}
-        out = loss_fn(k, hidden.flatten(0, 1), head, target_hidden.flatten(0, 1), target_head, valid.flatten(),
-                      **extra)
-        total = out.loss if total is None else total + out.loss
-        stats[0, k] += out.raw_loss.detach().double() * out.count
-        stats[1, k] += out.correct
-        stats[2, k] += out.count
-        stats[3, k] += out.loss.detach().double() * out.count
-    return total, stats
-
-
 class DraftStep(torch.nn.Module):
-    """The draft plus its loss as one module whose ``forward`` is one micro-step (what FSDP2's
-    hooks need: ``lm_head.weight`` is read inside forward, where it is unsharded)."""
+    """The draft plus its objective as one module whose ``forward`` is one micro-step (what FSDP2's
+    hooks need: every parameter is read inside forward, where it is unsharded). State keys are
+    ``draft.*``."""
 
-    def __init__(self, draft: torch.nn.Module, loss_fn: Any, ttt_length: int):
+    def __init__(self, draft: torch.nn.Module, algorithm: Any):
         super().__init__()
-        self.draft, self.loss_fn, self.ttt_length = draft, loss_fn, ttt_length
+        self.draft = draft
+        self.algorithm = algorithm
 
-    def forward(self, batch: Any, target_head: torch.Tensor, t2d: torch.Tensor):
-        return micro_step(self.draft.ttt_forward, self.draft.lm_head.weight, self.loss_fn, batch,
-                          target_head, t2d, self.ttt_length)
+    def forward(self, batch: Any, ctx: ObjectiveContext):
+        return self.algorithm.objective(self.draft, batch, ctx)
 
 
-class Eagle3Trainer:
+class Trainer:
     def __init__(
         self,
         config: SpecforgeConfig,
@@ -98,45 +74,58 @@ class Eagle3Trainer:
         vocab: Any,  # specforge_core.vocab.VocabMapping
         total_steps: int,
         strategy: Any = None,
+        registry: Any = None,  # the plugin registry (None: the process-wide one)
     ):
         t = config.training
         self.config = config
+        self.registry = registry
         self.total_steps = total_steps
-        self.ttt_length = t.ttt_length
         self.step = 0  # optimizer steps done
 
-        self.strategy = strategy if strategy is not None else create(config, "training_strategy", config)
+        self.strategy = strategy if strategy is not None else create(config, "training_strategy", config,
+                                                                      registry=registry)
         self.device = torch.device(self.strategy.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
 
+        self.algorithm = build_algorithm(config, registry)
         # Draft: seeded init so runs (and ranks) start from the same weights.
         torch.manual_seed(config.run.seed)
-        self.draft = create(config, "draft_model", target, int(vocab.d2t.numel()))
-        from specforge_core.target import load_target_head_and_embedding
-
-        embed, head_rows = load_target_head_and_embedding(
-            target.model_path, row_ids=vocab.draft_to_target_ids, dtype=torch.float32
-        )
-        self.draft.load_embedding(embed)
-        self.loss_fn = create(config, "loss")
-        # Strategies other than 'local' (e.g. fsdp2) gather params and reduce grads from forward
-        # hooks: they get a module whose forward runs the whole micro-step (state keys "draft.*").
-        wrap = t.strategy != "local"
-        self.model = self.strategy.prepare(DraftStep(self.draft, self.loss_fn, t.ttt_length) if wrap else self.draft)
+        weights = TargetWeights(target.model_path, vocab)
+        self.draft = self.algorithm.build(target, vocab, weights)
+        setattr(self.draft, ALGORITHM_ATTR, self.algorithm)  # export_draft(trainer.draft, ...) finds it
+        self.loss_fn = create(config, "loss", registry=registry)
+        # Strategies that gather params and reduce grads from forward hooks (e.g. FSDP2) get a
+        # module whose forward runs the whole micro-step (state keys "draft.*").
+        self.wrapped = bool(getattr(self.strategy, "wraps_step", False))
+        self.model = self.strategy.prepare(DraftStep(self.draft, self.algorithm) if self.wrapped else self.draft)
         # Frozen target lm_head rows of the draft vocab, in compute dtype.
-        self.target_head = head_rows.to(self.device, self.dtype)
-        self.t2d = vocab.t2d.to(self.device)
+        device, dtype = self.device, self.dtype
+        self.head = TargetHead(
+            rows=weights.head_rows().to(device, dtype), t2d=vocab.t2d.to(device),
+            draft_ids=vocab.draft_to_target_ids.to(device),
+            full_loader=lambda: weights.full_head().to(device, dtype),
+        )
+        weights.release()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # fused AdamW (one kernel over all params) on CUDA with plain tensors ('local'); sharded
-        # strategies keep the default implementation
-        fused = self.device.type == "cuda" and not wrap
+        # fused AdamW (one kernel over all params) on CUDA with plain tensors; strategies that wrap
+        # the step (sharded DTensors) keep the default implementation
+        fused = self.device.type == "cuda" and not self.wrapped
         self.optimizer = torch.optim.AdamW(
             params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused or None
         )
         warmup = int(round(t.warmup_ratio * total_steps))
-        lr_lambda = create(config, "lr_scheduler", total_steps, warmup)
+        lr_lambda = create(config, "lr_scheduler", total_steps, warmup, registry=registry)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+
+    # the target head rows and draft-vocab mask (names kept from the EAGLE-3 trainer)
+    @property
+    def target_head(self) -> torch.Tensor:
+        return self.head.rows
+
+    @property
+    def t2d(self) -> torch.Tensor:
+        return self.head.t2d
 
     # ------------------------------------------------------------------------------------ steps
     def _autocast(self):
@@ -144,9 +133,10 @@ class Eagle3Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _ttt_forward(self, *args):
-        fwd = getattr(self.model, "ttt_forward", None) or self.model.module.ttt_forward
-        return fwd(*args)
+    def _objective(self, batch: Batch, ctx: ObjectiveContext):
+        if self.wrapped:  # FSDP2-style: all parameter work inside the wrapper's forward
+            return self.model(batch, ctx)
+        return self.algorithm.objective(self.draft, batch, ctx)
 
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics.
@@ -156,29 +146,32 @@ class Eagle3Trainer:
         if not micro_batches:
             raise ValueError("train_step: no micro-batches")
         start = time.perf_counter()
-        K = self.ttt_length
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # rows per TTT step: raw-loss sum, correct, count, weighted-loss sum (token-weighted sums)
-        stats = torch.zeros(4, K, dtype=torch.float64, device=self.device)
-        tokens = 0
-        n = len(micro_batches)
-        for i, features in enumerate(micro_batches):
-            batch = as_batch(features, self.device, self.dtype)
-            tokens += batch.num_tokens
+        batches = [as_batch(m, self.device, self.dtype) for m in micro_batches]
+        # The step's loss denominators first: from masks only, summed over micro-batches and ranks.
+        with torch.no_grad():
+            local = sum(self.algorithm.count_targets(b, self.head) for b in batches)
+            tokens = torch.tensor([float(sum(b.num_tokens for b in batches))], dtype=torch.float64,
+                                  device=local.device)
+            counts = self.strategy.all_reduce(torch.cat([local.double(), tokens]))
+        denominators, tokens_all = counts[:-1], float(counts[-1])
+        ctx = ObjectiveContext(loss=self.loss_fn, head=self.head, denominators=denominators)
+
+        totals: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = len(batches)
+        for i, batch in enumerate(batches):
             sync = contextlib.nullcontext() if i == n - 1 else self.strategy.no_sync(self.model)
             with sync:
                 with self._autocast():
-                    if isinstance(self.model, DraftStep):  # FSDP2-style: all param work in forward
-                        total, micro_stats = self.model(batch, self.target_head, self.t2d)
-                    else:
-                        total, micro_stats = micro_step(
-                            self._ttt_forward, self.draft.lm_head.weight, self.loss_fn, batch,
-                            self.target_head, self.t2d, K,
-                        )
-                    stats += micro_stats
-                # Equal weight per micro-batch: each loss is already a per-token mean.
-                (total / n).backward()
+                    loss, stats = self._objective(batch, ctx)
+                for name, value in stats.items():
+                    value = value.detach().double()
+                    totals[name] = value if name not in totals else totals[name] + value
+                loss_sum += loss.detach().double()
+                # already this micro-batch's share of the step's objective: no 1/n here
+                loss.backward()
 
         max_norm = self.config.training.max_grad_norm
         grad_norm = self.strategy.clip_grad_norm(self.model, max_norm if max_norm > 0 else float("inf"))
@@ -187,26 +180,25 @@ class Eagle3Trainer:
         self.scheduler.step()
         self.step += 1
 
-        totals = torch.cat([stats.flatten(), torch.tensor([tokens], dtype=torch.float64, device=self.device)])
-        totals = self.strategy.all_reduce(totals).cpu()
-        stats, tokens_all = totals[:-1].view(4, K), float(totals[-1])
+        # one all-reduce of every statistic (and the loss) over ranks
+        names = sorted(totals)
+        flat = torch.cat([loss_sum.reshape(1)] + [totals[k].reshape(-1) for k in names])
+        flat = self.strategy.all_reduce(flat).cpu()
+        reduced, offset = {}, 1
+        for k in names:
+            size = totals[k].numel()
+            reduced[k] = flat[offset : offset + size].view(totals[k].shape)
+            offset += size
         elapsed = time.perf_counter() - start
-        count = stats[2].clamp(min=1)
-        losses = (stats[0] / count).tolist()
-        accs = (stats[1] / count).tolist()
         metrics: dict[str, float] = {
             "step": self.step,
-            "loss": float((stats[3] / count).sum()),  # the optimised (step-weighted) loss
-            "accept_len": acceptance_length(accs),
+            "loss": float(flat[0]),  # the optimised objective of this step
             "tokens": tokens_all,
             "tokens_per_s": tokens_all / max(elapsed, 1e-9),
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "valid_tokens": float(stats[2, 0]),
         }
-        for k in range(K):
-            metrics[f"loss_{k}"] = losses[k]
-            metrics[f"acc_{k}"] = accs[k]
+        metrics.update(self.algorithm.summarize(reduced))
         return metrics
 
     # ---------------------------------------------------------------------------- checkpointing
@@ -217,3 +209,7 @@ class Eagle3Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+# The EAGLE-3-era name, kept for callers written against it.
+Eagle3Trainer = Trainer

@@ -1,5 +1,5 @@
 """One trainer rank as a Ray actor: joins the process group, fetches its batches from the transfer
-store on a background thread, and runs the same ``Eagle3Trainer`` step as the local pipeline.
+store on a background thread, and runs the same ``Trainer`` step as the local pipeline.
 
 The background thread stages each micro-batch on the device (``training.staging``: pinned reads,
 copies on a side stream, collation on the GPU), so the training thread only computes. Each step's
@@ -48,19 +48,22 @@ class TrainerActor:
         import torch
 
         from specforge_core.distributed import init_process_group
+        from specforge_core.registry import get_registry
         from specforge_core.training import checkpoint as ckpt
         from specforge_core.training.components import create
-        from specforge_core.training.trainer import Eagle3Trainer
+        from specforge_core.training.trainer import Trainer
         from specforge_core.vocab import VocabMapping
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.config, self.info = config, info
         self.vocab_path = vocab_path
-        if self.world_size > 1 or config.training.strategy != "local":
+        # a strategy may need a process group even for one rank (its factory says so)
+        factory = get_registry().get("training_strategy", config.training.strategy).factory
+        if self.world_size > 1 or getattr(factory, "needs_process_group", False):
             init_process_group("auto", self.rank, self.world_size, master[0], master[1])
         self.vocab = VocabMapping.load(vocab_path)
         strategy = create(config, "training_strategy", config)
-        self.trainer = Eagle3Trainer(config, info, self.vocab, total_steps, strategy)
+        self.trainer = Trainer(config, info, self.vocab, total_steps, strategy)
         self.store = create(config, "transfer_store").connect(store_handle)
         self.stager = BatchStager(self.trainer.device, self.trainer.dtype)
         out = {"step": 0, "data_position": None, "checkpoint": None}
@@ -197,18 +200,16 @@ class TrainerActor:
         state = t.strategy.full_state_dict(t.model)
         export = None
         if self.rank == 0:
-            export = str(export_draft(self._full_draft(state), self.vocab, out_dir / "export"))
+            export = str(export_draft(self._full_draft(state), self.vocab, out_dir / "export", t.algorithm))
         t.strategy.barrier()
         ray.get(controller.summary.remote())  # the last trained/report calls have landed (actor FIFO)
         return {"history": history, "checkpoint": last_ckpt, "export": export, "step": t.step, "finished": True}
 
     def _full_draft(self, state: dict) -> Any:
         """An unsharded draft with the trained weights (the strategy's model may be sharded)."""
-        if self.trainer.strategy.world_size == 1 and self.config.training.strategy == "local":
+        if self.trainer.strategy.world_size == 1 and not self.trainer.wrapped:
             return self.trainer.draft
-        from specforge_core.training.components import create
-
-        draft = create(self.config, "draft_model", self.info, int(self.vocab.d2t.numel()))
+        draft = self.trainer.algorithm.build(self.info, self.vocab)
         state = {k.removeprefix("draft."): v for k, v in state.items()}  # trainer.DraftStep's prefix
         missing, unexpected = draft.load_state_dict(state, strict=False)
         if unexpected:
