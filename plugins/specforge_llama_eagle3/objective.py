@@ -159,4 +159,6 @@ def summarize(totals: dict[str, torch.Tensor]) -> dict[str, float]:
         metrics[f"loss_{k}"] = losses[k]
         metrics[f"acc_{k}"] = accs[k]
         metrics[f"acc_{k}_invocab"] = accs_in[k]
+        metrics[f"valid_{k}"] = float(count[k])  # rows with loss (target argmax in the draft vocab)
+        metrics[f"learned_{k}"] = float(totals["learned"][k])  # acc_k's base
     return metrics
