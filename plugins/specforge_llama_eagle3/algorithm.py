@@ -49,6 +49,15 @@ class LlamaEagle3Algorithm:
         return objective.summarize(totals)
 
     # ------------------------------------------------------------------------------ export
+    # ------------------------------------------------------------------------------ eval
+    export_architectures = ("LlamaForCausalLMEagle3",)
+
+    def proposer(self, export_dir: Any, target: Any, device: Any):
+        """The EAGLE-3 chain proposer of ``specforge eval`` (``proposer.py``)."""
+        from specforge_llama_eagle3.proposer import make_proposer
+
+        return make_proposer(export_dir, target, device)
+
     def export(self, draft: torch.nn.Module, vocab: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """config.json + bf16 weights under the engines' keys, plus ``d2t`` (int64 offsets) and
         ``t2d`` (bool mask) as SGLang and vLLM read them."""

@@ -25,3 +25,16 @@ def register_target_backends(register):
         description="a real vLLM in its own process/venv; extract_hidden_states + KV connector capture "
         "aux/final hidden states and argmax",
     )
+
+
+def run_vllm_eval(request):
+    from specforge_vllm.eval_engine import run_vllm_eval as run
+
+    return run(request)
+
+
+@hookimpl
+def register_eval_engines(register):
+    register("vllm", run_vllm_eval,
+             description="specforge eval in a real vLLM (own venv): EAGLE-3 speculative vs plain greedy, "
+             "vLLM's own acceptance counters")

@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
             trust_remote_code=s["trust_remote_code"], progress=True, batch_size=s["batch_size"],
             algorithm=s["algorithm"], engine=s["engine"], engine_python=s["engine_python"] or None,
         )
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report.print(console)
@@ -105,7 +105,8 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         console.print(f"wrote {report.plot(args.plot)}")
     if not report.ok:
-        print(f"error: {len(report.errors)} prompt(s) generated differently from plain greedy decoding "
-              "(see above); the acceptance numbers are not trustworthy", file=sys.stderr)
+        print(f"error: {len(report.errors)} problem(s): speculative output differing from plain greedy "
+              "decoding, or the engine not loading the draft as exported (see above); the acceptance "
+              "numbers are not trustworthy", file=sys.stderr)
         return 1
     return 0

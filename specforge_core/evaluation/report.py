@@ -50,7 +50,8 @@ class EvalReport:
 
     @property
     def errors(self) -> list[str]:
-        return [f"{p.sample_id}: {p.mismatch}" for p in self.prompts if p.mismatch]
+        """Prompts whose speculative output differed from greedy, plus engine problems."""
+        return [f"{p.sample_id}: {p.mismatch}" for p in self.prompts if p.mismatch] + list(self.extra.get("errors", []))
 
     @property
     def ok(self) -> bool:
@@ -116,7 +117,7 @@ class EvalReport:
         for key, value in self.extra.get("summary", {}).items():
             console.print(f"{key}: {value}")
         for e in self.errors:
-            console.print(f"[bold red]error[/]: speculative output differs from greedy: {e}")
+            console.print(f"[bold red]error[/]: {e}")
 
     # ------------------------------------------------------------------------------ plot
     def plot(self, path: str | Path) -> Path:

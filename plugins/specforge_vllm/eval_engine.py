@@ -1,0 +1,144 @@
+"""``specforge eval --engine vllm``: the export measured by a real vLLM (its own process and venv).
+
+The runner (``eval_runner.py``) serves the target at temperature 0 with the export as its EAGLE-3
+draft and, for the guard, without speculation. From vLLM's own counters this module builds the
+project's report:
+
+* **raw** (``report.raw``): vLLM's acceptance length ``1 + accepted / drafts`` and per-position
+  rates, from each request's per-step accepted counts (``per_request_spec_decode_metrics =
+  "detailed"``), cross-checked against the engine-wide ``vllm:spec_decode_*`` counters. vLLM counts
+  drafts accepted past EOS / ``max_tokens`` before it cuts the output.
+* **truncated** (``report.overall``, ``report.tau``): the project's stop rule applied to the same
+  per-step counts (a step commits ``min(accepted + 1, tokens left before the stop)``), so it is
+  comparable with the hf engine's tau step for step.
+* **guard**: speculative output must equal vLLM's plain greedy output (a mismatch is an error,
+  ``specforge eval`` exits 1). Draft weights that vLLM did not load from the export (missing,
+  unused, or different) are errors too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+RUNNER = Path(__file__).with_name("eval_runner.py")
+
+
+def vllm_python(option: Optional[str]) -> str:
+    """``option``, else ``$SPECFORGE_VLLM_PYTHON``, else this interpreter if it imports vllm, else
+    the venv discovery (``venv.py``)."""
+    import importlib.util
+
+    from specforge_vllm.venv import candidates, find_vllm_python
+
+    for where, value in (("--engine-python / eval.engine_python", option),
+                         ("$SPECFORGE_VLLM_PYTHON", os.environ.get("SPECFORGE_VLLM_PYTHON"))):
+        if value:
+            if not Path(value).is_file():
+                raise ValueError(f"{where} = {value}: no such interpreter")
+            return value
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    found = find_vllm_python()
+    if found is None:
+        tried = ", ".join(str(c) for c in candidates()[:3])
+        raise ValueError("no vLLM environment found: pass --engine-python (eval.engine_python) or set "
+                         f"$SPECFORGE_VLLM_PYTHON to its python (tried {tried}, ...); `nox -s vllm` builds one")
+    return found
+
+
+def run_vllm_eval(request: Any):
+    """``register_eval_engines`` entry: an ``EvalRequest`` in, an ``EvalReport`` out."""
+    t0 = time.perf_counter()
+    if request.aux_layers:
+        raise ValueError("--engine vllm reads the aux layers from the export's config.json; re-export with "
+                         "model.aux_layers instead of overriding them at eval time")
+    python = vllm_python(request.engine_python)
+    payload = {
+        "draft": str(Path(request.draft).resolve()), "target": _model_path(request.target),
+        "steps": request.steps, "max_new_tokens": request.max_new_tokens, "eos_ids": list(request.eos_ids),
+        "check": request.check, "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
+            request.dtype, request.dtype), "trust_remote_code": request.trust_remote_code,
+        "prompts": [{"sample_id": p.sample_id, "input_ids": p.input_ids.tolist()} for p in request.prompts],
+    }
+    with tempfile.TemporaryDirectory(prefix="specforge-vllm-eval-") as tmp:
+        req_path, res_path = Path(tmp, "request.json"), Path(tmp, "result.json")
+        req_path.write_text(json.dumps(payload))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        proc = subprocess.run([python, str(RUNNER), str(req_path), str(res_path)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not res_path.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+            raise RuntimeError(f"vLLM eval runner failed (exit {proc.returncode}, python {python}):\n{tail}")
+        result = json.loads(res_path.read_text())
+    return build_report(request, result, time.perf_counter() - t0, python)
+
+
+def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
+    from specforge_core.evaluation.accounting import AcceptStats, stats_from_cycles, truncate_cycle
+    from specforge_core.evaluation.evaluate import first_difference
+    from specforge_core.evaluation.report import EvalReport, PromptReport
+
+    K = request.steps
+    overall, raw_all = AcceptStats(K), AcceptStats(K)
+    categories: dict[str, AcceptStats] = {}
+    reports = []
+    for p, r in zip(request.prompts, result["prompts"], strict=True):
+        out, accepted = r["output"], r["per_step_accepted"]
+        stats = AcceptStats(K)
+        g = 1  # the first token comes from the prefill
+        for a in accepted:
+            acc, committed = truncate_cycle(a, len(out) - g)
+            stats.add_cycle(acc, committed)
+            g += committed
+        mismatch = first_difference(out, r["reference"]) if "reference" in r else None
+        if g != len(out) and mismatch is None:
+            mismatch = f"vLLM's per-step counts commit {g} tokens but it returned {len(out)}"
+        raw = stats_from_cycles(accepted, K)
+        overall.merge(stats)
+        raw_all.merge(raw)
+        if p.category:
+            categories.setdefault(p.category, AcceptStats(K)).merge(stats)
+        reports.append(PromptReport(p.sample_id, p.category, len(p.input_ids), len(out), stats, mismatch, raw))
+
+    errors = []
+    c = result.get("counters", {})
+    engine_raw = None
+    if c.get("spec_decode_num_drafts"):
+        engine_raw = 1 + c["spec_decode_num_accepted_tokens"] / c["spec_decode_num_drafts"]
+        if (c["spec_decode_num_drafts"], c["spec_decode_num_accepted_tokens"]) != (raw_all.cycles, raw_all.tokens - raw_all.cycles):
+            errors.append(f"vLLM's engine counters (drafts {c['spec_decode_num_drafts']}, accepted "
+                          f"{c['spec_decode_num_accepted_tokens']}) disagree with its per-request counts "
+                          f"({raw_all.cycles}, {raw_all.tokens - raw_all.cycles})")
+    w = result.get("draft_weights", {})
+    if w.get("unused") or w.get("mismatched"):
+        errors.append(f"vLLM did not load these export tensors as written: unused {w.get('unused')}, "
+                      f"different {w.get('mismatched')}")
+    errors += [f"vLLM at load: {line}" for line in result.get("load_log", []) if line.startswith("ERROR")]
+    t = result.get("timings", {})
+    summary = {
+        "vLLM raw acceptance length (1 + accepted/drafts, engine counters)": _f(engine_raw),
+        "vLLM time": f"start {t.get('spec_start_s', 0):.1f} s, speculative generate {t.get('spec_generate_s', 0):.1f} s"
+                     + (f", greedy generate {t['greedy_generate_s']:.1f} s" if "greedy_generate_s" in t else ""),
+        "draft weights vs export": ("checked, all equal" if w.get("checked") and not errors
+                                    else w.get("why", "see errors")),
+    }
+    extra = {"python": python, "counters": c, "timings": t, "load_log": result.get("load_log", []),
+             "draft_weights": w, "engine_raw_tau": engine_raw, "errors": errors, "summary": summary}
+    return EvalReport(request.draft, request.target, K, request.max_new_tokens, "exact", overall, categories,
+                      reports, wall_s, engine="vllm", raw=raw_all, extra=extra)
+
+
+def _model_path(target: str) -> str:
+    p = Path(target)
+    return str(p.resolve()) if p.exists() else target
+
+
+def _f(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,145 @@
+"""Runs inside the vLLM environment (its own venv): ``python eval_runner.py REQUEST.json RESULT.json``.
+
+Self-contained on purpose (stdlib + vLLM only): the vLLM venv does not have specforge installed.
+It serves the target twice at temperature 0 with the same token-id prompts: once with the export
+as its EAGLE-3 draft (``speculative_config = {"method": "eagle3", ...}``, per-request
+``detailed`` spec-decode metrics), once plainly (the greedy reference). It writes what vLLM
+itself reports: output token ids of both runs, each request's per-step accepted/drafted counts,
+the engine-wide ``vllm:spec_decode_*`` counters, the draft-load log lines, and timings.
+The caller (``eval_engine.py``) does the accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+
+class _Collect(logging.Handler):
+    """Warnings and errors vLLM logs while loading (a missing/unexpected draft weight shows here)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def _engine(req: dict, speculative: bool):
+    from vllm import LLM
+
+    kw = dict(model=req["target"], dtype=req.get("dtype", "float32"), max_model_len=req.get("max_model_len", 2048),
+              enforce_eager=True, seed=0, disable_log_stats=False, trust_remote_code=req.get("trust_remote_code", False))
+    if speculative:
+        kw["speculative_config"] = {"method": "eagle3", "model": req["draft"],
+                                    "num_speculative_tokens": req["steps"]}
+        kw["per_request_spec_decode_metrics"] = "detailed"
+    return LLM(**kw)
+
+
+def _generate(llm, req: dict):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # ignore_eos + explicit stop ids: vLLM stops exactly at the project's stop tokens (kept)
+    params = SamplingParams(temperature=0.0, max_tokens=req["max_new_tokens"], ignore_eos=True,
+                            stop_token_ids=req["eos_ids"] or None, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=p["input_ids"]) for p in req["prompts"]]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return outs, time.perf_counter() - t0
+
+
+def _counters(llm) -> dict:
+    """Engine-wide spec-decode counters (``LLM.get_metrics``): drafts, draft tokens, accepted
+    tokens, accepted per position."""
+    out: dict = {}
+    for m in llm.get_metrics():
+        name = m.name.replace("vllm:", "")
+        if not name.startswith("spec_decode"):
+            continue
+        if hasattr(m, "values"):  # a vector (per position)
+            out[name] = list(m.values)
+        elif hasattr(m, "value"):
+            out[name] = m.value
+    return out
+
+
+def _draft_weight_check(llm, draft_dir: str) -> dict:
+    """Compare the drafter's loaded parameters with the export's tensors (best effort: only where
+    the engine runs in this process)."""
+    try:
+        from safetensors.torch import load_file
+
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        model = runner.drafter.model
+    except Exception as exc:  # the layout of vLLM's internals is not an API
+        return {"checked": False, "why": f"{type(exc).__name__}: {exc}"}
+    tensors = load_file(os.path.join(draft_dir, "model.safetensors"))
+    params = dict(model.named_parameters())
+    mismatched, unused = [], []
+    for key, t in tensors.items():
+        if key in ("d2t", "t2d"):
+            continue
+        name = key.replace("midlayer.", "layers.0.")
+        name = name if name.startswith("lm_head") else "model." + name
+        candidates = [name, name.replace("layers.0.", "midlayer.")]
+        # vLLM fuses q/k/v and gate/up: compare those by slicing is engine-internal; check presence
+        found = [c for c in candidates if c in params]
+        if not found:
+            fused = any(f in name for f in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+            if not fused:
+                unused.append(key)
+            continue
+        p = params[found[0]]
+        if tuple(p.shape) == tuple(t.shape) and not bool((p.detach().float().cpu() == t.float()).all()):
+            mismatched.append(key)
+    return {"checked": True, "tensors": len(tensors), "unused": unused, "mismatched": mismatched}
+
+
+def main(request_path: str, result_path: str) -> int:
+    with open(request_path) as f:
+        req = json.load(f)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # logs and internals in this process
+    collect = _Collect()
+    logging.getLogger("vllm").addHandler(collect)
+    result: dict = {"prompts": [], "timings": {}}
+
+    t0 = time.perf_counter()
+    llm = _engine(req, speculative=True)
+    result["timings"]["spec_start_s"] = time.perf_counter() - t0
+    result["load_log"] = [line for line in collect.lines if "weight" in line.lower() or "ERROR" in line]
+    result["draft_weights"] = _draft_weight_check(llm, req["draft"])
+    outs, result["timings"]["spec_generate_s"] = _generate(llm, req)
+    result["counters"] = _counters(llm)
+    for p, o in zip(req["prompts"], outs, strict=True):
+        c = o.outputs[0]
+        m = getattr(c, "spec_decode_metrics", None) or getattr(o, "spec_decode_metrics", None)
+        d = m.to_dict() if m is not None else {}
+        result["prompts"].append({
+            "sample_id": p["sample_id"], "output": list(c.token_ids), "finish_reason": c.finish_reason,
+            "per_step_accepted": d.get("per_step_accepted", list(getattr(m, "per_step_accepted", []) or [])),
+            "per_step_drafted": d.get("per_step_drafted", list(getattr(m, "per_step_drafted", []) or [])),
+        })
+    del llm
+    import gc
+
+    gc.collect()
+    if req.get("check", True):
+        t0 = time.perf_counter()
+        ref = _engine(req, speculative=False)
+        result["timings"]["greedy_start_s"] = time.perf_counter() - t0
+        outs, result["timings"]["greedy_generate_s"] = _generate(ref, req)
+        for entry, o in zip(result["prompts"], outs, strict=True):
+            entry["reference"] = list(o.outputs[0].token_ids)
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
