@@ -60,7 +60,12 @@ def load_target_config(config: Any) -> tuple[Optional[dict], str]:
 
 
 def aux_layers(config: Any, num_layers: int) -> list[int]:
-    return list(config.model.aux_layers) or [2, num_layers // 2, num_layers - 3]
+    """``model.aux_layers``, else the draft algorithm's default for the target (``FeatureSpec``),
+    else EAGLE-3's (2, L//2, L-3)."""
+    if config.model.aux_layers:
+        return list(config.model.aux_layers)
+    default = getattr(getattr(draft_algorithm(config), "features", None), "default_aux_layers", None)
+    return list(default(num_layers)) if default is not None else [2, num_layers // 2, num_layers - 3]
 
 
 def target_params(t: dict) -> dict[str, int]:
@@ -131,44 +136,26 @@ def kv_bytes_per_token(t: dict, tp: int, dtype_bytes: int = 2) -> int:
 
 
 # ------------------------------------------------------------------------------------- draft
-def draft_shape(config: Any, t: dict) -> tuple[dict, str]:
-    """The draft's layer shape: the draft component's ``config`` file if set, else the target's."""
-    options = config.options("model", config.model.draft)
-    path = getattr(options, "config", None)
-    if path:
-        raw = json.loads(Path(path).read_text())
-        src = str(path)
-    else:
-        raw, src = t, "generated from the target"
-    H = int(raw["hidden_size"])
-    nh = int(raw["num_attention_heads"])
-    return {
-        "hidden_size": H,
-        "intermediate_size": int(raw["intermediate_size"]),
-        "num_attention_heads": nh,
-        "num_key_value_heads": int(raw.get("num_key_value_heads") or nh),
-        "head_dim": int(raw.get("head_dim") or H // nh),
-        "vocab_size": int(t["vocab_size"]),
-        # the pipeline caps the draft vocabulary at the target's
-        "draft_vocab_size": min(int(config.model.draft_vocab_size), int(t["vocab_size"])),
-        "target_hidden_size": int(t["hidden_size"]),
-    }, src
+def draft_algorithm(config: Any, registry: Any = None) -> Any:
+    """The configured draft algorithm (cheap to build: no weights)."""
+    from specforge_core.training.components import algorithm
+
+    return algorithm(config, registry)
 
 
-def draft_params(d: dict, n_aux: int = 3) -> tuple[int, int]:
-    """(trainable, frozen) parameters of a llama-eagle3 draft.
+def component_options(config: Any, kind: str) -> Any:
+    """The options object of the component ``config`` selects for ``kind`` (None if it has none)."""
+    from specforge_core.components import KINDS
 
-    trainable = fc (n_aux*Ht*H) + q/k/v over 2H inputs + o_proj + SwiGLU MLP + 4 RMSNorms + lm_head
-    frozen    = the target's token embedding (V*H)
-    """
-    H, inter = d["hidden_size"], d["intermediate_size"]
-    nh, nkv, hd = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
-    fc = n_aux * d["target_hidden_size"] * H
-    attn = 2 * H * (nh + 2 * nkv) * hd + nh * hd * H
-    mlp = 3 * H * inter
-    norms = 4 * H  # hidden_norm, input_layernorm, post_attention_layernorm, final norm
-    head = H * d["draft_vocab_size"]
-    return fc + attn + mlp + norms + head, d["vocab_size"] * H
+    section, selector = KINDS[kind]
+    return config.options(section, getattr(getattr(config, section), selector))
+
+
+def train_state_split(config: Any) -> tuple[int, bool]:
+    """(ranks the fp32 trainable state is sharded over, whether it lives in CPU memory), from the
+    strategy's options (``train_state_split``; default: replicated, on the GPU)."""
+    split = getattr(component_options(config, "training_strategy"), "train_state_split", None)
+    return split(config.training.num_gpus) if split is not None else (1, False)
 
 
 @attrs.define
@@ -178,59 +165,33 @@ class TrainMemory:
     weights: int  # fp32 master weights (sharded) + compute-dtype copy
     grads: int
     optimizer: int  # AdamW exp_avg + exp_avg_sq
-    frozen: int  # target embedding + the target lm_head rows of the draft vocab (replicated)
-    activations: int  # saved for backward by the TTT unroll at max_seq_length
-    workspace: int  # the fused loss's chunk of logits (transient) + precomputed target probs
+    frozen: int  # frozen target weights the draft trains against (embedding, target head rows...)
+    activations: int  # saved for backward by the algorithm's objective at max_seq_length
+    workspace: int  # the loss's transient buffers (chunks of logits, precomputed target distributions)
 
     @property
     def total(self) -> int:
         return self.weights + self.grads + self.optimizer + self.frozen + self.activations + self.workspace
 
 
-def activation_bytes_per_token_step(d: dict, compute_bytes: int) -> int:
-    """Bytes one token keeps for backward in one TTT step (measured on an H100, docs/planning.md):
-
-    c*(8H + 4*nh*hd + 4I) + 16H
-      8H: attention input [norm(emb), norm(h)] (2H), o_proj output, residual, post-norm, MLP output,
-          layer output, final norm (5H) and the fused loss's saved gradient of the normed hidden (H)
-      4*nh*hd: q, k and v after repeat_kv to nh heads (SDPA's inputs) and the attention output
-      4I: SwiGLU gate, up, silu(gate), product
-      16H: the fp32 inputs the four RMSNorms keep (they compute in fp32)
-    """
-    H, inter = d["hidden_size"], d["intermediate_size"]
-    nh, hd = d["num_attention_heads"], d["head_dim"]
-    return compute_bytes * (8 * H + 4 * nh * hd + 4 * inter) + 16 * H
-
-
-def train_memory(config: Any, d: dict, n_aux: int) -> TrainMemory:
-    """Memory per training GPU. Sharding divisor N = training.num_gpus for fsdp2 'full', else 1."""
+def train_memory(config: Any, draft: Any, loss: Any = None) -> TrainMemory:
+    """Memory per training GPU from the algorithm's ``DraftPlan`` and the loss's workspace."""
     tr = config.training
-    trainable, frozen = draft_params(d, n_aux)
+    trainable = draft.trainable_params
     c = DTYPE_BYTES[tr.dtype]
-    opts = config.options("training", tr.strategy)
-    sharded = tr.strategy == "fsdp2" and getattr(opts, "sharding", "full") == "full"
-    n = tr.num_gpus if sharded else 1
-    state = 0 if getattr(opts, "cpu_offload", False) else 1  # sharded fp32 state in CPU memory
+    n, offloaded = train_state_split(config)
+    state = 0 if offloaded else 1  # sharded fp32 state in CPU memory
     compute_copy = trainable * c if c != 4 else 0  # bf16 params all-gathered for forward/backward
-    H, Vd = d["hidden_size"], d["draft_vocab_size"]
-    B, T, K = tr.micro_batch_size, config.dataset.max_seq_length, tr.ttt_length
-    # per step: every token's saved tensors + the fused loss's saved draft-head gradient [Vd, H];
-    # once: the batch (aux + final hidden states in the compute dtype) and the fc output
-    act = K * (B * T * activation_bytes_per_token_step(d, c) + c * Vd * H)
-    act += B * T * c * (n_aux * d["target_hidden_size"] + d["target_hidden_size"] + H)
-    loss_opts = config.options("training", tr.loss)
-    chunk = getattr(loss_opts, "chunk_size", 1024)
-    # the loss may hold the target distribution of the whole micro-batch once ([B*T, Vd] fp16)
-    # instead of recomputing it per TTT step (forward-kl's precompute_targets)
-    targets = 2 * B * T * Vd if tr.loss == "forward-kl" else 0
+    tokens = tr.micro_batch_size * config.dataset.max_seq_length
+    vd = int(draft.shape.get("draft_vocab_size", config.model.draft_vocab_size))
+    workspace = getattr(loss, "workspace_bytes", None)
     return TrainMemory(
         weights=4 * trainable // n * state + compute_copy,
         grads=4 * trainable // n * state,
         optimizer=8 * trainable // n * state,
-        frozen=c * (frozen + Vd * d["target_hidden_size"]),
-        activations=act,
-        # draft logits, target probs, gradient of one chunk + the precomputed target distribution
-        workspace=3 * LOGIT_BYTES * min(chunk, B * T) * Vd + targets,
+        frozen=draft.frozen_bytes,
+        activations=tokens * draft.activation_bytes_per_token + draft.activation_bytes_fixed,
+        workspace=workspace(tokens, vd) if workspace is not None else 0,
     )
 
 
@@ -242,11 +203,11 @@ def hidden_bytes_per_token(hidden_size: int, n_aux: int, dtype_bytes: int) -> in
 
 # ---------------------------------------------------------------------------------- placement
 def engine_shape(config: Any) -> tuple[int, int, int]:
-    """(nodes one engine spans, GPUs it uses on each, TP size)."""
+    """(nodes one engine spans, GPUs it uses on each, TP size); the nodes from the backend's
+    options (``engine_nodes``, default 1)."""
     inf = config.inference
-    nnodes = 1
-    if inf.backend == "sglang":
-        nnodes = getattr(config.options("inference", "sglang"), "nnodes", 1)
+    nodes = getattr(component_options(config, "target_backend"), "engine_nodes", None)
+    nnodes = nodes() if nodes is not None else 1
     return nnodes, inf.gpus_per_engine, nnodes * inf.gpus_per_engine
 
 
@@ -311,21 +272,30 @@ def build_plan(config: Any) -> dict[str, Any]:
     plan.update(target=t, n_aux=n_aux, aux_layers=aux_layers(config, L), bytes_per_token=per_token,
                 bytes_per_sample=per_token * T)
     plan["pool_samples"] = config.transfer.max_pool_bytes // (per_token * T)
-    if config.transfer.store == "mooncake":
-        try:
-            from specforge_mooncake.sizing import compute_sizes
-        except ImportError:
-            pass
-        else:
-            plan["mooncake"] = compute_sizes(H, n_aux, T, config.transfer.max_pool_bytes, hb)
-    d, dsrc = draft_shape(config, t)
-    plan.update(draft=d, draft_source=dsrc)
-    plan["draft_trainable"], plan["draft_frozen"] = draft_params(d, n_aux)
-    plan["train_memory"] = train_memory(config, d, n_aux)
+    algo = draft_algorithm(config)
+    dp = algo.plan(config, t)
+    plan.update(draft=dp.shape, draft_source=dp.source, draft_plan=dp,
+                draft_trainable=dp.trainable_params, draft_frozen=dp.frozen_params)
+    from specforge_core.training.components import create
+
+    plan["train_memory"] = train_memory(config, dp, create(config, "loss"))
     nnodes, per_node, tp = engine_shape(config)
     weights = target_weight_bytes(t, hb)
     plan.update(tp=tp, target_weights=weights, target_weights_per_gpu=weights // tp,
                 kv_per_token=kv_bytes_per_token(t, tp, hb))
+    # components' own notes (facts stored under their name, printed lines, config problems)
+    plan["notes"] = {}
+    from specforge_core.components import KINDS
+
+    for kind in KINDS:
+        section, selector = KINDS[kind]
+        name = getattr(getattr(config, section), selector)
+        notes_fn = getattr(config.options(section, name), "plan_notes", None)
+        if notes_fn is not None:
+            notes = notes_fn(config, plan)
+            plan["notes"][name] = notes
+            if notes.facts is not None:
+                plan[name] = notes.facts
     return plan
 
 
@@ -390,10 +360,9 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
             f"= ({plan['n_aux']}+1) x {t['hidden_size']} x {DTYPE_BYTES[inf.dtype]} + {TOKEN_EXTRA_BYTES}")
         add(f"  per sample at max_seq_length {T}: {plan['bytes_per_sample']:,} B ({plan['bytes_per_sample'] / MiB:.1f} MiB)")
         add(f"  transfer.max_pool_bytes {_gib(config.transfer.max_pool_bytes)} holds {plan['pool_samples']} full-length samples")
-        mc = plan.get("mooncake")
-        if mc is not None:
-            add(f"  mooncake: sample_bytes {mc.sample_bytes:,}, global_segment_size {mc.global_segment_size:,} "
-                f"({_gib(mc.global_segment_size)}), local_buffer_size {mc.local_buffer_size:,}")
+        for notes in plan.get("notes", {}).values():
+            for line in notes.lines:
+                add(f"  {line}")
         add("")
         add(f"draft ({plan['draft_source']}): hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, "
             f"heads {d['num_attention_heads']}/{d['num_key_value_heads']} x {d['head_dim']}, draft vocab {d['draft_vocab_size']}")

@@ -109,7 +109,7 @@ def test_target_params_match_real_hf_models(family, tied):
 
 
 def test_draft_params_match_real_draft():
-    from specforge_llama_eagle3.algorithm import build_draft
+    from specforge_llama_eagle3.algorithm import build_draft, draft_params
 
     from specforge_core.testing import tiny_config
     from specforge_core.types import TargetInfo
@@ -122,7 +122,7 @@ def test_draft_params_match_real_draft():
     frozen = sum(p.numel() for p in draft.parameters() if not p.requires_grad)
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
              "head_dim": 16, "vocab_size": 512, "draft_vocab_size": 100, "target_hidden_size": 64}
-    assert P.draft_params(shape, 3) == (trainable, frozen)
+    assert draft_params(shape, 3) == (trainable, frozen)
 
 
 # --------------------------------------------------------------------------------- placement

@@ -58,6 +58,11 @@ class FSDP2Options:
         False, "Recompute each decoder layer's activations in backward instead of storing them"
     )
 
+    def train_state_split(self, num_gpus: int) -> tuple[int, bool]:
+        """For ``specforge plan`` (components, "planning"): 'full' shards the fp32 state over the
+        trainer ranks; cpu_offload keeps it in CPU memory."""
+        return (num_gpus if self.sharding == "full" else 1), self.cpu_offload
+
 
 def _is_layer(name: str, module: nn.Module) -> bool:
     """A decoder layer: its own FSDP group (all-gathered just before use, freed after)."""

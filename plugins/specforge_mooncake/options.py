@@ -56,3 +56,26 @@ class MooncakeOptions:
         15.0, "How long to wait for the master to be reachable before failing", validator=positive
     )
     master_log: str = option("", "File for the launched master's log (empty = a temp file)")
+
+    def plan_notes(self, config, plan: dict):
+        """For ``specforge plan`` / ``config validate``: the sizes this config needs (the facts, as
+        ``plan["mooncake"]``), and an error for any explicit size below them."""
+        from specforge_core.components import PlanNotes
+        from specforge_mooncake.sizing import compute_sizes
+
+        if "target" not in plan:
+            return PlanNotes()
+        t = plan["target"]
+        dtype_bytes = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}[config.inference.dtype]
+        need = compute_sizes(int(t["hidden_size"]), plan["n_aux"], config.dataset.max_seq_length,
+                             config.transfer.max_pool_bytes, dtype_bytes)
+        line = (f"mooncake: sample_bytes {need.sample_bytes:,}, global_segment_size {need.global_segment_size:,} "
+                f"({need.global_segment_size / 1024**3:.2f} GiB), local_buffer_size {need.local_buffer_size:,}")
+        problems = []
+        for field in ("sample_bytes", "global_segment_size", "local_buffer_size"):
+            have, want = getattr(self, field), getattr(need, field)
+            if have and have < want:
+                problems.append(("error", f"transfer.mooncake.{field}",
+                                 f"{have:,} is smaller than the {want:,} that max_seq_length "
+                                 f"{config.dataset.max_seq_length} and transfer.max_pool_bytes need (0 = computed)"))
+        return PlanNotes(facts=need, lines=[line], problems=problems)

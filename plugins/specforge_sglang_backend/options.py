@@ -108,6 +108,36 @@ class SglangOptions:
         if config.inference.backend == "sglang":
             check_topology(self, config)
 
+    # ---- planning hooks (specforge_core.components, "planning")
+    def engine_nodes(self) -> int:
+        return self.nnodes
+
+    def plan_notes(self, config, plan: dict):
+        """``config validate``: context length and the GPU-memory budget of one engine."""
+        from specforge_core.components import PlanNotes
+
+        problems = []
+        ctx, T = self.context_length, config.dataset.max_seq_length
+        if ctx is not None and ctx < T:
+            problems.append(("error", "inference.sglang.context_length",
+                             f"{ctx} is shorter than dataset.max_seq_length {T}"))
+        gpu = config.run.gpu_memory_gib * 1024**3
+        if gpu and "target_weights_per_gpu" in plan:
+            gib = 1024**3
+            per_gpu, budget = plan["target_weights_per_gpu"], self.mem_fraction_static * gpu
+            key = "inference.sglang.mem_fraction_static"
+            if per_gpu > budget:
+                problems.append(("error", key, f"the target's weights need {per_gpu / gib:.1f} GiB per GPU at TP "
+                                 f"{plan['tp']} but {self.mem_fraction_static:g} x {config.run.gpu_memory_gib:g} GiB = "
+                                 f"{budget / gib:.1f} GiB; raise TP or mem_fraction_static"))
+            else:
+                need_kv = plan["kv_per_token"] * config.inference.batch_size * T
+                if budget - per_gpu < need_kv:
+                    problems.append(("error", key, f"after {per_gpu / gib:.1f} GiB of weights per GPU, "
+                                     f"{(budget - per_gpu) / gib:.2f} GiB is left for the KV cache but one batch of "
+                                     f"{config.inference.batch_size} x {T} tokens needs {need_kv / gib:.2f} GiB"))
+        return PlanNotes(problems=problems)
+
 
 def check_topology(options: SglangOptions, config) -> None:
     need = options.nnodes * config.inference.gpus_per_engine
