@@ -5,14 +5,17 @@
     # from files + overrides, exactly like the CLI
     result = Pipeline.from_files("configs/quickstart.toml", overrides=["training.max_steps=10"]).run()
 
-    # no TOML at all: sections as dicts, components by name
+    # no TOML at all: sections as dicts, components by name (model.draft, training.loss, ...)
     pipe = Pipeline.from_dict({
-        "model": {"target": "configs/assets/tiny-target", "draft": "llama-eagle3"},
+        "model": {"target": "configs/assets/tiny-target"},
         "dataset": {"path": ["configs/assets/data/sample_chat.jsonl"]},
-        "training": {"loss": "forward-kl", "scheduler": "cosine", "max_steps": 10},
+        "training": {"max_steps": 10},
     })
     backend = pipe.build("target_backend", pipe.config, "cpu")   # or your own TargetBackend instance
     result = pipe.run(target_backend=backend)
+
+``Pipeline(config, registry=...)`` builds and runs with that registry (e.g. one with in-process
+plugins from ``registry.registry_from``); the Ray pipeline's actors always use the entry points.
 """
 
 from __future__ import annotations
