@@ -1,6 +1,6 @@
-"""Exact speculation vs plain greedy (the guard), fast path vs exact loop, and a draft that
-memorised one greedy continuation reaching tau = K+1. Real parts: a tiny random HF target, the hf
-backend, the trainer, the llama-eagle3 export."""
+"""Exact speculation vs plain greedy (the guard), batched vs one prompt at a time, fast path vs
+exact loop, and a draft that memorised one greedy continuation reaching tau = K+1. Real parts: a
+tiny random HF target, the hf backend, the trainer, the llama-eagle3 export and its proposer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from specforge_core.config import load_config
 from specforge_core.evaluation import evaluate
-from specforge_core.evaluation.speculate import ChainProposer, GreedyVerifier, speculate
+from specforge_core.evaluation.speculate import speculate_batch
 from specforge_core.evaluation.target import TargetModel
 from specforge_core.types import Sample
 from specforge_core.vocab import VocabMapping
@@ -94,35 +94,54 @@ def test_memorised_prompt_reaches_k_plus_one(setup):
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 5])
 def test_speculative_output_equals_greedy(setup, steps):
-    """The guard: token for token equal to plain greedy decoding, for several K (5 > the trained
-    TTT length) and budgets that cut the last cycle."""
-    tm = setup["tm"]
-    from specforge_llama_eagle3.model import LlamaEagle3Draft
+    """The guard: token for token equal to plain greedy decoding of each prompt alone (unbatched,
+    no holes in its cache), for several K (5 > the trained TTT length) and budgets that cut the
+    last cycle, all prompts in one batch."""
+    from specforge_llama_eagle3.proposer import make_proposer
 
-    draft = LlamaEagle3Draft.from_export(setup["trained"], embed_weight=tm.embedding.detach()).eval()
-    proposer, verifier = ChainProposer(draft, draft.d2t, tm.device), GreedyVerifier(tm)
+    tm = setup["tm"]
+    proposer = make_proposer(setup["trained"], tm, tm.device)
     some_accepted = 0
-    for prompt in prompts_for(setup):
-        for budget in (1, 7, 19):
-            res = speculate(prompt, proposer, verifier, steps, budget, eos_ids=())
+    prompts = prompts_for(setup)
+    for budget in (1, 7, 19):
+        results = speculate_batch(prompts, proposer, tm, steps, budget, eos_ids=())
+        for prompt, res in zip(prompts, results, strict=True):
             assert res.output == tm.greedy(prompt, budget, eos_ids=())
             assert sum(c for _, c in res.cycles) == budget - 1
             some_accepted += sum(a for a, _ in res.cycles)
     assert some_accepted > 0
 
 
+def test_batched_equals_one_prompt_at_a_time(setup):
+    """Rows of a batch (different prompt lengths, different accept runs, rows finishing early at an
+    EOS) count exactly as when each prompt runs alone."""
+    prompts = prompts_for(setup)
+    eos = [setup["cont"][5]]  # a token the memorised continuation emits: some rows stop early
+    kw = dict(steps=3, max_new_tokens=15, eos_ids=eos)
+    one = evaluate(setup["trained"], setup["target"], prompts, batch_size=1, **kw)
+    many = evaluate(setup["trained"], setup["target"], prompts, batch_size=4, **kw)
+    assert one.ok and many.ok
+    for a, b in zip(one.prompts, many.prompts, strict=True):
+        assert (a.generated, a.stats, a.raw) == (b.generated, b.stats, b.raw)
+    assert any(p.generated < 15 for p in one.prompts)  # EOS did cut some rows
+
+
 def test_guard_reports_a_wrong_verifier(setup):
-    """A verifier that silently corrupts one target token must be caught as a mismatch."""
-    tm = setup["tm"]
-    from specforge_llama_eagle3.model import LlamaEagle3Draft
+    """A target whose verification forwards silently corrupt one token must be caught as a mismatch."""
+    from specforge_llama_eagle3.proposer import make_proposer
 
-    class Corrupt(GreedyVerifier):
-        def verify(self, last, drafts):
-            toks, feats = super().verify(last, drafts)
-            return [(toks[0] + 1) % VOCAB, *toks[1:]], feats
+    tm = TargetModel(setup["target"], [2, 4, 5])
+    forward_rows = tm.forward_rows
 
-    draft = LlamaEagle3Draft.from_export(setup["trained"], embed_weight=tm.embedding.detach()).eval()
-    res = speculate(setup["prompt"], ChainProposer(draft, draft.d2t, tm.device), Corrupt(tm), 2, 9, ())
+    def corrupt(ids, positions, mask, cache):
+        nxt, aux = forward_rows(ids, positions, mask, cache)
+        if ids.shape[1] > 1 and mask.shape[2] > ids.shape[1]:  # a verification, not the prefill
+            nxt = nxt.clone()
+            nxt[0, 0] = (nxt[0, 0] + 1) % VOCAB
+        return nxt, aux
+
+    tm.forward_rows = corrupt
+    res = speculate_batch([setup["prompt"]], make_proposer(setup["trained"], tm, tm.device), tm, 2, 9, ())[0]
     from specforge_core.evaluation.evaluate import first_difference
 
     assert first_difference(res.output, tm.greedy(setup["prompt"], 9, ())) is not None
