@@ -60,6 +60,10 @@ class FeatureSpec:
     # Default aux layers for a target of L layers when ``model.aux_layers`` is empty (HF
     # hidden_states indices). None: the EAGLE-3 default (2, L//2, L-3).
     default_aux_layers: Optional[Callable[[int], list[int]]] = None
+    # Whether ``objective`` accepts packed micro-batches (``training.pack_tokens``; see
+    # ``training/packing.py``: ``Batch.doc_ids`` / ``position_ids``) and keeps attention and targets
+    # inside each document. A run that packs for an algorithm without it is refused.
+    packed_rows: bool = False
 
 
 @attrs.define

@@ -3,12 +3,16 @@ documents padded one per row."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from specforge_llama_eagle3.config import DraftConfig
 from specforge_llama_eagle3.model import LlamaEagle3Draft
+from test_training_normalisation import _info, grads, make_config
+from test_training_normalisation import setup as normalisation_setup  # noqa: F401, F811 (a fixture)
 
 from specforge_core.training.batch import collate
 from specforge_core.training.packing import assign_rows, pack
+from specforge_core.training.trainer import Trainer
 from specforge_core.types import TargetFeatures
 
 K = 4
@@ -84,3 +88,31 @@ def test_packed_ttt_forward_equals_one_document_per_row():
                             torch.testing.assert_close(out_p[k][row, s0:s0 + m], out_s[k][i, :m])
                             checked += 1
     assert checked >= len(docs)
+
+
+def test_packed_training_step_equals_the_padded_one(normalisation_setup, tmp_path):  # noqa: F811
+    """The trainer with ``training.pack_tokens``: same step loss, valid tokens and gradients as
+    padding every sample to the longest, on the same documents (real tiny target, hf features)."""
+    target, feats, vocab = normalisation_setup
+
+    def step(pack_tokens):
+        cfg = make_config(tmp_path, target)
+        cfg.dataset.max_seq_length = 40
+        cfg.training.pack_tokens = pack_tokens
+        trainer = Trainer(cfg, _info(target), vocab, total_steps=4)
+        return trainer.train_step([list(feats)]), grads(trainer)
+
+    m_pad, g_pad = step(0)
+    m_pack, g_pack = step(40)  # lengths 9, 23, 14, 30 -> two rows of 40 (30+9, 23+14)
+    assert m_pack["valid_tokens"] == m_pad["valid_tokens"]
+    assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-6)
+    for name in g_pad:
+        torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-5, atol=1e-7)
+
+
+def test_packing_is_refused_below_the_longest_sample(normalisation_setup, tmp_path):  # noqa: F811
+    target, _, vocab = normalisation_setup
+    cfg = make_config(tmp_path, target)
+    cfg.training.pack_tokens = 64  # dataset.max_seq_length is 2048
+    with pytest.raises(ValueError, match="pack_tokens"):
+        Trainer(cfg, _info(target), vocab, total_steps=1)

@@ -21,7 +21,7 @@ DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}  # 'auto' = bf16 on G
 
 class LlamaEagle3Algorithm:
     features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True, block_size=1,
-                           default_aux_layers=default_aux_layer_ids)
+                           default_aux_layers=default_aux_layer_ids, packed_rows=True)
 
     def __init__(self, options: Any, config: Any = None):
         from specforge_llama_eagle3.plugin import LlamaEagle3Options

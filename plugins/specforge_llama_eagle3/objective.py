@@ -123,7 +123,10 @@ def micro_step(
         denominators = torch.stack([v.sum() for v in valid_k]).double()
     inv = 1.0 / denominators.clamp(min=1)
     total = None
-    for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)):
+    # packed rows (training/packing.py): rope positions and attention inside each document
+    packed = {} if getattr(batch, "doc_ids", None) is None else {
+        "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
+    for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K, **packed)):
         out: LossOutput = loss_fn(hidden.flatten(0, 1), head, prepared, target_rows(batch, k), valid_k[k].flatten())
         part = out.loss_sum * (inv[k] * decay**k).to(out.loss_sum.dtype)
         total = part if total is None else total + part

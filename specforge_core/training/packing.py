@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specforge_core.training.batch import Batch, _on
+from specforge_core.training.batch import Batch, _on, collate
 from specforge_core.types import TargetFeatures
 
 
@@ -41,6 +41,20 @@ def assign_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
             rows.append([i])
             room.append(row_tokens - n)
     return [sorted(r) for r in rows]
+
+
+def assemble(
+    features: Sequence[TargetFeatures],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    pack_tokens: int = 0,
+) -> Batch:
+    """The trainer's micro-batch from samples: packed rows of ``pack_tokens`` positions when it is
+    set, else right-padded to the longest sample, rounded up to 128 on CUDA (flex attention's
+    block size: few distinct shapes for the compiled kernels)."""
+    if pack_tokens:
+        return pack(features, pack_tokens, device, dtype)
+    return collate(features, device, dtype, pad_multiple=128 if torch.device(device).type == "cuda" else 1)
 
 
 def pack(

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from specforge_core.training.batch import Batch, collate
+from specforge_core.training.batch import Batch
+from specforge_core.training.packing import assemble
 from specforge_core.types import TargetFeatures
 
 ALIGN = 64  # byte alignment of each tensor inside a staging buffer (any dtype can view it)
@@ -107,7 +108,8 @@ class StagedBatch:
             # the caching allocator must not hand these blocks to the stager's stream while the
             # training stream may still read them
             for t in attrs.astuple(self.batch, recurse=False):
-                t.record_stream(current)
+                if t is not None:  # doc_ids / position_ids of unpacked batches
+                    t.record_stream(current)
             self.event = None
         return self.batch
 
@@ -115,9 +117,10 @@ class StagedBatch:
 class BatchStager:
     """Reads micro-batches from a transfer store into device-resident ``Batch``es (one thread)."""
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype, ring_slots: int = 3):
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, ring_slots: int = 3, pack_tokens: int = 0):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.pack_tokens = pack_tokens  # training.pack_tokens (training/packing.py)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ring = PinnedRing(ring_slots) if self.cuda else None
@@ -131,7 +134,7 @@ class BatchStager:
                 TargetFeatures.from_tensors(sid, read_into(store, key, _fresh))
                 for key, sid in zip(keys, sample_ids, strict=True)
             ]
-            return StagedBatch(collate(feats, self.device, self.dtype))  # (read_s/stage_s: CUDA only)
+            return StagedBatch(assemble(feats, self.device, self.dtype, self.pack_tokens))  # (read_s/stage_s: CUDA only)
         assert self.stream is not None and self.ring is not None
         feats = []
         t0 = time.perf_counter()
@@ -153,7 +156,7 @@ class BatchStager:
                 for slot, _ in given:
                     slot.event = done
                 feats.append(TargetFeatures.from_tensors(sid, on_device))
-            batch = collate(feats, self.device, self.dtype)
+            batch = assemble(feats, self.device, self.dtype, self.pack_tokens)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.stage_s += time.perf_counter() - t0

@@ -25,10 +25,11 @@ import torch
 from specforge_core.components import ObjectiveContext, TargetHead
 from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.export import ALGORITHM_ATTR
-from specforge_core.training.batch import Batch, collate
+from specforge_core.training.batch import Batch
 from specforge_core.training.components import algorithm as build_algorithm
 from specforge_core.training.components import create
 from specforge_core.training.frozen import TargetWeights
+from specforge_core.training.packing import assemble
 from specforge_core.training.staging import StagedBatch
 from specforge_core.types import TargetFeatures, TargetInfo
 
@@ -37,12 +38,12 @@ MicroBatch = Sequence[TargetFeatures] | Batch | StagedBatch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def as_batch(micro: MicroBatch, device: torch.device, dtype: torch.dtype) -> Batch:
+def as_batch(micro: MicroBatch, device: torch.device, dtype: torch.dtype, pack_tokens: int = 0) -> Batch:
     if isinstance(micro, StagedBatch):
         return micro.ready()
     if isinstance(micro, Batch):
         return micro
-    return collate(micro, device, dtype)
+    return assemble(micro, device, dtype, pack_tokens)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -88,6 +89,12 @@ class Trainer:
         self.dtype = resolve_dtype(t.dtype, self.device)
 
         self.algorithm = build_algorithm(config, registry)
+        if t.pack_tokens and not getattr(self.algorithm.features, "packed_rows", False):
+            raise ValueError(f"training.pack_tokens = {t.pack_tokens}: draft '{config.model.draft}' does not accept "
+                             "packed rows; set training.pack_tokens = 0")
+        if t.pack_tokens and t.pack_tokens < config.dataset.max_seq_length:
+            raise ValueError(f"training.pack_tokens = {t.pack_tokens} is below dataset.max_seq_length = "
+                             f"{config.dataset.max_seq_length}: the longest samples would not fit a row")
         # Draft: seeded init so runs (and ranks) start from the same weights.
         torch.manual_seed(config.run.seed)
         weights = TargetWeights(target.model_path, vocab)
@@ -148,7 +155,7 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        batches = [as_batch(m, self.device, self.dtype) for m in micro_batches]
+        batches = [as_batch(m, self.device, self.dtype, self.config.training.pack_tokens) for m in micro_batches]
         # The step's loss denominators first: from masks only, summed over micro-batches and ranks.
         with torch.no_grad():
             local = sum(self.algorithm.count_targets(b, self.head) for b in batches)

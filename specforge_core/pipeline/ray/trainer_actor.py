@@ -65,7 +65,8 @@ class TrainerActor:
         strategy = create(config, "training_strategy", config)
         self.trainer = Trainer(config, info, self.vocab, total_steps, strategy)
         self.store = create(config, "transfer_store").connect(store_handle)
-        self.stager = BatchStager(self.trainer.device, self.trainer.dtype)
+        self.stager = BatchStager(self.trainer.device, self.trainer.dtype,
+                                  pack_tokens=self.trainer.config.training.pack_tokens)
         out = {"step": 0, "data_position": None, "checkpoint": None}
         if config.training.resume:
             latest = ckpt.latest_checkpoint(config.output_dir)
