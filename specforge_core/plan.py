@@ -364,8 +364,15 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
             for line in notes.lines:
                 add(f"  {line}")
         add("")
-        add(f"draft ({plan['draft_source']}): hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, "
-            f"heads {d['num_attention_heads']}/{d['num_key_value_heads']} x {d['head_dim']}, draft vocab {d['draft_vocab_size']}")
+        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "draft_vocab_size")
+        if all(k in d for k in keys):  # a transformer-layer draft: the familiar one-line shape
+            shape = (f"hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, heads "
+                     f"{d['num_attention_heads']}/{d['num_key_value_heads']} x {d['head_dim']}, draft vocab "
+                     f"{d['draft_vocab_size']}")
+        else:
+            shape = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
+        add(f"draft ({plan['draft_source']}): {shape}")
         add(f"  parameters: {plan['draft_trainable']:,} trainable ({_human(plan['draft_trainable'])}), "
             f"{plan['draft_frozen']:,} frozen embedding ({_human(plan['draft_frozen'])})")
         m: TrainMemory = plan["train_memory"]

@@ -45,11 +45,13 @@ def trainable(sample: Sample) -> bool:
 
 
 def format_metrics(m: dict[str, float], total_steps: int, ttt_length: int) -> str:
-    accs = " ".join(f"{m[f'acc_{k}']:.2f}" for k in range(ttt_length))
+    # acc_k / accept_len only when the draft algorithm reports them
+    accs = " ".join(f"{m[f'acc_{k}']:.2f}" for k in range(ttt_length) if f"acc_{k}" in m)
     return (
-        f"step {int(m['step'])}/{total_steps} | loss {m['loss']:.4f} | acc {accs} | "
-        f"tau {m['accept_len']:.2f} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e} | "
-        f"gnorm {m['grad_norm']:.3f}"
+        f"step {int(m['step'])}/{total_steps} | loss {m['loss']:.4f} | "
+        + (f"acc {accs} | " if accs else "")
+        + (f"tau {m['accept_len']:.2f} | " if "accept_len" in m else "")
+        + f"{m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f}"
         + (f" | data wait {m['data_wait_s'] * 1e3:.0f} ms" if "data_wait_s" in m else "")
     )
 
@@ -304,7 +306,7 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
             profiler.step()
             trained += len(feats)
             history.append(metrics)
-            info_line = f"loss {metrics['loss']:.3f} acc_0 {metrics['acc_0']:.2f}"
+            info_line = f"loss {metrics['loss']:.3f}" + (f" acc_0 {metrics['acc_0']:.2f}" if "acc_0" in metrics else "")
             progress.update(task, completed=trainer.step, info=info_line)
             if trainer.step % tr.log_every == 0 or trainer.step == total_steps:
                 progress.console.print(format_metrics(metrics, total_steps, tr.ttt_length))
