@@ -96,6 +96,55 @@ class VLLMBackendOptions:
             )
 
 
+    def plan_notes(self, config, plan: dict):
+        """``specforge plan`` / ``config validate``: the engine's shape and its memory budget.
+
+        Per token, vLLM's cache holds the target's KV plus the captured states ((n_aux + 1) x H in
+        the inference dtype: the aux layers and the last layer's output) until they are copied out.
+        """
+        from specforge_core.components import PlanNotes
+
+        gib = 1024**3
+        T, B = config.dataset.max_seq_length, config.inference.batch_size
+        mml = self.max_model_len or T + 1
+        lines = [f"vllm: one engine = TP {self.tensor_parallel_size} on one node, max_model_len {mml}, "
+                 "prefix caching off (every prompt token is recomputed and captured)"]
+        problems: list[tuple[str, str, str]] = []
+        if "target" not in plan:
+            return PlanNotes(lines=lines, problems=problems)
+        H = int(plan["target"]["hidden_size"])
+        dtype_b = {"fp32": 4}.get(config.inference.dtype, 2)
+        per_token = plan["kv_per_token"] + (plan["n_aux"] + 1) * H * dtype_b
+        batch = per_token * B * (T + 1)
+        facts = {"tp": self.tensor_parallel_size, "max_model_len": mml, "cache_bytes_per_token": per_token,
+                 "cache_bytes_per_batch": batch}
+        lines.append(f"vllm cache: {per_token / 1024:.1f} KiB/token (KV + captured states) -> "
+                     f"{batch / gib:.2f} GiB for a batch of {B} x {T} tokens")
+        gpu = config.run.gpu_memory_gib * gib
+        key = "inference.vllm.gpu_memory_utilization"
+        if gpu:
+            budget, weights = self.gpu_memory_utilization * gpu, plan["target_weights_per_gpu"]
+            if weights > budget:
+                problems.append(("error", key, f"the target's weights need {weights / gib:.1f} GiB per GPU at TP "
+                                 f"{plan['tp']} but {self.gpu_memory_utilization:g} x {config.run.gpu_memory_gib:g} "
+                                 f"GiB = {budget / gib:.1f} GiB; raise TP or gpu_memory_utilization"))
+            elif budget - weights < per_token * (T + 1):
+                problems.append(("error", key, f"after {weights / gib:.1f} GiB of weights per GPU, "
+                                 f"{(budget - weights) / gib:.2f} GiB is left for vLLM's cache but one sample of "
+                                 f"{T} tokens needs {per_token * (T + 1) / gib:.2f} GiB"))
+            elif budget - weights < batch:
+                problems.append(("warning", key, f"vLLM's cache ({(budget - weights) / gib:.2f} GiB per GPU) holds "
+                                 f"fewer than inference.batch_size = {B} full-length samples: batches run in parts"))
+        else:  # CPU build (or hardware not stated): the KV space is an explicit number of GiB
+            if config.inference.dtype == "auto":  # fp32 on CPU: twice the bf16 figures above
+                per_token = 2 * per_token
+            space, key = self.cpu_kvcache_space_gib * gib, "inference.vllm.cpu_kvcache_space_gib"
+            if space < per_token * (T + 1):
+                problems.append(("error", key, f"{self.cpu_kvcache_space_gib:g} GiB cannot hold one sample of {T} "
+                                 f"tokens ({per_token * (T + 1) / gib:.2f} GiB on a CPU build)"))
+        return PlanNotes(facts=facts, lines=lines, problems=problems)
+
+
 def split_extra_args(extra_args: dict) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     for key, value in extra_args.items():
