@@ -189,6 +189,30 @@ class TargetBackend(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional (``specforge data regenerate``): text generation by the same target, batched by the
+    # backend. ``generate_text(prompts, params) -> list[GeneratedText]``, one per prompt, in order;
+    # prompts are token ids (the caller applies the chat template the training uses). A backend
+    # without it cannot regenerate data; callers check with ``hasattr(backend, "generate_text")``.
+
+
+@attrs.define
+class GenerationParams:
+    """Sampling settings of ``TargetBackend.generate_text`` (temperature 0 = greedy)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: list[str] = attrs.Factory(list)  # stop strings (not part of the returned text)
+    stop_token_ids: list[int] = attrs.Factory(list)  # extra stop tokens besides the target's EOS
+    seed: Optional[int] = None  # per-request seed for sampled generation (None: the engine's)
+
+
+@attrs.define
+class GeneratedText:
+    token_ids: list[int]  # generated tokens, including the EOS / stop token that ended them, if any
+    text: str  # decoded without special tokens, without a matched stop string
+    finish_reason: str  # "stop" (EOS, stop token or string) or "length" (max_new_tokens reached)
+
 
 # -------------------------------------------------------------------------------------- transfer
 @runtime_checkable
