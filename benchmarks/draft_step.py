@@ -244,10 +244,17 @@ def main() -> None:
     ap.add_argument("--profile-variant", default="v4")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--flex-static", action="store_true",
+                    help="compile flex with dynamic=False (one kernel per T) instead of automatic dynamic "
+                         "shapes; with several --T in one process the later ones otherwise run the dynamic kernel")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "draft_step.json"))
     a = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the "before" variant's fp32 GEMMs stay fp32
+    if a.flex_static:
+        from specforge_llama_eagle3 import attention
+
+        attention.FLEX_DYNAMIC = False
     dev = torch.cuda.get_device_name()
     env = {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
