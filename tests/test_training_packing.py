@@ -116,3 +116,13 @@ def test_packing_is_refused_below_the_longest_sample(normalisation_setup, tmp_pa
     cfg.training.pack_tokens = 64  # dataset.max_seq_length is 2048
     with pytest.raises(ValueError, match="pack_tokens"):
         Trainer(cfg, _info(target), vocab, total_steps=1)
+
+
+def test_pack_step_gives_every_micro_batch_the_same_shape():
+    from specforge_core.training.packing import pack_step
+
+    docs = [_doc(n, s) for s, n in enumerate([5, 3, 7, 2, 8, 1, 4])]
+    batches = pack_step(docs, 8, rows_per_micro=3, dtype=torch.float64)
+    assert [tuple(b.input_ids.shape) for b in batches] == [(3, 8), (3, 8)]  # 4 rows -> 3 + (1 + 2 empty)
+    assert sum(b.num_tokens for b in batches) == 30
+    assert int((batches[-1].doc_ids >= 0).sum()) == batches[-1].num_tokens

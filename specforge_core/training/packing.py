@@ -57,6 +57,24 @@ def assemble(
     return collate(features, device, dtype, pad_multiple=128 if torch.device(device).type == "cuda" else 1)
 
 
+def pack_step(
+    features: Sequence[TargetFeatures],
+    row_tokens: int,
+    rows_per_micro: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[Batch]:
+    """A whole optimizer step's samples packed into rows, grouped into micro-batches of exactly
+    ``rows_per_micro`` rows (the last one topped up with empty rows): every micro-batch has the same
+    shape, and far fewer padding positions than ``rows_per_micro`` samples padded to their longest.
+    The step's objective is token-weighted over the whole step, so regrouping its samples does not
+    change it (tests/test_training_normalisation.py)."""
+    rows = assign_rows([f.num_tokens for f in features], row_tokens)
+    groups = [rows[i : i + rows_per_micro] for i in range(0, len(rows), rows_per_micro)]
+    groups[-1] = groups[-1] + [[] for _ in range(rows_per_micro - len(groups[-1]))]
+    return [_packed(features, g, row_tokens, torch.device(device), dtype) for g in groups]
+
+
 def pack(
     features: Sequence[TargetFeatures],
     row_tokens: int,
@@ -66,9 +84,14 @@ def pack(
     """Packed ``Batch`` [rows, row_tokens] of ``features`` (see the module doc)."""
     if not features:
         raise ValueError("pack: empty micro-batch")
-    device = torch.device(device)
+    rows = assign_rows([f.num_tokens for f in features], row_tokens)
+    return _packed(features, rows, row_tokens, torch.device(device), dtype)
+
+
+def _packed(features: Sequence[TargetFeatures], rows: list[list[int]], row_tokens: int, device: torch.device,
+            dtype: torch.dtype) -> Batch:
+    """The ``Batch`` of ``rows`` (sample indices per row; an empty row is all padding)."""
     lengths = [f.num_tokens for f in features]
-    rows = assign_rows(lengths, row_tokens)
     B, T = len(rows), row_tokens
     aux_dim, hid_dim = features[0].aux_hidden.shape[-1], features[0].final_hidden.shape[-1]
     input_ids = torch.zeros(B, T, dtype=torch.long, device=device)

@@ -29,7 +29,7 @@ from specforge_core.training.batch import Batch
 from specforge_core.training.components import algorithm as build_algorithm
 from specforge_core.training.components import create
 from specforge_core.training.frozen import TargetWeights
-from specforge_core.training.packing import assemble
+from specforge_core.training.packing import assemble, pack_step
 from specforge_core.training.staging import StagedBatch
 from specforge_core.types import TargetFeatures, TargetInfo
 
@@ -145,6 +145,17 @@ class Trainer:
             return self.model(batch, ctx)
         return self.algorithm.objective(self.draft, batch, ctx)
 
+    def _assemble(self, micro_batches: Sequence[MicroBatch]) -> list[Batch]:
+        """Device batches of the step. With ``training.pack_tokens`` and samples given as lists, the
+        whole step's samples are packed into rows and regrouped into micro-batches of
+        ``micro_batch_size`` rows (one shape every micro-step; the step's objective is unchanged:
+        it is token-weighted over the whole step)."""
+        t = self.config.training
+        if t.pack_tokens and all(not isinstance(m, (Batch, StagedBatch)) for m in micro_batches):
+            return pack_step([f for m in micro_batches for f in m], t.pack_tokens, t.micro_batch_size,
+                             self.device, self.dtype)
+        return [as_batch(m, self.device, self.dtype, t.pack_tokens) for m in micro_batches]
+
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics.
 
@@ -155,7 +166,7 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        batches = [as_batch(m, self.device, self.dtype, self.config.training.pack_tokens) for m in micro_batches]
+        batches = self._assemble(micro_batches)
         # The step's loss denominators first: from masks only, summed over micro-batches and ranks.
         with torch.no_grad():
             local = sum(self.algorithm.count_targets(b, self.head) for b in batches)
