@@ -98,6 +98,67 @@ def test_bad_samples_fail_before_vllm_and_it_stays_usable(backends):
     assert not [f for f in os.listdir(vllm.workdir) if f.endswith(".safetensors")]  # nothing left behind
 
 
+def _chat_prompts() -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TARGET)
+    questions = ["What is 2 plus 3?", "Write the number 6 in words.", "Hello", "Name a color."]
+    out = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def test_generate_text_greedy_equals_transformers_and_features_survive(backends):
+    from specforge_core.components import GenerationParams
+
+    hf, vllm = backends
+    if hf.info.aux_layer_ids != [2, 4, 5]:
+        pytest.skip("generation does not depend on the aux layers: checked once, with the default ones")
+    prompts = _chat_prompts()
+    got = vllm.generate_text(prompts, GenerationParams(max_new_tokens=40))
+    eos = hf.model.config.eos_token_id
+    for p, g in zip(prompts, got, strict=True):
+        ref = hf.model.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False, pad_token_id=0)[0, len(p):]
+        assert g.token_ids == ref.tolist()
+        assert g.finish_reason == ("stop" if ref[-1] == eos else "length")
+    # a stop string ends the text before it; the token that completed it is the last one kept
+    stop = got[0].text[3:6]
+    cut = vllm.generate_text(prompts[:1], GenerationParams(max_new_tokens=40, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == got[0].text[:3] and cut.token_ids == got[0].token_ids[:len(cut.token_ids)]
+    short = vllm.generate_text(prompts[:1], GenerationParams(max_new_tokens=2))[0]
+    assert short.finish_reason == "length" and short.token_ids == got[0].token_ids[:2]
+    # the capture engine comes back for features, which still equal hf's
+    samples = _samples(5, seed=2)
+    for w, g in zip(hf.generate(samples), vllm.generate(samples), strict=True):
+        torch.testing.assert_close(g.aux_hidden, w.aux_hidden, rtol=1e-4, atol=1e-4)
+        assert torch.equal(g.target_argmax, w.target_argmax)
+
+
+def test_generate_text_samples_the_target_distribution(backends):
+    from specforge_core.components import GenerationParams
+
+    hf, vllm = backends
+    if hf.info.aux_layer_ids != [2, 4, 5]:
+        pytest.skip("generation does not depend on the aux layers: checked once, with the default ones")
+    prompt = _chat_prompts()[3]  # its first answer token is open: p_max 0.35 at temperature 1
+    n, temp = 400, 1.0
+    with torch.no_grad():
+        logits = hf.model(torch.tensor([prompt])).logits[0, -1]
+    probs = torch.softmax(logits / temp, -1)
+    counts = torch.zeros_like(probs)
+    for seed in range(n):  # one request per seed: the same seed gives the same token
+        tok = vllm.generate_text([prompt], GenerationParams(temperature=temp, max_new_tokens=1, seed=seed))[0]
+        counts[tok.token_ids[0]] += 1
+    again = vllm.generate_text([prompt], GenerationParams(temperature=temp, max_new_tokens=1, seed=7))[0]
+    first = vllm.generate_text([prompt], GenerationParams(temperature=temp, max_new_tokens=1, seed=7))[0]
+    assert again.token_ids == first.token_ids
+    tv = 0.5 * (counts / n - probs).abs().sum().item()  # total variation: ~0.07 expected at n = 400
+    assert tv < 0.15, tv  # greedy instead would be ~0.65 away
+    assert probs.max() < 0.5
+
+
 def test_close_stops_vllm_and_removes_its_files(backends):  # last of the tests on `backends`
     _, vllm = backends
     proc, workdir = vllm._runner.proc, vllm.workdir

