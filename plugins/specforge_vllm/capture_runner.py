@@ -284,6 +284,13 @@ def main() -> None:
             reply({"ok": True, **handler(req)})
         except Exception as exc:  # noqa: BLE001
             reply({"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
+    # stdin closed without "close": the backend's process is gone; drop the files only it would read
+    import glob
+    import shutil
+
+    for path in glob.glob(os.path.join(runner.workdir, "*.safetensors")):
+        os.remove(path)
+    shutil.rmtree(os.path.join(runner.workdir, "hidden"), ignore_errors=True)
 
 
 if __name__ == "__main__":
