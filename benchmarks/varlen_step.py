@@ -7,7 +7,8 @@ batching variable-length data, side by side in one process (one device call).
 Llama-3.1-8B-shaped draft as in ``draft_step.py`` (the trainer's default path: fp32 masters, bf16
 autocast, compiled step parts, forward-kl with targets precomputed once per micro-batch), ttt 7.
 Sample lengths are drawn (seeded) from ``benchmarks/data/sharegpt_lengths.json`` (ShareGPT V3 in
-SmolLM2 ChatML tokens), capped at ``--max-len``; a micro-batch holds ``--micro`` samples.
+SmolLM2 ChatML tokens), capped at ``--max-len``; an optimizer step is ``--accum`` micro-batches of
+``--micro`` samples (gradient accumulation), timed as a whole.
 
 Variants:
   fixed        B=1 at one fixed T = the mean real tokens of a micro-batch (rounded to 128): the
@@ -17,8 +18,9 @@ Variants:
   dynamic      pad to the longest sample rounded up to 128, flex with automatic dynamic shapes
   bucketed     dynamic + micro-batches of similar lengths (sorted inside windows of 32 samples x
                micro, then shuffled)
-  packed       samples packed into rows of exactly --max-len positions (training/packing.py):
-               document-masked attention, one shape every step
+  packed       the step's samples packed into rows of exactly --max-len positions, regrouped into
+               micro-batches of --micro rows (training/packing.py pack_step, what the trainer does
+               with training.pack_tokens): document-masked attention, one shape every micro-step
 
 tokens/s counts real tokens only. recompiles = torch.compile frames compiled after the warm-up
 steps (0 is the goal); peak GiB is the max over measured steps, and "flat" is min/max of the
@@ -48,7 +50,7 @@ from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
 from specforge_llama_eagle3.objective import micro_step  # noqa: E402
 
 from specforge_core.training.batch import collate  # noqa: E402
-from specforge_core.training.packing import pack  # noqa: E402
+from specforge_core.training.packing import pack_step  # noqa: E402
 from specforge_core.types import TargetFeatures  # noqa: E402
 
 
@@ -102,22 +104,23 @@ def run(variant: str, groups, args, model, head, t2d, vocab) -> dict:
     compiled_at_warm = None
     t_wall = time.time()
     for i in range(steps):
-        group = groups[i % len(groups)]
-        feats = [features(n, "cuda", vocab, g) for n in group]
+        # one optimizer step: --accum micro-batches of --micro samples (the trainer's train_step)
+        step_groups = [groups[(i * args.accum + j) % len(groups)] for j in range(args.accum)]
+        feats = [[features(n, "cuda", vocab, g) for n in group] for group in step_groups]
         if variant == "packed":
-            batch = pack(feats, args.max_len, "cuda", torch.bfloat16)
+            batches = pack_step([f for fs in feats for f in fs], args.max_len, args.micro, "cuda", torch.bfloat16)
         else:
-            batch = collate(feats, "cuda", torch.bfloat16, pad_multiple=pad)
+            batches = [collate(fs, "cuda", torch.bfloat16, pad_multiple=pad) for fs in feats]
         if i == args.warmup:
             compiled_at_warm = frames_compiled()
             torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = micro_step(model.ttt_forward,
-                                 model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)
-        loss.backward()
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         end.record()
@@ -125,11 +128,11 @@ def run(variant: str, groups, args, model, head, t2d, vocab) -> dict:
         if i >= args.warmup:
             times.append(start.elapsed_time(end) / 1e3)
             peaks.append(torch.cuda.max_memory_allocated() / 2**30)
-            real += sum(group)
-            padded += batch.input_ids.numel()
+            real += sum(sum(group) for group in step_groups)
+            padded += sum(b.input_ids.numel() for b in batches)
     sec = sum(times)
     tok_s = real / sec
-    mean_T = real / len(times)
+    mean_T = real / len(times) / args.accum  # real tokens per micro-batch
     return {"variant": variant, "status": "ok", "steps": len(times), "tok_s": tok_s,
             "mfu": flops_per_token(mean_T) * tok_s / PEAK, "ms_per_step": 1e3 * sec / len(times),
             "pad_frac": 1 - real / padded, "recompiles_after_warmup": frames_compiled() - compiled_at_warm,
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "varlen_step.json"))
@@ -150,7 +154,7 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(env, flush=True)
     lengths = real_lengths(ROOT / "benchmarks" / "data" / "sharegpt_lengths.json",
-                           (a.warmup + a.steps) * a.micro * 2, a.max_len, a.seed)
+                           (a.warmup + a.steps) * a.micro * a.accum * 2, a.max_len, a.seed)
     torch.manual_seed(0)
     model = master_copy(LlamaEagle3Draft(draft_config(), attention="flex").to("cuda", torch.bfloat16))
     head = (torch.randn(VD, H, device="cuda") * H**-0.5).to(torch.bfloat16)
@@ -169,7 +173,7 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     fixed = next((r for r in results["runs"] if r["variant"] == "fixed" and r["status"] == "ok"), None)
-    print(f"\n{env['device']}, torch {env['torch']}, micro-batch {a.micro} ShareGPT samples <= {a.max_len} tokens, "
+    print(f"\n{env['device']}, torch {env['torch']}, step {a.accum} x {a.micro} ShareGPT samples <= {a.max_len} tokens, "
           f"K={K_TTT}, {a.steps} steps after {a.warmup} warm-up")
     print(f"{'variant':9} {'tok/s':>8} {'vs fixed':>8} {'MFU':>6} {'pad':>5} {'recomp':>6} {'peak GiB':>8} {'flat':>5}")
     for r in results["runs"]:
