@@ -21,6 +21,8 @@ Variants:
   packed       the step's samples packed into rows of exactly --max-len positions, regrouped into
                micro-batches of --micro rows (training/packing.py pack_step, what the trainer does
                with training.pack_tokens): document-masked attention, one shape every micro-step
+  packed-tight packed, fullest rows together, each micro-batch as long as its fullest row (to 128),
+               no empty rows (pack_step(tight=True)): less padding, a few shapes
 
 tokens/s counts real tokens only. recompiles = torch.compile frames compiled after the warm-up
 steps (0 is the goal); peak GiB is the max over measured steps, and "flat" is min/max of the
@@ -107,8 +109,9 @@ def run(variant: str, groups, args, model, head, t2d, vocab) -> dict:
         # one optimizer step: --accum micro-batches of --micro samples (the trainer's train_step)
         step_groups = [groups[(i * args.accum + j) % len(groups)] for j in range(args.accum)]
         feats = [[features(n, "cuda", vocab, g) for n in group] for group in step_groups]
-        if variant == "packed":
-            batches = pack_step([f for fs in feats for f in fs], args.max_len, args.micro, "cuda", torch.bfloat16)
+        if variant.startswith("packed"):
+            batches = pack_step([f for fs in feats for f in fs], args.max_len, args.micro, "cuda", torch.bfloat16,
+                                tight=variant == "packed-tight")
         else:
             batches = [collate(fs, "cuda", torch.bfloat16, pad_multiple=pad) for fs in feats]
         if i == args.warmup:

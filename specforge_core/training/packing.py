@@ -63,16 +63,28 @@ def pack_step(
     rows_per_micro: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    tight: bool = False,
 ) -> list[Batch]:
     """A whole optimizer step's samples packed into rows, grouped into micro-batches of exactly
     ``rows_per_micro`` rows (the last one topped up with empty rows): every micro-batch has the same
     shape, and far fewer padding positions than ``rows_per_micro`` samples padded to their longest.
     The step's objective is token-weighted over the whole step, so regrouping its samples does not
     change it (tests/test_training_normalisation.py)."""
-    rows = assign_rows([f.num_tokens for f in features], row_tokens)
+    lengths = [f.num_tokens for f in features]
+    rows = assign_rows(lengths, row_tokens)
+    if not tight:
+        groups = [rows[i : i + rows_per_micro] for i in range(0, len(rows), rows_per_micro)]
+        groups[-1] = groups[-1] + [[] for _ in range(rows_per_micro - len(groups[-1]))]
+        return [_packed(features, g, row_tokens, torch.device(device), dtype) for g in groups]
+    # tight: fullest rows together, each micro-batch only as long as its fullest row (rounded up
+    # to 128) and no empty rows: less padding, a few more shapes for the compiled kernels
+    rows.sort(key=lambda r: -sum(lengths[i] for i in r))
     groups = [rows[i : i + rows_per_micro] for i in range(0, len(rows), rows_per_micro)]
-    groups[-1] = groups[-1] + [[] for _ in range(rows_per_micro - len(groups[-1]))]
-    return [_packed(features, g, row_tokens, torch.device(device), dtype) for g in groups]
+    out = []
+    for g in groups:
+        used = max(sum(lengths[i] for i in r) for r in g)
+        out.append(_packed(features, g, min(row_tokens, used + (-used % 128)), torch.device(device), dtype))
+    return out
 
 
 def pack(
