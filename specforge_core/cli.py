@@ -139,6 +139,7 @@ def _delegate(module: str) -> tuple[Callable, Callable]:
 DELEGATED = {
     "eval": ("specforge_core.evaluation.cli", "measure a draft's acceptance length offline"),
     "plan": ("specforge_core.plan", "print placement, bytes and memory of a config without running"),
+    "reference": ("specforge_core.reference", "get the reference target, data and MT-bench prompts (SmolLM2)"),
 }
 
 

