@@ -105,3 +105,32 @@ def test_parse_record_rejects_non_object():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_conversations([tmp_path / "nope.jsonl"])
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_records(tmp_path):
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines() but ordinary characters in a
+    JSON string: records holding them stay whole and later line numbers stay right."""
+    recs = [{"conversations": [{"from": "human", "value": f"a{ch}b"}, {"from": "gpt", "value": f"c{ch}d"}]}
+            for ch in ("\u2028", "\u2029", "\u0085")]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n{not json\n", encoding="utf-8")
+    convs, stats = load_conversations([f], on_error="skip")
+    assert [c.turns[1].content for c in convs] == ["c\u2028d", "c\u2029d", "c\u0085d"]
+    assert stats.skipped_malformed == 1 and stats.errors[0].startswith(f"{f}:4: ")
+
+
+def test_a_non_utf8_byte_costs_one_record_with_its_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    good = json.dumps(SHAREGPT).encode()
+    f.write_bytes(good + b"\n" + b'{"conversations": [{"from": "human", "value": "\xff"}]}' + b"\n" + good + b"\n")
+    convs, stats = load_conversations([f], on_error="skip")
+    assert len(convs) == 2 and stats.skipped_malformed == 1
+    assert stats.errors[0].startswith(f"{f}:2: not UTF-8")
+    with pytest.raises(DataError, match=f"{f}:2: not UTF-8"):
+        load_conversations([f], on_error="stop")
+
+
+@pytest.mark.parametrize("role", ["chatgpt", "bing", "bard"])
+def test_sharegpt_product_roles_are_the_assistant(role):
+    conv = parse_record({"conversations": [{"from": "human", "value": "q"}, {"from": role, "value": "a"}]})
+    assert [t.role for t in conv.turns] == ["user", "assistant"]

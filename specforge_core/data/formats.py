@@ -23,6 +23,10 @@ ROLE_ALIASES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    # real ShareGPT exports also name the assistant after the product that answered
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
 }
 MAX_ERRORS_KEPT = 10
 
@@ -87,14 +91,27 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise DataError(f"{path}: cannot read data file: {e}") from e
-    if text.lstrip().startswith("["):
+    if raw.lstrip().startswith(b"["):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # one JSON document: no record to skip to
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not UTF-8 ({e.reason})") from e
         yield from _iter_json_list(path, text)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # JSONL records end at '\n' only: str.splitlines() would also split inside JSON strings at
+    # U+2028, U+0085 and the like (real ShareGPT text has them), dropping records and shifting
+    # every later line number. Each line is decoded on its own so one bad byte costs one record.
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        if not line_bytes.strip():
+            continue
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, DataError(f"{path}:{lineno}: not UTF-8 at byte {e.start} ({e.reason})")
             continue
         try:
             yield lineno, json.loads(line)
