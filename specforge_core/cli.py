@@ -55,6 +55,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 plugin.name if first else "", plugin.distribution if first else "",
                 plugin.version if first else "", kind, names,
             )
+    for plugin, why in reg.broken:
+        table.add_row(plugin.name, plugin.distribution, plugin.version, "BROKEN", why)
     Console(width=int(os.environ.get("COLUMNS", "120"))).print(table)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata as md
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -17,6 +18,8 @@ import pluggy
 
 from specforge_core import hookspecs
 from specforge_core.components import KINDS
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "specforge"
 
@@ -56,6 +59,7 @@ class Registry:
         self.plugins: list[PluginInfo] = []
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         self._collected = False
+        self.broken: list[tuple[PluginInfo, str]] = []  # plugins whose entry point failed to import
 
     # ---------------------------------------------------------------------------- discovery
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
@@ -71,11 +75,14 @@ class Registry:
                 continue  # the same distribution seen twice on sys.path
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken plugin must name itself, not crash obscurely
-                raise RegistryError(
-                    f"plugin {ep.name!r} (entry point {ep.value!r} of {info.distribution or '?'}) "
-                    f"failed to import: {type(exc).__name__}: {exc}"
-                ) from exc
+            except Exception as exc:
+                # One broken third-party plugin must not take every command down (pytest and llm
+                # behave the same): say so in one line, remember why, go on without it.
+                why = (f"plugin {ep.name!r} (entry point {ep.value!r} of {info.distribution or '?'}) "
+                       f"failed to import: {type(exc).__name__}: {exc}")
+                log.warning("%s; continuing without it", why)
+                self.broken.append((info, why))
+                continue
             self._add(module, info)
 
     def register_plugin(self, module_or_object: Any, name: str) -> None:
@@ -153,6 +160,7 @@ class Registry:
                 f"no {kind} named {name!r} ({section}.{selector}); registered: "
                 f"{', '.join(known) or '(none)'}"
                 + (f". Did you mean {hint[0]!r}?" if hint else "")
+                + "".join(f". Not loaded: {why}" for _info, why in self.broken)
             ) from None
 
     def find_section_owner(self, section: str, name: str) -> Optional[Component]:
