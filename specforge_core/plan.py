@@ -257,6 +257,14 @@ def place(config: Any) -> Optional[Placement]:
 
 
 # --------------------------------------------------------------------------------------- plan
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # plan needs no torch; without it there is no GPU to run on here either
+        return False
+    return torch.cuda.is_available()
+
+
 def build_plan(config: Any) -> dict[str, Any]:
     """Every number ``specforge plan`` prints, as a dict (also used by tests and checks)."""
     plan: dict[str, Any] = {"placement": place(config)}
@@ -358,6 +366,8 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
         dt = "auto: bf16 on GPU" if inf.dtype == "auto" else inf.dtype
         add(f"hidden states ({dt} = {DTYPE_BYTES[inf.dtype]} B): {plan['bytes_per_token']:,} B/token "
             f"= ({plan['n_aux']}+1) x {t['hidden_size']} x {DTYPE_BYTES[inf.dtype]} + {TOKEN_EXTRA_BYTES}")
+        if inf.dtype == "auto" and not _has_cuda():
+            add("  this machine has no GPU: a run here keeps hidden states in fp32 ('auto' on CPU), twice these bytes")
         add(f"  per sample at max_seq_length {T}: {plan['bytes_per_sample']:,} B ({plan['bytes_per_sample'] / MiB:.1f} MiB)")
         add(f"  transfer.max_pool_bytes {_gib(config.transfer.max_pool_bytes)} holds {plan['pool_samples']} full-length samples")
         for notes in plan.get("notes", {}).values():
