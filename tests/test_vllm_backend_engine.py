@@ -209,3 +209,40 @@ def test_ray_quickstart_trains_to_the_hf_losses(tmp_path):
     hf, vllm = losses("hf"), losses("vllm")
     assert len(hf) == len(vllm) == 6
     torch.testing.assert_close(torch.tensor(vllm), torch.tensor(hf), rtol=1e-5, atol=0)
+
+
+def _reference_target() -> Path:
+    from specforge_core.reference import MODEL_DIRNAME, default_dir
+
+    path = default_dir() / MODEL_DIRNAME
+    if not (path / "config.json").is_file():
+        pytest.skip(f"no reference target at {path} (`specforge reference fetch`, or set $SPECFORGE_REFERENCE_DIR)")
+    return path
+
+
+def test_reference_target_features_equal_hf():
+    """SmolLM2-135M (30 layers, tied embeddings, residual-stream outliers ~3e4): fp32 agreement is
+    relative, so the bound scales with each tensor's largest value."""
+    from specforge_hf_backend.backend import HFTargetBackend
+    from specforge_hf_backend.options import HFBackendOptions
+    from specforge_vllm.backend import VLLMTargetBackend
+
+    target = _reference_target()
+    cfg = load_config(data={"model": {"target": str(target), "aux_layers": [3, 14, 26]},
+                            "dataset": {"max_seq_length": 256},
+                            "inference": {"batch_size": 4, "backend": "vllm", "vllm": {"python": PYTHON}}})
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(f"s{i}", torch.randint(0, 49152, (n,), generator=g), torch.ones(n, dtype=torch.uint8))
+               for i, n in enumerate([200, 37, 129])]
+    vllm = VLLMTargetBackend(cfg.options("inference", "vllm"), cfg, "cpu")
+    try:
+        got = vllm.generate(samples)
+    finally:
+        vllm.close()
+    want = HFTargetBackend(HFBackendOptions(), cfg, "cpu").generate(samples)
+    H = 576
+    for w, x in zip(want, got, strict=True):
+        parts = [(w.aux_hidden[:, j * H : (j + 1) * H], x.aux_hidden[:, j * H : (j + 1) * H]) for j in range(3)]
+        for a, b in [*parts, (w.final_hidden, x.final_hidden)]:
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-4
+        assert torch.equal(x.target_argmax, w.target_argmax)
