@@ -7,6 +7,9 @@ need the target's shape (layers, hidden size, vocab, heads) or the planning arit
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -36,6 +39,7 @@ def check_config(config: Any) -> list[Problem]:
     def warn(key: str, msg: str) -> None:
         out.append(Problem("warning", key, msg))
 
+    _check_inputs(config, err, warn)
     _check_hardware(config, err, warn)
     t, src = P.load_target_config(config)
     if t is None:
@@ -46,6 +50,59 @@ def check_config(config: Any) -> list[Problem]:
         except (KeyError, ValueError, TypeError) as exc:
             err("model.target_config", f"{src}: cannot read the target's shape: {exc!r}")
     return sorted(out, key=lambda p: p.level != "error")
+
+
+# ------------------------------------------------------------------------------------- inputs
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_inputs(config: Any, err, warn) -> None:
+    """What a run reads and writes, checked before any work (the run used to fail on these after
+    data loading and vocab building, with a traceback)."""
+    tr = config.training
+    if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
+        err("training.betas", f"{list(tr.betas)}: AdamW takes two values, each in [0, 1), e.g. [0.9, 0.95]")
+    for f in config.dataset.path:
+        if not Path(f).is_file():
+            err("dataset.path", f"{f}: data file not found" + (" (a directory)" if Path(f).is_dir() else ""))
+    out = Path(config.run.output_dir)
+    if out.exists() and not out.is_dir():
+        err("run.output_dir", f"{out} is a file; the run writes a directory there: choose another path")
+    target = config.model.target
+    if target:
+        path = Path(target)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                err("model.target", f"{target}: a directory without config.json; expected a Hugging Face model folder")
+            for st in sorted(path.glob("*.safetensors")):
+                problem = _safetensors_problem(st)
+                if problem:
+                    err("model.target", f"{st}: {problem}; re-download or re-convert the model")
+        elif path.exists():
+            err("model.target", f"{target}: a file; expected a model directory or a hub id")
+        elif not HUB_ID.match(target):
+            err("model.target", f"{target}: no such directory (and not a hub id like 'org/name')")
+
+
+def _safetensors_problem(path: Path) -> str:
+    """Why a safetensors file cannot be read ('' if its header and sizes are consistent): a
+    truncated download otherwise fails deep inside model loading."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated (no header)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return "truncated or not a safetensors file (header longer than the file)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"truncated: {size:,} bytes, the header needs {8 + n + end:,}"
+    return ""
 
 
 # ----------------------------------------------------------------------------------- hardware

@@ -16,7 +16,11 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
     component instances (e.g. ``target_backend=...``) instead of building them from the config.
 
     ``registry``: the plugin registry the local pipeline builds every component with (None: the
-    installed entry points). Ray actors run in other processes and always use the entry points."""
+    installed entry points). Ray actors run in other processes and always use the entry points.
+
+    The semantic checks ``specforge config validate`` prints run first: an error stops the run
+    before any work (``ConfigError``, one line per problem); warnings are logged."""
+    check_before_run(config)
     if config.run.pipeline == "ray":
         from specforge_core.pipeline.ray_pipeline import run_ray
 
@@ -24,3 +28,19 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
     from specforge_core.pipeline.local import run_local
 
     return run_local(config, registry=registry, **components)
+
+
+def check_before_run(config: SpecforgeConfig) -> None:
+    """``checks.check_config``, the same checks as ``config validate``: errors raise, warnings log."""
+    import logging
+
+    from specforge_core.checks import check_config
+    from specforge_core.config import ConfigError
+
+    problems = check_config(config)
+    for p in problems:
+        if p.level != "error":
+            logging.getLogger(__name__).warning("%s", p)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise ConfigError("; ".join(str(p) for p in errors) + " (specforge config validate lists every problem)")
