@@ -1,0 +1,1 @@
+"""DFlash block-diffusion draft algorithm plugin (model, objective, export, proposer)."""

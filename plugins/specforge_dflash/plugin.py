@@ -1,0 +1,137 @@
+"""``dflash``: the DFlash block-diffusion draft as a draft algorithm
+(``specforge_core.components.DraftAlgorithm``), with its export in vLLM's ``dflash`` layout and its
+block proposer for ``specforge eval``. Shares no code with llama-eagle3: only the core's generic
+trainer, loss plugins, export writer and eval loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from specforge_core import hookimpl
+from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
+from specforge_core.config.fields import non_negative, option, positive
+from specforge_dflash import objective
+from specforge_dflash.export import ARCHITECTURE, export_config, export_tensors
+from specforge_dflash.model import DFlashConfig, DFlashDraft
+
+
+def default_aux_layers(num_layers: int, n: int = 3) -> list[int]:
+    """z-lab's ``build_target_layer_ids``: n target layers evenly spaced from layer 1 to L-3
+    (0-based layer outputs), as HF hidden_states indices (output of layer i = index i+1)."""
+    lo, hi = 1, max(num_layers - 3, 1)
+    if n == 1:
+        return [(lo + hi) // 2 + 1]
+    return [lo + round(i * (hi - lo) / (n - 1)) + 1 for i in range(n)]
+
+
+@attrs.define
+class DFlashOptions:
+    block_size: int = option(8, "Tokens per block: the anchor (last committed token) + block_size-1 masked "
+                                "slots, i.e. block_size-1 draft tokens per forward (z-lab: 16)",
+                             validator=positive)
+    num_layers: int = option(1, "Draft decoder layers (z-lab's 8B drafts: 5)", validator=positive)
+    anchor_stride: int = option(2, "Training blocks are anchored every this many positions (1 = every "
+                                   "position; cost grows as sequence_length^2 * block_size / stride)",
+                                validator=positive)
+    loss_decay: float = option(4.0, "Slot j's loss weighs exp(-(j-1)/loss_decay) (DFlash's position decay; "
+                                    "0 = all slots weigh 1)", validator=non_negative)
+    mask_token_id: int = option(-1, "Target token id whose (frozen) embedding marks the masked slots; -1 = "
+                                    "the target's pad_token_id, else its last id")
+
+    def validate_with(self, config: Any) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"model.dflash.block_size = {self.block_size}: a block needs the anchor and at "
+                             "least one masked slot (>= 2)")
+
+
+class DFlashAlgorithm:
+    export_architectures = (ARCHITECTURE,)
+
+    def __init__(self, options: DFlashOptions | None, config: Any = None):
+        self.options = options or DFlashOptions()
+        self.features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True,
+                                    block_size=self.options.block_size, default_aux_layers=default_aux_layers)
+
+    # ------------------------------------------------------------------------------ build
+    def draft_config(self, hf: dict, n_aux: int, draft_vocab_size: int) -> DFlashConfig:
+        H = int(hf["hidden_size"])
+        nh = int(hf["num_attention_heads"])
+        mask = self.options.mask_token_id
+        if mask < 0:
+            pad = hf.get("pad_token_id")
+            mask = int(pad) if isinstance(pad, int) else int(hf["vocab_size"]) - 1
+        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        return DFlashConfig(
+            hidden_size=H, intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=self.options.num_layers,
+            num_attention_heads=nh, num_key_value_heads=int(hf.get("num_key_value_heads") or nh),
+            head_dim=int(hf.get("head_dim") or H // nh), vocab_size=int(hf["vocab_size"]),
+            draft_vocab_size=draft_vocab_size, target_hidden_size=H, num_aux=n_aux,
+            block_size=self.options.block_size, mask_token_id=mask, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope), max_position_embeddings=int(hf.get("max_position_embeddings", 4096)))
+
+    def build(self, target: Any, vocab: Any, weights: Any = None) -> DFlashDraft:
+        n_aux = len(target.aux_layer_ids) or 3
+        draft = DFlashDraft(self.draft_config(target.hf_config, n_aux, int(vocab.d2t.numel())))
+        draft.aux_layer_ids = list(target.aux_layer_ids)
+        if weights is not None:
+            with torch.no_grad():
+                draft.embed_tokens.weight.copy_(weights.embedding())
+                draft.lm_head.weight.copy_(weights.head_rows())  # start from the target's head
+        return draft
+
+    # ------------------------------------------------------------------------------ training
+    def count_targets(self, batch: Any, head: TargetHead) -> torch.Tensor:
+        return objective.count_targets(batch, head.t2d, self.options.block_size, self.options.anchor_stride)
+
+    def objective(self, draft: torch.nn.Module, batch: Any, ctx: ObjectiveContext):
+        return objective.micro_step(draft, batch, ctx, self.options.anchor_stride, self.options.loss_decay)
+
+    def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        return objective.summarize(totals)
+
+    # ------------------------------------------------------------------------------ export / eval
+    def export(self, draft: DFlashDraft, vocab: Any):
+        return export_config(draft.config, getattr(draft, "aux_layer_ids", [])), export_tensors(draft, vocab)
+
+    def proposer(self, export_dir: Any, target: Any, device: Any):
+        from specforge_dflash.proposer import make_proposer
+
+        return make_proposer(export_dir, target, device)
+
+    # ------------------------------------------------------------------------------ plan
+    def plan(self, config: Any, target: dict) -> DraftPlan:
+        n_aux = len(config.model.aux_layers) or 3
+        vd = min(int(config.model.draft_vocab_size), int(target["vocab_size"]))
+        c = self.draft_config(target, n_aux, vd)
+        H, inter, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        layer = H * (2 * qd + 2 * kvd) + 3 * H * inter + 2 * H + 2 * c.head_dim
+        trainable = n_aux * H * H + H + L * layer + H + vd * H
+        cb = 4 if config.training.dtype == "fp32" else 2
+        B, s = c.block_size, self.options.anchor_stride
+        # per token of the micro-batch: its features, its context state and K/V per layer, and the
+        # B/s block slots anchored per position with each layer's saved activations
+        slot = L * (6 * H + 2 * qd + 2 * kvd + 3 * inter) + 2 * H
+        per_token = cb * (n_aux * H + H + H + L * 2 * kvd) + (B * cb * slot) // s
+        problems = []
+        if int(config.eval.steps) > c.block_size - 1:
+            problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but a dflash "
+                             f"block proposes {c.block_size - 1} (model.dflash.block_size - 1)"))
+        return DraftPlan(
+            shape={"hidden_size": H, "num_layers": L, "block_size": B, "draft_vocab_size": vd,
+                   "mask_token_id": c.mask_token_id}, source="generated from the target",
+            trainable_params=trainable, frozen_params=c.vocab_size * H,
+            activation_bytes_per_token=per_token, frozen_bytes=cb * (c.vocab_size * H + vd * H), problems=problems)
+
+
+def make_dflash(options: DFlashOptions | None, config: Any = None) -> DFlashAlgorithm:
+    return DFlashAlgorithm(options, config)
+
+
+@hookimpl
+def register_draft_algorithms(register):
+    register("dflash", make_dflash, config=DFlashOptions,
+             description="DFlash: block-diffusion draft, one forward drafts block_size-1 tokens (vLLM method dflash)")
