@@ -7,6 +7,7 @@ Arguments after a subcommand are config files and ``section.field=value`` overri
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -108,8 +109,17 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from specforge_core.pipeline import run_pipeline
+    from specforge_core.training.checkpoint import latest_checkpoint
 
-    run_pipeline(_load(args))
+    cfg = _load(args)
+    try:
+        run_pipeline(cfg)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(cfg.output_dir)
+        where = f"the newest complete checkpoint is {last}" if last else "no complete checkpoint was written"
+        print(f"interrupted: {where}; continue with `specforge run {' '.join(args.config)} training.resume=true`",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -149,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specforge", description="Train EAGLE-3 draft models.")
     parser.add_argument("--version", action="version", version=f"specforge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -204,9 +215,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RegistryError) as exc:
+    except (ConfigError, RegistryError) as exc:  # the user's input: one line, exit 2
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a file, a full disk, a permission: name the path and the cause
+        if args.debug:
+            raise
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error:{where}: {what} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # anything else: still one line, the traceback on request
+        if args.debug:
+            raise
+        # a data file's error names its file and line already (not imported up front: it pulls torch)
+        data_error = getattr(sys.modules.get("specforge_core.data.formats"), "DataError", ())
+        if isinstance(exc, data_error):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

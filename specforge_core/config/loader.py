@@ -68,6 +68,8 @@ def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, dic
         raise ConfigError("must be a path or a list of paths", key="extends", source=str(path))
     for parent in parents:
         parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        if not parent_path.is_file():  # name the including file: the missing path is its line
+            raise ConfigError(f"extends {parent!r}: {parent_path} not found", key="extends", source=str(path))
         pdata, psources = read_toml(parent_path, (*_seen, resolved))
         deep_merge(merged, pdata, sources, psources)
     deep_merge(merged, data, sources, _leaf_sources(data, str(path)))
