@@ -18,15 +18,6 @@ from specforge_dflash.export import ARCHITECTURE, export_config, export_tensors
 from specforge_dflash.model import DFlashConfig, DFlashDraft
 
 
-def default_aux_layers(num_layers: int, n: int = 3) -> list[int]:
-    """z-lab's ``build_target_layer_ids``: n target layers evenly spaced from layer 1 to L-3
-    (0-based layer outputs), as HF hidden_states indices (output of layer i = index i+1)."""
-    lo, hi = 1, max(num_layers - 3, 1)
-    if n == 1:
-        return [(lo + hi) // 2 + 1]
-    return [lo + round(i * (hi - lo) / (n - 1)) + 1 for i in range(n)]
-
-
 @attrs.define
 class DFlashOptions:
     block_size: int = option(8, "Tokens per block: the anchor (last committed token) + block_size-1 masked "
@@ -53,7 +44,9 @@ class DFlashAlgorithm:
     def __init__(self, options: DFlashOptions | None, config: Any = None):
         self.options = options or DFlashOptions()
         self.features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True,
-                                    block_size=self.options.block_size, default_aux_layers=default_aux_layers)
+                                    block_size=self.options.block_size)
+        # Aux layers: the core's default (2, L//2, L-3), which the pipelines resolve for every
+        # algorithm today (z-lab spreads them from layer 1 to L-3; set model.aux_layers for that).
 
     # ------------------------------------------------------------------------------ build
     def draft_config(self, hf: dict, n_aux: int, draft_vocab_size: int) -> DFlashConfig:

@@ -1,0 +1,180 @@
+"""DFlash plugin: the block objective (loss and gradients) against a slow, plain implementation
+written here with loops (one block, one head, one slot at a time), the export layout, and the
+block proposer's acceptance in ``specforge eval`` against a slow speculation loop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from specforge_defaults.loss import ForwardKLLoss
+from specforge_dflash.export import load_export
+from specforge_dflash.plugin import DFlashOptions, make_dflash
+
+from specforge_core.components import ObjectiveContext, TargetHead
+from specforge_core.training.batch import Batch
+from specforge_core.types import TargetInfo
+from specforge_core.vocab import VocabMapping
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "assets" / "tiny-target"
+
+
+# ------------------------------------------------------------------------------ slow reference
+def rms(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_one(v, p, theta):
+    """Rotate the pairs (v[i], v[i + d/2]) of one vector by angle p * theta^(-2i/d)."""
+    d = v.shape[0]
+    out = v.clone()
+    for i in range(d // 2):
+        ang = p * theta ** (-2 * i / d)
+        a, b = v[i], v[i + d // 2]
+        out[i] = a * math.cos(ang) - b * math.sin(ang)
+        out[i + d // 2] = b * math.cos(ang) + a * math.sin(ang)
+    return out
+
+
+def slow_block(draft, anchor_token: int, a: int, feats: torch.Tensor) -> torch.Tensor:
+    """[B, H] normed outputs of the block [anchor, mask...] at positions a.. over context f[0..a-1]."""
+    c, sd = draft.config, dict(draft.named_parameters())
+    eps, d, nh, nkv = c.rms_norm_eps, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    ctx = rms(feats[:a] @ sd["fc.weight"].T, sd["hidden_norm.weight"], eps)
+    x = sd["embed_tokens.weight"][[anchor_token] + [c.mask_token_id] * (c.block_size - 1)]
+    for li in range(c.num_hidden_layers):
+        p = f"layers.{li}."
+        hn = rms(x, sd[p + "input_layernorm.weight"], eps)
+        heads = []
+        for h in range(nh):
+            g = h // (nh // nkv)
+            wq = sd[p + "self_attn.q_proj.weight"][h * d:(h + 1) * d]
+            wk = sd[p + "self_attn.k_proj.weight"][g * d:(g + 1) * d]
+            wv = sd[p + "self_attn.v_proj.weight"][g * d:(g + 1) * d]
+            qn, kn = sd[p + "self_attn.q_norm.weight"], sd[p + "self_attn.k_norm.weight"]
+            keys, vals = [], []
+            for pos in range(a):  # context: the target's states before the anchor
+                keys.append(rope_one(rms(ctx[pos] @ wk.T, kn, eps), pos, c.rope_theta))
+                vals.append(ctx[pos] @ wv.T)
+            for i in range(c.block_size):  # the whole block, both directions
+                keys.append(rope_one(rms(hn[i] @ wk.T, kn, eps), a + i, c.rope_theta))
+                vals.append(hn[i] @ wv.T)
+            K, V = torch.stack(keys), torch.stack(vals)
+            rows = []
+            for i in range(c.block_size):
+                q = rope_one(rms(hn[i] @ wq.T, qn, eps), a + i, c.rope_theta)
+                rows.append(torch.softmax(K @ q / math.sqrt(d), 0) @ V)
+            heads.append(torch.stack(rows))
+        x = x + torch.cat(heads, -1) @ sd[p + "self_attn.o_proj.weight"].T
+        m = rms(x, sd[p + "post_attention_layernorm.weight"], eps)
+        up = F.silu(m @ sd[p + "mlp.gate_proj.weight"].T) * (m @ sd[p + "mlp.up_proj.weight"].T)
+        x = x + up @ sd[p + "mlp.down_proj.weight"].T
+    return rms(x, sd["norm.weight"], eps)
+
+
+def slow_objective(draft, batch: Batch, head_rows, t2d, stride, gamma):
+    """sum_j w_j * mean over valid (row, anchor) of soft CE(target at a+j-1 || draft slot j)."""
+    B = draft.config.block_size
+    sums, counts = [0.0] * (B - 1), [0] * (B - 1)
+    for b in range(batch.input_ids.shape[0]):
+        n = int(batch.lengths[b])
+        for a in range(1, n - 1, stride):
+            out = None
+            for j in range(1, B):
+                t = a + j
+                if t >= n or not batch.loss_mask[b, t] or not t2d[batch.target_argmax[b, t - 1]]:
+                    continue
+                out = slow_block(draft, int(batch.input_ids[b, a]), a, batch.aux_hidden[b]) if out is None else out
+                p = torch.softmax(batch.final_hidden[b, t - 1] @ head_rows.T, -1)
+                logq = torch.log_softmax(out[j] @ draft.lm_head.weight.T, -1)
+                sums[j - 1] = sums[j - 1] - (p * logq).sum()
+                counts[j - 1] += 1
+    w = [math.exp(-(j) / gamma) if gamma > 0 else 1.0 for j in range(B - 1)]
+    return sum(w[j] * sums[j] / max(counts[j], 1) for j in range(B - 1)), counts
+
+
+# ------------------------------------------------------------------------------ fixtures
+HF = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "head_dim": 8, "vocab_size": 40, "num_hidden_layers": 8, "rms_norm_eps": 1e-6, "rope_theta": 1000.0,
+      "pad_token_id": 0}
+
+
+def random_batch(gen, lengths, n_aux=3, H=32, V=40):
+    Bn, T = len(lengths), max(lengths)
+    ids = torch.randint(1, V, (Bn, T), generator=gen)
+    lens = torch.tensor(lengths)
+    real = torch.arange(T)[None] < lens[:, None]
+    ids = ids * real
+    mask = (torch.rand(Bn, T, generator=gen) < 0.8) & real
+    return Batch(input_ids=ids, loss_mask=mask, attention_mask=real,
+                 aux_hidden=torch.randn(Bn, T, n_aux * H, generator=gen) * real[..., None],
+                 final_hidden=torch.randn(Bn, T, H, generator=gen) * real[..., None],
+                 target_argmax=torch.randint(0, V, (Bn, T), generator=gen) * real, lengths=lens)
+
+
+def build(opts: DFlashOptions, vd=24, seed=0):
+    torch.manual_seed(seed)
+    alg = make_dflash(opts)
+    vocab = VocabMapping.from_target_ids(torch.randperm(40)[:vd], 40)
+    info = TargetInfo(model_path="-", hf_config=HF, aux_layer_ids=[2, 4, 5], hidden_size=32, vocab_size=40,
+                      num_hidden_layers=8)
+    draft = alg.build(info, vocab)
+    with torch.no_grad():  # non-trivial norms, so a mixed-up norm weight shows
+        for name, p in draft.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return alg, draft, vocab
+
+
+@pytest.mark.parametrize("block_size,stride,gamma,layers", [(4, 1, 0.0, 1), (5, 2, 2.0, 2)])
+def test_objective_equals_slow_reference(block_size, stride, gamma, layers):
+    opts = DFlashOptions(block_size=block_size, num_layers=layers, anchor_stride=stride, loss_decay=gamma)
+    alg, draft, vocab = build(opts)
+    gen = torch.Generator().manual_seed(1)
+    batch = random_batch(gen, [11, 7])
+    rows = torch.randn(vocab.draft_vocab_size, 32, generator=gen)
+    head = TargetHead(rows=rows, t2d=vocab.t2d, draft_ids=vocab.draft_to_target_ids)
+    denom = alg.count_targets(batch, head)
+    loss, stats = alg.objective(draft, batch, ObjectiveContext(loss=ForwardKLLoss(), head=head, denominators=denom))
+    loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.requires_grad}
+    draft.zero_grad()
+
+    ref, counts = slow_objective(draft, batch, rows, vocab.t2d, stride, gamma)
+    ref.backward()
+    assert denom.tolist() == [float(c) for c in counts] and sum(counts) > 10
+    assert stats["valid"].tolist() == [float(c) for c in counts]
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for n, p in draft.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert not draft.embed_tokens.weight.requires_grad
+    metrics = alg.summarize(stats)
+    assert metrics["valid_tokens"] == sum(counts) and 0 <= metrics["acc_1"] <= 1
+
+
+def test_export_layout_and_roundtrip(tmp_path):
+    from specforge_core.export import write_export
+
+    alg, draft, vocab = build(DFlashOptions(block_size=4, num_layers=2))
+    config, tensors = alg.export(draft, vocab)
+    assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 4
+    assert config["dflash_config"] == {"mask_token_id": 0, "target_layer_ids": [1, 3, 4]}  # HF index - 1
+    assert config["vocab_size"] == 40 and config["draft_vocab_size"] == 24 and config["num_hidden_layers"] == 2
+    # the names vLLM's DFlashQwen3ForCausalLM.load_weights reads (it prefixes "model." except lm_head/d2t)
+    layer = {f"layers.{i}.{n}.weight" for i in range(2) for n in (
+        "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(tensors) == layer | {"fc.weight", "hidden_norm.weight", "norm.weight", "lm_head.weight",
+                                    "embed_tokens.weight", "d2t", "t2d"}
+    assert tensors["fc.weight"].shape == (32, 96) and tensors["fc.weight"].dtype == torch.bfloat16
+    assert torch.equal(torch.arange(24) + tensors["d2t"], vocab.draft_to_target_ids)
+    write_export(config, tensors, tmp_path / "export")
+    loaded, d2t_ids = load_export(tmp_path / "export")
+    assert torch.equal(d2t_ids, vocab.draft_to_target_ids) and loaded.aux_layer_ids == [2, 4, 5]
+    for n, t in loaded.state_dict().items():
+        torch.testing.assert_close(t, tensors[n].float(), msg=n)
+
