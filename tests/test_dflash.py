@@ -4,6 +4,7 @@ block proposer's acceptance in ``specforge eval`` against a slow speculation loo
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -178,3 +179,93 @@ def test_export_layout_and_roundtrip(tmp_path):
     for n, t in loaded.state_dict().items():
         torch.testing.assert_close(t, tensors[n].float(), msg=n)
 
+
+
+# ------------------------------------------------------------------------------ eval acceptance
+def _features(model, seq: list[int], aux_layers):
+    with torch.no_grad():
+        hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+    return torch.cat([hs[i][0] for i in aux_layers], -1), hs[-1][0]
+
+
+def _overfit_draft(model, seqs, alg, tmp_path):
+    """A draft trained for a few seconds on the target's own greedy continuations of the eval
+    prompts, so that the acceptance the test compares is far from zero."""
+    from specforge_core.export import write_export
+    from specforge_core.training.frozen import TargetWeights
+
+    hf = json.loads((TINY / "config.json").read_text())
+    vocab = VocabMapping.from_target_ids(torch.arange(hf["vocab_size"]), hf["vocab_size"])
+    info = TargetInfo(model_path=str(TINY), hf_config=hf, aux_layer_ids=[2, 4, 5], hidden_size=hf["hidden_size"],
+                      vocab_size=hf["vocab_size"], num_hidden_layers=hf["num_hidden_layers"])
+    torch.manual_seed(0)
+    weights = TargetWeights(str(TINY), vocab)
+    draft = alg.build(info, vocab, weights)
+    T = max(len(s) for s in seqs)
+    feats = [_features(model, s, [2, 4, 5]) for s in seqs]
+    batch = random_batch(torch.Generator().manual_seed(0), [len(s) for s in seqs], H=hf["hidden_size"])
+    for b, (s, (aux, fin)) in enumerate(zip(seqs, feats, strict=True)):
+        n = len(s)
+        batch.input_ids[b, :n] = torch.tensor(s)
+        batch.aux_hidden[b, :n], batch.final_hidden[b, :n] = aux, fin
+        batch.loss_mask[b] = torch.arange(T) < n
+    rows = weights.head_rows()
+    batch.target_argmax = (batch.final_hidden @ rows.T).argmax(-1)
+    head = TargetHead(rows=rows, t2d=vocab.t2d, draft_ids=vocab.draft_to_target_ids)
+    ctx = ObjectiveContext(loss=ForwardKLLoss(), head=head, denominators=alg.count_targets(batch, head))
+    opt = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        alg.objective(draft, batch, ctx)[0].backward()
+        opt.step()
+    config, tensors = alg.export(draft, vocab)
+    return write_export(config, tensors, tmp_path / "export")
+
+
+def _slow_speculation(model, draft, d2t, prompt, k, max_new):
+    """Greedy speculation with full target recomputation and ``slow_block``: matched drafts per cycle."""
+    with torch.no_grad():
+        out = [int(model(torch.tensor([prompt])).logits[0, -1].argmax())]
+        matched = []
+        while len(out) < max_new:
+            seq = prompt + out
+            n = len(seq) - 1
+            aux, _ = _features(model, seq, draft.aux_layer_ids)
+            h = slow_block(draft, seq[-1], n, aux[:n].float())
+            drafts = d2t[(h[1:k + 1] @ draft.lm_head.weight.T).argmax(-1)].tolist()
+            nxt = model(torch.tensor([seq + drafts])).logits[0, n:].argmax(-1).tolist()
+            m = 0
+            while m < k and drafts[m] == nxt[m]:
+                m += 1
+            matched.append(m)
+            out += nxt[: m + 1]
+    return matched, out[:max_new]
+
+
+@pytest.mark.slow
+def test_eval_acceptance_equals_slow_loop(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from specforge_core.evaluation.accounting import stats_from_cycles
+    from specforge_core.evaluation.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32).eval()
+    prompts = [[1, 7, 300, 42, 9, 77], [1, 5, 600, 601, 33], [1, 12, 800, 14, 15, 16, 17]]
+    K, M = 3, 24
+    with torch.no_grad():
+        seqs = [model.generate(torch.tensor([p]), max_new_tokens=M + K, do_sample=False, eos_token_id=None
+                               )[0].tolist() for p in prompts]
+    alg = make_dflash(DFlashOptions(block_size=4, num_layers=1, anchor_stride=1, loss_decay=0.0))
+    export = _overfit_draft(model, seqs, alg, tmp_path)
+    report = evaluate(export, str(TINY), prompts, steps=K, max_new_tokens=M, eos_ids=(), check=True,
+                      batch_size=2, device="cpu", dtype="fp32")
+    assert report.ok, report.errors
+    draft, d2t = load_export(export)
+    total = 0
+    for p, pr in zip(prompts, report.prompts, strict=True):
+        matched, out = _slow_speculation(model, draft, d2t, p, K, M)
+        want = stats_from_cycles(matched, K)
+        assert (pr.raw.cycles, pr.raw.tokens, pr.raw.at_least) == (want.cycles, want.tokens, want.at_least)
+        assert pr.generated == len(out) and pr.mismatch is None
+        total += sum(matched)
+    assert report.overall.at_least[1] > 0 and total > len(prompts) * 3  # drafts beyond the first are accepted
