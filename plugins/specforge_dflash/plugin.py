@@ -23,7 +23,8 @@ class DFlashOptions:
     block_size: int = option(8, "Tokens per block: the anchor (last committed token) + block_size-1 masked "
                                 "slots, i.e. block_size-1 draft tokens per forward (z-lab: 16)",
                              validator=positive)
-    num_layers: int = option(1, "Draft decoder layers (z-lab's 8B drafts: 5)", validator=positive)
+    num_layers: int = option(2, "Draft decoder layers (with one, the masked slots read only the anchor's raw "
+                                "embedding; z-lab's 8B drafts: 5)", validator=positive)
     anchor_stride: int = option(2, "Training blocks are anchored every this many positions (1 = every "
                                    "position; cost grows as sequence_length^2 * block_size / stride)",
                                 validator=positive)
