@@ -105,6 +105,7 @@ def build_draft(options: Any, target: TargetInfo, draft_vocab_size: int) -> Llam
     else:
         cfg = DraftConfig.from_target(target.hf_config, draft_vocab_size, num_aux=n_aux,
                                       source=f"{target.model_path}/config.json")
+    cfg.fc_norm = bool(getattr(options, "fc_norm", False))
     model = LlamaEagle3Draft(cfg, aux_layer_ids=target.aux_layer_ids,
                              target_num_layers=target.num_hidden_layers,
                              aux_ids_convention=options.aux_ids_convention,

@@ -36,6 +36,7 @@ class DraftConfig:
     draft_vocab_size: int
     target_hidden_size: int  # width of each captured aux hidden state
     num_aux: int = 3  # number of aux layers concatenated into fc
+    fc_norm: bool = False  # EAGLE-3.1: one RMSNorm per aux hidden state before fc (vLLM/speculators "fc_norm")
 
     # ---------------------------------------------------------------------------------- builders
     @classmethod
@@ -100,6 +101,7 @@ class DraftConfig:
         get = _getter(exported, source)
         cfg = cls.from_target(exported, int(get("draft_vocab_size")), source=source)
         cfg.target_hidden_size = int(exported.get("target_hidden_size", cfg.hidden_size))
+        cfg.fc_norm = bool(exported.get("fc_norm", False))
         return cfg
 
     # ---------------------------------------------------------------------------------- export
@@ -136,6 +138,8 @@ class DraftConfig:
             out["target_hidden_size"] = self.target_hidden_size
         if aux_layer_ids is not None and target_num_layers is not None:
             out.update(aux_layer_keys(aux_layer_ids, target_num_layers))
+        if self.fc_norm:
+            out["fc_norm"] = True  # EAGLE-3.1: weights fc_norm.{i}.weight, one per aux layer
         return out
 
 

@@ -159,6 +159,9 @@ class LlamaEagle3Draft(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
         self.fc = nn.Linear(cfg.num_aux * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        # EAGLE-3.1 (fc_norm): each aux hidden state RMS-normed on its own before fc
+        self.fc_norm = (nn.ModuleList(RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(cfg.num_aux))
+                        if cfg.fc_norm else None)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
@@ -176,7 +179,19 @@ class LlamaEagle3Draft(nn.Module):
 
     def fuse(self, aux_hidden: torch.Tensor) -> torch.Tensor:
         """[..., n_aux*H_t] target features -> [..., H] draft hidden state."""
-        return self.fc(aux_hidden)
+        return self.fc(self.fc_input(aux_hidden))
+
+    def fc_input(self, aux_hidden: torch.Tensor) -> torch.Tensor:
+        """The features as fc reads them: as captured, or (EAGLE-3.1) each aux layer normed."""
+        if self.fc_norm is None:
+            return aux_hidden
+        chunks = aux_hidden.chunk(len(self.fc_norm), dim=-1)
+        return torch.cat([norm(x) for norm, x in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+
+    @property
+    def export_keys(self) -> tuple[str, ...]:
+        extra = tuple(f"fc_norm.{i}.weight" for i in range(len(self.fc_norm))) if self.fc_norm is not None else ()
+        return EXPORT_KEYS + extra
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits from a normed hidden state."""
@@ -246,7 +261,7 @@ class LlamaEagle3Draft(nn.Module):
         no_autocast = functools.partial(torch.autocast, device.type, enabled=False)
         with no_autocast():
             w = self._step_weights(dtype)
-            hidden = F.linear(aux_hidden.to(dtype), w["fc"])
+            hidden = F.linear(self.fc_input(aux_hidden).to(dtype), w["fc"])
         k0 = v0 = None
         k_diag: list[torch.Tensor] = []
         v_diag: list[torch.Tensor] = []
@@ -299,7 +314,7 @@ class LlamaEagle3Draft(nn.Module):
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         sd = self.state_dict()
-        return {k: sd[k].detach().to("cpu", torch.bfloat16).contiguous() for k in EXPORT_KEYS}
+        return {k: sd[k].detach().to("cpu", torch.bfloat16).contiguous() for k in self.export_keys}
 
     @classmethod
     def from_export(cls, directory: str | Path, embed_weight: Optional[torch.Tensor] = None,
@@ -324,15 +339,15 @@ class LlamaEagle3Draft(nn.Module):
             from safetensors.torch import load_file
         path = Path(directory) / "model.safetensors"
         tensors = load_file(str(path))
-        missing = [k for k in EXPORT_KEYS if k not in tensors]
+        missing = [k for k in self.export_keys if k not in tensors]
         if missing:
             raise KeyError(f"{path}: missing tensors {missing}")
         own = self.state_dict()
-        for key in EXPORT_KEYS:
+        for key in self.export_keys:
             if tuple(tensors[key].shape) != tuple(own[key].shape):
                 raise ValueError(f"{path}: '{key}' has shape {tuple(tensors[key].shape)}, the draft "
                                  f"config needs {tuple(own[key].shape)}")
-        self.load_state_dict({k: tensors[k] for k in EXPORT_KEYS}, strict=False)
+        self.load_state_dict({k: tensors[k] for k in self.export_keys}, strict=False)
         if "d2t" in tensors:
             self.d2t = tensors["d2t"]
         if "embed_tokens.weight" in tensors:

@@ -29,6 +29,9 @@ class LlamaEagle3Options:
     step_weight_decay: float = option(
         0.8, "Weight of TTT step k in the objective is step_weight_decay**k (EAGLE-3 uses 0.8)",
         validator=in_range(0, 1))
+    fc_norm: bool = option(
+        False, "EAGLE-3.1: RMS-norm each captured aux hidden state (its own weight) before fc; exported as "
+        "config fc_norm = true + fc_norm.{i}.weight, as speculators and vLLM's llama_eagle3 load it")
     aux_ids_convention: str = option(
         "sglang", "Ignored (kept so older configs load): the export now writes non-default aux layers "
         "for both engines, top-level eagle_aux_hidden_state_layer_ids in vLLM's numbering (HF index) and "

@@ -1,0 +1,104 @@
+"""DFlash and EAGLE-3.1 exports served by the real vLLM (CPU build, its own venv): DFlash's per-step
+acceptance in vLLM equals ``specforge eval``'s, and an EAGLE-3.1 (``fc_norm``) export loads with its
+norm weights as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "assets" / "tiny-target"
+
+
+def _vllm_python():
+    from specforge_vllm.eval_engine import vllm_python
+
+    try:
+        return vllm_python(None)
+    except ValueError as exc:
+        return pytest.skip(f"no vLLM environment: {exc}", allow_module_level=True)
+
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+PYTHON = _vllm_python()
+
+RUNNER = r'''
+import json, sys
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    req = json.load(open(sys.argv[1]))
+    llm = LLM(model=req["target"], dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+              disable_log_stats=False, speculative_config={"method": req["method"], "model": req["draft"],
+                                                           "num_speculative_tokens": req["k"]})
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]],
+                        SamplingParams(temperature=0.0, max_tokens=req["max_new"], ignore_eos=True,
+                                       detokenize=False), use_tqdm=False)
+    res = {"outputs": [list(o.outputs[0].token_ids) for o in outs]}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            res[m.name.split(":")[1]] = getattr(m, "values", None) or getattr(m, "value", None)
+    if req.get("fc_norm"):
+        def grab(worker):
+            model = worker.model_runner.drafter.model.model
+            return [n.weight.detach().float().tolist() for n in model.fc_norm]
+        res["fc_norm"] = llm.collective_rpc(grab)[0]
+    json.dump(res, open(sys.argv[2], "w"))
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _serve(tmp_path: Path, **req) -> dict:
+    (tmp_path / "runner.py").write_text(RUNNER)
+    (tmp_path / "req.json").write_text(json.dumps({"target": str(TINY), **req}))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([PYTHON, str(tmp_path / "runner.py"), str(tmp_path / "req.json"), str(tmp_path / "res.json")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((tmp_path / "res.json").read_text())
+
+
+def test_dflash_acceptance_in_vllm_equals_specforge_eval(tmp_path):
+    from specforge_dflash.plugin import DFlashOptions, make_dflash
+    from test_dflash import _overfit_draft
+    from transformers import AutoModelForCausalLM
+
+    from specforge_core.evaluation.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32).eval()
+    prompts = [[1, 7, 300, 42, 9, 77], [1, 5, 600, 601, 33], [1, 12, 800, 14, 15, 16, 17]]
+    K, M = 3, 24
+    with torch.no_grad():
+        seqs = [model.generate(torch.tensor([p]), max_new_tokens=M + K, do_sample=False, eos_token_id=None
+                               )[0].tolist() for p in prompts]
+    export = _overfit_draft(model, seqs, make_dflash(DFlashOptions(block_size=4, num_layers=2, loss_decay=0.0,
+                                                                   anchor_stride=1)), tmp_path)
+    ours = evaluate(export, str(TINY), prompts, steps=K, max_new_tokens=M, eos_ids=(), check=True,
+                    device="cpu", dtype="fp32")
+    served = _serve(tmp_path, draft=str(export), method="dflash", k=K, prompts=prompts, max_new=M)
+    assert ours.ok
+    assert served["outputs"] == [s[len(p): len(p) + M] for s, p in zip(seqs, prompts, strict=True)]
+    assert served["spec_decode_num_drafts"] == ours.raw.cycles
+    assert served["spec_decode_num_accepted_tokens_per_pos"] == ours.raw.at_least
+    assert ours.raw.at_least[1] > 0  # drafts beyond the first are accepted: the comparison has teeth
+
+
+def test_eagle31_fc_norm_export_loads_in_vllm(tmp_path):
+    from test_dflash_eagle31 import eagle31_export
+
+    export, weights = eagle31_export(tmp_path)
+    served = _serve(tmp_path, draft=str(export), method="eagle3", k=3, prompts=[[1, 7, 300, 42, 9, 77]], max_new=8,
+                    fc_norm=True)
+    assert len(served["fc_norm"]) == len(weights)
+    for got, want in zip(served["fc_norm"], weights, strict=True):
+        torch.testing.assert_close(torch.tensor(got), want.float())
