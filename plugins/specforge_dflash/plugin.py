@@ -110,6 +110,9 @@ class DFlashAlgorithm:
         # B/s block slots anchored per position with each layer's saved activations
         slot = L * (6 * H + 2 * qd + 2 * kvd + 3 * inter) + 2 * H
         per_token = cb * (n_aux * H + H + H + L * 2 * kvd) + (B * cb * slot) // s
+        # plain attention keeps fp32 scores and probabilities of every slot over the whole context
+        # (up to max_seq_length keys): the term that dominates long sequences
+        per_token += (B * L * c.num_attention_heads * int(config.dataset.max_seq_length) * 4 * 2) // s
         problems = []
         if int(config.eval.steps) > c.block_size - 1:
             problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but a dflash "
