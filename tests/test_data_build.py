@@ -66,8 +66,8 @@ def test_second_call_hits_the_cache(tok, data_file, tmp_path, monkeypatch):
     assert not stats1.from_cache and len(list((tmp_path / "cache").iterdir())) == 1
 
     calls = []
-    real = build_mod.tok.tokenize_conversation
-    monkeypatch.setattr(build_mod.tok, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = build_mod.tok.tokenize_batch  # counts conversations tokenized
+    monkeypatch.setattr(build_mod.tok, "tokenize_batch", lambda *a, **k: calls.extend([1] * len(a[1])) or real(*a, **k))
     second, stats2 = build_samples(cfg, tok)
     assert calls == [] and stats2.from_cache
     assert [s.sample_id for s in second] == [s.sample_id for s in first]

@@ -134,3 +134,61 @@ def test_a_non_utf8_byte_costs_one_record_with_its_line(tmp_path):
 def test_sharegpt_product_roles_are_the_assistant(role):
     conv = parse_record({"conversations": [{"from": "human", "value": "q"}, {"from": role, "value": "a"}]})
     assert [t.role for t in conv.turns] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("template", ["auto", "chatml", "llama3"])
+def test_batched_tokenization_equals_one_conversation_at_a_time(tmp_path, template):
+    """tokenize_batch (one tokenizer call per chunk) gives every conversation exactly the ids,
+    mask and truncation flag of tokenize_conversation; records hold U+2028/U+0085 and real roles."""
+    from pathlib import Path
+
+    from specforge_core.data import load_tokenizer, tokenize_conversation
+    from specforge_core.data.tokenize import tokenize_batch
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "configs" / "assets" / "tiny-target")
+    records = []
+    for i in range(40):
+        turns = [{"from": "system", "value": "Be brief."}] if i % 3 == 0 else []
+        for j in range(1 + i % 4):
+            turns.append({"from": "human", "value": f"q{i}.{j} line\u2028sep\u0085next " + "word " * (i % 7)})
+            turns.append({"from": ("gpt", "chatgpt", "bing", "bard")[j % 4], "value": f"answer {i} {j} " * (1 + i % 5)})
+        records.append({"id": f"r{i}", "conversations": turns})
+    convs, _ = load_conversations([write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in records])])
+    assert len(convs) == 40
+    one_by_one = [tokenize_conversation(tok, c, template, 48) for c in convs]
+    assert tokenize_batch(tok, convs, template, 48) == one_by_one
+    assert any(t for _, _, t in one_by_one) and not all(t for _, _, t in one_by_one)  # both kinds
+    assert tokenize_batch(tok, [], template, 48) == []
+
+
+def test_tokenize_all_in_worker_processes_equals_one_process(tmp_path, monkeypatch):
+    """The process pool (used from PARALLEL_MIN conversations on) returns the same samples, in the
+    same order, with the same stats as tokenizing in this process."""
+    from pathlib import Path
+
+    import torch
+
+    from specforge_core.config.schema import DatasetSection
+    from specforge_core.data import build as build_mod
+    from specforge_core.data import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "configs" / "assets" / "tiny-target")
+    lines = [json.dumps({"id": f"r{i}", "conversations": [
+        {"from": "human", "value": f"question {i} " * (1 + i % 9)},
+        {"from": "gpt" if i % 5 else "bing", "value": f"reply {i} " * (1 + i % 13)}]}) for i in range(60)]
+    lines[7] = "{broken"
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    cfg = DatasetSection(path=[str(path)], max_seq_length=40)
+    monkeypatch.setenv("SPECFORGE_TOKENIZE_WORKERS", "1")
+    serial, st1 = build_mod.tokenize_all(cfg, tok, [path])
+    monkeypatch.setattr(build_mod, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(build_mod, "TOKENIZE_CHUNK", 8)
+    monkeypatch.setenv("SPECFORGE_TOKENIZE_WORKERS", "2")
+    with build_mod._pool(tok, len(lines)) as pool:
+        assert pool is not None  # the pool path is the one under test
+    parallel, st2 = build_mod.tokenize_all(cfg, tok, [path], progress=True)
+    assert [s.sample_id for s in parallel] == [s.sample_id for s in serial] and len(serial) > 30
+    assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+               for a, b in zip(parallel, serial, strict=True))
+    assert (st2.truncated, st2.skipped_malformed, st2.samples) == (st1.truncated, st1.skipped_malformed, st1.samples)
+    assert st1.truncated > 0 and st1.skipped_malformed == 1

@@ -104,15 +104,29 @@ def _load_cache(path: Path) -> tuple[list[Sample], DataStats]:
 # ---- samples -----------------------------------------------------------------------------------
 
 
-def tokenize_all(cfg: DatasetSection, tokenizer, paths: Sequence[Path]) -> tuple[list[Sample], DataStats]:
+TOKENIZE_CHUNK = 256  # conversations per tokenizer call: big enough for the batch to use every core
+
+
+def tokenize_all(
+    cfg: DatasetSection, tokenizer, paths: Sequence[Path], progress: bool = False
+) -> tuple[list[Sample], DataStats]:
     if cfg.chat_template not in TEMPLATES:
         raise DataError(f"unknown chat_template {cfg.chat_template!r} (allowed: {', '.join(TEMPLATES)})")
     if cfg.chat_template != "auto":
         tok.check_template_tokens(tokenizer, get_template(cfg.chat_template))
     convs, stats = load_conversations(paths, cfg.format, cfg.on_error)
+    chunks = [convs[i : i + TOKENIZE_CHUNK] for i in range(0, len(convs), TOKENIZE_CHUNK)]
+    args = (cfg.chat_template, cfg.max_seq_length)
+    results = []
+    with _progress(progress) as bar, _pool(tokenizer, len(convs)) as pool:
+        task = bar.add_task("tokenize", total=len(convs))
+        done = pool.map(_tokenize_chunk, chunks, [args] * len(chunks)) if pool else (
+            tok.tokenize_batch(tokenizer, c, *args) for c in chunks)
+        for chunk, out in zip(chunks, done, strict=True):  # in order, as each chunk finishes
+            results += out
+            bar.advance(task, len(chunk))
     samples = []
-    for conv in convs:
-        ids, mask, truncated = tok.tokenize_conversation(tokenizer, conv, cfg.chat_template, cfg.max_seq_length)
+    for conv, (ids, mask, truncated) in zip(convs, results, strict=True):
         stats.truncated += int(truncated)
         if not any(mask):
             stats.skipped_no_loss += 1
@@ -129,13 +143,53 @@ def tokenize_all(cfg: DatasetSection, tokenizer, paths: Sequence[Path]) -> tuple
     return samples, stats
 
 
+PARALLEL_MIN = 2048  # below this many conversations a process pool costs more than it saves
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _tokenize_chunk(chunk, args):
+    return tok.tokenize_batch(_worker_tokenizer, chunk, *args)
+
+
+def _pool(tokenizer, n_convs: int):
+    """Worker processes for tokenizing: rendering a chat template (Jinja, once per assistant turn
+    for the loss spans) is Python and dominates, so threads would not help. ``fork`` (as torch's
+    DataLoader workers): ``spawn`` would re-import the caller's ``__main__`` in every worker.
+    None: tokenize in this process."""
+    import concurrent.futures as cf
+    import contextlib
+    import multiprocessing as mp
+
+    wanted = int(os.environ.get("SPECFORGE_TOKENIZE_WORKERS") or min(os.cpu_count() or 1, 8))
+    workers = min(wanted, n_convs // TOKENIZE_CHUNK)
+    if n_convs < PARALLEL_MIN or workers < 2:
+        return contextlib.nullcontext(None)
+    return cf.ProcessPoolExecutor(workers, mp.get_context("fork"), initializer=_init_worker, initargs=(tokenizer,))
+
+
+def _progress(enabled: bool):
+    """A rich bar on stderr (disabled: a no-op with the same calls)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True, disable=not enabled)
+
+
 def build_samples(
-    cfg: DatasetSection, tokenizer, *, paths: Optional[Sequence[str | Path]] = None, use_cache: bool = True
+    cfg: DatasetSection, tokenizer, *, paths: Optional[Sequence[str | Path]] = None, use_cache: bool = True,
+    progress: bool = False,
 ) -> tuple[list[Sample], DataStats]:
     """Load + tokenize the dataset files (``paths`` overrides ``cfg.path``), cached under
     ``cfg.cache_dir`` by a hash of the file contents, the tokenizer and the settings.
 
-    ``cfg.max_samples`` is applied after the cache (it does not change the key)."""
+    ``cfg.max_samples`` is applied after the cache (it does not change the key). ``progress``: show
+    a bar while tokenizing (the result and the cache do not depend on it)."""
     files = [Path(p) for p in (paths if paths is not None else cfg.path)]
     if not files:
         raise DataError("dataset.path is empty: give at least one JSONL/JSON conversation file")
@@ -152,7 +206,7 @@ def build_samples(
                 return _limit(samples, stats, cfg.max_samples)
             except Exception as e:  # a corrupt cache is rebuilt, not fatal
                 log.warning("ignoring unreadable cache %s: %s", cache_file, e)
-    samples, stats = tokenize_all(cfg, tokenizer, files)
+    samples, stats = tokenize_all(cfg, tokenizer, files, progress=progress)
     log.info("tokenized dataset: %s", stats.summary())
     if cache_file is not None:
         _save_cache(cache_file, samples, stats)

@@ -50,15 +50,7 @@ def tokenize_auto(tokenizer, conv: Conversation) -> tuple[list[int], list[int]]:
     text, spans = assistant_char_spans(tokenizer, conv)
     # The template already wrote BOS etc.; HF's apply_chat_template(tokenize=True) does the same.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    mask = [0] * len(ids)
-    si = 0
-    for j, (a, b) in enumerate(enc["offset_mapping"]):
-        while si < len(spans) and spans[si][1] <= a:
-            si += 1
-        if si < len(spans) and b > a and a < spans[si][1] and b > spans[si][0]:
-            mask[j] = 1
-    return ids, mask
+    return list(enc["input_ids"]), _mask_from_offsets(enc["offset_mapping"], spans)
 
 
 def tokenize_conversation(
@@ -71,6 +63,56 @@ def tokenize_conversation(
         ids, mask = tokenize_named(tokenizer, get_template(chat_template), conv)
     truncated = len(ids) > max_seq_length
     return ids[:max_seq_length], mask[:max_seq_length], truncated
+
+
+def _mask_from_offsets(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap an assistant span (both sorted by position)."""
+    mask = [0] * len(offsets)
+    si = 0
+    for j, (a, b) in enumerate(offsets):
+        while si < len(spans) and spans[si][1] <= a:
+            si += 1
+        if si < len(spans) and b > a and a < spans[si][1] and b > spans[si][0]:
+            mask[j] = 1
+    return mask
+
+
+def _encode_many(tokenizer, texts: list[str], **kw) -> dict:
+    # one call for many texts: a fast tokenizer encodes the batch on all cores (Rust threads)
+    return tokenizer(texts, add_special_tokens=False, **kw) if texts else {"input_ids": [], "offset_mapping": []}
+
+
+def tokenize_batch(
+    tokenizer, convs: list[Conversation], chat_template: str, max_seq_length: int
+) -> list[tuple[list[int], list[int], bool]]:
+    """``tokenize_conversation`` for many conversations at once, with the same result for each
+    (tested), but one tokenizer call per batch instead of one per conversation or segment."""
+    out: list[tuple[list[int], list[int], bool]] = []
+    if chat_template == "auto":
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("chat_template='auto' needs a fast tokenizer (offsets); pick a named template")
+        rendered = [assistant_char_spans(tokenizer, conv) for conv in convs]
+        enc = _encode_many(tokenizer, [text for text, _ in rendered], return_offsets_mapping=True)
+        pairs = [
+            (list(ids), _mask_from_offsets(offsets, spans))
+            for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True)
+        ]
+    else:
+        tpl = get_template(chat_template)
+        segments = [list(render_segments(tpl, conv)) for conv in convs]
+        flat = _encode_many(tokenizer, [text for segs in segments for text, _ in segs])["input_ids"]
+        pairs, k = [], 0
+        for segs in segments:
+            ids: list[int] = []
+            mask: list[int] = []
+            for _, is_loss in segs:
+                ids.extend(flat[k])
+                mask.extend([int(is_loss)] * len(flat[k]))
+                k += 1
+            pairs.append((ids, mask))
+    for ids, mask in pairs:
+        out.append((ids[:max_seq_length], mask[:max_seq_length], len(ids) > max_seq_length))
+    return out
 
 
 def encode_prompt(tokenizer, conv: Conversation, chat_template: str) -> list[int]:

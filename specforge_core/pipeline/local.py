@@ -181,7 +181,7 @@ def load_training_samples(config: SpecforgeConfig, console: Any):
     from specforge_core.data import build_samples, load_tokenizer
 
     tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
-    samples, data_stats = build_samples(config.dataset, tokenizer)
+    samples, data_stats = build_samples(config.dataset, tokenizer, progress=config.logging.progress)
     console.print(f"data: {data_stats.summary()}")
     usable = [s for s in samples if trainable(s)]
     skipped: Counter[str] = Counter()
