@@ -102,6 +102,8 @@ def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_ne
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
+    if tok.pad_token is None:  # the GGUF's tokenizer names none; padding is masked anyway
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     with gzip.open(prompts_gz, "rt", encoding="utf-8") as f:
         recs = [json.loads(line) for line in f]

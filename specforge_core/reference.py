@@ -359,6 +359,8 @@ def generate_first_answers(model_dir: Path, questions: Sequence[dict], max_new_t
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
+    if tok.pad_token is None:  # the GGUF's tokenizer names none; padding is masked anyway
+        tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     prompts = [tok.apply_chat_template([{"role": "user", "content": q["turns"][0]}], tokenize=False,
