@@ -68,34 +68,39 @@ def export_from_checkpoint(
     from specforge_core.target import target_info
     from specforge_core.training import checkpoint as ckpt
     from specforge_core.training.components import algorithm as build_algorithm
-    from specforge_core.training.components import create
     from specforge_core.vocab import VocabMapping
 
     if checkpoint_dir is None:
-        checkpoint_dir = ckpt.latest_checkpoint(config.output_dir)
+        checkpoint_dir = ckpt.latest_checkpoint(config.output_dir, ignore=ckpt.OPTIMIZER_FILES)
         if checkpoint_dir is None:
             raise FileNotFoundError(
                 f"export: no complete checkpoint under {ckpt.checkpoint_root(config.output_dir)}"
             )
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / ckpt.COMPLETE).exists():
-        raise FileNotFoundError(f"export: {checkpoint_dir} is not a complete checkpoint (no COMPLETE file)")
+    bad = ckpt.problems(checkpoint_dir, ignore=ckpt.OPTIMIZER_FILES)  # export reads no optimizer state
+    if bad:
+        raise FileNotFoundError(f"export: {checkpoint_dir} is not a complete checkpoint ({'; '.join(bad)})")
+    extra = ckpt.read_extra(checkpoint_dir)  # data only: a checkpoint that holds code is refused here
     out_dir = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "export"
 
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
-    # The pipeline keeps the run's mapping next to its checkpoints (and records the path in them).
-    vocab = VocabMapping.load(vocab_mapping_path(config))
+    # The mapping the weights were trained with travels in the checkpoint; the run dir's file may
+    # have been rewritten since (`specforge vocab`). Checkpoints older than that: the run dir's file.
+    vocab = ckpt.checkpoint_vocab(extra)
+    run_vocab = vocab_mapping_path(config)
+    if vocab is None:
+        vocab = VocabMapping.load(run_vocab)
+    elif run_vocab.exists() and not torch.equal(VocabMapping.load(run_vocab).d2t, vocab.d2t):
+        print(f"export: {run_vocab} differs from the mapping {checkpoint_dir.name} was trained with; "
+              "exporting the trained one (from the checkpoint)")
     algorithm = build_algorithm(config, registry)
     draft = algorithm.build(info, vocab)
     if (checkpoint_dir / ".metadata").exists():
         # A sharded (DCP) checkpoint, e.g. from fsdp2 on N ranks: read it in this one process,
         # no process group needed.
         _load_dcp_trainables(checkpoint_dir, draft)
-    else:
-        strategy = create(config, "training_strategy", config, registry=registry)
-        model = strategy.prepare(draft)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        strategy.load_checkpoint(str(checkpoint_dir), model, optimizer)
+    else:  # model.safetensors: the trainable weights (frozen ones came from the target in build)
+        ckpt.load_model_weights(draft, str(checkpoint_dir / "model.safetensors"))
     return export_draft(draft, vocab, out_dir, algorithm)
 
 

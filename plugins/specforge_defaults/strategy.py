@@ -2,10 +2,12 @@
 
 A checkpoint is a directory::
 
-    model.safetensors   full state dict (CPU)
-    optimizer.pt        optimizer.state_dict()
-    extra.pt            the trainer's picklable extras (step, scheduler, RNG, ...)
-    COMPLETE            written last; a directory without it is never loaded
+    model.safetensors   the state dict (CPU) without frozen params (the target embedding is
+                        reloaded from the target when the draft is built)
+    optimizer.pt        optimizer.state_dict(), read back with weights_only=True
+    extra.json, extra.safetensors   the trainer's extras as data (step, scheduler, RNG, ...)
+    COMPLETE            written last, lists every file with its size (+ sha256 when small);
+                        a directory without it, or whose files do not match, is never loaded
 
 It is written into ``<path>.tmp-<random>``, fsynced, then renamed to ``<path>``. An existing
 ``<path>`` is renamed aside to ``<path>.old-<random>`` first and deleted after, so at every instant
@@ -17,19 +19,26 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import shutil
-import time
 import uuid
 from contextlib import AbstractContextManager as ContextManager
 
 import attrs
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from specforge_core.config.fields import option
-from specforge_core.training.checkpoint import COMPLETE, is_complete
+from specforge_core.training.checkpoint import (
+    CheckpointError,
+    is_complete,
+    load_model_weights,
+    load_optimizer_state,
+    problems,
+    read_extra,
+    write_complete,
+    write_extra,
+)
 
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -152,18 +161,17 @@ class LocalStrategy:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         os.makedirs(tmp)
         try:
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
             files = {
-                "model.safetensors": lambda f: save_file(self.full_state_dict(model), f),
+                "model.safetensors": lambda f: save_file(
+                    {k: v for k, v in self.full_state_dict(model).items() if k not in frozen}, f),
                 "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
-                "extra.pt": lambda f: torch.save(extra, f),
             }
             for name, write in files.items():
                 write(os.path.join(tmp, name))
                 _fsync_file(os.path.join(tmp, name))
-            with open(os.path.join(tmp, COMPLETE), "w") as f:
-                json.dump({"files": list(files), "time": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
+            write_extra(tmp, extra)
+            write_complete(tmp)
             _fsync_dir(tmp)
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -184,16 +192,16 @@ class LocalStrategy:
         recover(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        if not is_complete(path):
-            raise RuntimeError(
-                f"checkpoint {path} is incomplete (no {COMPLETE} marker): it was interrupted while being "
-                "written; resume from an earlier checkpoint or delete it"
+        bad = problems(path)
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete or damaged ({'; '.join(bad)}); resume from an earlier "
+                "checkpoint or delete it"
             )
-        state = load_file(os.path.join(path, "model.safetensors"))
-        model.load_state_dict(state, strict=True)
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-        # extra.pt holds arbitrary picklables written by our own trainer
-        return torch.load(os.path.join(path, "extra.pt"), map_location="cpu", weights_only=False)
+        extra = read_extra(path)  # first: a refused extra stops the load before anything changes
+        load_model_weights(model, os.path.join(path, "model.safetensors"))
+        optimizer.load_state_dict(load_optimizer_state(os.path.join(path, "optimizer.pt")))
+        return extra
 
 
 def make_local_strategy(options: LocalStrategyOptions | None, config=None) -> LocalStrategy:

@@ -4,8 +4,9 @@ Layout of a checkpoint directory ``path`` (must be on a filesystem every rank se
 
     path/
       .metadata, __0_0.distcp, ...   DCP: {"model": ..., "optim": ...}, each rank writes its shards
-      extra.pt                       the trainer's picklable ``extra`` dict (rank 0)
-      COMPLETE                       written last; a directory without it is never loaded
+      extra.json, extra.safetensors  the trainer's ``extra`` as data (rank 0; nothing is unpickled)
+      COMPLETE                       written last, lists every file with its size (+ sha256 when
+                                     small); a directory without it, or not matching it, is never loaded
 
 Atomicity: everything goes to ``path.tmp-<id>`` (one id for all ranks, broadcast from rank 0);
 after a barrier rank 0 writes ``COMPLETE`` and renames the directory to ``path``.
@@ -29,9 +30,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from specforge_core.training.checkpoint import COMPLETE, is_complete
-
-EXTRA = "extra.pt"
+from specforge_core.training.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    problems,
+    read_extra,
+    write_complete,
+    write_extra,
+)
 
 # The frozen target embedding is the target's own weight (reloaded from the target on resume), so
 # neither checkpoints nor exports carry it.
@@ -39,10 +45,6 @@ _SHARDED = StateDictOptions(ignore_frozen_params=True)
 # Loading then leaves the frozen params as they are: `strict` would report them missing. Every
 # trainable key is still required: `dcp.load` fails on a key the checkpoint lacks.
 _SET = StateDictOptions(ignore_frozen_params=True, strict=False)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,13 +66,10 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: d
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective
     if dist.get_rank() == 0:
-        torch.save(extra, os.path.join(tmp, EXTRA))
+        write_extra(tmp, extra)
     barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write("ok\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_complete(tmp)  # lists every rank's shard files (a filesystem every rank sees)
         _replace_dir(tmp, path)
     barrier()  # nobody returns (or starts the next save) before `path` is in place
 
@@ -92,17 +91,18 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, barrier:
     returns the ``extra`` dict."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if not is_complete(path):
+    bad = problems(path)
+    if bad:
         raise CheckpointError(
-            f"checkpoint {path!r} has no {COMPLETE} marker: it was not fully written (a crash during "
-            "save?) and will not be loaded; delete it or pick an older checkpoint"
+            f"checkpoint {path!r} is incomplete or damaged ({'; '.join(bad)}) and will not be loaded; "
+            f"delete it or pick an older checkpoint (a complete one has a matching {COMPLETE} marker)"
         )
+    extra = read_extra(path)  # first: a refused extra stops the load before anything changes
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)  # fills the (sharded) tensors in place
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_SET
     )
-    extra = torch.load(os.path.join(path, EXTRA), weights_only=False)
     barrier()
     return extra

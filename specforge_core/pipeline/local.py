@@ -94,7 +94,13 @@ def _load_or_build_vocab(config: SpecforgeConfig, samples: Sequence[Sample], tar
     from specforge_core.vocab import VocabMapping, build_vocab_mapping
 
     path = vocab_mapping_path(config)
-    if config.model.vocab_mapping:
+    trained = _resumed_vocab(config)
+    if trained is not None:  # resume: the mapping the checkpoint's weights were trained with
+        vocab, source = trained, f"{path} (resume)"
+        if not path.exists() or not torch.equal(VocabMapping.load(str(path)).d2t, vocab.d2t):
+            console.print(f"vocab mapping: {path} differs from the checkpoint's; restoring the trained one")
+            vocab.save(str(path))
+    elif config.model.vocab_mapping:
         vocab = VocabMapping.load(config.model.vocab_mapping)
         source = f"model.vocab_mapping = {config.model.vocab_mapping}"
     elif path.exists() and config.training.resume:
@@ -115,6 +121,17 @@ def _load_or_build_vocab(config: SpecforgeConfig, samples: Sequence[Sample], tar
         vocab.save(str(path))
     console.print(f"vocab mapping: draft vocab {vocab.d2t.numel()} of {target_vocab} target ids ({source})")
     return vocab, path
+
+
+def _resumed_vocab(config: SpecforgeConfig):
+    """The vocab mapping stored in the checkpoint a resumed run continues from (None: no resume,
+    no checkpoint, or one older than stored mappings)."""
+    from specforge_core.training import checkpoint as ckpt
+
+    if not config.training.resume:
+        return None
+    latest = ckpt.latest_checkpoint(config.output_dir, report=lambda m: None)  # check_resume warned
+    return ckpt.checkpoint_vocab(ckpt.read_extra(latest)) if latest is not None else None
 
 
 def _fetch_features(backend, store, run_id: str, step: int, samples: list[Sample], batch_size: int,
@@ -202,6 +219,7 @@ def run_local(
 ) -> RunResult:
     from rich.console import Console
 
+    from specforge_core import rundir
     from specforge_core.config import dump_toml
     from specforge_core.training.components import create
 
@@ -210,17 +228,22 @@ def run_local(
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_toml = dump_toml(config)
-    (out_dir / "config.toml").write_text(config_toml)
-    random.seed(config.run.seed)
-    torch.manual_seed(config.run.seed)
-
-    # ---- data
-    samples, usable, data_stats, skipped = load_training_samples(config, console)
-
-    # ---- target, vocab
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     # Everything opened from here on is closed in reverse order, also when a step raises.
     with contextlib.ExitStack() as cleanup:
+        # one run per output_dir; a fresh run never mixes with another run's checkpoints
+        cleanup.enter_context(rundir.lock(out_dir, warn=console.print))
+        rundir.claim(out_dir, config.training.resume, config.run.name)
+        if config.training.resume:
+            rundir.check_resume(config, config_toml, warn=console.print)
+        (out_dir / "config.toml").write_text(config_toml)
+        random.seed(config.run.seed)
+        torch.manual_seed(config.run.seed)
+
+        # ---- data
+        samples, usable, data_stats, skipped = load_training_samples(config, console)
+
+        # ---- target, vocab
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         backend = target_backend
         if backend is None:
             backend = create(config, "target_backend", config, device, registry=registry)
@@ -255,7 +278,7 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     start_step = 0
     seen: set[int] = set()  # indices into `usable` trained at least once
     if tr.resume:
-        latest = ckpt.latest_checkpoint(out_dir)
+        latest = ckpt.latest_checkpoint(out_dir, report=lambda m: None)  # check_resume said which
         if latest is not None:
             extra = ckpt.load(trainer, latest)
             order.seek(**extra["data_position"])

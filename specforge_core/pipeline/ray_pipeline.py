@@ -109,7 +109,23 @@ def _kill(actors: list) -> None:
             pass
 
 
-def run_ray(
+def run_ray(config: SpecforgeConfig, **kwargs: Any) -> RayRunResult:
+    """The Ray pipeline (see :func:`_run_ray` for the arguments), holding ``output_dir``'s lock
+    throughout; a fresh run refuses another run's checkpoints, a resume checks the config."""
+    from rich.console import Console
+
+    from specforge_core import rundir
+    from specforge_core.config import dump_toml
+
+    kwargs["console"] = console = kwargs.get("console") or Console(soft_wrap=True)
+    with rundir.lock(config.output_dir, warn=console.print):
+        rundir.claim(config.output_dir, config.training.resume, config.run.name)
+        if config.training.resume:
+            rundir.check_resume(config, dump_toml(config), warn=console.print)
+        return _run_ray(config, **kwargs)
+
+
+def _run_ray(
     config: SpecforgeConfig,
     *,
     stop_after_steps: Optional[int] = None,  # trainers end early as if killed (tests of resume)
