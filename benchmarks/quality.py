@@ -94,8 +94,10 @@ def prepare(assets: Path, out: Path, budget: int, regen_prompts: int, max_prompt
 
 
 def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_new_tokens: int,
-               batch_size: int) -> dict[str, Any]:
-    """The target's own greedy answers to ShareGPT first turns until they hold ``budget`` tokens."""
+               batch_size: int, deadline_s: float = float("inf")) -> dict[str, Any]:
+    """The target's own greedy answers to ShareGPT first turns until they hold ``budget`` tokens
+    (or ``deadline_s`` seconds have passed: HF ``generate`` is slow, measured on an H200 at over
+    3 minutes for 1M tokens at batch 1024, so a time-boxed run stops early and says so)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,7 +132,7 @@ def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_ne
                 n_tokens += len(ids)
                 written += 1
             print(f"regen: {written} answers, {n_tokens} tokens, {time.time() - t0:.0f}s", flush=True)
-            if n_tokens >= budget:
+            if n_tokens >= budget or time.time() - t0 > deadline_s:
                 break
     del model
     torch.cuda.empty_cache()
@@ -210,19 +212,34 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         if VARIANTS[n][0] == "sharegpt":
             launch(n, sharegpt)
-    regen_info = None
+    # regeneration runs beside the ShareGPT trainings (a thread: the GPU has room for both); the
+    # variants that train on it start when it is done
+    import threading
+
+    regen_box: dict[str, Any] = {}
     regen_names = [n for n in names if VARIANTS[n][0] == "regen"]
+    regen_path = work / "regen.jsonl"
+    regen_thread = None
     if regen_names:
-        regen_path = work / "regen.jsonl"
-        regen_info = regenerate(model, data / "prompts.jsonl.gz", regen_path, meta["sharegpt_assistant_tokens"],
-                                args.regen_max_new_tokens, args.regen_batch_size)
-        print(f"regenerated: {regen_info}", flush=True)
-        for n in regen_names:
-            launch(n, regen_path)
+        def _regen() -> None:
+            regen_box["info"] = regenerate(model, data / "prompts.jsonl.gz", regen_path,
+                                           meta["sharegpt_assistant_tokens"], args.regen_max_new_tokens,
+                                           args.regen_batch_size, args.regen_deadline)
+
+        regen_thread = threading.Thread(target=_regen, daemon=True)
+        regen_thread.start()
 
     rc: dict[str, int] = {}
     deadline = t_start + args.train_deadline
-    while len(rc) < len(procs):
+    while len(rc) < len(procs) or (regen_thread is not None and regen_names[0] not in procs):
+        if regen_thread is not None and not regen_thread.is_alive() and regen_names[0] not in procs:
+            if "info" not in regen_box:
+                print("regeneration failed; its variants are skipped", flush=True)
+                regen_thread = None
+            else:
+                print(f"regenerated: {regen_box['info']}", flush=True)
+                for n in regen_names:
+                    launch(n, regen_path)
         for n, p in procs.items():
             if n not in rc and p.poll() is not None:
                 rc[n] = p.returncode
@@ -268,8 +285,10 @@ def run(args: argparse.Namespace) -> int:
                 del running[key]
         time.sleep(0.5)
 
+    regen_info = regen_box.get("info")
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "meta": meta, "regen": regen_info, "ks": list(KS),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "meta": meta,
+        "regen": regen_info, "ks": list(KS),
         "max_new_tokens": args.max_new_tokens, "recipe": str(RECIPE.relative_to(ROOT)), "extra_overrides": args.set,
         "total_wall_s": None, "variants": {},
     }
@@ -351,6 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--eval-dtype", default="fp32", choices=("fp32", "bf16"))
     r.add_argument("--regen-max-new-tokens", type=int, default=512)
     r.add_argument("--regen-batch-size", type=int, default=1024)
+    r.add_argument("--regen-deadline", type=float, default=90, help="seconds of generation at most")
     r.add_argument("--train-deadline", type=float, default=330, help="seconds from start; later runs are killed")
     r.add_argument("--eval-deadline", type=float, default=150, help="seconds for all evaluations")
     r.add_argument("--table", metavar="JSON", help=argparse.SUPPRESS)
