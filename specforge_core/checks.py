@@ -29,8 +29,11 @@ class Problem:
         return f"{self.key}: {self.message}" if self.key else self.message
 
 
-def check_config(config: Any) -> list[Problem]:
-    """All problems found (errors first). Never raises on a bad config; reports it."""
+def check_config(config: Any, inputs: bool = True) -> list[Problem]:
+    """All problems found (errors first). Never raises on a bad config; reports it.
+
+    ``inputs=False`` leaves out whether the data files, the target and the output dir are there
+    (``specforge plan``, ``config validate --skip-inputs``: sizing a recipe for another machine)."""
     out: list[Problem] = []
 
     def err(key: str, msg: str) -> None:
@@ -39,7 +42,7 @@ def check_config(config: Any) -> list[Problem]:
     def warn(key: str, msg: str) -> None:
         out.append(Problem("warning", key, msg))
 
-    _check_inputs(config, err, warn)
+    _check_inputs(config, err, warn, inputs)
     _check_hardware(config, err, warn)
     t, src = P.load_target_config(config)
     if t is None:
@@ -56,12 +59,14 @@ def check_config(config: Any) -> list[Problem]:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _check_inputs(config: Any, err, warn) -> None:
+def _check_inputs(config: Any, err, warn, inputs: bool = True) -> None:
     """What a run reads and writes, checked before any work (the run used to fail on these after
     data loading and vocab building, with a traceback)."""
     tr = config.training
     if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
         err("training.betas", f"{list(tr.betas)}: AdamW takes two values, each in [0, 1), e.g. [0.9, 0.95]")
+    if not inputs:
+        return
     for f in config.dataset.path:
         if not Path(f).is_file():
             err("dataset.path", f"{f}: data file not found" + (" (a directory)" if Path(f).is_dir() else ""))

@@ -77,7 +77,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     except ImportError:
         problems = []
     else:
-        problems = check_config(cfg)
+        problems = check_config(cfg, inputs=not args.skip_inputs)
     errors = [p for p in problems if getattr(p, "level", "error") == "error"]
     for p in problems:
         print(f"{getattr(p, 'level', 'error')}: {p}", file=sys.stderr)
@@ -171,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     with_config(cfg.add_parser("show", help="print the fully resolved config as TOML")).set_defaults(func=cmd_config_show)
-    with_config(cfg.add_parser("validate", help="check a config without running anything")).set_defaults(
-        func=cmd_config_validate
-    )
+    validate = with_config(cfg.add_parser("validate", help="check a config without running anything"))
+    validate.add_argument("--skip-inputs", action="store_true",
+                          help="do not check that the data files, target and output_dir exist here "
+                               "(a recipe for another machine)")
+    validate.set_defaults(func=cmd_config_validate)
     ref = cfg.add_parser("reference", help="generate the config reference from core and plugin classes")
     ref.add_argument("--output", default="docs/config-reference.md", help="file to write ('-' = stdout)")
     ref.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")

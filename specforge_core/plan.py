@@ -409,6 +409,6 @@ def main(args: argparse.Namespace) -> int:
     files = [i for i in args.config if "=" not in i]
     overrides = [i for i in args.config if "=" in i]
     config = load_config(files, overrides)
-    problems = check_config(config)
+    problems = check_config(config, inputs=False)  # sizing: the data may live on the cluster only
     print(format_plan(config, build_plan(config), problems), end="")
     return 2 if any(p.level == "error" for p in problems) else 0
