@@ -239,3 +239,17 @@ def test_checkpoints_hold_no_frozen_params(env):
     assert frozen  # the target embedding
     saved = set(load_file(str(env[3] / "checkpoints" / "step-000002" / "model.safetensors")))
     assert not (saved & frozen) and trainable <= saved
+
+
+def test_ray_pipeline_applies_the_same_directory_and_resume_checks(env, tmp_path):
+    """The Ray driver claims the directory and checks a resume before it starts Ray."""
+    from specforge_core.pipeline.ray_pipeline import run_ray
+
+    out = copy_base(env, tmp_path)
+    with pytest.raises(rundir.RunDirError, match="already holds checkpoints"):
+        run_ray(make_config(env, out, "run.pipeline=ray"))
+    with pytest.raises(rundir.RunDirError, match=r"training\.ttt_length: 2 -> 3"):
+        run_ray(make_config(env, out, "run.pipeline=ray", "training.resume=true", "training.ttt_length=3"))
+    with rundir.lock(out):
+        with pytest.raises(rundir.RunDirError, match="in use by another specforge run"):
+            run_ray(make_config(env, out, "run.pipeline=ray", "training.resume=true"))
