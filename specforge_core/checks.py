@@ -29,7 +29,7 @@ class Problem:
         return f"{self.key}: {self.message}" if self.key else self.message
 
 
-def check_config(config: Any, inputs: bool = True) -> list[Problem]:
+def check_config(config: Any, inputs: bool = True, registry: Any = None) -> list[Problem]:
     """All problems found (errors first). Never raises on a bad config; reports it.
 
     ``inputs=False`` leaves out whether the data files, the target and the output dir are there
@@ -49,7 +49,7 @@ def check_config(config: Any, inputs: bool = True) -> list[Problem]:
         (err if config.model.target_config else warn)("model.target_config", f"not checked against the target: {src}")
     else:
         try:
-            _check_target(config, t, src, err, warn)
+            _check_target(config, t, src, err, warn, registry)
         except (KeyError, ValueError, TypeError) as exc:
             err("model.target_config", f"{src}: cannot read the target's shape: {exc!r}")
     return sorted(out, key=lambda p: p.level != "error")
@@ -133,10 +133,10 @@ def _check_hardware(config: Any, err, warn) -> None:
 
 
 # ------------------------------------------------------------------------------------- target
-def _check_target(config: Any, t: dict, src: str, err, warn) -> None:
+def _check_target(config: Any, t: dict, src: str, err, warn, registry: Any = None) -> None:
     m, ds = config.model, config.dataset
     L, V = int(t["num_hidden_layers"]), int(t["vocab_size"])
-    layers = P.aux_layers(config, L)
+    layers = P.aux_layers(config, L, registry)
     bad = [i for i in layers if not 1 <= i <= L - 1]
     if bad or any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
         err("model.aux_layers", f"{layers} for the {L}-layer target ({src}): ids must be increasing and in 1..{L - 1}")
@@ -152,7 +152,7 @@ def _check_target(config: Any, t: dict, src: str, err, warn) -> None:
         divisors = [d for d in range(1, nh + 1) if nh % d == 0]
         err("inference.gpus_per_engine", f"TP size {tp} does not divide the target's {nh} attention heads; "
             f"allowed TP sizes: {divisors}")
-    plan = P.build_plan(config)
+    plan = P.build_plan(config, registry)
     # the components' own checks: the draft algorithm's (e.g. its config file against the target)
     # and any component's plan_notes (e.g. a backend's context length, a store's sizes)
     problems = list(plan["draft_plan"].problems)

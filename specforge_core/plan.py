@@ -59,12 +59,12 @@ def load_target_config(config: Any) -> tuple[Optional[dict], str]:
     return None, "model.target is empty"
 
 
-def aux_layers(config: Any, num_layers: int) -> list[int]:
+def aux_layers(config: Any, num_layers: int, registry: Any = None) -> list[int]:
     """``model.aux_layers``, else the draft algorithm's default for the target (``FeatureSpec``),
     else EAGLE-3's (2, L//2, L-3)."""
     if config.model.aux_layers:
         return list(config.model.aux_layers)
-    default = getattr(getattr(draft_algorithm(config), "features", None), "default_aux_layers", None)
+    default = getattr(getattr(draft_algorithm(config, registry), "features", None), "default_aux_layers", None)
     return list(default(num_layers)) if default is not None else [2, num_layers // 2, num_layers - 3]
 
 
@@ -265,28 +265,29 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_plan(config: Any) -> dict[str, Any]:
-    """Every number ``specforge plan`` prints, as a dict (also used by tests and checks)."""
+def build_plan(config: Any, registry: Any = None) -> dict[str, Any]:
+    """Every number ``specforge plan`` prints, as a dict (also used by tests and checks); ``registry``:
+    the one a ``Pipeline(registry=...)`` runs with (None: the installed entry points)."""
     plan: dict[str, Any] = {"placement": place(config)}
     t, src = load_target_config(config)
     plan["target_source"] = src
     if t is None:
         return plan
     H, L = int(t["hidden_size"]), int(t["num_hidden_layers"])
-    n_aux = len(aux_layers(config, L))
+    n_aux = len(aux_layers(config, L, registry))
     T = config.dataset.max_seq_length
     hb = DTYPE_BYTES[config.inference.dtype]
     per_token = hidden_bytes_per_token(H, n_aux, hb)
-    plan.update(target=t, n_aux=n_aux, aux_layers=aux_layers(config, L), bytes_per_token=per_token,
+    plan.update(target=t, n_aux=n_aux, aux_layers=aux_layers(config, L, registry), bytes_per_token=per_token,
                 bytes_per_sample=per_token * T)
     plan["pool_samples"] = config.transfer.max_pool_bytes // (per_token * T)
-    algo = draft_algorithm(config)
+    algo = draft_algorithm(config, registry)
     dp = algo.plan(config, t)
     plan.update(draft=dp.shape, draft_source=dp.source, draft_plan=dp,
                 draft_trainable=dp.trainable_params, draft_frozen=dp.frozen_params)
     from specforge_core.training.components import create
 
-    plan["train_memory"] = train_memory(config, dp, create(config, "loss"))
+    plan["train_memory"] = train_memory(config, dp, create(config, "loss", registry=registry))
     nnodes, per_node, tp = engine_shape(config)
     weights = target_weight_bytes(t, hb)
     plan.update(tp=tp, target_weights=weights, target_weights_per_gpu=weights // tp,

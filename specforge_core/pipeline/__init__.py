@@ -20,7 +20,7 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
 
     The semantic checks ``specforge config validate`` prints run first: an error stops the run
     before any work (``ConfigError``, one line per problem); warnings are logged."""
-    check_before_run(config)
+    check_before_run(config, registry)
     if config.run.pipeline == "ray":
         from specforge_core.pipeline.ray_pipeline import run_ray
 
@@ -30,14 +30,14 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
     return run_local(config, registry=registry, **components)
 
 
-def check_before_run(config: SpecforgeConfig) -> None:
+def check_before_run(config: SpecforgeConfig, registry: Any = None) -> None:
     """``checks.check_config``, the same checks as ``config validate``: errors raise, warnings log."""
     import logging
 
     from specforge_core.checks import check_config
     from specforge_core.config import ConfigError
 
-    problems = check_config(config)
+    problems = check_config(config, registry=registry)
     for p in problems:
         if p.level != "error":
             logging.getLogger(__name__).warning("%s", p)
