@@ -123,6 +123,8 @@ def claim(output_dir: str | Path, resume: bool, name: str = "specforge") -> str:
     if resume and existing and current is None:  # checkpoints from before run ids: adopt the newest's
         latest = ckpt.latest_checkpoint(out)
         current = ckpt.read_extra(latest).get("run_id") if latest else None
+    if not resume:
+        current = None  # a fresh run is a new run, even in a directory an earlier run claimed
     new = current or f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     (out / RUN_FILE).write_text(json.dumps({"run_id": new}) + "\n")
     return new
