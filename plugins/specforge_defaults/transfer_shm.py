@@ -17,6 +17,7 @@ Keys may be any non-empty string: they are percent-encoded into file names.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -282,19 +283,82 @@ class ShmStore:
         pass  # nothing held open between calls
 
 
+OWNER_SUFFIX = ".owner"  # <root>/specforge-<run>.owner: who made the directory (pid, host, start)
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return start is None or _proc_start(pid) in (None, start)
+
+
+def sweep_dead(root: str) -> list[str]:
+    """Remove the store directories under ``root`` whose owning process (on this host) is gone: a
+    ``kill -9`` of a driver never reaches ``stop``. Directories of live owners, of other hosts and
+    without an owner file (another version, or not ours) are left alone. Returns what was removed."""
+    import socket
+
+    removed = []
+    for owner_file in sorted(glob_owner_files(root)):
+        path = owner_file[: -len(OWNER_SUFFIX)]
+        try:
+            with open(owner_file) as f:
+                owner = json.load(f)
+            if owner["host"] != socket.gethostname() or _alive(int(owner["pid"]), owner.get("start")):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable or being written: not provably dead
+        n = len(ShmStore(ShmHandle(path)).keys()) if os.path.isdir(path) else 0
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(owner_file)
+        removed.append(f"{path} (pid {owner['pid']} on {owner['host']}, {n} keys)")
+    return removed
+
+
+def glob_owner_files(root: str) -> list[str]:
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return [os.path.join(root, n) for n in names if n.startswith("specforge-") and n.endswith(OWNER_SUFFIX)]
+
+
 class ShmStoreProvider:
     def __init__(self, options: Optional[ShmOptions] = None):
         self.options = options or ShmOptions()
 
     def start(self, run_id: str) -> ShmHandle:
+        import socket
+
         root = self.options.root
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"transfer store 'shm': root {root!r} does not exist; set [transfer.shm] root to a "
                 "tmpfs directory (Linux: /dev/shm)"
             )
+        removed = sweep_dead(root)
+        if removed:
+            warnings.warn(f"transfer store 'shm': removed {len(removed)} store(s) of runs that died without "
+                          f"stopping: {'; '.join(removed)}", stacklevel=2)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) or "run"
         path = os.path.join(root, f"specforge-{safe}")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
+        with open(path + OWNER_SUFFIX, "w") as f:  # before the directory: a dir is never ownerless
+            json.dump(owner, f)
         if os.path.exists(path):
             left = len(ShmStore(ShmHandle(path)).keys())
             warnings.warn(
@@ -310,6 +374,8 @@ class ShmStoreProvider:
     def stop(self, handle: ShmHandle) -> None:
         left = ShmStore(handle).count()
         shutil.rmtree(handle.path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle.path + OWNER_SUFFIX)
         if left:
             warnings.warn(
                 f"transfer store 'shm': {left} keys were left at stop; removed {handle.path}", stacklevel=2
