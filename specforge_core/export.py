@@ -20,18 +20,55 @@ import torch
 from safetensors.torch import save_file
 
 
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace(".", "_")  # '.' ends the owner part of a temp dir's name
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{_host()}"
+
+
+def sweep_dead_temps(out: Path) -> list[str]:
+    """Remove ``.<name>.tmp-<pid>@<host>.*`` / ``.old-`` dirs next to ``out`` left by an export
+    that was killed (its pid on this host is gone); a live or other-host writer's are kept."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)@(.+?)\.")
+    removed = []
+    for entry in out.parent.iterdir() if out.parent.is_dir() else ():
+        m = pattern.match(entry.name)
+        if not m or m.group(2) != _host():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(str(entry))
+    return removed
+
+
 def write_export(config: dict[str, Any], state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` to ``out_dir`` atomically; returns it."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    removed = sweep_dead_temps(out)
+    if removed:
+        warnings.warn(f"export: removed {len(removed)} temp dir(s) of exports that were killed: "
+                      f"{', '.join(removed)}", stacklevel=2)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}.", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if out.exists():
             # Swap: move the old export aside first so `out` is never partially written.
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{_owner()}."
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
