@@ -48,5 +48,6 @@ def test_built_through_registry(tmp_path):
 
     loss = reg.create_for(config, "loss")  # default forward-kl
     h, w = torch.randn(4, 8), torch.randn(6, 8)
-    out = loss(0, h, w, h, w, torch.ones(4, dtype=torch.bool))
-    assert int(out.correct) == 4
+    # the loss contract: prepare once per micro-batch, then one call per prediction group
+    out = loss(h, w, loss.prepare(h, w), torch.arange(4), torch.ones(4, dtype=torch.bool))
+    assert int(out.correct) == 4 and int(out.count) == 4
