@@ -217,11 +217,12 @@ def test_trainer_death_stops_cleanly_and_resume_continues(assets, tmp_path):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    with pytest.raises(RuntimeError, match="actor died.*last complete checkpoint: .*step-0000"):
+    with pytest.raises(RuntimeError, match="actor died.*last complete checkpoint: .*step-0000") as stopped:
         run_pipeline(cfg())
     t.join()
     assert killed
     latest = ckpt.latest_checkpoint(tmp_path)
+    assert f"last complete checkpoint: {latest} " in str(stopped.value)  # the newest, not an older one
     done = int(latest.name.split("-")[1])
     assert 2 <= done < N_SAMPLES // 2  # step 3 was reported; its checkpoint may not have finished
     shm = [d for d in Path("/dev/shm").glob("specforge-td-*")]

@@ -226,16 +226,23 @@ def _run_ray(
         manager_ref = manager.run.remote(controller)
         train_refs = [t.run.remote(controller, config_toml, stop_after_steps) for t in trainers]
         pending = [manager_ref, *train_refs]
-        while any(r in pending for r in train_refs):
-            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-            for ref in done:
-                out = ray.get(ref)  # raises if that actor died or failed: the run stops here
-                if ref is train_refs[0]:
-                    result = out
-            for m in ray.get(controller.metrics_since.remote(len(history))):
-                history.append(m)
-                if int(m["step"]) % tr.log_every == 0 or int(m["step"]) == total_steps:
-                    console.print(format_metrics(m, total_steps, tr.ttt_length))
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=console, disable=not config.logging.progress)  # as the local pipeline's
+        with bar:
+            task = bar.add_task("train", total=total_steps, completed=start_step)
+            while any(r in pending for r in train_refs):
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                for ref in done:
+                    out = ray.get(ref)  # raises if that actor died or failed: the run stops here
+                    if ref is train_refs[0]:
+                        result = out
+                for m in ray.get(controller.metrics_since.remote(len(history))):
+                    history.append(m)
+                    bar.update(task, completed=int(m["step"]))
+                    if int(m["step"]) % tr.log_every == 0 or int(m["step"]) == total_steps:
+                        bar.console.print(format_metrics(m, total_steps, tr.ttt_length))
         if manager_ref in pending:  # trainers stopped early (stop_after_steps): stop inference
             ray.get(manager.stop.remote())
             ray.get(manager_ref)
@@ -250,6 +257,9 @@ def _run_ray(
 
         from specforge_core.training import checkpoint as ckpt
 
+        # stop the actors before looking: a trainer still saving would otherwise complete a newer
+        # checkpoint after this message named an older one
+        _kill(actors)
         latest = ckpt.latest_checkpoint(out_dir)
         where = f"last complete checkpoint: {latest or 'none'}" + (
             " (set training.resume = true to continue from it)" if latest else "")
