@@ -123,6 +123,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_regenerate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from specforge_core.data.regenerate import output_path, regenerate
+
+    cfg = _load(args)
+    summary = regenerate(cfg, console=Console(stderr=True) if cfg.logging.progress else None)
+    print(f"wrote {output_path(cfg)}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
 def cmd_vocab(args: argparse.Namespace) -> int:
     from specforge_core.vocab import build_vocab_for_config
 
@@ -184,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     vocab = with_config(sub.add_parser("vocab", help="build the draft vocab mapping from the dataset"))
     vocab.add_argument("--output", default=None, help="where to write (default: <output_dir>/vocab_mapping.safetensors)")
     vocab.set_defaults(func=cmd_vocab)
+
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    with_config(data.add_parser(
+        "regenerate", help="the target rewrites every assistant turn of dataset.path ([regenerate] settings)",
+    )).set_defaults(func=cmd_data_regenerate)
 
     export = with_config(sub.add_parser("export", help="export a checkpoint for SGLang / vLLM"))
     export.add_argument("--checkpoint", default=None, help="checkpoint dir (default: newest in output_dir)")

@@ -200,7 +200,68 @@ class HFTargetBackend:
             torch.cuda.current_stream(self.device).synchronize()  # the features are complete on return
         return feats
 
+    # -------------------------------------------------------------------------- generate_text
+    def generate_text(self, prompts: Sequence[Sequence[int]], params) -> list:
+        """``TargetBackend.generate_text``: replies to token-id prompts with transformers' own
+        ``generate`` (KV cache), ``inference.batch_size`` prompts at a time, left-padded."""
+        from specforge_core.components import GeneratedText
+
+        tok = self._tokenizer()
+        eos = [t for t in (self.model.generation_config.eos_token_id, tok.eos_token_id) if t is not None]
+        eos = sorted({int(x) for t in eos for x in (t if isinstance(t, (list, tuple)) else [t])})
+        stops = sorted(set(eos) | {int(t) for t in params.stop_token_ids})
+        out: list = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = [list(map(int, p)) for p in prompts[start : start + self.batch_size]]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[i, width - len(p) :] = torch.tensor(p)
+                mask[i, width - len(p) :] = 1
+            sample = params.temperature > 0
+            if sample and params.seed is not None:
+                torch.manual_seed(params.seed + start)  # per batch: a rerun regenerates the same text
+            with torch.no_grad():
+                gen = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    max_new_tokens=params.max_new_tokens, do_sample=sample,
+                    temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
+                    top_k=None, eos_token_id=stops, pad_token_id=self.pad_id,
+                )[:, width:].cpu()
+            for row in gen.tolist():
+                out.append(_finish(tok, row, stops, params, GeneratedText))
+        return out
+
+    def _tokenizer(self):
+        if getattr(self, "_tok", None) is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.info.model_path)
+        return self._tok
+
     def close(self) -> None:
         self.model = self.base = self.layers = self.lm_head = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _finish(tok, row: list[int], stops: list[int], params, result_type):
+    """One ``GeneratedText`` from a generated row: cut after the first stop token (generate pads
+    finished rows), then at the first stop string (the text before it; the tokens that produced it)."""
+    tokens, reason = [], "length"
+    for t in row:
+        tokens.append(t)
+        if t in stops:
+            reason = "stop"
+            break
+    text = tok.decode(tokens, skip_special_tokens=True)
+    hits = sorted((text.find(s), len(s)) for s in params.stop if s and s in text)
+    if hits:
+        cut, n = hits[0]
+        for k in range(1, len(tokens) + 1):  # the shortest token prefix whose text holds the stop
+            if len(tok.decode(tokens[:k], skip_special_tokens=True)) >= cut + n:
+                tokens = tokens[:k]
+                break
+        text, reason = text[:cut], "stop"
+    return result_type(token_ids=tokens, text=text, finish_reason=reason)

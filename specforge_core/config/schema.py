@@ -166,6 +166,20 @@ class ProfilerSection:
 
 
 # Section name -> class; this order is the order `config show` prints.
+@attrs.define
+class RegenerateSection:
+    """`specforge data regenerate`: the target rewrites every assistant turn of dataset.path."""
+
+    output: str = option("", "Output JSONL (empty = <output_dir>/regenerated.jsonl)")
+    temperature: float = option(0.0, "Sampling temperature (0 = greedy)", validator=non_negative)
+    top_p: float = option(1.0, "Nucleus sampling mass", validator=in_range(0, 1, lo_open=True))
+    max_new_tokens: int = option(512, "Longest reply per turn; a reply cut here is marked 'truncated'",
+                                 validator=positive)
+    stop: list[str] = option(factory=list, help="Stop strings (besides the target's end of turn)")
+    batch_size: int = option(8, "Conversations generated together", validator=positive)
+    seed: int = option(0, "Seed of sampled generation (per batch: reruns give the same records)")
+
+
 CORE_SECTIONS: dict[str, type] = {
     "run": RunSection,
     "model": ModelSection,
@@ -176,6 +190,7 @@ CORE_SECTIONS: dict[str, type] = {
     "logging": LoggingSection,
     "eval": EvalSection,
     "profiler": ProfilerSection,
+    "regenerate": RegenerateSection,
 }
 
 
@@ -192,6 +207,7 @@ class SpecforgeConfig:
     logging: LoggingSection = attrs.field(factory=LoggingSection)
     eval: EvalSection = attrs.field(factory=EvalSection)
     profiler: ProfilerSection = attrs.field(factory=ProfilerSection)
+    regenerate: RegenerateSection = attrs.field(factory=RegenerateSection)
     # (section, component name) -> attrs instance of that component's options
     plugin_options: dict[tuple[str, str], Any] = attrs.field(factory=dict)
     # where each value came from: dotted path -> file or "command line" (for error messages)
