@@ -11,12 +11,11 @@ import sys
 
 import pytest
 import torch
-
-from plugins.specforge_defaults.transfer_shm import OWNER_SUFFIX, ShmOptions, ShmStoreProvider
+from specforge_defaults.transfer_shm import OWNER_SUFFIX, ShmOptions, ShmStoreProvider
 
 KILLED_DRIVER = """
 import os, signal, sys, torch
-from plugins.specforge_defaults.transfer_shm import ShmOptions, ShmStoreProvider
+from specforge_defaults.transfer_shm import ShmOptions, ShmStoreProvider
 p = ShmStoreProvider(ShmOptions(root=sys.argv[1]))
 h = p.start("killed-run")
 p.connect(h).put("k0", {"x": torch.arange(1000)})
