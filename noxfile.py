@@ -60,6 +60,6 @@ def vllm(session: nox.Session) -> None:
         session.run(str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec",
                     external=True)
     session.run(str(python), "-c", "import vllm; print('vllm', vllm.__version__)", external=True)
-    session.env.update({"SPECFORGE_VLLM_PYTHON": str(python.resolve()), "VLLM_CPU_KVCACHE_SPACE": "1",
+    session.env.update({"SPECFORGE_VLLM_PYTHON": str(python.absolute()), "VLLM_CPU_KVCACHE_SPACE": "1",
                         "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"})
     session.run("pytest", "-q", "-ra", "-m", "vllm", "--durations=10", *session.posargs)

@@ -4,7 +4,7 @@ vLLM pins its own torch and transformers, so it usually has a venv apart from th
 neither the option (``inference.vllm.python`` / ``eval.engine_python`` / ``--engine-python``) nor
 ``$SPECFORGE_VLLM_PYTHON`` names one, the plugin looks, in order, for:
 
-1. ``.nox/vllm/bin/python`` under the current directory (what ``nox -s vllm`` builds);
+1. ``.nox/vllm-engine/bin/python`` under the current directory (the engine venv ``nox -s vllm`` builds);
 2. ``vllm-venv/bin/python`` or ``.venv-vllm/bin/python`` in the current directory or any parent;
 3. ``~/vllm-venv/bin/python``.
 
@@ -26,7 +26,7 @@ NAMES = ("vllm-venv", ".venv-vllm")
 
 def candidates(start: Optional[Path] = None) -> list[Path]:
     start = (start or Path.cwd()).resolve()
-    out = [start / ".nox" / "vllm" / "bin" / "python"]
+    out = [start / ".nox" / "vllm-engine" / "bin" / "python"]
     for d in (start, *start.parents):
         out += [d / name / "bin" / "python" for name in NAMES]
     out.append(Path.home() / "vllm-venv" / "bin" / "python")
