@@ -102,6 +102,7 @@ def export_from_checkpoint(
     """``specforge export``: load a training checkpoint (default: the newest complete one in
     ``config.output_dir``) and export it (default: ``<output_dir>/export``)."""
     from specforge_core.pipeline.local import vocab_mapping_path
+    from specforge_core.plan import with_aux_layers
     from specforge_core.target import target_info
     from specforge_core.training import checkpoint as ckpt
     from specforge_core.training.components import algorithm as build_algorithm
@@ -120,6 +121,7 @@ def export_from_checkpoint(
     extra = ckpt.read_extra(checkpoint_dir)  # data only: a checkpoint that holds code is refused here
     out_dir = Path(out_dir) if out_dir is not None else Path(config.output_dir) / "export"
 
+    config = with_aux_layers(config, registry)  # unset: the draft algorithm's default, as in training
     info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
     # The mapping the weights were trained with travels in the checkpoint; the run dir's file may
     # have been rewritten since (`specforge vocab`). Checkpoints older than that: the run dir's file.

@@ -61,11 +61,33 @@ def load_target_config(config: Any) -> tuple[Optional[dict], str]:
 
 def aux_layers(config: Any, num_layers: int, registry: Any = None) -> list[int]:
     """``model.aux_layers``, else the draft algorithm's default for the target (``FeatureSpec``),
-    else EAGLE-3's (2, L//2, L-3)."""
+    else the core's (2, L//2, L-3)."""
     if config.model.aux_layers:
         return list(config.model.aux_layers)
+    from specforge_core.target import default_aux_layers
+
     default = getattr(getattr(draft_algorithm(config, registry), "features", None), "default_aux_layers", None)
-    return list(default(num_layers)) if default is not None else [2, num_layers // 2, num_layers - 3]
+    return [int(i) for i in default(num_layers)] if default is not None else default_aux_layers(num_layers)
+
+
+def with_aux_layers(config: Any, registry: Any = None, num_layers: Optional[int] = None) -> Any:
+    """``config`` with ``model.aux_layers`` filled in when unset: unset means the draft algorithm's
+    default for this target (``aux_layers``). The pipelines, export and plan run on the result, so
+    the backends, the trainer, the export and the algorithm's sizing all see one list."""
+    if config.model.aux_layers:
+        return config
+    from specforge_core.target import load_target_config, resolve_aux_layers
+
+    if num_layers is None:
+        hf = load_target_config(config.model.target, config.model.trust_remote_code)
+        num_layers = int(hf["num_hidden_layers"])
+    layers = aux_layers(config, num_layers, registry)
+    try:
+        resolve_aux_layers(layers, num_layers)
+    except ValueError as exc:
+        raise ValueError(f"model.aux_layers is unset and the default of draft '{config.model.draft}' for this "
+                         f"{num_layers}-layer target is invalid ({exc}); set model.aux_layers explicitly") from None
+    return attrs.evolve(config, model=attrs.evolve(config.model, aux_layers=layers))
 
 
 def target_params(t: dict) -> dict[str, int]:
@@ -282,7 +304,8 @@ def build_plan(config: Any, registry: Any = None) -> dict[str, Any]:
                 bytes_per_sample=per_token * T)
     plan["pool_samples"] = config.transfer.max_pool_bytes // (per_token * T)
     algo = draft_algorithm(config, registry)
-    dp = algo.plan(config, t)
+    # the algorithm sizes the layers the run will capture (unvalidated: `config validate` reports bad ids)
+    dp = algo.plan(attrs.evolve(config, model=attrs.evolve(config.model, aux_layers=plan["aux_layers"])), t)
     plan.update(draft=dp.shape, draft_source=dp.source, draft_plan=dp,
                 draft_trainable=dp.trainable_params, draft_frozen=dp.frozen_params)
     from specforge_core.training.components import create

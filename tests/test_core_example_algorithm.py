@@ -65,10 +65,10 @@ def test_plan_sizes_the_outside_algorithm(installed):
                          env=installed, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "draft (mlp-head options)" in out.stdout
-    # trainable = fc (3 aux x H x 48) + head (48 x draft vocab), from the target's config
+    # trainable = fc (2 aux x H x 48: the example's own default layers) + head (48 x draft vocab)
     t = json.loads((ROOT / "configs/assets/tiny-target/config.json").read_text())
     import tomllib
 
     vd = min(tomllib.loads((ROOT / "configs/quickstart.toml").read_text())["model"]["draft_vocab_size"],
              t["vocab_size"])
-    assert f"{3 * t['hidden_size'] * 48 + 48 * vd:,} trainable" in out.stdout
+    assert f"{2 * t['hidden_size'] * 48 + 48 * vd:,} trainable" in out.stdout

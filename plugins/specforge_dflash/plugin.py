@@ -45,9 +45,16 @@ class DFlashAlgorithm:
     def __init__(self, options: DFlashOptions | None, config: Any = None):
         self.options = options or DFlashOptions()
         self.features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True,
-                                    block_size=self.options.block_size)
-        # Aux layers: the core's default (2, L//2, L-3), which the pipelines resolve for every
-        # algorithm today (z-lab spreads them from layer 1 to L-3; set model.aux_layers for that).
+                                    block_size=self.options.block_size, default_aux_layers=self.default_aux_layers)
+
+    def default_aux_layers(self, num_target_layers: int) -> list[int]:
+        """DFlash's own layer choice when ``model.aux_layers`` is unset: one target layer per draft
+        layer, spread evenly over layer outputs 1..L-3 (the middle one for a one-layer draft), as
+        z-lab's ``build_target_layer_ids``; as HF hidden_states indices (layer output i = index i+1)."""
+        n, L = self.options.num_layers, num_target_layers
+        if n == 1:
+            return [L // 2 + 1]
+        return [round(1 + i * (L - 4) / (n - 1)) + 1 for i in range(n)]
 
     # ------------------------------------------------------------------------------ build
     def draft_config(self, hf: dict, n_aux: int, draft_vocab_size: int) -> DFlashConfig:
@@ -97,7 +104,7 @@ class DFlashAlgorithm:
 
     # ------------------------------------------------------------------------------ plan
     def plan(self, config: Any, target: dict) -> DraftPlan:
-        n_aux = len(config.model.aux_layers) or 3
+        n_aux = len(config.model.aux_layers or self.default_aux_layers(int(target["num_hidden_layers"])))
         vd = min(int(config.model.draft_vocab_size), int(target["vocab_size"]))
         c = self.draft_config(target, n_aux, vd)
         H, inter, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers

@@ -44,4 +44,9 @@ def load_proposer(draft_dir: str | Path, target: Any, device: Any, name: Optiona
     alg_name, alg = find_algorithm(draft_dir, name, registry)
     if not callable(getattr(alg, "proposer", None)):
         raise ValueError(f"draft algorithm '{alg_name}' has no proposer: it cannot be evaluated by specforge eval")
-    return alg.proposer(draft_dir, target, device)
+    proposer = alg.proposer(draft_dir, target, device)
+    default = getattr(getattr(alg, "features", None), "default_aux_layers", None)
+    if getattr(proposer, "aux_layers", None) is None and default is not None:
+        # the export names no layers: the algorithm's default for this target, as in training
+        proposer.aux_layers = [int(i) for i in default(int(target.num_layers))]
+    return proposer

@@ -221,6 +221,7 @@ def run_local(
 
     from specforge_core import rundir
     from specforge_core.config import dump_toml
+    from specforge_core.plan import with_aux_layers
     from specforge_core.training.components import create
 
     t0 = time.perf_counter()
@@ -236,6 +237,9 @@ def run_local(
         if config.training.resume:
             rundir.check_resume(config, config_toml, warn=console.print)
         (out_dir / "config.toml").write_text(config_toml)
+        # unset model.aux_layers = the draft algorithm's default for this target (config.toml keeps
+        # it unset, as the user wrote it); the backend, the trainer and the export read this list
+        config = with_aux_layers(config, registry)
         random.seed(config.run.seed)
         torch.manual_seed(config.run.seed)
 

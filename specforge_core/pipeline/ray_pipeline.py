@@ -146,6 +146,7 @@ def _run_ray(
     from specforge_core.pipeline.ray.controller import ControllerActor
     from specforge_core.pipeline.ray.inference import EngineActor, InferenceManager
     from specforge_core.pipeline.ray.trainer_actor import TrainerActor
+    from specforge_core.plan import with_aux_layers
     from specforge_core.target import target_info
     from specforge_core.training.components import create
 
@@ -159,7 +160,10 @@ def _run_ray(
 
     # ---- data, target facts (no weights on the driver), vocab: as in the local pipeline
     samples, usable, data_stats, skipped = load_training_samples(config, console)
-    info = target_info(config.model.target, config.model.aux_layers, config.model.trust_remote_code)
+    # unset model.aux_layers = the draft algorithm's default for this target (config.toml keeps it
+    # unset, as the user wrote it); engines, trainers and the export all get this list
+    run_model = with_aux_layers(config).model
+    info = target_info(config.model.target, run_model.aux_layers, config.model.trust_remote_code)
     # trainer actors load the mapping from this file (a fresh run always rewrites it)
     vocab, vocab_path = _load_or_build_vocab(config, usable, info.vocab_size, console)
 
@@ -172,6 +176,7 @@ def _run_ray(
     config = resolve_store(config)
     config_toml = dump_toml(config)
     (out_dir / "config.toml").write_text(config_toml)
+    config = attrs.evolve(config, model=run_model)
     placement = pl.plan_placement(config)
     console.print(f"ray: {placement.describe()}; transfer store '{config.transfer.store}'")
 

@@ -4,6 +4,16 @@ Position t reads the target's aux hidden states at t and predicts x_{t+2}; the t
 target's distribution at position t+1 (its lm_head on final_hidden[t+1]). The objective follows the
 core's division of labour (``specforge_core.components``): the loss plugin returns sums over the
 valid rows, this algorithm divides by the step's valid-row count ``ctx.denominators[0]``.
+
+What the contracts ask of an algorithm, and where this file answers:
+
+* features   ``FeatureSpec``: which captured tensors it reads, and its own default aux layers
+             (here the middle and the deepest state, ``default_aux_layers``), used whenever
+             ``model.aux_layers`` is unset (train, plan, validate, export, eval);
+* objective  ``count_targets`` / ``objective`` / ``summarize``;
+* export     ``export`` (config.json + tensors) and ``export_architectures``;
+* proposer   ``proposer`` (``proposer.py``) so ``specforge eval`` measures it;
+* sizing     ``plan``.
 """
 
 from __future__ import annotations
@@ -41,8 +51,19 @@ def _shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+ARCHITECTURE = "MLPHeadDraft"
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """The middle and the deepest residual stream the target exposes (HF hidden_states indices):
+    a head that skips a token reads the top of the stack, not EAGLE-3's (2, L//2, L-3)."""
+    return [num_layers // 2, num_layers - 1]
+
+
 class MLPHeadAlgorithm:
-    features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True, block_size=1)
+    features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True, block_size=1,
+                           default_aux_layers=default_aux_layers)
+    export_architectures = (ARCHITECTURE,)
 
     def __init__(self, options: MLPHeadOptions | None, config: Any = None):
         self.options = options or MLPHeadOptions()
@@ -51,8 +72,10 @@ class MLPHeadAlgorithm:
         return self.options.hidden_size or target_hidden
 
     def build(self, target: Any, vocab: Any, weights: Any = None) -> MLPHead:
-        n_aux = len(target.aux_layer_ids) or 3
-        return MLPHead(n_aux * target.hidden_size, self._width(target.hidden_size), int(vocab.d2t.numel()))
+        layers = list(target.aux_layer_ids) or default_aux_layers(target.num_hidden_layers)
+        head = MLPHead(len(layers) * target.hidden_size, self._width(target.hidden_size), int(vocab.d2t.numel()))
+        head.aux_layer_ids = layers  # written to config.json by export: eval reads the same layers
+        return head
 
     def _valid(self, batch: Any, t2d: torch.Tensor) -> torch.Tensor:
         T = batch.input_ids.shape[1]
@@ -81,24 +104,35 @@ class MLPHeadAlgorithm:
                 "acc_0_invocab": float(totals["correct"][0]) / max(count, 1), "valid_tokens": count}
 
     def export(self, draft: MLPHead, vocab: Any):
-        config = {"architectures": ["MLPHeadDraft"], "hidden_size": draft.fc.out_features,
-                  "input_size": draft.fc.in_features, "draft_vocab_size": draft.lm_head.out_features}
+        config = {"architectures": [ARCHITECTURE], "hidden_size": draft.fc.out_features,
+                  "input_size": draft.fc.in_features, "draft_vocab_size": draft.lm_head.out_features,
+                  "aux_layer_ids": [int(i) for i in draft.aux_layer_ids]}  # HF hidden_states indices
         state = {"fc.weight": draft.fc.weight.detach().to(torch.bfloat16),
                  "lm_head.weight": draft.lm_head.weight.detach().to(torch.bfloat16),
                  "d2t": vocab.d2t.to(torch.int64)}
         return config, state
 
+    def proposer(self, export_dir: Any, target: Any, device: Any):
+        from specforge_mlp_head.proposer import make_proposer
+
+        return make_proposer(export_dir, target, device)
+
     def plan(self, config: Any, target: dict) -> DraftPlan:
         H = int(target["hidden_size"])
-        n_aux = len(config.model.aux_layers) or 3
+        n_aux = len(config.model.aux_layers or default_aux_layers(int(target["num_hidden_layers"])))
         width = self._width(H)
         vd = min(int(config.model.draft_vocab_size), int(target["vocab_size"]))
         c = 4 if config.training.dtype == "fp32" else 2
+        problems = []
+        if int(config.eval.steps) > 1:
+            problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but one "
+                             "mlp-head drafts 1 (specforge eval --steps 1)"))
         return DraftPlan(
             shape={"hidden_size": width, "draft_vocab_size": vd}, source="mlp-head options",
             trainable_params=n_aux * H * width + width * vd, frozen_params=0,
             activation_bytes_per_token=c * (n_aux * H + H + 3 * width),  # features + fc out + silu
             frozen_bytes=c * vd * H,  # the target head rows the loss reads
+            problems=problems,
         )
 
 
