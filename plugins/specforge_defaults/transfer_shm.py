@@ -54,7 +54,7 @@ DTYPES = {
 
 @attrs.define
 class ShmOptions:
-    root: str = option("/dev/shm", "Shared-memory directory; each run uses <root>/specforge-<run_id>")
+    root: str = option("/dev/shm", "Shared-memory directory; each run uses <root>/specforge-<run_id>", path=True)
     read_mode: str = option(
         "mmap",
         "How get() reads a sample: 'mmap' maps the file (copy-on-write, no copy until touched) or "

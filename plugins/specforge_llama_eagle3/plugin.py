@@ -15,9 +15,9 @@ from specforge_llama_eagle3.algorithm import make_llama_eagle3
 class LlamaEagle3Options:
     config: Optional[str] = option(
         None, "Draft config.json (HF llama keys) overriding the one generated from the target's "
-        "config; it must keep num_hidden_layers = 1 and the target's hidden_size and vocab_size")
+        "config; it must keep num_hidden_layers = 1 and the target's hidden_size and vocab_size", path=True)
     init_from: Optional[str] = option(
-        None, "Exported draft directory (config.json + model.safetensors) to start training from")
+        None, "Exported draft directory (config.json + model.safetensors) to start training from", path=True)
     attention: str = option(
         "auto", "TTT attention kernel for the causal part: 'eager' (explicit scores, exact for any "
         "padding), 'sdpa' (PyTorch fused kernels with a differentiable log-sum-exp, right padding), "

@@ -55,7 +55,7 @@ class MooncakeOptions:
     connect_timeout_s: float = option(
         15.0, "How long to wait for the master to be reachable before failing", validator=positive
     )
-    master_log: str = option("", "File for the launched master's log (empty = a temp file)")
+    master_log: str = option("", "File for the launched master's log (empty = a temp file)", path=True)
 
     def plan_notes(self, config, plan: dict):
         """For ``specforge plan`` / ``config validate``: the sizes this config needs (the facts, as

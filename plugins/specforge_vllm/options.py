@@ -38,6 +38,7 @@ class VLLMBackendOptions:
         "Python interpreter of the environment vLLM is installed in (vLLM pins its own torch and "
         "transformers, so it usually lives in a venv of its own); empty = $SPECFORGE_VLLM_PYTHON, "
         "then this interpreter if it imports vllm, then a venv found by the plugin's discovery",
+        path="path-or-command",
     )
     tensor_parallel_size: int = option(
         1, "Tensor-parallel size of one engine; must equal inference.gpus_per_engine", validator=positive
@@ -62,14 +63,15 @@ class VLLMBackendOptions:
     )
     workdir: str = option(
         "", "Directory for the per-sample feature files handed from vLLM to the backend; empty = a "
-        "fresh directory under /dev/shm (memory) where it exists, else the system temp dir",
+        "fresh directory under /dev/shm (memory) where it exists, else the system temp dir", path=True,
     )
     start_timeout: int = option(900, "Seconds to wait for vLLM to start before failing", validator=positive)
     request_timeout: int = option(3600, "Seconds one batch may take before the backend gives up", validator=positive)
     log_level: str = option("WARNING", "vLLM's log level (VLLM_LOGGING_LEVEL)",
                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_file: str = option(
-        "", "Where vLLM's output goes; empty = runner.log in the workdir (its tail is quoted in errors)"
+        "", "Where vLLM's output goes; empty = runner.log in the workdir (its tail is quoted in errors)",
+        path=True,
     )
     env: dict = option(factory=dict, help="Extra environment variables for the vLLM process", validator=_is_dict)
     extra_args: dict = option(

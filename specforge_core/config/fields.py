@@ -16,6 +16,14 @@ import attrs
 
 HELP = "specforge_help"
 CHOICES = "specforge_choices"
+# A path-typed field: its value is resolved by the loader (specforge_core/config/paths.py) against
+# the directory of the config file that set it, or the working directory (command line, defaults).
+PATH = "specforge_path"
+# Kinds of path field (the value of the PATH metadata):
+PATH_FILE = "path"  # always a local path
+PATH_OR_HUB = "path-or-hub-id"  # a local path, or a hub id like 'Qwen/Qwen3-8B' (kept when no such path)
+PATH_OR_COMMAND = "path-or-command"  # a local path, or a bare command name looked up in $PATH ('python3')
+PATH_KINDS = (PATH_FILE, PATH_OR_HUB, PATH_OR_COMMAND)
 
 
 def option(
@@ -25,14 +33,20 @@ def option(
     validator: Optional[Callable] = None,
     choices: Optional[Sequence[Any]] = None,
     factory: Optional[Callable[[], Any]] = None,
+    path: bool | str = False,
 ) -> Any:
+    """``path=True`` (or one of ``PATH_KINDS``) marks a path-typed field: a relative value is resolved
+    against the directory of the config file that set it (see specforge_core/config/paths.py)."""
+    kind = PATH_FILE if path is True else (path or None)
+    if kind is not None and kind not in PATH_KINDS:
+        raise ValueError(f"option(path=...): {kind!r} is not allowed; allowed: True, {', '.join(PATH_KINDS)}")
     validators = []
     if choices is not None:
         validators.append(one_of(choices))
     if validator is not None:
         validators.append(validator)
     kwargs: dict[str, Any] = {
-        "metadata": {HELP: help, CHOICES: tuple(choices) if choices is not None else None},
+        "metadata": {HELP: help, CHOICES: tuple(choices) if choices is not None else None, PATH: kind},
         "validator": validators or None,
     }
     if factory is not None:
@@ -89,3 +103,8 @@ def non_negative(_inst, attribute, value):
 
 def help_of(attribute: attrs.Attribute) -> str:
     return attribute.metadata.get(HELP, "")
+
+
+def path_kind(attribute: attrs.Attribute) -> Optional[str]:
+    """The field's path kind (one of ``PATH_KINDS``), or None for a field that is not a path."""
+    return attribute.metadata.get(PATH)

@@ -17,7 +17,8 @@ import attrs
 import cattrs
 
 from specforge_core.components import KINDS
-from specforge_core.config.fields import RangeError
+from specforge_core.config.fields import RangeError, path_kind
+from specforge_core.config.paths import resolve_value
 from specforge_core.config.schema import CORE_SECTIONS, SpecforgeConfig
 
 if sys.version_info >= (3, 11):
@@ -44,7 +45,8 @@ class ConfigError(ValueError):
 def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
     """Read one file, following ``extends`` (a path or list of paths, relative to the file).
 
-    Returns the merged raw dict and the source of every leaf key.
+    Returns the merged raw dict and the source of every leaf key (path-typed values are resolved
+    against their source file's directory when the sections are structured: config/paths.py).
     """
     path = Path(path)
     resolved = path.resolve()
@@ -219,6 +221,8 @@ def structure_section(cls: type, raw: Mapping, prefix: str, sources: Mapping[str
         tp = field.type
         if typing.get_origin(tp) is list and typing.get_args(tp) == (str,) and isinstance(value, str):
             value = [value]  # a single path where a list of paths is expected
+        if path_kind(field):  # relative to the file that set it (or the cwd): config/paths.py
+            value = resolve_value(value, path_kind(field), sources.get(dotted, ""))
         try:
             kwargs[key] = CONVERTER.structure(value, tp)
         except Exception as exc:
@@ -228,6 +232,9 @@ def structure_section(cls: type, raw: Mapping, prefix: str, sources: Mapping[str
                 key=dotted,
                 source=sources.get(dotted, ""),
             ) from None
+    for field in fields:  # a path left at its default is relative to the working directory
+        if path_kind(field) and field.name not in kwargs and isinstance(field.default, str):
+            kwargs[field.name] = resolve_value(field.default, path_kind(field), DEFAULTS)
     try:
         return cls(**kwargs)
     except RangeError as exc:

@@ -19,7 +19,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 @attrs.define
 class RunSection:
     name: str = option("specforge", "Run name; keys in transfer stores and W&B runs carry it")
-    output_dir: str = option("runs/{name}", "Where checkpoints and exports go; {name} is replaced")
+    output_dir: str = option("runs/{name}", "Where checkpoints and exports go; {name} is replaced", path=True)
     seed: int = option(0, "Seed for data order and weight initialisation")
     pipeline: str = option(
         "local", "How stages are placed: 'local' (one process) or 'ray' (disaggregated actors)",
@@ -42,7 +42,8 @@ class RunSection:
 
 @attrs.define
 class ModelSection:
-    target: str = option("", "Target model: a local directory or a hub id (e.g. 'Qwen/Qwen3-8B')")
+    target: str = option("", "Target model: a local directory or a hub id (e.g. 'Qwen/Qwen3-8B')",
+                         path="path-or-hub-id")
     draft: str = option("llama-eagle3", "Draft-model component name")
     aux_layers: list[int] = option(
         factory=list,
@@ -51,18 +52,19 @@ class ModelSection:
     )
     draft_vocab_size: int = option(32000, "Draft vocabulary size (most frequent target tokens)", validator=positive)
     vocab_mapping: Optional[str] = option(
-        None, "Existing vocab mapping (.safetensors with d2t/t2d) to reuse instead of computing one"
+        None, "Existing vocab mapping (.safetensors with d2t/t2d) to reuse instead of computing one", path=True
     )
     trust_remote_code: bool = option(False, "Pass trust_remote_code to transformers")
     target_config: str = option(
         "", "Local copy of the target's config.json (file or directory) used by `config validate` and "
-        "`specforge plan` when model.target is a hub id; empty = read model.target's own"
+        "`specforge plan` when model.target is a hub id; empty = read model.target's own", path=True
     )
 
 
 @attrs.define
 class DatasetSection:
-    path: list[str] = option(factory=list, help="JSONL/JSON conversation files (ShareGPT or OpenAI style)")
+    path: list[str] = option(factory=list, help="JSONL/JSON conversation files (ShareGPT or OpenAI style)",
+                              path=True)
     format: str = option("auto", "Conversation format", choices=("auto", "sharegpt", "openai"))
     chat_template: str = option(
         "auto", "'auto' = the target tokenizer's own template, or a named one",
@@ -70,7 +72,8 @@ class DatasetSection:
     )
     max_seq_length: int = option(2048, "Longer conversations are truncated to this many tokens", validator=positive)
     on_error: str = option("skip", "Malformed lines: 'skip' (counted) or 'stop'", choices=("skip", "stop"))
-    cache_dir: str = option(".cache/specforge", "Tokenized-data cache (keyed by data, tokenizer, settings)")
+    cache_dir: str = option(".cache/specforge", "Tokenized-data cache (keyed by data, tokenizer, settings)",
+                            path=True)
     max_samples: Optional[int] = option(None, "Use at most this many samples", validator=positive)
     shuffle: bool = option(True, "Shuffle sample order each epoch (seeded)")
 
@@ -148,12 +151,14 @@ class LoggingSection:
 class EvalSection:
     steps: int = option(3, "Draft steps per verification cycle (chain length K)", validator=positive)
     max_new_tokens: int = option(128, "Tokens to generate per prompt", validator=positive)
-    data: list[str] = option(factory=list, help="Prompt files (conversation formats); empty = dataset.path")
+    data: list[str] = option(factory=list, help="Prompt files (conversation formats); empty = dataset.path",
+                              path=True)
     max_prompts: Optional[int] = option(None, "Evaluate at most this many prompts", validator=positive)
     fast: bool = option(False, "Teacher-forced counts (same numbers as the exact loop; skips the greedy-equality guard)")
     engine: str = option("hf", "Who runs the speculation: 'hf' (in-process transformers) or an engine a plugin "
                          "registers (register_eval_engines), e.g. 'vllm'")
-    engine_python: str = option("", "Python of the engine's own environment (empty: the engine's discovery)")
+    engine_python: str = option("", "Python of the engine's own environment (empty: the engine's discovery)",
+                                path="path-or-command")
     batch_size: int = option(16, "Prompts per target forward (hf engine)", validator=positive)
 
 
@@ -162,7 +167,7 @@ class ProfilerSection:
     enabled: bool = option(False, "Trace training steps with the PyTorch profiler")
     start_step: int = option(2, "First optimizer step traced", validator=non_negative)
     num_steps: int = option(2, "Steps traced", validator=positive)
-    output_dir: str = option("{output_dir}/traces", "Where traces go (open in Perfetto or TensorBoard)")
+    output_dir: str = option("{output_dir}/traces", "Where traces go (open in Perfetto or TensorBoard)", path=True)
 
 
 # Section name -> class; this order is the order `config show` prints.
@@ -170,7 +175,7 @@ class ProfilerSection:
 class RegenerateSection:
     """`specforge data regenerate`: the target rewrites every assistant turn of dataset.path."""
 
-    output: str = option("", "Output JSONL (empty = <output_dir>/regenerated.jsonl)")
+    output: str = option("", "Output JSONL (empty = <output_dir>/regenerated.jsonl)", path=True)
     temperature: float = option(0.0, "Sampling temperature (0 = greedy)", validator=non_negative)
     top_p: float = option(1.0, "Nucleus sampling mass", validator=in_range(0, 1, lo_open=True))
     max_new_tokens: int = option(512, "Longest reply per turn; a reply cut here is marked 'truncated'",
