@@ -223,6 +223,22 @@ def _missing(name: str) -> int:
     return 2
 
 
+# Errors about the user's input that are not config errors: a bad data record (under on_error =
+# "stop"), an output_dir another run holds or that holds another run's checkpoints, a resume whose
+# config changed, a checkpoint refused or unreadable. Exit 2 like a config error (docs/guarantees.md).
+# Looked up only in modules already imported: importing them here would pull torch into every command.
+_INPUT_ERRORS = (
+    ("specforge_core.data.formats", "DataError"),
+    ("specforge_core.rundir", "RunDirError"),
+    ("specforge_core.training.checkpoint", "CheckpointError"),
+)
+
+
+def _input_errors() -> tuple[type, ...]:
+    found = (getattr(sys.modules.get(mod), name, None) for mod, name in _INPUT_ERRORS)
+    return tuple(cls for cls in found if isinstance(cls, type))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from specforge_core.config import ConfigError
     from specforge_core.registry import RegistryError
@@ -247,15 +263,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         what = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error:{where}: {what} (--debug shows the traceback)", file=sys.stderr)
+        where = f" {exc.filename}:" if exc.filename else ""  # no filename: the message names it
+        print(f"error:{where} {what} (--debug shows the traceback)", file=sys.stderr)
         return 1
     except Exception as exc:  # anything else: still one line, the traceback on request
         if args.debug:
             raise
-        # a data file's error names its file and line already (not imported up front: it pulls torch)
-        data_error = getattr(sys.modules.get("specforge_core.data.formats"), "DataError", ())
-        if isinstance(exc, data_error):
+        if isinstance(exc, _input_errors()):  # the message names the file/key and what to do
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)

@@ -98,10 +98,10 @@ def test_planted_pickle_is_refused_on_export_and_resume(env, tmp_path, capsys):
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text(dump_toml(make_config(env, out)))
     capsys.readouterr()
-    assert main(["export", str(cfg_file)]) == 1
+    assert main(["export", str(cfg_file)]) == 2  # a refused checkpoint is an input error
     err = capsys.readouterr().err
     assert "extra.pt" in err and "refused" in err and len(err.strip().splitlines()) == 1
-    assert main(["run", str(cfg_file), "training.resume=true", "training.max_steps=3"]) == 1
+    assert main(["run", str(cfg_file), "training.resume=true", "training.max_steps=3"]) == 2
     assert "refused" in capsys.readouterr().err
     assert not marker.exists()
     # a payload in optimizer.pt is refused as well (read with weights_only=True)
