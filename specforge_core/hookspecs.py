@@ -109,5 +109,14 @@ def register_eval_engines(register):
     no options table; the in-process engine ``hf`` is the core's own."""
 
 
+@hookspec
+def register_defaults(default):
+    """Declare the default component of a kind, used where the config leaves its selector empty
+    (the schema's defaults are empty: ``model.draft``, ``training.loss``, ...): call
+    ``default(kind, name)`` with ``kind`` a key of ``KINDS`` and ``name`` a component some plugin
+    registers. One declaration per kind among all installed plugins: two are an error (naming both)
+    when that default is needed, as is none; an explicit selector never needs one."""
+
+
 # kind -> hook name, in the order `specforge plugins` lists them (derived from KINDS)
 HOOKS = {kind: k.hook for kind, k in KINDS.items()}

@@ -25,7 +25,8 @@ ENTRY_POINT_GROUP = "specforge"
 
 
 class RegistryError(Exception):
-    """A component could not be found, or two plugins claim the same name."""
+    """A component could not be found, two plugins claim the same name, or a kind has no (or two)
+    declared defaults."""
 
 
 @attrs.define(frozen=True)
@@ -60,6 +61,8 @@ class Registry:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         self._collected = False
         self.broken: list[tuple[PluginInfo, str]] = []  # plugins whose entry point failed to import
+        # kind -> [(component name, declaring plugin)] from ``register_defaults``
+        self._default_claims: dict[str, list[tuple[str, PluginInfo]]] = {kind: [] for kind in KINDS}
 
     # ---------------------------------------------------------------------------- discovery
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
@@ -103,11 +106,26 @@ class Registry:
             hook = getattr(self.pm.hook, hook_name)
             # call each implementation separately so we know which plugin registered what
             for impl in hook.get_hookimpls():
-                info = next((p for p in self.plugins if p.name == impl.plugin_name), None)
-                if info is None:
-                    info = PluginInfo(impl.plugin_name, repr(impl.plugin), "", "")
-                impl.function(register=self._registrar(kind, info))
+                impl.function(register=self._registrar(kind, self._info(impl)))
+        self._default_claims = {kind: [] for kind in KINDS}
+        for impl in self.pm.hook.register_defaults.get_hookimpls():
+            impl.function(default=self._declarer(self._info(impl)))
         self._collected = True
+
+    def _info(self, impl: Any) -> PluginInfo:
+        info = next((p for p in self.plugins if p.name == impl.plugin_name), None)
+        return info if info is not None else PluginInfo(impl.plugin_name, repr(impl.plugin), "", "")
+
+    def _declarer(self, info: PluginInfo) -> Callable[[str, str], None]:
+        def default(kind: str, name: str) -> None:
+            if kind not in KINDS:
+                raise RegistryError(f"plugin {info.name!r} declares a default for unknown kind {kind!r}; "
+                                    f"kinds: {', '.join(KINDS)}")
+            if any(p.name == info.name for _n, p in self._default_claims[kind]):
+                raise RegistryError(f"plugin {info.name!r} declares the default {kind} twice")
+            self._default_claims[kind].append((name, info))
+
+        return default
 
     def _registrar(self, kind: str, info: PluginInfo) -> Callable[..., None]:
         section, _selector = KINDS[kind]
@@ -146,10 +164,33 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return [c.name for c in self.components(kind)]
 
+    def default_name(self, kind: str) -> str:
+        """The component a plugin declared the default of ``kind`` (``register_defaults``): what an
+        empty selector means. Exactly one declaration, of a registered name, or a RegistryError."""
+        self._collect()
+        section, selector = KINDS[kind]
+        claims = self._default_claims[kind]
+        known = ", ".join(sorted(self._components[kind])) or "(none)"
+        if not claims:
+            raise RegistryError(f"{section}.{selector} is unset and no installed plugin declares a default "
+                                f"{kind}; set it to one of: {known}")
+        if len(claims) > 1:
+            who = " and ".join(f"{n!r} by plugin {p.name!r} ({p.distribution or 'in-process'})" for n, p in claims)
+            raise RegistryError(f"{section}.{selector} is unset and {len(claims)} plugins declare its default: "
+                                f"{who}; set {section}.{selector} explicitly, or uninstall one of them")
+        name, info = claims[0]
+        if name not in self._components[kind]:
+            raise RegistryError(f"{section}.{selector} is unset and its declared default {name!r} (plugin "
+                                f"{info.name!r}) is not registered by any installed plugin; set it to one of: {known}")
+        return name
+
     def get(self, kind: str, name: str) -> Component:
+        """Component ``name`` of ``kind``; an empty name is the kind's declared default."""
         if kind not in KINDS:
             raise RegistryError(f"unknown component kind {kind!r}; kinds: {', '.join(KINDS)}")
         self._collect()
+        if not name:
+            name = self.default_name(kind)
         try:
             return self._components[kind][name]
         except KeyError:
@@ -190,7 +231,7 @@ class Registry:
     def create_for(self, config: Any, kind: str, *args: Any, **kwargs: Any) -> Any:
         """Build the component the config selects for ``kind``, with its options from the config."""
         section, selector = KINDS[kind]
-        name = getattr(getattr(config, section), selector)
+        name = getattr(getattr(config, section), selector) or self.default_name(kind)
         return self.create(kind, name, config.options(section, name), *args, **kwargs)
 
 

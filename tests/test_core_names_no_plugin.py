@@ -33,15 +33,8 @@ def bundled_names() -> set[str]:
 
 # (module path relative to specforge_core, name) -> why it is still there
 KNOWN = {
-    ("config/schema.py", "llama-eagle3"): "config default of model.draft (to move to the defaults plugin)",
-    ("config/schema.py", "forward-kl"): "config default of training.loss",
-    ("config/schema.py", "cosine"): "config default of training.scheduler",
-    ("config/schema.py", "hf"): "config default of inference.backend and eval.engine",
-    ("config/schema.py", "fsdp2"): "help text of training.strategy",
-    ("config/schema.py", "sglang"): "help text of inference.backend",
-    ("config/schema.py", "shm"): "help text of transfer.store",
-    ("config/schema.py", "mooncake"): "help text of transfer.store",
-    ("config/schema.py", "vllm"): "help text of inference.backend",
+    # component selectors default to empty (a plugin declares the default: hookspecs.register_defaults)
+    ("config/schema.py", "hf"): "eval.engine default: the core's own in-process eval engine (not a plugin)",
     ("pipeline/ray_pipeline.py", "shm"): "the Ray pipeline's default multi-process store",
     ("pipeline/ray_pipeline.py", "mooncake"): "message naming the multi-node store",
     ("evaluation/cli.py", "sglang"): "eval's aux-id convention choices (helper EVAL's module)",

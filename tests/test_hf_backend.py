@@ -192,6 +192,7 @@ def test_registered_through_plugin_hook(model_dirs):
     comp = reg.get("target_backend", "hf")
     assert comp.config_class is HFBackendOptions
     cfg = make_config(model_dirs[("qwen3", True)])
+    cfg.inference.backend = "hf"  # this registry holds no plugin declaring defaults (register_defaults)
     backend = reg.create_for(cfg, "target_backend", cfg, None)  # options None -> defaults, device auto
     assert isinstance(backend, HFTargetBackend) and backend.device.type in ("cpu", "cuda")
     assert backend.generate(make_samples([4]))[0].aux_hidden.shape == (4, 192)

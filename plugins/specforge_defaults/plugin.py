@@ -1,4 +1,5 @@
-"""Entry point of the bundled defaults plugin: registers its components."""
+"""Entry point of the bundled defaults plugin: registers its components and declares the default
+component of every kind (`register_defaults`)."""
 
 from specforge_core import hookimpl
 from specforge_defaults.loss import ForwardKLOptions, make_forward_kl
@@ -43,3 +44,22 @@ def register_training_strategies(register):
         "local", make_local_strategy, config=LocalStrategyOptions,
         description="one process, no process group; atomic checkpoints",
     )
+
+
+# What an empty selector means (the core schema names no component). The draft algorithm and the
+# target backend come from the bundled llama-eagle3 and hf-backend plugins; a config that sets the
+# selector explicitly needs no default, so uninstalling one of those only breaks the unset case.
+DEFAULTS = {
+    "draft_algorithm": "llama-eagle3",
+    "target_backend": "hf",
+    "loss": "forward-kl",
+    "lr_scheduler": "cosine",
+    "training_strategy": "local",
+    "transfer_store": "local",
+}
+
+
+@hookimpl
+def register_defaults(default):
+    for kind, name in DEFAULTS.items():
+        default(kind, name)

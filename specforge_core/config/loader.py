@@ -299,6 +299,9 @@ def _check_selected_components(cfg: SpecforgeConfig, registry: Any) -> None:
         name = getattr(getattr(cfg, section), selector)
         dotted = f"{section}.{selector}"
         try:
+            if not name:  # unset: the component a plugin declares the default (config show prints it)
+                name = registry.default_name(kind)
+                setattr(getattr(cfg, section), selector, name)
             comp = registry.get(kind, name)
         except RegistryError as exc:
             raise ConfigError(str(exc), key=dotted, source=cfg.sources.get(dotted, DEFAULTS)) from None

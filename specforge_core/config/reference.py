@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 
@@ -44,11 +44,27 @@ def _type(attribute: attrs.Attribute) -> str:
     return _type_name(attribute.type).replace(" (or omitted)", ", optional")
 
 
-def _table(cls: type) -> list[str]:
+def _selector(kind: str, registry: Any) -> tuple[str, str]:
+    """(default cell, help suffix) of a component selector: the declared default and the installed
+    names, read from the registry when the reference is generated."""
+    from specforge_core.registry import RegistryError
+
+    try:
+        default = f'`"{registry.default_name(kind)}"` (declared by a plugin)'
+    except RegistryError:
+        default = "(none declared)"
+    return default, " Installed: " + ", ".join(f"`{n}`" for n in registry.names(kind)) + "."
+
+
+def _table(cls: type, registry: Any = None, selectors: Optional[dict[str, str]] = None) -> list[str]:
     rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
     for attribute in _resolved_fields(cls):
         help_text = attribute.metadata.get(HELP, "").replace("|", "\\|")
-        rows.append(f"| `{attribute.name}` | {_type(attribute)} | {_default(attribute)} | {help_text} |")
+        default = _default(attribute)
+        if registry is not None and attribute.name in (selectors or {}):
+            default, installed = _selector(selectors[attribute.name], registry)
+            help_text = help_text.rstrip(".") + "." + installed
+        rows.append(f"| `{attribute.name}` | {_type(attribute)} | {default} | {help_text} |")
     return rows
 
 
@@ -62,7 +78,7 @@ def render_reference(registry: Any) -> str:
         selectors = [f"`{section}.{sel}` picks a {kind.replace('_', ' ')}" for kind, (sec, sel) in KINDS.items() if sec == section]
         if selectors:
             lines += ["Component selectors: " + "; ".join(selectors) + ".", ""]
-        lines += _table(cls) + [""]
+        lines += _table(cls, registry, {sel: kind for kind, (sec, sel) in KINDS.items() if sec == section}) + [""]
         for comp in sorted(registry.section_components(section), key=lambda c: (c.kind, c.name)):
             title = f"### `[{section}.{comp.name}]` — {comp.kind.replace('_', ' ')} `{comp.name}` ({comp.plugin.name})"
             lines += [title, ""]

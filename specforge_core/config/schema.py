@@ -14,6 +14,10 @@ import attrs
 from specforge_core.config.fields import in_range, non_negative, option, positive
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+# Component selectors (``components.KINDS``) default to empty: the loader fills in the component a
+# plugin declares the default of its kind (``hookspecs.register_defaults``), so no core default
+# names a plugin's component.
+SELECTOR_DEFAULT = "empty = the default a plugin declares; `specforge plugins` lists the installed ones"
 
 
 @attrs.define
@@ -44,7 +48,7 @@ class RunSection:
 class ModelSection:
     target: str = option("", "Target model: a local directory or a hub id (e.g. 'Qwen/Qwen3-8B')",
                          path="path-or-hub-id")
-    draft: str = option("llama-eagle3", "Draft-model component name")
+    draft: str = option("", f"Draft algorithm ({SELECTOR_DEFAULT})")
     aux_layers: list[int] = option(
         factory=list,
         help="Target layers whose input residual stream is captured (HF hidden_states indices); "
@@ -80,9 +84,9 @@ class DatasetSection:
 
 @attrs.define
 class TrainingSection:
-    strategy: str = option("local", "Training-strategy component ('local', 'fsdp2', ...)")
-    loss: str = option("forward-kl", "Loss component")
-    scheduler: str = option("cosine", "LR-scheduler component ('constant', 'linear', 'cosine', ...)")
+    strategy: str = option("", f"Training strategy ({SELECTOR_DEFAULT})")
+    loss: str = option("", f"Loss ({SELECTOR_DEFAULT})")
+    scheduler: str = option("", f"LR schedule ({SELECTOR_DEFAULT})")
     num_gpus: int = option(1, "Trainer processes (GPUs; CPU processes on a machine without GPU)", validator=positive)
     num_epochs: int = option(1, "Passes over the dataset", validator=positive)
     max_steps: int = option(0, "Stop after this many optimizer steps (0 = from num_epochs)", validator=non_negative)
@@ -108,7 +112,7 @@ class TrainingSection:
 
 @attrs.define
 class InferenceSection:
-    backend: str = option("hf", "Target-backend component ('hf', 'sglang', ...)")
+    backend: str = option("", f"Target backend ({SELECTOR_DEFAULT})")
     num_gpus: int = option(1, "GPUs for target inference in total", validator=positive)
     gpus_per_engine: int = option(1, "GPUs per inference engine (its TP group)", validator=positive)
     batch_size: int = option(1, "Samples per target forward", validator=positive)
@@ -125,7 +129,7 @@ class InferenceSection:
 
 @attrs.define
 class TransferSection:
-    store: str = option("local", "Transfer-store component ('local', 'shm', 'mooncake', ...)")
+    store: str = option("", f"Transfer store ({SELECTOR_DEFAULT})")
     max_pool_bytes: int = option(
         4 * 1024**3, "Backpressure: inference pauses while finished samples hold more bytes", validator=positive
     )
@@ -156,7 +160,7 @@ class EvalSection:
     max_prompts: Optional[int] = option(None, "Evaluate at most this many prompts", validator=positive)
     fast: bool = option(False, "Teacher-forced counts (same numbers as the exact loop; skips the greedy-equality guard)")
     engine: str = option("hf", "Who runs the speculation: 'hf' (in-process transformers) or an engine a plugin "
-                         "registers (register_eval_engines), e.g. 'vllm'")
+                         "registers (register_eval_engines; `specforge plugins` lists them)")
     engine_python: str = option("", "Python of the engine's own environment (empty: the engine's discovery)",
                                 path="path-or-command")
     batch_size: int = option(16, "Prompts per target forward (hf engine)", validator=positive)
