@@ -52,7 +52,7 @@ class ModelSection:
     aux_layers: list[int] = option(
         factory=list,
         help="Target layers whose input residual stream is captured (HF hidden_states indices); "
-        "empty = EAGLE-3 default (2, L//2, L-3)",
+        "empty = the draft algorithm's own default for the target (EAGLE-3: 2, L//2, L-3)",
     )
     draft_vocab_size: int = option(32000, "Draft vocabulary size (most frequent target tokens)", validator=positive)
     vocab_mapping: Optional[str] = option(

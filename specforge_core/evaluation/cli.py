@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target and draft dtype (fp32: greedy ties resolve like the reference)")
     p.add_argument("--chat-template", help="'auto' or a named template (default: dataset.chat_template)")
     p.add_argument("--aux-layers", help="comma-separated HF hidden_states indices (default: the "
-                   "export's eagle ids, else 2,L//2,L-3; with a config: model.aux_layers)")
+                   "layers the export names, else the draft algorithm's default; with a config: model.aux_layers)")
     p.add_argument("--aux-ids-convention", choices=("sglang", "vllm"),
                    help="numbering of an old export's eagle_config ids (exports written before the "
                    "top-level eagle_aux_hidden_state_layer_ids; default: sglang)")
