@@ -38,10 +38,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from specforge_core.registry import get_registry
+    from specforge_core.hookspecs import KINDS
+    from specforge_core.registry import RegistryError, get_registry
 
     reg = get_registry()
-    table = Table(title="specforge plugins")
+    defaults = {}
+    for kind in KINDS:
+        try:
+            defaults[kind] = reg.default_name(kind)
+        except RegistryError:  # none or two declared: only a config leaving the selector empty fails
+            pass
+    table = Table(title="specforge plugins", caption="(default): what an empty selector means (register_defaults)")
     for col in ("plugin", "distribution", "version", "kind", "components"):
         table.add_column(col)
     for plugin in reg.plugins:
@@ -50,7 +57,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if not kinds:
             table.add_row(plugin.name, plugin.distribution, plugin.version, "-", "-")
         for i, kind in enumerate(kinds):
-            names = ", ".join(c.name for c in comps if c.kind == kind)
+            names = ", ".join(c.name + (" (default)" if defaults.get(kind) == c.name else "")
+                              for c in comps if c.kind == kind)
             first = i == 0
             table.add_row(
                 plugin.name if first else "", plugin.distribution if first else "",

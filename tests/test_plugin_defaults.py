@@ -96,3 +96,17 @@ def test_no_declaration_and_an_unregistered_declaration_are_errors():
     bad.register_plugin(Declares("widget", "w"), "bad")
     with pytest.raises(RegistryError, match="unknown kind 'widget'"):
         bad.names("loss")
+
+
+def test_plugins_command_marks_the_declared_defaults():
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "specforge_core.cli", "plugins"], capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="200"), check=True).stdout
+    reg = registry_from([])
+    for kind in KINDS:
+        row = next(line for line in out.splitlines() if f" {kind} " in line and "(default)" in line)
+        assert f"{reg.default_name(kind)} (default)" in row
+    assert out.count("(default)") == len(KINDS) + 1  # one per kind, plus the caption
