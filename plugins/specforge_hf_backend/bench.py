@@ -59,6 +59,7 @@ def main() -> None:
         )
         cfg = SpecforgeConfig()
         cfg.model.target, cfg.inference.batch_size = d, a.batch
+        cfg.transfer.store = "local"  # as the local pipeline: features stay on the device (output_device auto)
         backend = HFTargetBackend(HFBackendOptions(), cfg, None)
     dev = backend.device
     g = torch.Generator().manual_seed(0)
