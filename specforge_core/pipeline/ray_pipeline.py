@@ -50,16 +50,23 @@ class RayRunResult(RunResult):
 def connect_ray(config: SpecforgeConfig) -> bool:
     """Join ``run.ray_address`` / ``$RAY_ADDRESS`` or start a local cluster; True if we started
     (or joined) Ray here and must shut it down at the end."""
+    import warnings
+
     import ray
+
+    from specforge_core.pipeline.ray import leftovers
 
     if ray.is_initialized():
         return False
+    for message in leftovers.sweep():  # what a kill -9'd driver's local cluster left on this host
+        warnings.warn(message, stacklevel=2)
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     else:
         ray.init(include_dashboard=False)
+        leftovers.record_current_cluster()  # removed at ray.shutdown below; a dead driver's is swept
     return True
 
 
@@ -285,6 +292,9 @@ def _run_ray(
         pl.remove(placement)
         if started_ray:
             ray.shutdown()
+            from specforge_core.pipeline.ray import leftovers
+
+            leftovers.forget()
 
     finished = result.get("finished", False)
     if leftover and finished:
