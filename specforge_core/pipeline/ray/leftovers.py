@@ -3,10 +3,11 @@
 A driver that starts a local cluster (no ``run.ray_address`` / ``$RAY_ADDRESS``) writes an owner
 record: its pid, host and process start, the cluster's node id and the Ray daemons it started
 (gcs_server, raylet, monitor, dashboard, log_monitor: its direct children). Ray ties the daemons to
-the driver, but processes the raylet spawned (its agents ``ray::DashboardAgent`` and
-``ray::RuntimeEnvAgent``, and any worker that does not notice the raylet is gone, e.g. one stuck in a
-native call) outlive it, reparented to init. The agents carry ``RAY_NODE_ID=<node id>`` in their
-environment and the workers ``RAY_RAYLET_PID=<raylet pid>``, which is how the sweep finds them.
+the driver and workers to the raylet, but the raylet's agents (``ray::DashboardAgent``,
+``ray::RuntimeEnvAgent``) outlive it, reparented to init, for up to a minute here, for good when they
+hang. The sweep finds them by their environment (the agents
+carry ``RAY_NODE_ID=<node id>``, workers ``RAY_RAYLET_PID=<raylet pid>``) or, as ``setproctitle``
+may overwrite that, by a file of the cluster's session directory (its logs) they hold open.
 
 The next Ray run (:func:`sweep`, called before it starts Ray) kills, for each record whose driver is
 dead on this host, the recorded daemons still alive (same pid *and* start time) and every process
@@ -66,6 +67,25 @@ def _environ_has(pid: int, entry: bytes) -> bool:
             return entry in f.read().split(b"\0")
     except OSError:  # gone, or another user's process: not ours to judge
         return False
+
+
+def _has_open_under(pid: int, prefix: str) -> bool:
+    """A file under ``prefix`` is open in the process (Ray's processes keep their session's logs open)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _is_ray(cmd: str) -> bool:
+    return cmd.startswith("ray::") or "/ray/" in cmd
 
 
 def _pids() -> list[int]:
@@ -148,10 +168,17 @@ def leftovers_of(rec: dict[str, Any]) -> list[tuple[int, str]]:
     entries = [f"RAY_NODE_ID={rec['node_id']}".encode()] if rec.get("node_id") else []
     for d in rec.get("daemons", []):
         pid, start = int(d["pid"]), d.get("start")
-        if "/raylet/raylet" in d.get("cmd", "") and (proc_start(pid) is None or _alive(pid, start)):
+        if "/raylet/raylet" in d.get("cmd", "") and proc_start(pid) in (None, start):  # gone, zombie or it
             entries.append(f"RAY_RAYLET_PID={pid}".encode())
+    # setproctitle can overwrite a process's environment block (seen for the agents after a minute):
+    # a Ray process that holds a file of the session open is the other sign
+    session = rec.get("session_dir") or ""
+    prefix = session.rstrip("/") + "/" if session.startswith("/") else ""
     for pid in _pids():
-        if pid != os.getpid() and pid not in found and any(_environ_has(pid, e) for e in entries):
+        if pid == os.getpid() or pid in found:
+            continue
+        if any(_environ_has(pid, e) for e in entries) or (
+                prefix and _is_ray(_cmdline(pid)) and _has_open_under(pid, prefix)):
             found[pid] = _cmdline(pid)[:60]
     return sorted(found.items())
 
