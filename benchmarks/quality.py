@@ -44,35 +44,54 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr1e-3": ("sharegpt", ["training.lr=1e-3"]),
     "lr1e-3-ttt3": ("sharegpt", ["training.lr=1e-3", "training.ttt_length=3"]),
     "lr1e-3-v32k": ("sharegpt", ["training.lr=1e-3", "model.draft_vocab_size=32000"]),
+    "lr1e-3-noclip": ("sharegpt", ["training.lr=1e-3", "training.max_grad_norm=0"]),
     "lr1e-3-lk": ("sharegpt", ["training.lr=1e-3", "training.loss=lk"]),
+    # EAGLE-3.1: each aux state RMS-normed before fc (the target's massive activations stay out of fc)
+    "lr1e-3-fcnorm": ("sharegpt", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true"]),
+    "lr3e-3-fcnorm": ("sharegpt", ["training.lr=3e-3", "model.llama-eagle3.fc_norm=true"]),
+    "lr1e-3-fcnorm-lk": ("sharegpt", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true", "training.loss=lk"]),
     "regen-lr1e-3": ("regen", ["training.lr=1e-3"]),
+    "regen-lr1e-3-fcnorm": ("regen", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true"]),
+    # three times the budget (the first conversations of the same ShareGPT order): the curve
+    "x3-lr1e-3-fcnorm": ("sharegpt-x3", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true"]),
+    # all of ShareGPT (the issue's first measurement was "all-base" served by vLLM: 1.40 at K=3)
+    "all-base": ("sharegpt-all", []),
+    "all-lr1e-3": ("sharegpt-all", ["training.lr=1e-3"]),
 }
 
 
 # ------------------------------------------------------------------------------------- prepare
 
 
-def prepare(assets: Path, out: Path, budget: int, regen_prompts: int, max_prompt_tokens: int) -> None:
-    """The ShareGPT slice (gzip JSONL, whole conversations until ``budget`` assistant tokens), the
-    first-turn prompts to regenerate from (the conversations after the slice, gzip JSONL) and MT-bench."""
+def prepare(assets: Path, out: Path, budget: int, regen_prompts: int, max_prompt_tokens: int,
+            multiples: tuple[int, ...] = (3,)) -> None:
+    """The ShareGPT slice (gzip JSONL, whole conversations until ``budget`` assistant tokens), larger
+    slices of the same order (``sharegpt-x{m}``: ``m`` times the budget), the first-turn prompts to
+    regenerate from (the conversations after the largest slice, gzip JSONL) and MT-bench."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(assets / "smollm2-135m-instruct")
     out.mkdir(parents=True, exist_ok=True)
     lines = [x for x in (assets / "data" / "sharegpt.jsonl").read_text(encoding="utf-8").split("\n") if x]
-    n_tokens, taken = 0, 0
-    with gzip.open(out / "sharegpt.jsonl.gz", "wt", encoding="utf-8") as f:
-        for line in lines:
-            rec = json.loads(line)
-            answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
-            n_tokens += sum(len(ids) for ids in tok(answers, add_special_tokens=False)["input_ids"])
-            f.write(line + "\n")
-            taken += 1
-            if n_tokens >= budget:
-                break
+    slices: dict[str, tuple[int, int]] = {}
+    for m in (1, *multiples):  # 0: the whole file
+        name = "sharegpt" if m == 1 else "sharegpt-all" if m == 0 else f"sharegpt-x{m}"
+        n_tokens, taken = 0, 0
+        with gzip.open(out / f"{name}.jsonl.gz", "wt", encoding="utf-8") as f:
+            for line in lines:
+                rec = json.loads(line)
+                answers = [x["content"] for x in rec["messages"] if x["role"] == "assistant"]
+                n_tokens += sum(len(ids) for ids in tok(answers, add_special_tokens=False)["input_ids"])
+                f.write(line + "\n")
+                taken += 1
+                if m and n_tokens >= budget * m:
+                    break
+        slices[name] = (taken, n_tokens)
+    taken, n_tokens = slices["sharegpt"]
+    after = max(t for k, (t, _) in slices.items() if k != "sharegpt-all")  # prompts: after the slices
     prompts = 0
     with gzip.open(out / "prompts.jsonl.gz", "wt", encoding="utf-8") as f:
-        for line in lines[taken:]:
+        for line in lines[after:]:
             rec = json.loads(line)
             first = next((m for m in rec["messages"] if m["role"] == "user"), None)
             if first is None or not first["content"].strip():
@@ -85,7 +104,8 @@ def prepare(assets: Path, out: Path, budget: int, regen_prompts: int, max_prompt
                 break
     (out / "mtbench.jsonl").write_text((assets / "data" / "mtbench.jsonl").read_text(encoding="utf-8"))
     meta = {"budget_tokens": budget, "sharegpt_conversations": taken, "sharegpt_assistant_tokens": n_tokens,
-            "regen_prompts": prompts}
+            "regen_prompts": prompts,
+            "slices": {k: {"conversations": t, "assistant_tokens": n} for k, (t, n) in slices.items()}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps(meta))
 
@@ -163,38 +183,39 @@ def _last_metrics(log_path: Path) -> dict[str, Any]:
         if m:
             last = {"step": int(m[1]), "steps": int(m[2]), "loss": float(m[3]),
                     "acc": [float(x) for x in m[4].split()], "tau": float(m[5])}
+            g = re.search(r"gnorm ([0-9.]+)", line)
+            if g:
+                last["gnorm"] = float(g[1])
     return last
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _convert_target(data: Path, model: Path) -> None:
+    """The HF folder from the data folder's GGUF (or its ``gguf.part*`` pieces), when not there yet."""
+    if (model / "config.json").is_file():
+        return
+    t0 = time.time()
+    gguf = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    parts = sorted(data.glob("gguf.part*"))
+    if parts and not gguf.is_file():
+        with open(gguf, "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+    from specforge_core.reference import convert_gguf
 
-    t_start = time.time()
-    data = Path(args.data).resolve()
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model).resolve()
-    if not (model / "config.json").is_file():
-        gguf = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        parts = sorted(data.glob("gguf.part*"))
-        if parts and not gguf.is_file():
-            with open(gguf, "wb") as f:
-                for p in parts:
-                    f.write(p.read_bytes())
-        from specforge_core.reference import convert_gguf
+    convert_gguf(gguf, model)
+    print(f"converted {gguf.name} -> {model} in {time.time() - t0:.0f}s", flush=True)
 
-        convert_gguf(gguf, model)
-        print(f"converted {gguf.name} -> {model} in {time.time() - t_start:.0f}s", flush=True)
-    meta = json.loads((data / "meta.json").read_text())
-    sharegpt = work / "sharegpt.jsonl"
-    with gzip.open(data / "sharegpt.jsonl.gz", "rt", encoding="utf-8") as src:
-        sharegpt.write_text(src.read(), encoding="utf-8")
 
-    names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+def train_all(args: argparse.Namespace, names: list[str], data: Path, work: Path, model: Path,
+              meta: dict[str, Any]) -> dict[str, Any]:
+    """Every variant trained at once on the GPU (regenerated-data variants once the regeneration,
+    which runs beside them, is done). Returns what the eval stage and the table need."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    paths: dict[str, Path] = {}
+    for kind in {VARIANTS[n][0] for n in names} - {"regen"}:
+        paths[kind] = work / f"{kind}.jsonl"
+        with gzip.open(data / f"{kind}.jsonl.gz", "rt", encoding="utf-8") as src:
+            paths[kind].write_text(src.read(), encoding="utf-8")
     procs: dict[str, subprocess.Popen] = {}
     intervals: dict[str, tuple[float, float]] = {}
     starts: dict[str, float] = {}
@@ -210,8 +231,8 @@ def run(args: argparse.Namespace) -> int:
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     for n in names:
-        if VARIANTS[n][0] == "sharegpt":
-            launch(n, sharegpt)
+        if VARIANTS[n][0] != "regen":
+            launch(n, paths[VARIANTS[n][0]])
     # regeneration runs beside the ShareGPT trainings (a thread: the GPU has room for both); the
     # variants that train on it start when it is done
     import threading
@@ -230,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         regen_thread.start()
 
     rc: dict[str, int] = {}
+    t_start = time.time()
     deadline = t_start + args.train_deadline
     while len(rc) < len(procs) or (regen_thread is not None and regen_names[0] not in procs):
         if regen_thread is not None and not regen_thread.is_alive() and regen_names[0] not in procs:
@@ -244,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
             if n not in rc and p.poll() is not None:
                 rc[n] = p.returncode
                 intervals[n] = (starts[n], time.time())
-                print(f"trained {n}: rc {p.returncode} in {intervals[n][1] - starts[n]:.0f}s", flush=True)
+                print(f"trained {n}: rc {p.returncode} in {intervals[n][1] - starts[n]:.0f}s "
+                      f"{_last_metrics(work / f'{n}.train.log')}", flush=True)
         if time.time() > deadline:
             for n, p in procs.items():
                 if n not in rc:
@@ -252,15 +275,21 @@ def run(args: argparse.Namespace) -> int:
                     rc[n] = -9
                     intervals[n] = (starts[n], time.time())
                     print(f"killed {n}: past the training deadline", flush=True)
+            if regen_thread is not None and regen_names[0] not in procs:
+                break  # the regeneration is still running: its variants are lost
         time.sleep(1)
-    shares = _gpu_shares(intervals)
+    return {"rc": rc, "intervals": intervals, "regen": regen_box.get("info"), "train_wall_s": time.time() - t_start}
 
-    # evaluation: every trained variant at every K, a few processes at a time
-    # K=3 of every variant first, then K=7, then K=5: a deadline cuts the least informative last
-    jobs = [(n, k) for k in (3, 7, 5) for n in names if rc.get(n) == 0 and (work / n / "export").is_dir()]
+
+def eval_all(args: argparse.Namespace, names: list[str], data: Path, work: Path, model: Path,
+             rc: dict[str, int]) -> dict[tuple[str, int], float]:
+    """Every trained variant at every K, ``--eval-parallel`` processes at a time; K in ``--ks`` order
+    (a deadline cuts the last ones)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ks = [int(k) for k in args.ks.split(",")]
+    jobs = [(n, k) for k in ks for n in names if rc.get(n) == 0 and (work / n / "export").is_dir()]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     eval_wall: dict[tuple[str, int], float] = {}
-    evals_done: dict[tuple[str, int], int] = {}
     eval_deadline = time.time() + args.eval_deadline
     while jobs or running:
         while jobs and len(running) < args.eval_parallel:
@@ -277,28 +306,60 @@ def run(args: argparse.Namespace) -> int:
         for key, (p, t0) in list(running.items()):
             if p.poll() is not None:
                 eval_wall[key] = time.time() - t0
-                evals_done[key] = p.returncode
+                print(f"evaluated {key[0]} K={key[1]}: rc {p.returncode} in {eval_wall[key]:.0f}s", flush=True)
                 del running[key]
             elif time.time() > eval_deadline:
                 p.kill()
-                evals_done[key] = -9
+                print(f"killed eval {key[0]} K={key[1]}: past the eval deadline", flush=True)
                 del running[key]
         time.sleep(0.5)
+    return eval_wall
 
-    regen_info = regen_box.get("info")
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    t_start = time.time()
+    data = Path(args.data).resolve()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model).resolve()
+    _convert_target(data, model)
+    meta = json.loads((data / "meta.json").read_text())
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+
+    # two stages so that each fits one device call: train (state kept in the work dir), then eval
+    state_path = work / "train_state.json"
+    if args.stage in ("train", "all"):
+        st = train_all(args, names, data, work, model, meta)
+        state_path.write_text(json.dumps(st, indent=1) + "\n")
+    st = json.loads(state_path.read_text())
+    rc = {n: int(c) for n, c in st["rc"].items()}
+    intervals = {n: (float(a), float(b)) for n, (a, b) in st["intervals"].items()}
+    shares = _gpu_shares(intervals)
+    eval_wall: dict[tuple[str, int], float] = {}
+    if args.stage in ("eval", "all"):
+        eval_wall = eval_all(args, names, data, work, model, rc)
+
+    regen_info = st.get("regen")
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "meta": meta,
         "regen": regen_info, "ks": list(KS),
         "max_new_tokens": args.max_new_tokens, "recipe": str(RECIPE.relative_to(ROOT)), "extra_overrides": args.set,
-        "total_wall_s": None, "variants": {},
+        "train_wall_s": st.get("train_wall_s"), "stage_wall_s": None, "variants": {},
     }
+    regen_names = [n for n in names if VARIANTS[n][0] == "regen"]
     regen_share = (regen_info["wall_s"] / len(regen_names)) if regen_info else 0.0
     for n in names:
         data_kind, overrides = VARIANTS[n]
         v: dict[str, Any] = {"data": data_kind, "overrides": overrides, "train_rc": rc.get(n),
                              "train_wall_s": intervals[n][1] - intervals[n][0] if n in intervals else None,
                              "gpu_s": shares.get(n, 0.0) + (regen_share if data_kind == "regen" else 0.0),
-                             "train_log_tail": _last_metrics(work / f"{n}.train.log"), "eval": {}}
+                             "train_log_tail": _last_metrics(work / f"{n}.train.log")
+                             if (work / f"{n}.train.log").is_file() else {}, "eval": {}}
         for k in KS:
             path = work / f"{n}.k{k}.json"
             if path.is_file():
@@ -307,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
                                      "categories": {c: s["tau"] for c, s in rep["categories"].items()},
                                      "wall_s": eval_wall.get((n, k))}
         results["variants"][n] = v
-    results["total_wall_s"] = time.time() - t_start
+    results["stage_wall_s"] = time.time() - t_start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
@@ -354,6 +415,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--budget", type=int, default=1_000_000, help="assistant tokens of ShareGPT per variant")
     p.add_argument("--regen-prompts", type=int, default=6000, help="first turns shipped for regeneration")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--multiples", type=int, nargs="*", default=[3],
+                   help="also slices of this many times the budget (variants on data sharegpt-x{m}); "
+                        "0: the whole file (sharegpt-all)")
     r = sub.add_parser("run", help="train and evaluate the variants on one GPU")
     r.add_argument("--data", default=".carry/quality", help="the prepare output")
     r.add_argument("--model", default="reference/smollm2-135m-instruct",
@@ -369,14 +433,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--eval-parallel", type=int, default=8)
     r.add_argument("--eval-dtype", default="fp32", choices=("fp32", "bf16"))
     r.add_argument("--regen-max-new-tokens", type=int, default=512)
-    r.add_argument("--regen-batch-size", type=int, default=1024)
+    r.add_argument("--regen-batch-size", type=int, default=512)
     r.add_argument("--regen-deadline", type=float, default=90, help="seconds of generation at most")
     r.add_argument("--train-deadline", type=float, default=330, help="seconds from start; later runs are killed")
     r.add_argument("--eval-deadline", type=float, default=150, help="seconds for all evaluations")
+    r.add_argument("--stage", choices=("all", "train", "eval"), default="all",
+                   help="train only (state kept in --work), eval only (of a trained --work), or both")
+    r.add_argument("--ks", default="3,7,5", help="draft lengths evaluated, in this order")
     r.add_argument("--table", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.assets, args.out, args.budget, args.regen_prompts, args.max_prompt_tokens)
+        prepare(args.assets, args.out, args.budget, args.regen_prompts, args.max_prompt_tokens,
+                tuple(args.multiples))
         return 0
     return run(args)
 
