@@ -126,11 +126,14 @@ def record(node_id: str, session_dir: str = "") -> Optional[Path]:
     rec = {"pid": me, "host": socket.gethostname(), "start": proc_start(me), "node_id": node_id,
            "session_dir": session_dir, "daemons": daemons}
     root = owners_dir()
-    root.mkdir(parents=True, exist_ok=True)
     path = root / f"{rec['host']}-{me}-{rec['start']}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)
+    except OSError:  # e.g. another user's directory: the run goes on, only its leftovers go unswept
+        return None
     _CURRENT.append(path)
     return path
 
