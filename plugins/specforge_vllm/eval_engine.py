@@ -53,6 +53,24 @@ def vllm_python(option: Optional[str]) -> str:
     return found
 
 
+# vLLM's speculative method for an export, from the keys its loaders read (vLLM keys the method on
+# the config, not on who trained it); anything else is served as an EAGLE-3 draft
+_METHOD_BY_CONFIG_KEY = (("dflash_config", "dflash"),)
+
+
+def speculative_method(draft_dir: str | Path) -> str:
+    """The ``speculative_config.method`` vLLM serves this export with."""
+    path = Path(draft_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable draft export config ({exc})") from exc
+    for key, method in _METHOD_BY_CONFIG_KEY:
+        if key in cfg:
+            return method
+    return "eagle3"
+
+
 def run_vllm_eval(request: Any):
     """``register_eval_engines`` entry: an ``EvalRequest`` in, an ``EvalReport`` out."""
     t0 = time.perf_counter()
@@ -62,6 +80,7 @@ def run_vllm_eval(request: Any):
     python = vllm_python(request.engine_python)
     payload = {
         "draft": str(Path(request.draft).resolve()), "target": _model_path(request.target),
+        "method": speculative_method(request.draft),
         "steps": request.steps, "max_new_tokens": request.max_new_tokens, "eos_ids": list(request.eos_ids),
         "check": request.check, "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
             request.dtype, request.dtype), "trust_remote_code": request.trust_remote_code,

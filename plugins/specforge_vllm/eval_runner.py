@@ -2,7 +2,8 @@
 
 Self-contained on purpose (stdlib + vLLM only): the vLLM venv does not have specforge installed.
 It serves the target twice at temperature 0 with the same token-id prompts: once with the export
-as its EAGLE-3 draft (``speculative_config = {"method": "eagle3", ...}``, per-request
+as its draft (``speculative_config = {"method": "eagle3" | "dflash", ...}`` from the export's
+config, per-request
 ``detailed`` spec-decode metrics), once plainly (the greedy reference). It writes what vLLM
 itself reports: output token ids of both runs, each request's per-step accepted/drafted counts,
 the engine-wide ``vllm:spec_decode_*`` counters, the draft-load log lines, and timings.
@@ -35,7 +36,7 @@ def _engine(req: dict, speculative: bool):
     kw = dict(model=req["target"], dtype=req.get("dtype", "float32"), max_model_len=req.get("max_model_len", 2048),
               enforce_eager=True, seed=0, disable_log_stats=False, trust_remote_code=req.get("trust_remote_code", False))
     if speculative:
-        kw["speculative_config"] = {"method": "eagle3", "model": req["draft"],
+        kw["speculative_config"] = {"method": req.get("method", "eagle3"), "model": req["draft"],
                                     "num_speculative_tokens": req["steps"]}
         kw["per_request_spec_decode_metrics"] = "detailed"
     return LLM(**kw)
