@@ -142,6 +142,18 @@ def cmd_data_regenerate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_features(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from specforge_core.data.features import write_features
+
+    cfg = _load(args)
+    s = write_features(cfg, console=Console(stderr=True))
+    print(f"wrote {s.cache_dir}: {s.shards} shards, {s.samples} samples, {s.tokens:,} tokens, "
+          f"{s.bytes / 2**20:.1f} MiB ({s.bytes_per_token:.0f} B/token); {s.written_shards} shards written now")
+    return 0
+
+
 def cmd_vocab(args: argparse.Namespace) -> int:
     from specforge_core.vocab import build_vocab_for_config
 
@@ -208,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(data.add_parser(
         "regenerate", help="the target rewrites every assistant turn of dataset.path ([regenerate] settings)",
     )).set_defaults(func=cmd_data_regenerate)
+    with_config(data.add_parser(
+        "features", help="run the target once and write its features to the transfer store's cache",
+    )).set_defaults(func=cmd_data_features)
 
     export = with_config(sub.add_parser("export", help="export a checkpoint for SGLang / vLLM"))
     export.add_argument("--checkpoint", default=None, help="checkpoint dir (default: newest in output_dir)")

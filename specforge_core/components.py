@@ -252,6 +252,12 @@ class TransferStoreProvider(Protocol):
 
     def stop(self, handle: Any) -> None: ...
 
+    # Optional capability ``supplies_features = True``: the store serves the target's features from
+    # storage written beforehand (``specforge data features``), so pipelines build no target backend.
+    # Such a provider also has ``dir``, ``format``, ``shard_samples`` (where and how the cache is
+    # written), ``encode(tensors) -> tensors`` / ``decode(stored, dtype) -> tensors`` (its storage
+    # codec) and ``feature_source(config) -> TargetBackend`` (reads the cache; see data/features.py).
+
 
 # ------------------------------------------------------------------------------------------ loss
 @attrs.define

@@ -6,6 +6,7 @@ from specforge_defaults.loss import ForwardKLOptions, make_forward_kl
 from specforge_defaults.loss_lk import LKOptions, make_lk
 from specforge_defaults.schedulers import DecayOptions, make_constant, make_cosine, make_linear
 from specforge_defaults.strategy import LocalStrategyOptions, make_local_strategy
+from specforge_defaults.transfer_disk import DiskOptions, make_disk
 from specforge_defaults.transfer_local import make_local
 from specforge_defaults.transfer_shm import ShmOptions, make_shm
 
@@ -35,6 +36,10 @@ def register_transfer_stores(register):
     register(
         "shm", make_shm, config=ShmOptions,
         description="one file per sample in shared memory (/dev/shm), for processes on one node",
+    )
+    register(
+        "disk", make_disk, config=DiskOptions,
+        description="offline feature cache written by `specforge data features`; runs train without a target",
     )
 
 

@@ -249,10 +249,16 @@ def run_local(
         # ---- target, vocab
         device = "cuda" if torch.cuda.is_available() else "cpu"
         backend = target_backend
+        provider = transfer_store if transfer_store is not None else create(config, "transfer_store",
+                                                                            registry=registry)
+        if backend is None and getattr(provider, "supplies_features", False):
+            # the store serves features written beforehand (`specforge data features`): no target
+            backend = provider.feature_source(config)
+            cleanup.callback(backend.close)
         if backend is None:
             backend = create(config, "target_backend", config, device, registry=registry)
             cleanup.callback(backend.close)
-        return _train(config, backend, transfer_store, cleanup, console, config_toml, stop_after_steps, t0,
+        return _train(config, backend, provider, cleanup, console, config_toml, stop_after_steps, t0,
                       data=(samples, usable, data_stats, skipped), registry=registry)
 
 

@@ -1,0 +1,355 @@
+"""``specforge data features``: run the target once over the dataset and keep its features on disk.
+
+Training then reads them for any number of epochs without a target (a transfer store that sets
+``supplies_features``, see ``components.TransferStoreProvider``). The core owns the cache layout and
+its crash safety; the store plugin owns the storage codec (``encode`` / ``decode``: e.g. bf16 or
+fp8 with per-row scales).
+
+Layout of the cache directory::
+
+    index.json                 fingerprint, target facts, format, shard list (see ``write_features``)
+    shard-00000.safetensors    per feature: the shard's samples' rows concatenated (after encoding),
+    shard-00001.safetensors    plus ``offsets`` int64 [n+1]: sample j is rows offsets[j]:offsets[j+1]
+
+Samples are the run's trainable samples in dataset order (same tokenization, cache and filtering as
+``specforge run``), ``shard_samples`` per shard, so shard i always holds the same samples.
+
+Crash safety: a shard is written to a hidden temp name, fsync'd and renamed; only then is the index
+rewritten (temp, fsync, rename) to list it. A rerun keeps the shards the index lists, deletes temp
+leftovers and unlisted shards, and resumes at the first missing one: nothing is lost, nothing is
+written twice, and the shards are byte-identical to an uninterrupted run's. A cache written for
+another target, aux layers, template, sequence length, data or format is refused (the fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from specforge_core.types import FEATURE_KEYS, Sample, TargetFeatures, TargetInfo
+
+INDEX = "index.json"
+VERSION = 1
+_INT_DTYPES = {"input_ids": torch.int64, "loss_mask": torch.uint8, "target_argmax": torch.int64}
+
+
+class FeatureCacheError(ValueError):
+    """The cache cannot serve this config (missing, incomplete, written for other settings)."""
+
+
+# ------------------------------------------------------------------------------------ identity
+def feature_names(spec: Any) -> list[str]:
+    """Tensors the cache keeps: ids and masks always, the rest as the algorithm's FeatureSpec says."""
+    return [k for k in FEATURE_KEYS if k in ("input_ids", "loss_mask") or getattr(spec, k, True)]
+
+
+def data_hash(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(config: Any, names: Sequence[str], fmt: str) -> dict[str, Any]:
+    """What the cached features depend on (``config`` with its aux layers resolved)."""
+    ds = config.dataset
+    return {
+        "target": str(config.model.target), "aux_layers": [int(i) for i in config.model.aux_layers],
+        "chat_template": ds.chat_template, "max_seq_length": ds.max_seq_length,
+        "max_samples": ds.max_samples, "data_sha256": data_hash(ds.path), "inference_dtype": config.inference.dtype,
+        "features": list(names), "format": fmt,
+    }
+
+
+def check_fingerprint(cache_dir: Path, stored: dict, wanted: dict) -> None:
+    diff = [f"{k}: cache {stored.get(k)!r}, config {wanted.get(k)!r}" for k in wanted if stored.get(k) != wanted[k]]
+    if diff:
+        raise FeatureCacheError(
+            f"feature cache {cache_dir} was written for other settings ({'; '.join(diff)}); point the store's "
+            "dir elsewhere or delete the cache and run `specforge data features` again"
+        )
+
+
+# ------------------------------------------------------------------------------------ index I/O
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_index(cache_dir: Path) -> Optional[dict]:
+    p = Path(cache_dir) / INDEX
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def write_index(cache_dir: Path, index: dict) -> None:
+    data = json.dumps(index, indent=1).encode()
+    _atomic_write(Path(cache_dir) / INDEX, lambda f: f.write(data))
+
+
+# ------------------------------------------------------------------------------------ sizing
+def bytes_per_token(encode: Any, hidden_size: int, n_aux: int, names: Sequence[str]) -> int:
+    """Stored bytes of one token: one encoded row of each cached tensor (exact for the codec)."""
+    one = {"input_ids": torch.zeros(1, dtype=torch.int64), "loss_mask": torch.zeros(1, dtype=torch.uint8),
+           "aux_hidden": torch.ones(1, n_aux * hidden_size), "final_hidden": torch.ones(1, hidden_size),
+           "target_argmax": torch.zeros(1, dtype=torch.int64)}
+    return sum(t.numel() * t.element_size() for t in encode({k: one[k] for k in names}).values())
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------ writing
+def _encode_shard(feats: list[TargetFeatures], names: Sequence[str], encode: Any) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    offsets = [0]
+    for f in feats:
+        tensors = f.tensors()
+        for k, t in encode({n: tensors[n] for n in names}).items():
+            parts.setdefault(k, []).append(t)
+        offsets.append(offsets[-1] + f.num_tokens)
+    out = {k: torch.cat(v, 0).contiguous() for k, v in parts.items()}
+    out["offsets"] = torch.tensor(offsets, dtype=torch.int64)
+    return out
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+    from safetensors.torch import save
+
+    data = save(tensors)  # deterministic bytes: reruns write identical shards
+    _atomic_write(path, lambda f: f.write(data))
+    return len(data)
+
+
+@attrs.define
+class FeaturesSummary:
+    cache_dir: Path
+    shards: int
+    samples: int
+    tokens: int
+    bytes: int
+    written_shards: int  # by this call (the rest were there already)
+    bytes_per_token: float
+    wall_s: float
+
+
+def store_provider(config: Any, registry: Any = None) -> Any:
+    from specforge_core.training.components import create
+
+    provider = create(config, "transfer_store", registry=registry)
+    if not getattr(provider, "supplies_features", False):
+        raise FeatureCacheError(
+            f"transfer.store = {config.transfer.store!r} keeps no features on disk; `specforge data features` "
+            "writes the cache of a store that supplies features (`specforge plugins` lists the transfer stores)"
+        )
+    return provider
+
+
+def write_features(config: Any, *, backend: Any = None, provider: Any = None, console: Any = None,
+                   registry: Any = None, stop_after_shards: Optional[int] = None) -> FeaturesSummary:
+    """Write (or complete) the feature cache of ``config``'s transfer store; see the module doc."""
+    from specforge_core.pipeline.local import load_training_samples
+    from specforge_core.plan import with_aux_layers
+    from specforge_core.training.components import algorithm, create
+
+    t0 = time.perf_counter()
+    log = console.print if console is not None else (lambda *a, **k: None)
+    provider = provider if provider is not None else store_provider(config, registry)
+    config = with_aux_layers(config, registry)
+    names = feature_names(algorithm(config, registry).features)
+    cache = Path(provider.dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(config, names, provider.format)
+    index = read_index(cache)
+    if index is not None:
+        check_fingerprint(cache, index["fingerprint"], fp)
+
+    _samples, usable, _stats, _skipped = load_training_samples(config, console or _Quiet())
+    n = provider.shard_samples
+    groups = [usable[i : i + n] for i in range(0, len(usable), n)]
+    total_tokens = sum(s.num_tokens for s in usable)
+
+    # keep the shards the index lists (in order, files present); drop everything else
+    done: list[dict] = []
+    for i, entry in enumerate(index["shards"] if index else []):
+        ids = [s.sample_id for s in groups[i]] if i < len(groups) else None
+        f = cache / entry["file"]
+        if entry["file"] != shard_name(i) or entry["sample_ids"] != ids or not f.exists() \
+                or f.stat().st_size != entry["bytes"]:
+            break
+        done.append(entry)
+    keep = {INDEX} | {e["file"] for e in done}
+    for f in cache.iterdir():
+        if f.name not in keep and (f.name.startswith(".tmp-") or f.name.startswith("shard-")):
+            f.unlink()
+
+    own = backend is None
+    if own and len(done) < len(groups):
+        backend = create(config, "target_backend", config, None, registry=registry)
+    try:
+        info = attrs.asdict(backend.info) if backend is not None else index["info"]
+        index = {"version": VERSION, "fingerprint": fp, "info": info, "format": provider.format,
+                 "features": names, "shard_samples": n, "total_samples": len(usable),
+                 "total_tokens": total_tokens, "shards": list(done), "complete": len(done) == len(groups)}
+        per_tok = bytes_per_token(provider.encode, int(info["hidden_size"]), len(config.model.aux_layers), names)
+        log(f"features: {len(usable)} samples, {total_tokens:,} tokens in {len(groups)} shards of {n}; "
+            f"{provider.format} {per_tok} B/token -> about {per_tok * total_tokens / 2**20:.1f} MiB in {cache}"
+            + (f" ({len(done)} shards already there)" if done else ""))
+        written = 0
+        progress = (_Progress(console, len(usable), sum(len(e["sample_ids"]) for e in done))
+                    if console is not None and config.logging.progress else None)
+        t_write = time.perf_counter()
+        new_bytes = 0
+        try:
+            for i in range(len(done), len(groups)):
+                if stop_after_shards is not None and written >= stop_after_shards:
+                    break
+                feats: list[TargetFeatures] = []
+                bs = config.inference.batch_size
+                for s in range(0, len(groups[i]), bs):
+                    feats.extend(backend.generate(groups[i][s : s + bs]))
+                nbytes = _write_shard(cache / shard_name(i), _encode_shard(feats, names, provider.encode))
+                index["shards"].append({"file": shard_name(i), "sample_ids": [f.sample_id for f in feats],
+                                        "tokens": [f.num_tokens for f in feats], "bytes": nbytes})
+                index["complete"] = len(index["shards"]) == len(groups)
+                write_index(cache, index)  # after the shard is durable: the index never lists a torn one
+                written += 1
+                new_bytes += nbytes
+                if progress:
+                    dt = max(time.perf_counter() - t_write, 1e-9)
+                    done_samples = sum(len(e["sample_ids"]) for e in index["shards"][len(done):])
+                    progress.update(len(feats), f"{done_samples / dt:.1f} samples/s, "
+                                    f"{new_bytes / 2**20:.1f} MiB written")
+        finally:
+            if progress:
+                progress.close()
+        if not index["shards"]:
+            write_index(cache, index)
+    finally:
+        if own and backend is not None:
+            backend.close()
+    total_bytes = sum(e["bytes"] for e in index["shards"])
+    tokens = sum(sum(e["tokens"]) for e in index["shards"])
+    return FeaturesSummary(cache, len(index["shards"]), sum(len(e["sample_ids"]) for e in index["shards"]),
+                           tokens, total_bytes, written, total_bytes / max(tokens, 1), time.perf_counter() - t0)
+
+
+class _Quiet:
+    def print(self, *a: Any, **k: Any) -> None:
+        pass
+
+
+class _Progress:
+    """A rich progress bar: samples done of all, time left, samples/s and bytes written."""
+
+    def __init__(self, console: Any, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[rate]}"), console=console)
+        self.task = self.p.add_task("features", total=total, completed=done, rate="")
+        self.p.start()
+
+    def update(self, n: int, rate: str) -> None:
+        self.p.update(self.task, advance=n, rate=rate)
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+# ------------------------------------------------------------------------------------ reading
+class FeatureCache:
+    """Reads one sample's stored tensors from a complete cache (shards opened lazily, kept open)."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir)
+        index = read_index(self.dir)
+        if index is None:
+            raise FeatureCacheError(f"feature cache {self.dir}: no {INDEX}; run `specforge data features CONFIG` "
+                                    "with this config first")
+        if not index.get("complete"):
+            raise FeatureCacheError(
+                f"feature cache {self.dir} is incomplete ({len(index['shards'])} shards written); rerun "
+                "`specforge data features CONFIG` to finish it")
+        self.index = index
+        self.where = {sid: (j, k) for j, e in enumerate(index["shards"]) for k, sid in enumerate(e["sample_ids"])}
+        self._open: dict[int, Any] = {}
+
+    def _shard(self, j: int) -> Any:
+        from safetensors import safe_open
+
+        if j not in self._open:
+            h = safe_open(str(self.dir / self.index["shards"][j]["file"]), framework="pt")
+            self._open[j] = (h, h.get_tensor("offsets").tolist(), [k for k in h.keys() if k != "offsets"])
+        return self._open[j]
+
+    def get(self, sample_id: str) -> dict[str, torch.Tensor]:
+        try:
+            j, k = self.where[sample_id]
+        except KeyError:
+            raise FeatureCacheError(f"feature cache {self.dir} has no sample {sample_id!r}: it was written for "
+                                    "other data; rerun `specforge data features CONFIG`") from None
+        h, offsets, keys = self._shard(j)
+        a, b = offsets[k], offsets[k + 1]
+        return {name: h.get_slice(name)[a:b] for name in keys}
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+class CacheBackend:
+    """A ``TargetBackend`` that serves features from the cache: no target is loaded or run."""
+
+    def __init__(self, cache_dir: str | Path, config: Any, decode: Any, fmt: str):
+        self.cache = FeatureCache(cache_dir)
+        names = self.cache.index["features"]
+        check_fingerprint(self.cache.dir, self.cache.index["fingerprint"], fingerprint(config, names, fmt))
+        self.info = TargetInfo(**self.cache.index["info"])
+        self.decode = decode
+        self.dtype = _float_dtype(config)
+
+    def generate(self, samples: Sequence[Sample]) -> list[TargetFeatures]:
+        out = []
+        for s in samples:
+            t = self.decode(self.cache.get(s.sample_id), self.dtype)
+            T = s.num_tokens
+            # fields the algorithm does not read are not stored: empty placeholders keep the record whole
+            t.setdefault("aux_hidden", torch.empty(T, 0, dtype=self.dtype))
+            t.setdefault("final_hidden", torch.empty(T, 0, dtype=self.dtype))
+            t.setdefault("target_argmax", torch.full((T,), -1, dtype=torch.int64))
+            out.append(TargetFeatures.from_tensors(s.sample_id, t, s.category))
+        return out
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def _float_dtype(config: Any) -> torch.dtype:
+    """The dtype the online target would have produced (``inference.dtype``; auto: bf16 on GPU)."""
+    d = config.inference.dtype
+    if d == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
