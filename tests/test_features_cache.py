@@ -80,7 +80,7 @@ def test_mismatching_fingerprint_and_missing_cache_are_refused(tmp_path):
     with pytest.raises(FeatureCacheError, match="no index.json"):
         run_local(load_config([QUICKSTART], overrides=_overrides(tmp_path, "disk", n=8) + [
             f"transfer.disk.dir={tmp_path / 'empty'}"]))
-    with pytest.raises(ValueError, match="keeps no features on disk"):
+    with pytest.raises(ValueError, match="does not supply features"):
         write_features(_config(tmp_path, "local", n=8))
 
 

@@ -1,4 +1,4 @@
-"""``specforge data features``: run the target once over the dataset and keep its features on disk.
+"""``specforge data features``: run the target once over the dataset and keep its features in files.
 
 Training then reads them for any number of epochs without a target (a transfer store that sets
 ``supplies_features``, see ``components.TransferStoreProvider``). The core owns the cache layout and
@@ -162,8 +162,9 @@ def store_provider(config: Any, registry: Any = None) -> Any:
     provider = create(config, "transfer_store", registry=registry)
     if not getattr(provider, "supplies_features", False):
         raise FeatureCacheError(
-            f"transfer.store = {config.transfer.store!r} keeps no features on disk; `specforge data features` "
-            "writes the cache of a store that supplies features (`specforge plugins` lists the transfer stores)"
+            f"transfer.store = {config.transfer.store!r} does not supply features (it keeps none in files); "
+            "`specforge data features` writes the cache of a store that supplies features (`specforge plugins` "
+            "lists the transfer stores)"
         )
     return provider
 
