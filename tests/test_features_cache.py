@@ -117,6 +117,10 @@ def test_fp8_bytes_per_token_and_loss_within_tolerance_of_bf16(tmp_path):
     expect = {"bf16": 17 + 2 * (n_aux + 1) * H, "fp8": 17 + (n_aux + 1) * H + 2 * 4}
     for fmt in bpt:  # the safetensors header and offsets add a little per shard
         assert expect[fmt] <= bpt[fmt] <= expect[fmt] + 4096 * 4 / hidden_tokens
+    from specforge_core.plan import build_plan
+
+    for fmt in bpt:  # `specforge plan` sizes the cache with the same codec
+        assert build_plan(_config(tmp_path, "disk", fmt=fmt))["disk"]["bytes_per_token"] == expect[fmt]
     loss = {fmt: r.history[-1]["loss"] for fmt, (_, r) in runs.items()}
     assert loss["fp8"] != loss["bf16"]  # fp8 really is lossy
     assert abs(loss["fp8"] - loss["bf16"]) <= FP8_LOSS_RTOL * loss["bf16"], loss
