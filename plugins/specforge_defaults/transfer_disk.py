@@ -28,8 +28,8 @@ class DiskOptions:
     dir: str = option("", "Feature cache directory (`specforge data features` writes it; required)", path=True)
     format: str = option("bf16", "Storage of hidden states: 'bf16' or 'fp8' (e4m3, one fp32 scale per token "
                          "per tensor; ids and masks stay integers)", choices=fp8.FORMATS)
-    shard_samples: int = option(64, "Samples per shard file (the unit a killed `data features` redoes)",
-                                validator=positive)
+    shard_samples: int = option(16, "Samples per shard file (the unit a killed `data features` redoes; "
+                                "one shard's features are held in memory while written)", validator=positive)
 
     def plan_notes(self, config: Any, plan: dict) -> PlanNotes:
         """``specforge plan``: the cache's bytes per token and its size for full-length samples."""
