@@ -6,7 +6,7 @@ Trains the same draft three ways on the same samples and order: online (target i
 length) and prints one table. CPU (quickstart target) or GPU (any config, e.g. the reference recipe)::
 
     python benchmarks/feature_cache.py --samples 64 --epochs 2
-    python benchmarks/feature_cache.py --config configs/recipes/smollm2.toml --samples 2000 --max-prompts 80
+    python benchmarks/feature_cache.py --config configs/smollm2-sharegpt.toml --samples 2000 --max-prompts 80
 
 ``--set`` passes extra config overrides. Exits 1 if the bf16 cache's losses differ from the online ones.
 """

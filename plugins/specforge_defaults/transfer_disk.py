@@ -64,6 +64,13 @@ class DiskStoreProvider(LocalStoreProvider):
                              "(`specforge data features CONFIG` writes it)")
         self.dir, self.format, self.shard_samples = options.dir, options.format, options.shard_samples
 
+    def connect(self, handle: str) -> Any:
+        try:
+            return super().connect(handle)
+        except RuntimeError:
+            raise RuntimeError("transfer store 'disk': training from the feature cache runs in the one-process "
+                               "pipeline (run.pipeline = 'local'); the Ray pipeline does not read it yet") from None
+
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return fp8.encode(tensors, self.format)
 
