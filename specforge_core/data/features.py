@@ -232,6 +232,11 @@ def write_features(config: Any, *, backend: Any = None, provider: Any = None, co
                 bs = config.inference.batch_size
                 for s in range(0, len(groups[i]), bs):
                     feats.extend(backend.generate(groups[i][s : s + bs]))
+                if written == 0 and "aux_hidden" in names:
+                    enc = provider.encode({"aux_hidden": feats[0].aux_hidden[:1]})["aux_hidden"]
+                    if enc.dtype != feats[0].aux_hidden.dtype:
+                        log(f"features: the target produces {feats[0].aux_hidden.dtype}, stored as {enc.dtype} "
+                            f"({provider.format}): training from the cache is close to, not equal to, online")
                 nbytes = _write_shard(cache / shard_name(i), _encode_shard(feats, names, provider.encode))
                 index["shards"].append({"file": shard_name(i), "sample_ids": [f.sample_id for f in feats],
                                         "tokens": [f.num_tokens for f in feats], "bytes": nbytes})
