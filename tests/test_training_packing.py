@@ -126,3 +126,50 @@ def test_pack_step_gives_every_micro_batch_the_same_shape():
     assert [tuple(b.input_ids.shape) for b in batches] == [(3, 8), (3, 8)]  # 4 rows -> 3 + (1 + 2 empty)
     assert sum(b.num_tokens for b in batches) == 30
     assert int((batches[-1].doc_ids >= 0).sum()) == batches[-1].num_tokens
+
+
+def test_fill_rows_carries_what_does_not_fit_and_places_the_oldest_first():
+    from specforge_core.training.packing import fill_rows
+
+    rows, left = fill_rows([5, 3, 7, 2, 8, 1, 4], 8, n_rows=2)
+    placed = sorted(i for r in rows for i in r)
+    assert sorted(placed + left) == list(range(7)) and all(sum([5, 3, 7, 2, 8, 1, 4][i] for i in r) <= 8
+                                                           for r in rows)
+    assert sum([5, 3, 7, 2, 8, 1, 4][i] for i in placed) == 16  # both rows full: no padding at all
+    # a sample that has waited goes before longer new ones
+    rows, left = fill_rows([6, 7, 3], 8, n_rows=1, age=[0, 0, 2])
+    assert rows == [[2]] and left == [0, 1]  # by length alone 7 would have taken the row
+
+
+def test_token_budget_steps_equal_the_padded_ones(normalisation_setup, tmp_path):  # noqa: F811
+    """Token-budget packing (one row of 40 per step, the rest carried to the next step): each
+    step's loss, valid tokens and gradients equal padding the same documents, and every sample is
+    trained exactly once."""
+    from specforge_core.training.packing import TokenBudgetPacker
+
+    target, feats, vocab = normalisation_setup  # lengths 9, 23, 14, 30
+
+    def trainer(pack_tokens):
+        cfg = make_config(tmp_path, target)
+        cfg.dataset.max_seq_length = 40
+        cfg.training.pack_tokens = pack_tokens
+        return Trainer(cfg, _info(target), vocab, total_steps=4)
+
+    packer = TokenBudgetPacker(row_tokens=40, rows_per_micro=1, n_micro=1)
+    seen = []
+    for new in (list(feats), []):
+        batches = packer.step(new, dtype=torch.float32)
+        assert [tuple(b.input_ids.shape) for b in batches] == [(1, 40)]
+        ids = {f.sample_id for f in feats if any(
+            torch.equal(b.input_ids[0, s:s + f.num_tokens], f.input_ids) for b in batches for s in range(40))}
+        docs = [f for f in feats if f.sample_id in ids]
+        seen += [f.sample_id for f in docs]
+        assert sum(f.num_tokens for f in docs) == batches[0].num_tokens
+        tp, tr = trainer(40), trainer(0)
+        m_pack, m_pad = tp.train_step(batches), tr.train_step([docs])
+        assert m_pack["valid_tokens"] == m_pad["valid_tokens"]
+        assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-6)
+        g_pack, g_pad = grads(tp), grads(tr)
+        for name in g_pad:
+            torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-5, atol=1e-7)
+    assert sorted(seen) == sorted(f.sample_id for f in feats) and not packer.pending

@@ -43,6 +43,60 @@ def assign_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
+def fill_rows(lengths: Sequence[int], row_tokens: int, n_rows: int,
+              age: Sequence[int] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Token-budget packing: exactly ``n_rows`` rows of ``row_tokens`` positions filled first-fit
+    from a buffer of candidate samples, oldest first (``age``: steps a sample has waited), then
+    longest first; the samples that do not fit are returned (input order) to wait for the next
+    step. Fed from a stream with more candidates than room, every step has the same shape and
+    almost no padding; documents are never split (a row breaks only between documents). A sample
+    waits at most until it is among the oldest, which are placed first into empty rows."""
+    age = age if age is not None else [0] * len(lengths)
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    room = [row_tokens] * n_rows
+    left: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-age[i], -lengths[i])):
+        n = lengths[i]
+        if n > row_tokens:
+            raise ValueError(f"packing: a sample of {n} tokens does not fit a row of {row_tokens} "
+                             f"(training.pack_tokens must be >= dataset.max_seq_length)")
+        r = next((r for r in range(n_rows) if n <= room[r]), None)
+        if r is None:
+            left.append(i)
+            continue
+        rows[r].append(i)
+        room[r] -= n
+    return [sorted(r) for r in rows], sorted(left)
+
+
+class TokenBudgetPacker:
+    """Carries the samples that did not fit one step over to the next (``fill_rows``): every step
+    is ``n_micro`` micro-batches of ``rows_per_micro`` rows x ``row_tokens`` positions."""
+
+    def __init__(self, row_tokens: int, rows_per_micro: int, n_micro: int):
+        self.row_tokens, self.rows_per_micro, self.n_micro = row_tokens, rows_per_micro, n_micro
+        self.pending: list[TargetFeatures] = []
+        self.age: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.row_tokens * self.rows_per_micro * self.n_micro
+
+    def pending_tokens(self) -> int:
+        return sum(f.num_tokens for f in self.pending)
+
+    def step(self, new: Sequence[TargetFeatures], device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> list[Batch]:
+        """The step's micro-batches from the carried samples plus ``new``."""
+        feats, age = self.pending + list(new), self.age + [0] * len(new)
+        rows, left = fill_rows([f.num_tokens for f in feats], self.row_tokens,
+                               self.rows_per_micro * self.n_micro, age)
+        self.pending, self.age = [feats[i] for i in left], [age[i] + 1 for i in left]
+        g = self.rows_per_micro
+        return [_packed(feats, rows[j : j + g], self.row_tokens, torch.device(device), dtype)
+                for j in range(0, len(rows), g)]
+
+
 def assemble(
     features: Sequence[TargetFeatures],
     device: torch.device | str,
