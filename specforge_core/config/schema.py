@@ -72,7 +72,11 @@ class DatasetSection:
     format: str = option("auto", "Conversation format", choices=("auto", "sharegpt", "openai"))
     chat_template: str = option(
         "auto", "'auto' = the target tokenizer's own template, or a named one",
-        choices=("auto", "llama3", "chatml", "qwen"),
+        choices=("auto", "llama3", "chatml", "qwen", "qwen3"),
+    )
+    reasoning: str = option(
+        "keep", "Assistant reasoning (reasoning_content / thinking / <think> blocks): 'keep' renders it as "
+        "the chat template does and trains on it, 'drop' removes it (docs/data.md)", choices=("keep", "drop"),
     )
     max_seq_length: int = option(2048, "Longer conversations are truncated to this many tokens", validator=positive)
     on_error: str = option("skip", "Malformed lines: 'skip' (counted) or 'stop'", choices=("skip", "stop"))

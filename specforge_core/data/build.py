@@ -65,6 +65,7 @@ def cache_key(cfg: DatasetSection, tokenizer, paths: Sequence[Path]) -> str:
         "tokenizer": tokenizer_identity(tokenizer),
         "format": cfg.format,
         "chat_template": cfg.chat_template,
+        "reasoning": cfg.reasoning,
         "max_seq_length": cfg.max_seq_length,
         "on_error": cfg.on_error,
     }
@@ -114,7 +115,7 @@ def tokenize_all(
         raise DataError(f"unknown chat_template {cfg.chat_template!r} (allowed: {', '.join(TEMPLATES)})")
     if cfg.chat_template != "auto":
         tok.check_template_tokens(tokenizer, get_template(cfg.chat_template))
-    convs, stats = load_conversations(paths, cfg.format, cfg.on_error)
+    convs, stats = load_conversations(paths, cfg.format, cfg.on_error, reasoning=cfg.reasoning)
     chunks = [convs[i : i + TOKENIZE_CHUNK] for i in range(0, len(convs), TOKENIZE_CHUNK)]
     args = (cfg.chat_template, cfg.max_seq_length)
     results = []

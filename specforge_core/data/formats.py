@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -35,10 +36,17 @@ class DataError(ValueError):
     """A malformed data file or record; the message names the file and line."""
 
 
+REASONING_MODES = ("keep", "drop")
+_THINK_RE = re.compile(r"^\s*<think>(.*?)</think>", re.DOTALL)
+
+
 @attrs.define
 class Turn:
     role: str  # "system" | "user" | "assistant"
     content: str
+    # An assistant turn's reasoning, from `reasoning_content`, `thinking` or a leading
+    # <think>...</think> block of `content` (removed from content); None when it has none.
+    reasoning: Optional[str] = None
 
 
 @attrs.define
@@ -47,6 +55,11 @@ class Conversation:
     turns: list[Turn]
     category: Optional[str] = None
     source: str = ""  # "file:line", for error messages
+    reasoning_mode: str = "keep"  # [dataset] reasoning: "keep" renders reasoning, "drop" removed it
+
+    @property
+    def has_reasoning(self) -> bool:
+        return any(t.reasoning is not None for t in self.turns)
 
     @property
     def has_assistant(self) -> bool:
@@ -54,7 +67,18 @@ class Conversation:
 
     def messages(self) -> list[dict[str, str]]:
         """OpenAI-style message dicts (what ``tokenizer.apply_chat_template`` takes)."""
-        return [{"role": t.role, "content": t.content} for t in self.turns]
+        msgs: list[dict[str, str]] = []
+        for t in self.turns:
+            m = {"role": t.role, "content": t.content}
+            if t.reasoning is not None:
+                m["reasoning_content"] = t.reasoning  # the key HF chat templates read (Qwen3, DeepSeek-R1)
+            msgs.append(m)
+        return msgs
+
+    def drop_reasoning(self) -> None:
+        for t in self.turns:
+            t.reasoning = None
+        self.reasoning_mode = "drop"
 
 
 @attrs.define
@@ -155,6 +179,25 @@ def _content_text(value: Any, where: str) -> str:
     raise ValueError(f"{where}: content must be a string, got {type(value).__name__}")
 
 
+def _split_reasoning(turn: dict, content: str, where: str) -> tuple[str, Optional[str]]:
+    """One assistant turn's ``(content, reasoning)``: the three accepted forms become one field."""
+    fields = [k for k in ("reasoning_content", "thinking") if turn.get(k) is not None]
+    m = _THINK_RE.match(content)
+    if len(fields) + bool(m) > 1:
+        found = fields + (["<think> block in content"] if m else [])
+        raise ValueError(f"{where}: reasoning given twice ({' and '.join(found)}); keep one")
+    if fields:
+        value = turn[fields[0]]
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: '{fields[0]}' must be a string, got {type(value).__name__}")
+        return content, value
+    if m:
+        # Qwen3's and DeepSeek-R1's templates strip the newlines around the reasoning and before
+        # the answer; done here too so every form gives the same turn.
+        return content[m.end():].lstrip("\n"), m.group(1).strip("\n")
+    return content, None
+
+
 def parse_record(record: Any, fmt: str = "auto", default_id: str = "") -> Conversation:
     """Turn one JSON record into a Conversation; raises ValueError describing what is wrong."""
     if not isinstance(record, dict):
@@ -177,7 +220,12 @@ def parse_record(record: Any, fmt: str = "auto", default_id: str = "") -> Conver
         role = t[role_key]
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise ValueError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLE_ALIASES)})")
-        turns.append(Turn(ROLE_ALIASES[role.lower()], _content_text(t[text_key], where)))
+        role = ROLE_ALIASES[role.lower()]
+        content = _content_text(t[text_key], where)
+        reasoning = None
+        if role == "assistant":
+            content, reasoning = _split_reasoning(t, content, where)
+        turns.append(Turn(role, content, reasoning))
     category = record.get("category")
     if category is not None and not isinstance(category, str):
         raise ValueError(f"'category' must be a string, got {type(category).__name__}")
@@ -192,9 +240,13 @@ def load_conversations(
     on_error: str = "skip",
     stats: Optional[DataStats] = None,
     require_assistant: bool = True,
+    reasoning: str = "keep",
 ) -> tuple[list[Conversation], DataStats]:
     """Read every file in order. Conversations without an assistant turn are skipped and counted
-    when ``require_assistant`` (training); prompts for evaluation keep them."""
+    when ``require_assistant`` (training); prompts for evaluation keep them. ``reasoning="drop"``
+    removes every assistant turn's reasoning (see docs/data.md, "Reasoning content")."""
+    if reasoning not in REASONING_MODES:
+        raise DataError(f"unknown reasoning {reasoning!r} (allowed: {', '.join(REASONING_MODES)})")
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r} (allowed: {', '.join(FORMATS)})")
     if on_error not in ("skip", "stop"):
@@ -220,6 +272,8 @@ def load_conversations(
                 stats.record_error(msg)
                 continue
             conv.source = where
+            if reasoning == "drop":
+                conv.drop_reasoning()
             if require_assistant and not conv.has_assistant:
                 stats.skipped_no_assistant += 1
                 continue

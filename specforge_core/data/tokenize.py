@@ -118,7 +118,8 @@ def tokenize_batch(
 def encode_prompt(tokenizer, conv: Conversation, chat_template: str) -> list[int]:
     """The conversation followed by the assistant generation prompt (for generation / eval)."""
     if chat_template == "auto":
-        text = apply_template(tokenizer, conv.messages(), add_generation_prompt=True)
+        text = apply_template(tokenizer, conv.messages(), add_generation_prompt=True,
+                              reasoning_mode=conv.reasoning_mode)
         return _encode(tokenizer, text)
     tpl = get_template(chat_template)
     ids: list[int] = []
