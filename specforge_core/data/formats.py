@@ -71,7 +71,8 @@ class Conversation:
         for t in self.turns:
             m = {"role": t.role, "content": t.content}
             if t.reasoning is not None:
-                m["reasoning_content"] = t.reasoning  # the key HF chat templates read (Qwen3, DeepSeek-R1)
+                # Qwen3's template reads reasoning_content, gpt-oss's (harmony analysis channel) thinking
+                m["reasoning_content"] = m["thinking"] = t.reasoning
             msgs.append(m)
         return msgs
 
