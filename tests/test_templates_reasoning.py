@@ -178,3 +178,23 @@ def test_template_that_cannot_render_reasoning_is_an_error(tmp_path, tok):
     )
     with pytest.raises(DataError, match=r"d\.jsonl:1: assistant turn 2 .*does not render reasoning_content"):
         tokenize_conversation(chatml_tok, conv, "auto", 4096)
+
+
+def test_dataset_section_reasoning_reaches_samples_cache_and_prompts(tmp_path, tok):
+    from specforge_core.config.schema import DatasetSection
+    from specforge_core.data.build import build_samples, load_prompts
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(record("inline")) + "\n")
+    built = {}
+    for mode in ("keep", "drop"):
+        cfg = DatasetSection(path=[str(f)], chat_template="qwen3", reasoning=mode, cache_dir=str(tmp_path / "c"))
+        (sample,), _ = build_samples(cfg, tok)
+        built[mode] = sample
+        assert tok.decode(sample.input_ids.tolist()) == QWEN3_TEXT[mode][0]
+        assert masked_texts(tok, sample.input_ids.tolist(), sample.loss_mask.tolist()) == QWEN3_TEXT[mode][1]
+    assert len(list((tmp_path / "c").iterdir())) == 2  # the mode is part of the cache key
+    # eval prompt in non-thinking mode: the last reply dropped, empty think block pre-filled
+    (p,) = load_prompts([f], tok, "qwen3", reasoning="drop")
+    assert tok.decode(p.input_ids.tolist()) == HEAD + "<think>\n\n</think>\n\n"
+    assert p.reference_text == A2

@@ -236,14 +236,15 @@ class Prompt:
 
 def load_prompts(
     paths: Sequence[str | Path], tokenizer, chat_template: str = "auto", max_seq_length: int = 2048,
-    fmt: str = "auto", on_error: str = "skip",
+    fmt: str = "auto", on_error: str = "skip", reasoning: str = "keep",
 ) -> list[Prompt]:
     """Prompts for generation: if a conversation ends with an assistant turn, that turn is dropped
     (and kept as ``reference_text``); the rest is rendered with the generation prompt appended.
     Prompts longer than ``max_seq_length`` keep their last ``max_seq_length`` tokens."""
     if chat_template != "auto":
         tok.check_template_tokens(tokenizer, get_template(chat_template))
-    convs, stats = load_conversations(paths, fmt, on_error, require_assistant=False)
+    # "drop": history turns lose their reasoning and the prompt is the non-thinking one (docs/data.md)
+    convs, stats = load_conversations(paths, fmt, on_error, require_assistant=False, reasoning=reasoning)
     prompts = []
     for conv in convs:
         reference = None
