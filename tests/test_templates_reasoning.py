@@ -92,6 +92,16 @@ def test_three_forms_normalise_to_one_field(form):
     assert [(t.content, t.reasoning) for t in conv.turns if t.role == "assistant"] == [(A1, R1), (A2, R2)]
 
 
+def test_sharegpt_records_carry_reasoning_too():
+    rec = {"conversations": [{"from": "human", "value": Q1},
+                             {"from": "gpt", "value": A1, "reasoning_content": R1},
+                             {"from": "human", "value": Q2},
+                             {"from": "gpt", "value": f"<think>{R2}</think>{A2}"}]}
+    conv = parse_record(rec)
+    assert [(t.content, t.reasoning) for t in conv.turns if t.role == "assistant"] == [(A1, R1), (A2, R2)]
+    assert [t.reasoning for t in conv.turns if t.role == "user"] == [None, None]
+
+
 def test_reasoning_given_twice_is_refused_with_file_and_line(tmp_path):
     rec = record("inline")
     rec["messages"][2]["thinking"] = "x"
