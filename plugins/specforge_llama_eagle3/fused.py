@@ -1,9 +1,12 @@
-"""The TTT step's dense parts as pure functions of (activations, compute-dtype weights).
+"""The decoder layer's two fused blocks (norm+concat, residual+norm+MLP), q/k/v and the norm as
+pure functions of (activations, compute-dtype weights), and ``Cast``: the one place weights meet
+the compute dtype.
 
-``ttt_forward`` casts every weight to the compute dtype *once per micro-step* (a no-op for bf16
-params; for fp32 master weights this is the bf16 parameter copy FSDP2's MixedPrecisionPolicy
-makes), so the 7 TTT steps share one copy and their weight gradients accumulate into it before a
-single cast back. The functions below then run with autocast off: their dtypes are explicit.
+A ``Cast`` casts each weight to the compute dtype *once per micro-step* (a no-op for bf16 params;
+for fp32 master weights this is the bf16 parameter copy FSDP2's MixedPrecisionPolicy makes), so
+the 7 TTT steps share one copy and their weight gradients accumulate into it before a single cast
+back, as autocast's weight cache does. The functions below run with autocast off: their dtypes
+are explicit.
 
 On CUDA they run ``torch.compile``d: the fp32 RMSNorms, rope, SwiGLU and residual adds fuse
 into a few kernels around the GEMMs (eager: ~6 passes over [T, H] fp32 per norm). q/k/v are one
@@ -16,6 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from specforge_llama_eagle3.rope import apply_rope
+
+
+class Cast:
+    """Weights in ``dtype``, each cast once for this object's life (one micro-step or one call)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._done: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, *weights: torch.Tensor) -> torch.Tensor:
+        """One weight cast, or several concatenated along dim 0 (q/k/v: one GEMM)."""
+        key = tuple(id(w) for w in weights)
+        if key not in self._done:
+            cast = [w.to(self.dtype) for w in weights]
+            self._done[key] = cast[0] if len(cast) == 1 else torch.cat(cast)
+        return self._done[key]
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cast: Optional[fused.Cast] = None, compiled: bool = False) -> torch.Tensor:
         # Normalise in fp32 like Llama, then scale in the input dtype (an fp32 master weight under
         # autocast must not promote the output to fp32).
-        return fused.rms_norm(x, self.weight, self.eps)
+        w = self.weight if cast is None else cast(self.weight)
+        return fused.get("rms_norm", compiled)(x, w, self.eps)
 
 
 class MLP(nn.Module):
@@ -63,7 +64,10 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections only; the attention pattern is chosen by the caller (TTT or cached)."""
+    """Projections only; the attention pattern is chosen by the caller (TTT or cached).
+
+    ``qkv``/``out`` (and the layer's ``attn_input``/``finish``) are the plain-module reference
+    that benchmarks/eager_reference.py reads; the draft itself runs ``Eagle3DecoderLayer.forward``."""
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -88,8 +92,13 @@ class Attention(nn.Module):
         return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
 
 
-class Eagle3Layer(nn.Module):
-    """The single decoder layer (``midlayer``)."""
+# attend(q [B, Hq, S, D], k, v [B, Hkv, S, D]) -> [B, Hq, S, D]: the caller's attention pattern
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """The single decoder layer (``midlayer``): it reads the token embedding and the fused
+    hidden state side by side (paper: concat of the two, 2H wide), so q/k/v take 2H inputs."""
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -98,6 +107,25 @@ class Eagle3Layer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend: Attend, cast: fused.Cast, compiled: bool = False,
+                checkpoint_finish: bool = False) -> torch.Tensor:
+        """One step: x = [input_layernorm(emb); hidden_norm(hidden)] -> q,k,v (+rope) -> attend ->
+        h = hidden + o_proj(.) -> h + MLP(post_attention_layernorm(h)). Returns the un-normed
+        output (the next step's ``hidden``). ``cast`` gives weights in the compute dtype; the fused
+        blocks run plain or torch.compiled (``compiled``)."""
+        a, mlp = self.self_attn, self.mlp
+        x = fused.get("attn_input", compiled)(emb, hidden, cast(self.input_layernorm.weight),
+                                              cast(self.hidden_norm.weight), self.eps)
+        q, k, v = fused.get("qkv", compiled)(x, cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                                             cos, sin, a.n_heads, a.n_kv, a.head_dim)
+        out = attend(q, k, v)
+        args = (hidden, out, cast(a.o_proj.weight), cast(self.post_attention_layernorm.weight), self.eps,
+                cast(mlp.gate_proj.weight), cast(mlp.up_proj.weight), cast(mlp.down_proj.weight))
+        f_finish = fused.get("finish", compiled)
+        return checkpoint(f_finish, *args, use_reentrant=False) if checkpoint_finish else f_finish(*args)
 
     def attn_input(self, emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
@@ -106,6 +134,9 @@ class Eagle3Layer(nn.Module):
         """Residual from the *un-normed* hidden state, then the MLP block; returns un-normed output."""
         h = hidden + self.self_attn.out(attn)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+Eagle3Layer = Eagle3DecoderLayer  # the earlier name
 
 
 class DraftCache:
@@ -162,7 +193,7 @@ class LlamaEagle3Draft(nn.Module):
         # EAGLE-3.1 (fc_norm): each aux hidden state RMS-normed on its own before fc
         self.fc_norm = (nn.ModuleList(RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(cfg.num_aux))
                         if cfg.fc_norm else None)
-        self.midlayer = Eagle3Layer(cfg)
+        self.midlayer = Eagle3DecoderLayer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -216,18 +247,6 @@ class LlamaEagle3Draft(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.fc.weight.dtype
 
-    def _step_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Weights in the compute dtype, cast once per micro-step (no-op when they already are)."""
-        layer, a = self.midlayer, self.midlayer.self_attn
-        w = {
-            "in": layer.input_layernorm.weight, "hid": layer.hidden_norm.weight,
-            "qkv": torch.cat([a.q_proj.weight.to(dtype), a.k_proj.weight.to(dtype), a.v_proj.weight.to(dtype)]),
-            "o": a.o_proj.weight, "post": layer.post_attention_layernorm.weight,
-            "gate": layer.mlp.gate_proj.weight, "up": layer.mlp.up_proj.weight, "down": layer.mlp.down_proj.weight,
-            "norm": self.norm.weight, "fc": self.fc.weight,
-        }
-        return {k: v.to(dtype) for k, v in w.items()}
-
     # ------------------------------------------------------------------------------ training
     def ttt_forward(
         self,
@@ -245,41 +264,37 @@ class LlamaEagle3Draft(nn.Module):
         the position inside the document and attention stays inside it (a document's last
         positions read the next document's first tokens, but their outputs carry no loss and
         only they themselves attend to them: the diagonal keys)."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         device = input_ids.device
         attn = self.midlayer.self_attn
-        eps = self.config.rms_norm_eps
         key_valid = attention_mask.bool() if doc_ids is None else doc_ids
         base_pos = torch.arange(T, device=device) if position_ids is None else position_ids
         causal = self._causal_impl(device)
-        dtype = self.compute_dtype(device)
         on = self._compiled(device)
         merge = self.merge if self.merge != "auto" else ("compiled" if on else "loop")
-        f_in, f_qkv, f_finish, f_norm = (fused.get(n, on) for n in ("attn_input", "qkv", "finish", "rms_norm"))
+        cast = fused.Cast(self.compute_dtype(device))  # one weight copy shared by the steps
+        k_cache: list[torch.Tensor] = []  # step 0's keys, then each later step's diagonal keys
+        v_cache: list[torch.Tensor] = []
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # position t at step k sees step 0's keys causally and its own keys of steps 1..k
+            k_cache.append(k)
+            v_cache.append(v)
+            return ttt_attention(q, k_cache[0], v_cache[0], k_cache[1:], v_cache[1:], key_valid, attn.scale,
+                                 causal=causal, merge=merge)
+
         # Explicit dtypes inside (autocast would cast every weight again in every TTT step); the
         # autocast-off region never spans a yield, so the caller's autocast state is untouched.
         no_autocast = functools.partial(torch.autocast, device.type, enabled=False)
         with no_autocast():
-            w = self._step_weights(dtype)
-            hidden = F.linear(self.fc_input(aux_hidden).to(dtype), w["fc"])
-        k0 = v0 = None
-        k_diag: list[torch.Tensor] = []
-        v_diag: list[torch.Tensor] = []
+            hidden = F.linear(self.fc_input(aux_hidden).to(cast.dtype), cast(self.fc.weight))  # g = fc(a)
         for k in range(ttt_length):
             with no_autocast():
-                ids = _shift_left(input_ids, k + 1)
-                x = f_in(self.embed_tokens(ids), hidden, w["in"], w["hid"], eps)
-                cos, sin = self._rope(base_pos + k, dtype)
-                q, kk, vv = f_qkv(x, w["qkv"], cos, sin, attn.n_heads, attn.n_kv, attn.head_dim)
-                if k == 0:
-                    k0, v0 = kk, vv
-                else:
-                    k_diag.append(kk)
-                    v_diag.append(vv)
-                out = ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, attn.scale, causal=causal, merge=merge)
-                args = (hidden, out, w["o"], w["post"], eps, w["gate"], w["up"], w["down"])
-                hidden = checkpoint(f_finish, *args, use_reentrant=False) if self.checkpoint_finish else f_finish(*args)
-                normed = f_norm(hidden, w["norm"], eps)
+                emb = self.embed_tokens(_shift_left(input_ids, k + 1))
+                cos, sin = self._rope(base_pos + k, cast.dtype)
+                hidden = self.midlayer(emb, hidden, cos, sin, attend, cast, compiled=on,
+                                       checkpoint_finish=self.checkpoint_finish)
+                normed = self.norm(hidden, cast, compiled=on)
             yield normed
 
     # ------------------------------------------------------------------------------ inference
@@ -294,18 +309,20 @@ class LlamaEagle3Draft(nn.Module):
 
         Returns (normed [B, S, H] for ``logits``, out_hidden [B, S, H] to feed the next step)."""
         attn = self.midlayer.self_attn
-        x = self.midlayer.attn_input(self.embed_tokens(input_ids), hidden)
-        cos, sin = self._rope(positions, x.dtype)
-        q, k, v = attn.qkv(x, cos, sin)
         past = len(cache)
-        keys, vals = cache.append(k, v)
-        S, L = q.shape[2], keys.shape[2]
-        # entry i (global index past+i) sees cache entries 0..past+i
-        visible = torch.arange(L, device=q.device)[None, :] <= (past + torch.arange(S, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible, scale=attn.scale,
-                                             enable_gqa=attn.n_heads != attn.n_kv)
-        out_hidden = self.midlayer.finish(hidden, out)
-        return self.norm(out_hidden), out_hidden
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, vals = cache.append(k, v)
+            S, L = q.shape[2], keys.shape[2]
+            # entry i (global index past+i) sees cache entries 0..past+i
+            visible = torch.arange(L, device=q.device)[None, :] <= (past + torch.arange(S, device=q.device))[:, None]
+            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible, scale=attn.scale,
+                                                  enable_gqa=attn.n_heads != attn.n_kv)
+
+        cast = fused.Cast(hidden.dtype)
+        cos, sin = self._rope(positions, hidden.dtype)
+        out_hidden = self.midlayer(self.embed_tokens(input_ids), hidden, cos, sin, attend, cast)
+        return self.norm(out_hidden, cast), out_hidden
 
     # ------------------------------------------------------------------------------ export
     def export_config(self) -> dict[str, Any]:
