@@ -208,3 +208,28 @@ def test_dataset_section_reasoning_reaches_samples_cache_and_prompts(tmp_path, t
     (p,) = load_prompts([f], tok, "qwen3", reasoning="drop")
     assert tok.decode(p.input_ids.tolist()) == HEAD + "<think>\n\n</think>\n\n"
     assert p.reference_text == A2
+
+
+def test_eval_and_regenerate_render_prompts_with_dataset_reasoning(tmp_path, tok):
+    """`specforge eval` (resolve_prompts, from [dataset] reasoning) and `data regenerate` build their
+    prompts in the dataset's reasoning mode: "drop" pre-fills Qwen3's empty think block, "keep" does not."""
+    from specforge_core.config import load_config
+    from specforge_core.data.regenerate import regenerate
+    from specforge_core.evaluation.evaluate import resolve_prompts
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(record("inline")) + "\n")
+    got = {m: tok.decode(resolve_prompts([f], str(ASSETS), tok, "qwen3", reasoning=m)[0].input_ids.tolist())
+           for m in ("keep", "drop")}
+    assert got["drop"] == HEAD + "<think>\n\n</think>\n\n"
+    assert got["keep"] == HEAD
+
+    for mode in ("keep", "drop"):
+        out = tmp_path / f"regen-{mode}.jsonl"
+        cfg = load_config([ROOT.parent / "configs" / "quickstart.toml"], overrides=[
+            f"run.output_dir={tmp_path / 'run'}", f"model.target={ASSETS}", f"dataset.path=['{f}']",
+            "dataset.chat_template=qwen3", f"dataset.reasoning={mode}", f"regenerate.output={out}",
+            "regenerate.max_new_tokens=2", "logging.progress=false"])
+        regenerate(cfg)
+        (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
+        assert rec["status"] in ("ok", "truncated"), rec

@@ -71,7 +71,8 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
     from specforge_core.training.components import create
 
     r, ds = config.regenerate, config.dataset
-    convs, _stats = load_conversations(ds.path, ds.format, ds.on_error, require_assistant=False)
+    convs, _stats = load_conversations(ds.path, ds.format, ds.on_error, require_assistant=False,
+                                       reasoning=ds.reasoning)
     if ds.max_samples:
         convs = convs[: ds.max_samples]
     out = output_path(config)
@@ -140,7 +141,8 @@ def _regenerate_batch(batch: Sequence[int], convs: Sequence[Conversation], backe
                         break  # (a reply before any user turn, e.g. a greeting, is dropped)
                 else:
                     continue
-                ids = encode_prompt(tokenizer, Conversation(convs[i].sample_id, list(st["history"])), ds.chat_template)
+                conv = Conversation(convs[i].sample_id, list(st["history"]), reasoning_mode=convs[i].reasoning_mode)
+                ids = encode_prompt(tokenizer, conv, ds.chat_template)
                 if len(ids) + 1 > ds.max_seq_length:  # no room to learn from this turn on: stop here
                     st["rest"], st["too_long"] = [], True
                     continue

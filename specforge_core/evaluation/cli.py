@@ -50,7 +50,7 @@ def _settings(args: argparse.Namespace) -> dict:
     s: dict = {"steps": 3, "max_new_tokens": 128, "data": None, "max_prompts": None, "draft": None,
                "target": None, "chat_template": "auto", "max_seq_length": 2048, "aux_layers": None,
                "fast": False, "trust_remote_code": False, "engine": "hf", "engine_python": None,
-               "batch_size": 16, "algorithm": None}
+               "batch_size": 16, "algorithm": None, "reasoning": "keep"}
     if args.config:
         from specforge_core.cli import _load
 
@@ -62,7 +62,8 @@ def _settings(args: argparse.Namespace) -> dict:
                  max_seq_length=cfg.dataset.max_seq_length, trust_remote_code=cfg.model.trust_remote_code,
                  aux_layers=list(cfg.model.aux_layers) or None, fast=getattr(e, "fast", False),
                  engine=getattr(e, "engine", "hf"), engine_python=getattr(e, "engine_python", None),
-                 batch_size=getattr(e, "batch_size", 16), algorithm=cfg.model.draft)
+                 batch_size=getattr(e, "batch_size", 16), algorithm=cfg.model.draft,
+                 reasoning=cfg.dataset.reasoning)
     for key in ("steps", "max_new_tokens", "max_prompts", "data", "draft", "target", "chat_template", "fast",
                 "engine", "engine_python", "batch_size", "algorithm"):
         if getattr(args, key) is not None:
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
             s["draft"], s["target"], s["data"], s["steps"], s["max_new_tokens"], fast=bool(s["fast"]),
             check=not args.no_check, aux_layers=s["aux_layers"], aux_ids_convention=args.aux_ids_convention,
             device=args.device, dtype=args.dtype, chat_template=s["chat_template"],
-            max_seq_length=s["max_seq_length"], max_prompts=s["max_prompts"],
+            max_seq_length=s["max_seq_length"], reasoning=s["reasoning"], max_prompts=s["max_prompts"],
             trust_remote_code=s["trust_remote_code"], progress=True, batch_size=s["batch_size"],
             algorithm=s["algorithm"], engine=s["engine"], engine_python=s["engine_python"] or None,
         )

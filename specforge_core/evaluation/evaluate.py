@@ -46,7 +46,7 @@ def export_aux_layers(draft_dir: str | Path, num_layers: int, convention: str = 
 
 
 def resolve_prompts(prompts: Any, target: str, tokenizer=None, chat_template: str = "auto",
-                    max_seq_length: int = 2048):
+                    max_seq_length: int = 2048, reasoning: str = "keep"):
     """Prompts as given (``Prompt`` objects or token-id lists) or loaded from conversation files."""
     from specforge_core.data import Prompt, load_prompts, load_tokenizer
 
@@ -54,7 +54,8 @@ def resolve_prompts(prompts: Any, target: str, tokenizer=None, chat_template: st
         prompts = [prompts]
     if prompts and all(isinstance(p, (str, Path)) for p in prompts):
         tokenizer = tokenizer or load_tokenizer(target)
-        return load_prompts([str(p) for p in prompts], tokenizer, chat_template, max_seq_length)
+        return load_prompts([str(p) for p in prompts], tokenizer, chat_template, max_seq_length,
+                            reasoning=reasoning)
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, Prompt):
@@ -90,6 +91,7 @@ def evaluate(
     tokenizer=None,
     chat_template: str = "auto",
     max_seq_length: int = 2048,
+    reasoning: str = "keep",
     max_prompts: Optional[int] = None,
     trust_remote_code: bool = False,
     progress: bool = False,
@@ -110,7 +112,8 @@ def evaluate(
     whose proposer drafts (default: found from the export's architecture); ``proposer``: a
     ``components.Proposer`` or ``factory(draft_dir, target, device)`` instead.
     ``engine``: ``hf`` (in-process) or an engine a plugin registers (``--engine vllm``).
-    ``aux_ids_convention``: numbering of an *old* export's ``eagle_config`` ids (sglang/vllm)."""
+    ``aux_ids_convention``: numbering of an *old* export's ``eagle_config`` ids (sglang/vllm).
+    ``reasoning``: ``keep`` | ``drop``, as ``dataset.reasoning`` renders the prompts (docs/data.md)."""
     from specforge_core.evaluation.engines import EvalRequest, get_engine
     from specforge_core.target import load_target_config
 
@@ -121,7 +124,7 @@ def evaluate(
     num_layers = int(load_target_config(target, trust_remote_code)["num_hidden_layers"])
     if aux_layers is None and aux_ids_convention is not None:
         aux_layers = export_aux_layers(draft_dir, num_layers, aux_ids_convention)
-    items = resolve_prompts(prompts, target, tokenizer, chat_template, max_seq_length)
+    items = resolve_prompts(prompts, target, tokenizer, chat_template, max_seq_length, reasoning)
     if max_prompts is not None:
         items = items[:max_prompts]
     if not items:
