@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from specforge_llama_eagle3 import fused
 from specforge_llama_eagle3.config import hf_aux_layer_ids
 from specforge_llama_eagle3.model import LlamaEagle3Draft
 
@@ -113,21 +114,23 @@ class Eagle3ChainProposer:
         valid entries, the new ones up to itself, and itself. Returns (normed, out_hidden) [B, S, H]."""
         d = self.draft
         attn = d.midlayer.self_attn
-        x = d.midlayer.attn_input(d.embed_tokens(ids), hidden)
-        cos, sin = d._rope(pos, x.dtype)
-        q, k, v = attn.qkv(x, cos, sin)
         B, S = ids.shape
         L0 = self.valid.shape[1]
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
-        mask = torch.cat([self.valid[:, None, :].expand(B, S, L0), causal[None] & live[:, None, :]], dim=2)
-        mask[:, torch.arange(S), L0 + torch.arange(S)] = True
-        self.valid = torch.cat([self.valid, live], dim=1)
-        out = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask[:, None], scale=attn.scale,
-                                             enable_gqa=attn.n_heads != attn.n_kv)
-        out_hidden = d.midlayer.finish(hidden, out)
-        return d.norm(out_hidden), out_hidden
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
+            mask = torch.cat([self.valid[:, None, :].expand(B, S, L0), causal[None] & live[:, None, :]], dim=2)
+            mask[:, torch.arange(S), L0 + torch.arange(S)] = True
+            self.valid = torch.cat([self.valid, live], dim=1)
+            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask[:, None], scale=attn.scale,
+                                                  enable_gqa=attn.n_heads != attn.n_kv)
+
+        cast = fused.Cast(hidden.dtype)
+        cos, sin = d._rope(pos, hidden.dtype)
+        out_hidden = d.midlayer(d.embed_tokens(ids), hidden, cos, sin, attend, cast)
+        return d.norm(out_hidden, cast), out_hidden
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> Eagle3ChainProposer:
