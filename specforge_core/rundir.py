@@ -161,11 +161,20 @@ def config_changes(old_toml: str, new_toml: str) -> tuple[list[str], list[str]]:
     refused, allowed = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b or key in SILENT:
+        if a == b or key in SILENT or _same_paths(a, b):
             continue
         line = f"{key}: {a!r} -> {b!r}"
         (allowed if key.startswith(ALLOWED_PREFIXES) else refused).append(line)
     return refused, allowed
+
+
+def _same_paths(old: Any, new: Any) -> bool:
+    """A checkpoint from before paths were stored absolute (relative to the cwd then) names the same
+    file as the absolute path a config now resolves to, read from the same working directory."""
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_same_paths(a, b) for a, b in zip(old, new, strict=True))
+    return (isinstance(old, str) and isinstance(new, str) and bool(old) and not os.path.isabs(old)
+            and os.path.isabs(new) and os.path.abspath(old) == os.path.normpath(new))
 
 
 _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
@@ -207,6 +216,8 @@ def check_resume(config: Any, config_toml: str, warn: Callable[[str], None] = pr
     stored = extra.get("data_files")
     if stored is not None:
         now = data_fingerprint(list(config.dataset.path))
+        stored = {os.path.abspath(p): h for p, h in stored.items()}  # older checkpoints: cwd-relative keys
+        now = {os.path.abspath(p): h for p, h in now.items()}
         if now != stored:
             changed = sorted(p for p in set(stored) | set(now) if stored.get(p) != now.get(p))
             refused.append(f"dataset files' content: {', '.join(changed)} differ from the ones trained on")
