@@ -34,6 +34,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from specforge_core.training.checkpoint import fsync_path
 from specforge_core.types import FEATURE_KEYS, Sample, TargetFeatures, TargetInfo
 
 INDEX = "index.json"
@@ -81,14 +82,6 @@ def check_fingerprint(cache_dir: Path, stored: dict, wanted: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ index I/O
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "wb") as f:
@@ -96,7 +89,7 @@ def _atomic_write(path: Path, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_index(cache_dir: Path) -> Optional[dict]:

@@ -95,7 +95,7 @@ def write_extra(directory: str | Path, extra: dict[str, Any]) -> list[str]:
     (d / EXTRA_JSON).write_text(json.dumps(data))
     save_file(tensors, str(d / EXTRA_TENSORS))
     for name in (EXTRA_JSON, EXTRA_TENSORS):
-        _fsync(d / name)
+        fsync_path(d / name)
     return [EXTRA_JSON, EXTRA_TENSORS]
 
 
@@ -152,7 +152,8 @@ def load_model_weights(model: torch.nn.Module, file: str | Path) -> None:
 
 
 # -------------------------------------------------------------------------- complete / verify
-def _fsync(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
