@@ -54,6 +54,7 @@ from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
 # carried as wheels to the GPU machine).
 from specforge_llama_eagle3.objective import micro_step  # noqa: E402
 
+from specforge_core.components import TargetHead  # noqa: E402
 from specforge_core.training.batch import Batch  # noqa: E402
 
 H, INTER, NH, NKV, HD, V, VD, K_TTT = 4096, 14336, 32, 8, 128, 128256, 32000, 7
@@ -130,7 +131,19 @@ def step_loss(variant: str, model, batch, head, t2d):
     if variant == "before":
         loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=1024), precompute=False, fp32_heads=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp(variant)):
-        return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, head, t2d, K_TTT)[0]
+        return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, target_head(head, t2d), None,
+                          K_TTT)[0]
+
+
+_HEADS: dict = {}
+
+
+def target_head(rows: torch.Tensor, t2d: torch.Tensor) -> TargetHead:
+    """The frozen target head as the trainer holds it (built once: its draft ids need a host sync)."""
+    key = (id(rows), id(t2d))
+    if key not in _HEADS:  # the value holds rows and t2d: their ids cannot be reused meanwhile
+        _HEADS[key] = (rows, t2d, TargetHead(rows=rows, t2d=t2d, draft_ids=t2d.nonzero().squeeze(1)))
+    return _HEADS[key][2]
 
 
 def master_copy(model):

@@ -69,3 +69,35 @@ def test_align_step_matches_explicit_indexing():
     assert v2[0].tolist() == [False, True, True, False, False, False, False]
     # sample 2 (length 4) at step 2: only t=0 could predict x4, which does not exist
     assert v2[1].tolist() == [False] * 7
+
+
+def test_step_masks_match_the_explicit_loops_padded_and_packed():
+    """The vectorised [K, B, T] masks the objective uses equal explicit per-position loops, on
+    right-padded rows and on packed rows (no target across a document boundary)."""
+    from specforge_llama_eagle3.objective import step_masks
+
+    from specforge_core.training.packing import pack
+
+    g = torch.Generator().manual_seed(0)
+    V, K = 10, 5
+    t2d = torch.rand(V, generator=g) > 0.3
+    feats = []
+    for i, n in enumerate([9, 3, 7, 12, 2, 5]):
+        feats.append(_features(str(i), torch.randint(0, V, (n,), generator=g).tolist(),
+                               (torch.rand(n, generator=g) > 0.3).int().tolist(),
+                               torch.randint(0, V, (n,), generator=g).tolist()))
+    for batch, docs in ((collate(feats), None), (pack(feats, 16), "packed")):
+        learned_m, valid_m = step_masks(batch, t2d, K)
+        B, T = batch.input_ids.shape
+        assert learned_m.shape == valid_m.shape == (K, B, T)
+        for k in range(K):
+            for b in range(B):
+                for t in range(T):
+                    p = t + k + 2
+                    want = p < int(batch.lengths[b]) and bool(batch.loss_mask[b, p])
+                    if docs:
+                        want = want and int(batch.doc_ids[b, p]) == int(batch.doc_ids[b, t])
+                    assert bool(learned_m[k, b, t]) == want, (docs, k, b, t)
+                    want_valid = want and bool(t2d[batch.target_argmax[b, t + k + 1]])
+                    assert bool(valid_m[k, b, t]) == want_valid, (docs, k, b, t)
+        assert valid_m.any() and (learned_m & ~valid_m).any()  # both kinds of rows occur

@@ -172,8 +172,11 @@ class _FusedSoftCE(torch.autograd.Function):
             # bf16 operands, fp32 logits: the GEMMs run at tensor-core rate (an fp32 GEMM on an H100
             # is ~15x slower), and all softmax arithmetic stays fp32.
             # fp32 master weights: one bf16 copy of the head per call (the weight gradient is
-            # accumulated in fp32 below and returned in the head's own dtype)
-            w_d, w_t = draft_head.to(draft_hidden.dtype), target_head.to(draft_hidden.dtype)
+            # accumulated in fp32 below and returned in the head's own dtype). With precomputed
+            # targets the target head is a placeholder: casting it would cost a head-sized copy
+            # per call (issue 15's 4 ms at T=2048)
+            w_d = draft_head.to(draft_hidden.dtype)
+            w_t = target_head.to(draft_hidden.dtype) if targets is None else None
 
             def logits(x, w):
                 return torch.mm(x, w.T, out_dtype=torch.float32)
@@ -181,7 +184,8 @@ class _FusedSoftCE(torch.autograd.Function):
             # fp32 (fp64 stays fp64) copies of the heads once per call: the vocab-sized math must
             # not run in bf16
             acc = torch.promote_types(draft_head.dtype, torch.float32)
-            w_d, w_t = draft_head.to(acc), target_head.to(acc)
+            w_d = draft_head.to(acc)
+            w_t = target_head.to(acc) if targets is None else None
 
             def logits(x, w):
                 return x.to(acc) @ w.T

@@ -82,9 +82,32 @@ def target_rows(batch: Any, k: int) -> torch.Tensor:
     return rows.clamp_(max=n - 1)
 
 
+def step_masks(batch: Any, t2d: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(learned, valid)`` bool [K, B, T] of all K steps at once: ``learned[k]`` and
+    ``align_valid(batch, k)`` above, in a handful of kernels instead of ~20 per step (at short T the
+    per-step masks' launches sat exposed on the GPU's critical path: issue 15's 2048-token gap)."""
+    B, T = batch.input_ids.shape
+    device = batch.input_ids.device
+    pos = torch.arange(T, device=device)
+    ks = torch.arange(K, device=device)
+    src = pos[None, :] + ks[:, None]  # [K, T]: t + k
+    pred, tgt = src + 2, src + 1  # the predicted token x_{t+k+2}, the target row t+k+1
+    inside = pred < T  # [K, T]
+
+    def at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # x[:, idx] -> [K, B, T]
+        return x[:, idx.clamp(max=T - 1)].permute(1, 0, 2)
+
+    out = (pred[:, None, :] < batch.lengths[None, :, None]) & inside[:, None, :] & at(batch.loss_mask, pred)
+    doc_ids = getattr(batch, "doc_ids", None)
+    if doc_ids is not None:
+        out &= at(doc_ids, pred) == doc_ids[None]
+    in_vocab = t2d.to(device)[at(batch.target_argmax, tgt)]  # (where tgt >= T, out is False)
+    return out, out & in_vocab
+
+
 def count_targets(batch: Any, t2d: torch.Tensor, ttt_length: int) -> torch.Tensor:
     """float64 [K]: valid rows of each TTT step in this micro-batch (the loss denominators)."""
-    return torch.stack([align_valid(batch, k, t2d).sum() for k in range(ttt_length)]).double()
+    return step_masks(batch, t2d, ttt_length)[1].sum(dim=(1, 2)).double()
 
 
 def as_head(target_head: Any, t2d: torch.Tensor) -> TargetHead:
@@ -117,23 +140,23 @@ def micro_step(
     # what the loss reads of the target, once per micro-batch (forward-kl: the target softmax of
     # every position, shared by the K steps)
     prepared = loss_fn.prepare(batch.final_hidden.flatten(0, 1), th)
-    learned_k = [learned(batch, k) for k in range(K)]
-    valid_k = [lk & in_draft_vocab(batch, k, th.t2d) for k, lk in enumerate(learned_k)]
+    learned_k, valid_k = step_masks(batch, th.t2d, K)
+    learned_counts = learned_k.sum(dim=(1, 2)).double()
     if denominators is None:
-        denominators = torch.stack([v.sum() for v in valid_k]).double()
-    inv = 1.0 / denominators.clamp(min=1)
+        denominators = valid_k.sum(dim=(1, 2)).double()
+    weights = (decay ** torch.arange(K, device=device, dtype=torch.float64)) / denominators.clamp(min=1)
     total = None
     # packed rows (training/packing.py): rope positions and attention inside each document
     packed = {} if getattr(batch, "doc_ids", None) is None else {
         "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K, **packed)):
         out: LossOutput = loss_fn(hidden.flatten(0, 1), head, prepared, target_rows(batch, k), valid_k[k].flatten())
-        part = out.loss_sum * (inv[k] * decay**k).to(out.loss_sum.dtype)
+        part = out.loss_sum * weights[k].to(out.loss_sum.dtype)
         total = part if total is None else total + part
         stats["loss_sum"][k] += out.loss_sum.detach().double()
         stats["correct"][k] += out.correct
         stats["count"][k] += out.count
-        stats["learned"][k] += learned_k[k].sum()
+    stats["learned"] += learned_counts
     return total, stats
 
 
