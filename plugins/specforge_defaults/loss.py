@@ -70,7 +70,9 @@ def _chunk_math_pre(d: torch.Tensor, p_t: torch.Tensor, t_argmax: torch.Tensor, 
     correct = (d.argmax(-1) == t_argmax).sum()
     p = p_t.to(d.dtype)
     lse = torch.logsumexp(d, dim=-1)
-    loss = (p * (lse[:, None] - d)).sum()
+    # row sums first, then the rows: the [C, Vd] pass stays a per-row reduction fused with the
+    # gradient (a direct sum to a scalar compiled to a poorly parallel split reduction)
+    loss = (p * (lse[:, None] - d)).sum(-1).sum()
     g = (torch.exp(d - lse[:, None]) - p) * scale
     return loss, correct, g.to(out_dtype)
 
