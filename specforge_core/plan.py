@@ -204,7 +204,7 @@ def train_memory(config: Any, draft: Any, loss: Any = None) -> TrainMemory:
     n, offloaded = train_state_split(config)
     state = 0 if offloaded else 1  # sharded fp32 state in CPU memory
     compute_copy = trainable * c if c != 4 else 0  # bf16 params all-gathered for forward/backward
-    tokens = tr.micro_batch_size * config.dataset.max_seq_length
+    tokens = tr.micro_batch_size * (tr.pack_tokens or config.dataset.max_seq_length)  # packed rows: pack_tokens
     vd = int(draft.shape.get("draft_vocab_size", config.model.draft_vocab_size))
     workspace = getattr(loss, "workspace_bytes", None)
     return TrainMemory(

@@ -64,6 +64,10 @@ class SampleOrder:
         self.epoch, self.index = 0, 0
         self._perm = self._order(0)
 
+    def permutation(self, epoch: int) -> list[int]:
+        """The sample order of ``epoch`` (what ``take`` walks through)."""
+        return self._order(epoch)
+
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.n))
@@ -132,6 +136,63 @@ def _resumed_vocab(config: SpecforgeConfig):
         return None
     latest = ckpt.latest_checkpoint(config.output_dir, report=lambda m: None)  # check_resume warned
     return ckpt.checkpoint_vocab(ckpt.read_extra(latest)) if latest is not None else None
+
+
+@attrs.frozen
+class BudgetPlan:
+    """``training.token_budget``: the run's steps computed up front from the sample lengths (every
+    epoch's seeded order through ``packing.budget_schedule``). ``steps[s]`` is step s's rows of
+    sample indices, ``positions[s]`` the data position after it ({epoch, samples of that epoch
+    trained}, what its checkpoint records); a resumed run recomputes the plan and continues at its
+    step number."""
+
+    steps: list[list[list[int]]]
+    positions: list[dict[str, int]]
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], order: SampleOrder, row_tokens: int, n_rows: int,
+              num_epochs: int, max_steps: int) -> BudgetPlan:
+        from specforge_core.training.packing import budget_schedule
+
+        steps: list[list[list[int]]] = []
+        positions: list[dict[str, int]] = []
+        epoch = 0
+        while (len(steps) < max_steps) if max_steps > 0 else (epoch < num_epochs):
+            done = 0
+            for rows in budget_schedule(lengths, order.permutation(epoch), row_tokens, n_rows):
+                done += sum(len(r) for r in rows)
+                steps.append(rows)
+                positions.append({"epoch": epoch, "index": done})
+            epoch += 1
+        if max_steps > 0:
+            steps, positions = steps[:max_steps], positions[:max_steps]
+        return cls(steps, positions)
+
+    def fill(self, lengths: Sequence[int], row_tokens: int) -> float:
+        """Real tokens / positions over the plan's non-empty rows."""
+        rows = [r for step in self.steps for r in step if r]
+        return sum(lengths[i] for r in rows for i in r) / max(len(rows) * row_tokens, 1)
+
+    def micro_batches(self, step: int, feats: Sequence[TargetFeatures], rows_per_micro: int, row_tokens: int,
+                      device, dtype) -> list[Any]:
+        """Step ``step``'s packed micro-batches from its features (in ``sample_indices`` order);
+        micro-batches whose rows are all empty (an epoch's tail) are left out."""
+        from specforge_core.training.packing import pack_rows
+
+        rows = self.steps[step]
+        at = {i: j for j, i in enumerate(self.sample_indices(step))}
+        out = []
+        for g in range(0, len(rows), rows_per_micro):
+            group = rows[g : g + rows_per_micro]
+            if any(group):
+                members = [i for r in group for i in r]
+                local = {i: k for k, i in enumerate(members)}
+                out.append(pack_rows([feats[at[i]] for i in members], [[local[i] for i in r] for r in group],
+                                     row_tokens, device, dtype))
+        return out
+
+    def sample_indices(self, step: int) -> list[int]:
+        return [i for r in self.steps[step] for i in r]
 
 
 def _fetch_features(backend, store, run_id: str, step: int, samples: list[Sample], batch_size: int,
@@ -283,6 +344,11 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     steps_per_epoch = math.ceil(len(usable) / per_step)
     total_steps = tr.max_steps if tr.max_steps > 0 else tr.num_epochs * steps_per_epoch
     order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
+    budget: Optional[BudgetPlan] = None
+    if tr.token_budget and tr.pack_tokens:  # (the trainer rejects token_budget without pack_tokens)
+        lengths = [s.num_tokens for s in usable]
+        budget = BudgetPlan.build(lengths, order, tr.pack_tokens, per_step, tr.num_epochs, tr.max_steps)
+        total_steps = len(budget.steps)
 
     trainer = Trainer(config, info, vocab, total_steps, registry=registry)
     start_step = 0
@@ -291,14 +357,20 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
         latest = ckpt.latest_checkpoint(out_dir, report=lambda m: None)  # check_resume said which
         if latest is not None:
             extra = ckpt.load(trainer, latest)
-            order.seek(**extra["data_position"])
-            seen.update(order.visited_before())
+            if budget is not None:
+                _check_budget_position(budget, trainer.step, extra["data_position"], latest)
+                seen.update(i for s in range(trainer.step) for i in budget.sample_indices(s))
+            else:
+                order.seek(**extra["data_position"])
+                seen.update(order.visited_before())
             start_step = trainer.step
             console.print(f"resumed from {latest} (step {trainer.step}, data position {extra['data_position']})")
         else:
             console.print(f"training.resume: no complete checkpoint under {ckpt.checkpoint_root(out_dir)}; starting fresh")
+    shape = (f"token budget: {tr.gradient_accumulation} x {tr.micro_batch_size} rows of {tr.pack_tokens} positions "
+             f"per step, {budget.fill(lengths, tr.pack_tokens):.1%} full" if budget is not None else f"{per_step} per step")
     console.print(
-        f"training: {len(usable)} samples, {per_step} per step, {total_steps} steps, "
+        f"training: {len(usable)} samples, {shape}, {total_steps} steps, "
         f"ttt_length {tr.ttt_length}, device {trainer.device}, dtype {str(trainer.dtype).replace('torch.', '')}"
     )
 
@@ -320,7 +392,8 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     )
 
     def save() -> Path:
-        return ckpt.save(trainer, out_dir, data_position=order.position(), config_toml=config_toml,
+        position = budget.positions[trainer.step - 1] if budget is not None and trainer.step else order.position()
+        return ckpt.save(trainer, out_dir, data_position=position, config_toml=config_toml,
                          vocab_path=str(vocab_path), keep=tr.keep_checkpoints)
 
     from specforge_core.profiling import StepProfiler
@@ -329,12 +402,16 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     with progress:
         task = progress.add_task("train", total=total_steps, completed=trainer.step, info="")
         while trainer.step < total_steps:
-            indices = order.take(per_step)
+            indices = budget.sample_indices(trainer.step) if budget is not None else order.take(per_step)
             seen.update(indices)
             picked = [usable[i] for i in indices]
             feats = _fetch_features(backend, store, run_id, trainer.step, picked,
                                     config.inference.batch_size, trainer.device)
-            micro = [feats[i : i + tr.micro_batch_size] for i in range(0, len(feats), tr.micro_batch_size)]
+            if budget is not None:
+                micro = budget.micro_batches(trainer.step, feats, tr.micro_batch_size, tr.pack_tokens,
+                                             trainer.device, trainer.dtype)
+            else:
+                micro = [feats[i : i + tr.micro_batch_size] for i in range(0, len(feats), tr.micro_batch_size)]
             metrics = trainer.train_step(micro)
             profiler.step()
             trained += len(feats)
@@ -362,6 +439,17 @@ def _train(config, backend, provider, cleanup, console, config_toml, stop_after_
     accounting = account(data_stats, len(samples), skipped, len(usable), seen)
     wall = print_run_end(console, accounting, last_ckpt, export_dir, t0)
     return RunResult(out_dir, trainer.step, history, last_ckpt, export_dir, accounting, wall)
+
+
+def _check_budget_position(budget: BudgetPlan, step: int, saved: dict[str, int], checkpoint: Path) -> None:
+    """A resumed token-budget run recomputes its plan: the checkpoint's data position must be the
+    plan's after the same step, or the data or the packing settings changed since."""
+    want = budget.positions[step - 1] if 0 < step <= len(budget.positions) else None
+    if want is None or dict(saved) != want:
+        raise ValueError(
+            f"{checkpoint}: data position {dict(saved)} after step {step}, but this config's token-budget plan "
+            f"has {want}: the dataset or training.pack_tokens / micro_batch_size / gradient_accumulation / "
+            f"num_epochs / max_steps changed since the checkpoint; resume with the settings it was written with")
 
 
 def print_run_end(console: Any, accounting: Any, last_ckpt: Optional[Path], export_dir: Optional[Path],

@@ -164,6 +164,9 @@ def _run_ray(
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)
     tr = config.training
+    if tr.token_budget:  # the dispatcher balances sample counts over ranks, not token budgets
+        raise ValueError("training.token_budget = true is supported by the local pipeline only; "
+                         "with run.pipeline = 'ray' use training.pack_tokens alone")
 
     # ---- data, target facts (no weights on the driver), vocab: as in the local pipeline
     samples, usable, data_stats, skipped = load_training_samples(config, console)

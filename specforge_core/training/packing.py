@@ -69,6 +69,31 @@ def fill_rows(lengths: Sequence[int], row_tokens: int, n_rows: int,
     return [sorted(r) for r in rows], sorted(left)
 
 
+def budget_schedule(lengths: Sequence[int], order: Sequence[int], row_tokens: int,
+                    n_rows: int) -> list[list[list[int]]]:
+    """One epoch of token-budget steps (``training.token_budget``): the samples of ``order`` (indices
+    into ``lengths``) streamed through ``fill_rows`` with a look-ahead of one row. Each step is
+    ``n_rows`` rows of sample indices; every sample of ``order`` is in exactly one step, whole;
+    only the epoch's last steps may have empty rows. Deterministic in its inputs, so a resumed run
+    recomputes the same schedule and continues at its step number (nothing carried to save)."""
+    steps: list[list[list[int]]] = []
+    pending: list[int] = []
+    age: list[int] = []
+    pos, capacity = 0, row_tokens * n_rows
+    while pos < len(order) or pending:
+        have = sum(lengths[i] for i in pending)
+        new: list[int] = []
+        while pos < len(order) and have < capacity + row_tokens:
+            new.append(order[pos])
+            have += lengths[order[pos]]
+            pos += 1
+        cand, cand_age = pending + new, age + [0] * len(new)
+        rows, left = fill_rows([lengths[i] for i in cand], row_tokens, n_rows, cand_age)
+        steps.append([[cand[j] for j in r] for r in rows])
+        pending, age = [cand[j] for j in left], [cand_age[j] + 1 for j in left]
+    return steps
+
+
 class TokenBudgetPacker:
     """Carries the samples that did not fit one step over to the next (``fill_rows``): every step
     is ``n_micro`` micro-batches of ``rows_per_micro`` rows x ``row_tokens`` positions."""
@@ -151,6 +176,13 @@ def pack(
     if not features:
         raise ValueError("pack: empty micro-batch")
     rows = assign_rows([f.num_tokens for f in features], row_tokens)
+    return _packed(features, rows, row_tokens, torch.device(device), dtype)
+
+
+def pack_rows(features: Sequence[TargetFeatures], rows: list[list[int]], row_tokens: int,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Batch:
+    """Packed ``Batch`` [len(rows), row_tokens] with the given row assignment (indices into
+    ``features`` per row, e.g. one micro-batch of a ``budget_schedule`` step)."""
     return _packed(features, rows, row_tokens, torch.device(device), dtype)
 
 

@@ -92,6 +92,8 @@ class Trainer:
         if t.pack_tokens and not getattr(self.algorithm.features, "packed_rows", False):
             raise ValueError(f"training.pack_tokens = {t.pack_tokens}: draft '{config.model.draft}' does not accept "
                              "packed rows; set training.pack_tokens = 0")
+        if t.token_budget and not t.pack_tokens:
+            raise ValueError("training.token_budget = true needs training.pack_tokens > 0 (the row length, e.g. 8192)")
         if t.pack_tokens and t.pack_tokens < config.dataset.max_seq_length:
             raise ValueError(f"training.pack_tokens = {t.pack_tokens} is below dataset.max_seq_length = "
                              f"{config.dataset.max_seq_length}: the longest samples would not fit a row")
