@@ -124,3 +124,21 @@ def test_trainer_waits_on_a_dead_prefetch_thread_with_an_error_not_a_hang():
         TrainerActor._next(ready, dead)
     ready.put("last")  # an item put just before the thread ended is still returned
     assert TrainerActor._next(ready, dead) == "last"
+
+
+def test_plan_rows_step_gives_each_rank_its_planned_rows():
+    from specforge_core.pipeline.ray.dispatch import plan_rows_step
+
+    # dataset index i has 10 + i tokens; seq = stream position
+    res = [Result(seq, i, f"k{i}", 10 + i, 1) for seq, i in enumerate([7, 3, 5, 0, 2, 6, 4])]
+    # 2 micro-steps x 2 ranks x 1 row: micro-step 0 = rows 0 (rank 0), 1 (rank 1); micro-step 1 = rows 2, 3
+    rows = [[3, 7], [5], [0, 2, 6], [4]]
+    micro, dropped = plan_rows_step(res, rows, micro_batch_size=1, num_ranks=2)
+    assert [[[r.index for r in part] for part in ms] for ms in micro] == [[[3, 7], [5]], [[0, 2, 6], [4]]]
+    assert dropped == []
+    # a sample inference skipped (index 5) leaves rank 1 empty in micro-step 0: rebalanced by tokens
+    micro, dropped = plan_rows_step([r for r in res if r.index != 5], rows, 1, 2)
+    assert sorted(len(p) for p in micro[0]) == [1, 1] and {r.index for p in micro[0] for r in p} == {3, 7}
+    # an epoch's tail: one sample for two ranks is dropped; an all-empty micro-step is left out
+    micro, dropped = plan_rows_step(res, [[3], [], [], []], 1, 2)
+    assert micro == [] and [r.index for r in dropped] == [3]

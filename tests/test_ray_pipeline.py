@@ -81,7 +81,8 @@ def ray_cluster():
 
 
 def make_config(assets, out: Path, *, pipeline: str = "ray", name: str = "t", store: str = "shm",
-                transfer: dict | None = None, inference: dict | None = None, **training):
+                transfer: dict | None = None, inference: dict | None = None, dataset: dict | None = None,
+                **training):
     target, data = assets
     training = {"scheduler": "constant", "warmup_ratio": 0.0, "lr": 3e-3, "ttt_length": 2,
                 "num_epochs": 1, **training}
@@ -90,7 +91,7 @@ def make_config(assets, out: Path, *, pipeline: str = "ray", name: str = "t", st
     cfg = {
         "run": {"name": name, "output_dir": str(out), "seed": 0, "pipeline": pipeline},
         "model": {"target": str(target), "draft_vocab_size": 128},
-        "dataset": {"path": [str(data)], "cache_dir": ""},
+        "dataset": {"path": [str(data)], "cache_dir": "", **(dataset or {})},
         "training": training,
         "inference": inference or {},
         "transfer": {"store": store, **(transfer or {})},
@@ -136,6 +137,27 @@ def test_ray_fsdp2_matches_local_loss_curve(assets, tmp_path, shm_fsdp2_run):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2e-2, atol=2e-3)
+
+
+def test_token_budget_on_two_fsdp2_ranks_matches_the_local_run(assets, tmp_path):
+    """training.token_budget through Ray: the same plan as the local pipeline (rows of 128 tokens,
+    2 per step), each rank packing its planned row; the loss curve equals the local run's."""
+    common = {"micro_batch_size": 1, "pack_tokens": 128, "token_budget": True}
+    short = {"max_seq_length": 128}
+    ray_res = run_pipeline(make_config(assets, tmp_path / "ray", strategy="fsdp2", num_gpus=2, dataset=short,
+                                       **common))
+    local = run_pipeline(make_config(assets, tmp_path / "local", pipeline="local", store="local", dataset=short,
+                                     gradient_accumulation=2, **common))
+    # rows hold several samples: 3 steps, the last one a single sample, which cannot feed 2 ranks
+    assert (ray_res.steps, local.steps) == (2, 3)
+    n = ray_res.steps  # the steps both ran on the same rows
+    torch.testing.assert_close(torch.tensor(losses(ray_res)), torch.tensor(losses(local)[:n]), rtol=1e-4, atol=1e-5)
+    assert [m["tokens"] for m in ray_res.history] == [m["tokens"] for m in local.history[:n]]
+    assert local.accounting["trained"] == N_SAMPLES
+    # the plan's epoch tail (1 sample: cannot feed 2 ranks) is left out on Ray, and said so
+    tail = ray_res.accounting.get("skipped: token budget: epoch tail with fewer samples than trainer ranks", 0)
+    assert (ray_res.accounting["trained"], tail) == (N_SAMPLES - 1, 1)
+    assert_clean(ray_res)
 
 
 def test_backpressure_bounds_the_pool(assets, tmp_path):

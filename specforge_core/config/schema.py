@@ -104,8 +104,8 @@ class TrainingSection:
         False, "Token-budget steps (needs pack_tokens): every optimizer step is gradient_accumulation "
         "micro-batches of micro_batch_size rows of pack_tokens positions, filled from the shuffled sample "
         "stream (samples that waited first, then the longest); a sample that does not fit waits for the next "
-        "step. The same shape and nearly the same tokens every step (ShareGPT in rows of 8192: 97% full). "
-        "Local pipeline only",
+        "step. The same shape and nearly the same tokens every step (ShareGPT in rows of 8192: 97% full); "
+        "with num_gpus ranks a step has num_gpus times the rows",
     )
     gradient_accumulation: int = option(1, "Micro-steps per optimizer step", validator=positive)
     lr: float = option(1e-4, "Peak learning rate", validator=in_range(0, None, lo_open=True))

@@ -148,25 +148,33 @@ class BudgetPlan:
 
     steps: list[list[list[int]]]
     positions: list[dict[str, int]]
+    dropped: list[int]  # samples of epoch tails too small to feed every rank (never trained)
 
     @classmethod
     def build(cls, lengths: Sequence[int], order: SampleOrder, row_tokens: int, n_rows: int,
-              num_epochs: int, max_steps: int) -> BudgetPlan:
+              num_epochs: int, max_steps: int, min_step_samples: int = 1) -> BudgetPlan:
+        """``min_step_samples``: the Ray pipeline's rank count (every rank needs a sample in every
+        micro-step): an epoch's last step with fewer samples is left out, its samples ``dropped``."""
         from specforge_core.training.packing import budget_schedule
 
         steps: list[list[list[int]]] = []
         positions: list[dict[str, int]] = []
+        dropped: list[int] = []
         epoch = 0
         while (len(steps) < max_steps) if max_steps > 0 else (epoch < num_epochs):
             done = 0
             for rows in budget_schedule(lengths, order.permutation(epoch), row_tokens, n_rows):
-                done += sum(len(r) for r in rows)
+                n = sum(len(r) for r in rows)
+                done += n
+                if n < min_step_samples:  # only an epoch's tail can be this small
+                    dropped.extend(i for r in rows for i in r)
+                    continue
                 steps.append(rows)
                 positions.append({"epoch": epoch, "index": done})
             epoch += 1
         if max_steps > 0:
             steps, positions = steps[:max_steps], positions[:max_steps]
-        return cls(steps, positions)
+        return cls(steps, positions, dropped)
 
     def fill(self, lengths: Sequence[int], row_tokens: int) -> float:
         """Real tokens / positions over the plan's non-empty rows."""

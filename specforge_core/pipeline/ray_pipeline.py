@@ -29,8 +29,10 @@ import torch
 
 from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.pipeline.local import (
+    BudgetPlan,
     RunResult,
     SampleOrder,
+    _check_budget_position,
     _load_or_build_vocab,
     account,
     format_metrics,
@@ -106,6 +108,19 @@ def plan_prompts(order: SampleOrder, usable: list, start_step: int, total_steps:
     return prompts, positions
 
 
+def plan_budget_prompts(budget: BudgetPlan, usable: list, start_step: int):
+    """``plan_prompts`` for ``training.token_budget``: each step's planned samples, in row order."""
+    from specforge_core.pipeline.ray.controller import Prompt
+
+    prompts, positions, seq = [], {}, 0
+    for step in range(start_step, len(budget.steps)):
+        for i in budget.sample_indices(step):
+            prompts.append(Prompt(seq, i, usable[i].num_tokens, step))
+            seq += 1
+        positions[step] = budget.positions[step]
+    return prompts, positions
+
+
 def _kill(actors: list) -> None:
     import ray
 
@@ -164,9 +179,8 @@ def _run_ray(
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)
     tr = config.training
-    if tr.token_budget:  # the dispatcher balances sample counts over ranks, not token budgets
-        raise ValueError("training.token_budget = true is supported by the local pipeline only; "
-                         "with run.pipeline = 'ray' use training.pack_tokens alone")
+    if tr.token_budget and not tr.pack_tokens:
+        raise ValueError("training.token_budget = true needs training.pack_tokens > 0 (the row length, e.g. 8192)")
 
     # ---- data, target facts (no weights on the driver), vocab: as in the local pipeline
     samples, usable, data_stats, skipped = load_training_samples(config, console)
@@ -181,6 +195,12 @@ def _run_ray(
     dp = tr.num_gpus
     per_step = tr.micro_batch_size * tr.gradient_accumulation * dp
     total_steps = tr.max_steps if tr.max_steps > 0 else tr.num_epochs * math.ceil(len(usable) / per_step)
+    budget: Optional[BudgetPlan] = None
+    if tr.token_budget:  # every step: per_step rows of pack_tokens, the same plan as the local pipeline's
+        budget = BudgetPlan.build([s.num_tokens for s in usable],
+                                  SampleOrder(len(usable), config.run.seed, config.dataset.shuffle),
+                                  tr.pack_tokens, per_step, tr.num_epochs, tr.max_steps, min_step_samples=dp)
+        total_steps = len(budget.steps)
 
     started_ray = connect_ray(config)
     config = resolve_store(config)
@@ -224,17 +244,29 @@ def _run_ray(
         order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
         seen: set[int] = set()
         if position is not None:
-            order.seek(**position)
-            seen.update(order.visited_before())
+            if budget is not None:
+                _check_budget_position(budget, start_step, position, Path(starts[0]["checkpoint"]))
+                seen.update(i for s in range(start_step) for i in budget.sample_indices(s))
+            else:
+                order.seek(**position)
+                seen.update(order.visited_before())
             console.print(f"resumed from {starts[0]['checkpoint']} (step {start_step}, data position {position})")
-        prompts, positions = plan_prompts(order, usable, start_step, total_steps, per_step)
+        if budget is not None:
+            prompts, positions = plan_budget_prompts(budget, usable, start_step)
+            shape = (f"token budget: {tr.gradient_accumulation} x {tr.micro_batch_size} rows of {tr.pack_tokens} "
+                     f"positions per step and rank over {dp} rank(s), "
+                     f"{budget.fill([s.num_tokens for s in usable], tr.pack_tokens):.1%} full")
+        else:
+            prompts, positions = plan_prompts(order, usable, start_step, total_steps, per_step)
+            shape = f"{per_step} per step over {dp} rank(s)"
         console.print(
-            f"training: {len(usable)} samples, {per_step} per step over {dp} rank(s), {total_steps} steps, "
+            f"training: {len(usable)} samples, {shape}, {total_steps} steps, "
             f"ttt_length {tr.ttt_length}, strategy {tr.strategy}"
         )
+        rows = None if budget is None else {s: budget.steps[s] for s in range(start_step, total_steps)}
         controller = ray.remote(ControllerActor).options(num_cpus=0, name=f"{run_id}/controller").remote(
             prompts, positions, num_ranks=dp, micro_batch_size=tr.micro_batch_size,
-            max_pool_bytes=config.transfer.max_pool_bytes,
+            max_pool_bytes=config.transfer.max_pool_bytes, rows=rows,
         )
         actors.insert(0, controller)
         ray.get(engines_ready)
@@ -318,7 +350,11 @@ def _run_ray(
     ray_skipped = len(skipped_indices - seen)
     if ray_skipped:
         skipped["dropped by the ray pipeline (see controller line)"] = ray_skipped
-    accounting = account(data_stats, len(samples), skipped, len(usable) - ray_skipped, seen)
+    # token budget: epoch tails with fewer samples than trainer ranks are not in the plan
+    tail = set(budget.dropped) - seen - skipped_indices if budget is not None and finished else set()
+    if tail:
+        skipped["token budget: epoch tail with fewer samples than trainer ranks"] = len(tail)
+    accounting = account(data_stats, len(samples), skipped, len(usable) - ray_skipped - len(tail), seen)
     last_ckpt = Path(result["checkpoint"]) if result.get("checkpoint") else None
     export_dir = Path(result["export"]) if result.get("export") else None
     wall = print_run_end(console, accounting, last_ckpt, export_dir, t0)

@@ -21,7 +21,15 @@ from typing import Any, NamedTuple, Optional
 import attrs
 import numpy as np
 
-from specforge_core.pipeline.ray.dispatch import EMPTY_RESULTS, RankWork, Result, ResultBatch, _i64, plan_step
+from specforge_core.pipeline.ray.dispatch import (
+    EMPTY_RESULTS,
+    RankWork,
+    Result,
+    ResultBatch,
+    _i64,
+    plan_rows_step,
+    plan_step,
+)
 
 TAIL_REASON = "last micro-step had fewer samples than trainer ranks"
 
@@ -85,7 +93,9 @@ class ControllerState:
         num_ranks: int,
         micro_batch_size: int,
         max_pool_bytes: int,
+        rows: Optional[dict[int, list[list[int]]]] = None,  # token budget: step -> the plan's rows
     ):
+        self.rows = rows
         self.buffer: deque[Prompt] = deque(prompts)
         self.num_ranks, self.micro_batch_size = num_ranks, micro_batch_size
         self.max_pool_bytes = max_pool_bytes
@@ -182,7 +192,11 @@ class ControllerState:
     # ----------------------------------------------------------------------------- trainer side
     def _dispatch(self) -> None:
         while (step := self.next_step) is not None and len(self.pool.get(step, ())) >= self.need[step]:
-            micro_steps, dropped = plan_step(self.pool.pop(step, []), self.micro_batch_size, self.num_ranks)
+            results = self.pool.pop(step, [])
+            if self.rows is not None:
+                micro_steps, dropped = plan_rows_step(results, self.rows[step], self.micro_batch_size, self.num_ranks)
+            else:
+                micro_steps, dropped = plan_step(results, self.micro_batch_size, self.num_ranks)
             if dropped:
                 self.skipped[TAIL_REASON] += len(dropped)
                 self.skipped_indices.update(r.index for r in dropped)

@@ -159,3 +159,32 @@ def plan_step(results: Sequence[Result], micro_batch_size: int, num_ranks: int) 
             continue
         micro_steps.append(balance(chunk, num_ranks))
     return micro_steps, dropped
+
+
+def plan_rows_step(results: Sequence[Result], rows: Sequence[Sequence[int]], micro_batch_size: int,
+                   num_ranks: int) -> tuple[list[list[list[Result]]], list[Result]]:
+    """One token-budget step (``training.token_budget``): ``(micro_steps, dropped)`` from the
+    plan's rows (dataset indices per row, ``micro_batch_size * gradient_accumulation * num_ranks``
+    of them). Micro-step m gives rank r the rows ``(m * num_ranks + r) * micro_batch_size`` onward,
+    so each rank packs exactly its planned rows. Samples inference skipped are simply absent.
+    A micro-step where some rank would get nothing (an epoch's tail) is re-balanced by tokens
+    over all ranks (``balance``), or dropped if it has fewer samples than ranks; one where every
+    rank gets nothing is left out."""
+    by_index = {r.index: r for r in results}
+    per_micro = micro_batch_size * num_ranks
+    micro_steps: list[list[list[Result]]] = []
+    dropped: list[Result] = []
+    for start in range(0, len(rows), per_micro):
+        parts = []
+        for r in range(num_ranks):
+            group = rows[start + r * micro_batch_size : start + (r + 1) * micro_batch_size]
+            parts.append([by_index[i] for row in group for i in row if i in by_index])
+        if all(parts):
+            micro_steps.append(parts)
+            continue
+        chunk = [x for part in parts for x in part]
+        if len(chunk) >= num_ranks:
+            micro_steps.append(balance(chunk, num_ranks))
+        else:
+            dropped.extend(chunk)
+    return micro_steps, dropped
