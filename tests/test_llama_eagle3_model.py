@@ -259,3 +259,21 @@ def test_sdpa_attention_option_matches_eager_on_real_positions():
     for a, b in zip(eager.ttt_forward(ids, aux.float(), mask, 3), fused.ttt_forward(ids, aux.float(), mask, 3),
                     strict=True):
         torch.testing.assert_close(a[mask], b[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_model_keeps_fp32_rope_frequencies():
+    """``.to(bf16)`` (eval's ``from_export(dtype=bf16)``) must not round the RoPE frequencies: the
+    rope of a bf16 draft at position 4,000 equals the fp32 draft's up to bf16 output rounding."""
+    from specforge_llama_eagle3.rope import cos_sin, inverse_frequencies
+
+    m = build_draft(None, _target(), VD).to(torch.bfloat16)
+    cfg = m.config
+    want = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, want)
+    pos = torch.tensor([4000])
+    cos, sin = m._rope(pos, torch.float32)
+    ref_cos, ref_sin = cos_sin(want, pos, torch.float32)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    # what the rounded frequencies would have given: angles off by radians
+    bad_cos, _ = cos_sin(want.to(torch.bfloat16).float(), pos, torch.float32)
+    assert (bad_cos - ref_cos).abs().max() > 0.1

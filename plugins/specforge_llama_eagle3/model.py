@@ -200,6 +200,16 @@ class LlamaEagle3Draft(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.d2t: Optional[torch.Tensor] = None  # draft id -> target id offsets (set by from_export)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(bf16)`` and friends keep the RoPE frequencies fp32 (recomputed, never rounded),
+        as HF and vLLM do: a bf16 ``inv_freq`` is off by up to 2**-9 relative, which puts the rope
+        angle of position 2,000 off by radians."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype in (torch.bfloat16, torch.float16):  # (fp64 models keep fp64)
+            cfg = self.config
+            self.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.inv_freq.device)
+        return self
+
     # ------------------------------------------------------------------------------ pieces
     def load_embedding(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
