@@ -24,3 +24,21 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_target(tmp_path_factory):
+    """A random tiny Llama that speaks the bundled tiny tokenizer (configs/assets/tiny-target)."""
+    import shutil
+    from pathlib import Path
+
+    from specforge_core.data import load_tokenizer
+    from specforge_core.testing import make_tiny_model
+
+    assets = Path(__file__).resolve().parents[1] / "configs" / "assets"
+    path = tmp_path_factory.mktemp("target")
+    for f in (assets / "tiny-target").iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, path)
+    make_tiny_model(path, vocab_size=len(load_tokenizer(str(path))))
+    return path

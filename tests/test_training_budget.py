@@ -5,7 +5,6 @@ resumed run equals the uninterrupted one bit for bit."""
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -48,16 +47,8 @@ def test_budget_plan_epochs_and_positions():
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    from specforge_core.data import load_tokenizer
-    from specforge_core.testing import make_tiny_model
-
-    path = tmp_path_factory.mktemp("target")
-    for f in (ASSETS / "tiny-target").iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy(f, path)
-    make_tiny_model(path, vocab_size=len(load_tokenizer(str(path))))
-    return path
+def target_dir(tiny_chat_target):
+    return tiny_chat_target
 
 
 def config(tmp_path, target, out, *overrides):

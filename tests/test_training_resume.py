@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "configs" / "assets"
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    """A random tiny Llama that speaks the bundled tiny tokenizer."""
-    from specforge_core.data import load_tokenizer
-    from specforge_core.testing import make_tiny_model
-
-    path = tmp_path_factory.mktemp("target")
-    for f in (ASSETS / "tiny-target").iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy(f, path)
-    make_tiny_model(path, vocab_size=len(load_tokenizer(str(path))))
-    return path
+def target_dir(tiny_chat_target):
+    return tiny_chat_target
 
 
 def config(tmp_path, target, out, *overrides):
