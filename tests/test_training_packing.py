@@ -173,3 +173,15 @@ def test_token_budget_steps_equal_the_padded_ones(normalisation_setup, tmp_path)
         for name in g_pad:
             torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-5, atol=1e-7)
     assert sorted(seen) == sorted(f.sample_id for f in feats) and not packer.pending
+
+
+def test_pack_into_a_fixed_row_count_when_the_samples_fit():
+    """``pack(rows=n)`` (a token-budget micro-batch on a Ray rank) keeps n rows even when fewer
+    would do, and falls back to as many rows as needed when the samples do not fit n."""
+    feats = [_doc(n, seed=i) for i, n in enumerate([30, 20, 10])]
+    b = pack(feats, 64, rows=3)
+    assert tuple(b.input_ids.shape) == (3, 64) and int(b.num_tokens) == 60
+    assert [int(x) for x in b.lengths] == [60, 0, 0]  # first fit: one full row, two empty ones
+    assert tuple(pack(feats, 64).input_ids.shape) == (1, 64)  # as few rows as needed
+    tight = pack(feats, 32, rows=1)  # 60 tokens cannot fit one row of 32: rows as needed
+    assert tight.input_ids.shape[0] == 2 and int(tight.num_tokens) == 60

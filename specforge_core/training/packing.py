@@ -127,12 +127,14 @@ def assemble(
     device: torch.device | str,
     dtype: torch.dtype,
     pack_tokens: int = 0,
+    rows: int = 0,
 ) -> Batch:
     """The trainer's micro-batch from samples: packed rows of ``pack_tokens`` positions when it is
-    set, else right-padded to the longest sample, rounded up to 128 on CUDA (flex attention's
-    block size: few distinct shapes for the compiled kernels)."""
+    set (exactly ``rows`` rows when given and the samples fit them: one shape), else right-padded
+    to the longest sample, rounded up to 128 on CUDA (flex attention's block size: few distinct
+    shapes for the compiled kernels)."""
     if pack_tokens:
-        return pack(features, pack_tokens, device, dtype)
+        return pack(features, pack_tokens, device, dtype, rows=rows)
     return collate(features, device, dtype, pad_multiple=128 if torch.device(device).type == "cuda" else 1)
 
 
@@ -171,12 +173,21 @@ def pack(
     row_tokens: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    rows: int = 0,
 ) -> Batch:
-    """Packed ``Batch`` [rows, row_tokens] of ``features`` (see the module doc)."""
+    """Packed ``Batch`` [rows, row_tokens] of ``features`` (see the module doc): as few rows as
+    first-fit decreasing needs, or exactly ``rows`` (empty ones all padding) when the samples fit
+    them (a token-budget micro-batch on a Ray rank: the plan's shape every micro-step)."""
     if not features:
         raise ValueError("pack: empty micro-batch")
-    rows = assign_rows([f.num_tokens for f in features], row_tokens)
-    return _packed(features, rows, row_tokens, torch.device(device), dtype)
+    lengths = [f.num_tokens for f in features]
+    assignment = None
+    if rows:
+        assignment, left = fill_rows(lengths, row_tokens, rows)
+        assignment = None if left else assignment
+    if assignment is None:
+        assignment = assign_rows(lengths, row_tokens)
+    return _packed(features, assignment, row_tokens, torch.device(device), dtype)
 
 
 def pack_rows(features: Sequence[TargetFeatures], rows: list[list[int]], row_tokens: int,

@@ -117,10 +117,12 @@ class StagedBatch:
 class BatchStager:
     """Reads micro-batches from a transfer store into device-resident ``Batch``es (one thread)."""
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype, ring_slots: int = 3, pack_tokens: int = 0):
+    def __init__(self, device: torch.device | str, dtype: torch.dtype, ring_slots: int = 3, pack_tokens: int = 0,
+                 pack_rows: int = 0):
         self.device = torch.device(device)
         self.dtype = dtype
         self.pack_tokens = pack_tokens  # training.pack_tokens (training/packing.py)
+        self.pack_rows = pack_rows  # rows per packed micro-batch (token budget: micro_batch_size); 0 = as needed
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ring = PinnedRing(ring_slots) if self.cuda else None
@@ -134,7 +136,7 @@ class BatchStager:
                 TargetFeatures.from_tensors(sid, read_into(store, key, _fresh))
                 for key, sid in zip(keys, sample_ids, strict=True)
             ]
-            return StagedBatch(assemble(feats, self.device, self.dtype, self.pack_tokens))  # (read_s/stage_s: CUDA only)
+            return StagedBatch(assemble(feats, self.device, self.dtype, self.pack_tokens, self.pack_rows))  # (read_s/stage_s: CUDA only)
         assert self.stream is not None and self.ring is not None
         feats = []
         t0 = time.perf_counter()
@@ -156,7 +158,7 @@ class BatchStager:
                 for slot, _ in given:
                     slot.event = done
                 feats.append(TargetFeatures.from_tensors(sid, on_device))
-            batch = assemble(feats, self.device, self.dtype, self.pack_tokens)
+            batch = assemble(feats, self.device, self.dtype, self.pack_tokens, self.pack_rows)
             event = torch.cuda.Event()
             event.record(self.stream)
         self.stage_s += time.perf_counter() - t0

@@ -65,8 +65,10 @@ class TrainerActor:
         strategy = create(config, "training_strategy", config)
         self.trainer = Trainer(config, info, self.vocab, total_steps, strategy)
         self.store = create(config, "transfer_store").connect(store_handle)
-        self.stager = BatchStager(self.trainer.device, self.trainer.dtype,
-                                  pack_tokens=self.trainer.config.training.pack_tokens)
+        tr = self.trainer.config.training
+        # token budget: every micro-batch is the plan's micro_batch_size rows (one shape)
+        self.stager = BatchStager(self.trainer.device, self.trainer.dtype, pack_tokens=tr.pack_tokens,
+                                  pack_rows=tr.micro_batch_size if tr.token_budget else 0)
         out = {"step": 0, "data_position": None, "checkpoint": None}
         if config.training.resume:
             latest = ckpt.latest_checkpoint(config.output_dir)
