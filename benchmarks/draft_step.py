@@ -21,6 +21,8 @@ Variants:
                (model.merge = "auto") + loss chunks of 8192 rows (forward-kl's default)
   v4-c4096     v4 with loss chunks of 4096 rows
   v4+ckpt      v4 + activation checkpointing of the finish block
+  v4-pergroup  v4 with one loss autograd node per TTT step (forward-kl without weighted_groups:
+               a head-sized multiply, accumulation and saved gradient per step)
   (v3 variants run with model.merge = "loop" and chunk_size = 1024, the v3 code paths)
   sdpa-amp     sdpa under fp32 masters + autocast (numerics only, by default)
   eager-ref    benchmarks/eager_reference.py (dense masks, full softmax, full logits)
@@ -106,6 +108,13 @@ def PerStepTargets():  # noqa: N802
     return ForwardKLLoss(ForwardKLOptions(chunk_size=1024), precompute=False)
 
 
+class PerGroupForwardKL(ForwardKLLoss):
+    """forward-kl without the contract's weighted-groups fast path: one autograd node per TTT step
+    (the v4 code before it)."""
+
+    weighted_groups = None
+
+
 def amp(variant: str) -> bool:
     """Variants run like Eagle3Trainer + the local strategy's default: fp32 master weights, bf16
     autocast over the forward."""
@@ -122,7 +131,9 @@ def step_loss(variant: str, model, batch, head, t2d):
     model.compile = "on" if variant.startswith(("v3", "v4", "compile")) else "off"
     model.merge = "auto" if variant.startswith("v4") else "loop"
     checkpoint_finish(model, enabled=variant.endswith("+ckpt"))
-    if variant.startswith("v4"):
+    if variant == "v4-pergroup":
+        loss_fn = PerGroupForwardKL()
+    elif variant.startswith("v4"):
         loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=4096) if "c4096" in variant else ForwardKLOptions())
     elif variant.startswith("v3"):
         loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=1024))

@@ -178,3 +178,48 @@ def test_cuda_bf16_matches_cpu_fp64(precompute):
     torch.testing.assert_close(out.loss_sum.double().cpu(), ref_loss.detach(), rtol=3e-2, atol=3e-1)
     torch.testing.assert_close(b[0].grad.double().cpu(), ref_dh.grad, rtol=0.1, atol=5e-2)
     torch.testing.assert_close(b[1].grad.double().cpu(), ref_dw.grad, rtol=0.1, atol=5e-2)
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_weighted_groups_equal_the_per_group_calls(precompute):
+    """The contract's fast path (one differentiable total over the groups, weights given up front)
+    has the per-group calls' value, sums and gradients (fp64), under an upstream scale."""
+    torch.manual_seed(0)
+    N, H, V, K = 48, 16, 40, 4
+    head = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    hiddens = [torch.randn(N, H, dtype=torch.float64, requires_grad=True) for _ in range(K)]
+    final, target_head = torch.randn(N + K + 1, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    weights = torch.rand(K, dtype=torch.float64)
+    valids = [torch.rand(N, generator=torch.Generator().manual_seed(k)) > 0.3 for k in range(K)]
+
+    def run(fast: bool):
+        loss = ForwardKLLoss(ForwardKLOptions(chunk_size=16), precompute=precompute)
+        prepared = loss.prepare(final, target_head)
+        groups = loss.weighted_groups(prepared) if fast else None
+        total, outs = None, []
+        for k in range(K):
+            rows, x = torch.arange(N) + k + 1, hiddens[k] * 1.5
+            if fast:
+                out = groups.add(x, head, rows, valids[k], weights[k])
+            else:
+                out = loss(x, head, prepared, rows, valids[k])
+                part = out.loss_sum * weights[k]
+                total = part if total is None else total + part
+            outs.append(out)
+        total = groups.finish() if fast else total
+        (2.5 * total).backward()
+        grads = [head.grad.clone()] + [h.grad.clone() for h in hiddens]
+        head.grad = None
+        for h in hiddens:
+            h.grad = None
+        return total.detach(), grads, outs
+
+    want_total, want_grads, want_outs = run(False)
+    total, grads, outs = run(True)
+    assert torch.allclose(total, want_total, rtol=1e-13)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-14)
+    for o, w in zip(outs, want_outs, strict=True):
+        assert torch.allclose(o.loss_sum, w.loss_sum.detach(), rtol=1e-13)
+        assert int(o.correct) == int(w.correct) and int(o.count) == int(w.count)
+    assert want_grads[0].abs().sum() > 0 and not outs[0].loss_sum.requires_grad

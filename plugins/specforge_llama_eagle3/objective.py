@@ -149,14 +149,24 @@ def micro_step(
     # packed rows (training/packing.py): rope positions and attention inside each document
     packed = {} if getattr(batch, "doc_ids", None) is None else {
         "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
+    # the step weights are known before the forward: a loss that offers the contract's fast path
+    # takes them per group and returns one differentiable total (components.Loss)
+    make_groups = getattr(loss_fn, "weighted_groups", None)
+    groups = make_groups(prepared) if make_groups is not None else None
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K, **packed)):
-        out: LossOutput = loss_fn(hidden.flatten(0, 1), head, prepared, target_rows(batch, k), valid_k[k].flatten())
-        part = out.loss_sum * weights[k].to(out.loss_sum.dtype)
-        total = part if total is None else total + part
+        rows, valid = target_rows(batch, k), valid_k[k].flatten()
+        if groups is not None:
+            out: LossOutput = groups.add(hidden.flatten(0, 1), head, rows, valid, weights[k])
+        else:
+            out = loss_fn(hidden.flatten(0, 1), head, prepared, rows, valid)
+            part = out.loss_sum * weights[k].to(out.loss_sum.dtype)
+            total = part if total is None else total + part
         stats["loss_sum"][k] += out.loss_sum.detach().double()
         stats["correct"][k] += out.correct
         stats["count"][k] += out.count
     stats["learned"] += learned_counts
+    if groups is not None:
+        total = groups.finish()
     return total, stats
 
 
