@@ -257,6 +257,43 @@ def profile_copies(variant, model, batch, head, t2d, path) -> None:
             sort_by="cuda_time_total", row_limit=60, max_name_column_width=50, max_shapes_column_width=90))
 
 
+def sync_points(variant, model, batch, head, t2d) -> list[tuple[str, int]]:
+    """The host syncs of one step (``torch.cuda.set_sync_debug_mode``): where our code calls a
+    synchronizing op, with counts. A sync inside the TTT loop stalls the GPU until the host has
+    launched the next kernels."""
+    import traceback
+    import warnings
+
+    root = str(Path(__file__).resolve().parents[1])
+    seen: dict[str, int] = {}
+    armed = False  # set_sync_debug_mode itself warns once
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if not armed or "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:3]) or f"{filename}:{lineno}"
+        seen[where] = seen.get(where, 0) + 1
+
+    old_show = warnings.showwarning
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            armed = True
+            try:
+                step_loss(variant, model, batch, head, t2d).backward()
+            finally:
+                armed = False
+                torch.cuda.set_sync_debug_mode("default")
+        model.zero_grad(set_to_none=True)
+    finally:
+        warnings.showwarning = old_show
+    return sorted(seen.items(), key=lambda kv: -kv[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768])
@@ -267,6 +304,8 @@ def main() -> None:
     ap.add_argument("--profile-T", type=int, default=8192)
     ap.add_argument("--profile-variant", default="v4")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="after the profile: list the host syncs of one step of the profiled variant")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--flex-static", action="store_true",
                     help="compile flex with dynamic=False (one kernel per T) instead of automatic dynamic "
@@ -322,6 +361,11 @@ def main() -> None:
                 out_dir = os.environ.get("OUT", ".")
                 profile(v, m, batch, head, t2d, os.path.join(out_dir, "profile.txt"))
                 profile_copies(v, m, batch, head, t2d, os.path.join(out_dir, "profile_shapes.txt"))
+                if a.sync_debug:
+                    r["syncs"] = sync_points(v, m, batch, head, t2d)
+                    print(f"host syncs of one {v} step at T={T}:", flush=True)
+                    for where, n in r["syncs"]:
+                        print(f"  {n:3d}x {where}", flush=True)
         except Exception as e:
             for o in opts.values():
                 o.zero_grad(set_to_none=True)

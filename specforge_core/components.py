@@ -290,13 +290,15 @@ class Loss(Protocol):
     normalisation are the algorithm's (see "Division of labour" above). A loss must not hold more
     than about one group's [tokens x draft_vocab] fp32 tensor at a time.
 
-    Optional fast path, for algorithms that know every group's weight before the forward (EAGLE-3:
-    decay**k over the step's denominators): ``groups = loss.weighted_groups(prepared)``, then per
-    group ``groups.add(draft_hidden, draft_head, target_rows, valid, weight)`` (``weight`` a 0-dim
-    tensor; returns the group's ``LossOutput`` with detached sums), then ``groups.finish()``: the
-    differentiable ``sum_g weight_g * loss_sum_g``, backpropagated once. Same value and gradients
-    as the per-group calls; a loss can then cast the draft head once and accumulate its gradient
-    in one buffer (forward-kl: ~6 ms and 3.7 GB less per micro-step at an 8B-shaped draft).
+    Optional fast path, for algorithms that know every group's valid rows and weight before the
+    forward (EAGLE-3: the step masks, and decay**k over the step's denominators):
+    ``groups = loss.weighted_groups(prepared, valid, weights)`` with ``valid`` bool [G, N] and
+    ``weights`` [G], then per group ``groups.add(g, draft_hidden, draft_head, target_rows)``
+    (returns the group's ``LossOutput`` with detached sums), then ``groups.finish()``: the
+    differentiable ``sum_g weights[g] * loss_sum_g``, backpropagated once. Same value and gradients
+    as the per-group calls; a loss can then find all groups' rows with one host sync, cast the
+    draft head once and accumulate its gradient in one buffer (forward-kl: ~9 ms and 2.3 GB less
+    per micro-step at an 8B-shaped draft, T = 2048; docs/performance.md).
     """
 
     needs_full_vocab: bool  # optional attribute; absent = False

@@ -182,8 +182,9 @@ def test_cuda_bf16_matches_cpu_fp64(precompute):
 
 @pytest.mark.parametrize("precompute", [True, False])
 def test_weighted_groups_equal_the_per_group_calls(precompute):
-    """The contract's fast path (one differentiable total over the groups, weights given up front)
-    has the per-group calls' value, sums and gradients (fp64), under an upstream scale."""
+    """The contract's fast path (one differentiable total over the groups, valid rows and weights
+    given up front) has the per-group calls' value, sums and gradients (fp64), under an upstream
+    scale."""
     torch.manual_seed(0)
     N, H, V, K = 48, 16, 40, 4
     head = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
@@ -195,12 +196,12 @@ def test_weighted_groups_equal_the_per_group_calls(precompute):
     def run(fast: bool):
         loss = ForwardKLLoss(ForwardKLOptions(chunk_size=16), precompute=precompute)
         prepared = loss.prepare(final, target_head)
-        groups = loss.weighted_groups(prepared) if fast else None
+        groups = loss.weighted_groups(prepared, torch.stack(valids), weights) if fast else None
         total, outs = None, []
         for k in range(K):
             rows, x = torch.arange(N) + k + 1, hiddens[k] * 1.5
             if fast:
-                out = groups.add(x, head, rows, valids[k], weights[k])
+                out = groups.add(k, x, head, rows)
             else:
                 out = loss(x, head, prepared, rows, valids[k])
                 part = out.loss_sum * weights[k]

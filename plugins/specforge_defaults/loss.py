@@ -147,13 +147,15 @@ def _add_weight_grad(acc, g, h, fast: bool, f32: torch.dtype) -> torch.Tensor:
 
 
 def _soft_ce(draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight, mean, chunk,
-             fp32_heads, targets, want_h: bool, want_w: bool, grad_w=None, w_d=None):
+             fp32_heads, targets, want_h: bool, want_w: bool, grad_w=None, w_d=None, rows=None):
     """The fused loss's work, no autograd: ``(loss_sum, correct, grad_h, grad_w, w_d, scale)``.
     ``weight`` (float or 0-dim tensor) scales the gradients (and ``mean`` divides them by the valid
     rows); ``grad_w`` (fp32 [Vd, H]) is accumulated into when given, ``w_d`` is the head as the
-    GEMMs read it (cast once per micro-batch by ``WeightedGroups``)."""
+    GEMMs read it (cast once per micro-batch by ``WeightedGroups``), ``rows`` the indices of the
+    valid rows when known (``WeightedGroups``: no host sync here)."""
     device = draft_hidden.device
-    rows = valid.nonzero().squeeze(1)  # indices of valid positions
+    # indices of valid positions: their count sizes the chunk loop, a host sync when computed here
+    rows = valid.nonzero().squeeze(1) if rows is None else rows
     n_valid = rows.numel()
     # the target row of each valid draft row
     t_rows = rows if target_rows is None else target_rows.index_select(0, rows)
@@ -342,15 +344,27 @@ class _GroupTotal(torch.autograd.Function):
 
 
 class WeightedGroups:
-    """forward-kl over the prediction groups of one micro-batch whose weights the algorithm knows
-    before the forward (the optional ``Loss.weighted_groups`` contract, ``components.Loss``):
-    ``add`` each group with its weight (returns its detached sums), then ``finish`` gives the
+    """forward-kl over the prediction groups of one micro-batch whose valid rows and weights the
+    algorithm knows before the forward (the optional ``Loss.weighted_groups`` contract,
+    ``components.Loss``): ``add`` each group (returns its detached sums), then ``finish`` gives the
     weighted total as one differentiable scalar. Same value and gradients as summing
-    ``weight * loss(...).loss_sum`` over the groups; the draft head is cast once per micro-batch
-    and its gradient accumulated in one buffer (``_GroupTotal``)."""
+    ``weight * loss(...).loss_sum`` over the groups, but:
 
-    def __init__(self, loss: ForwardKLLoss, prepared: Any):
+    - the valid rows of all groups are found with one host sync, here, before the forward (per
+      group, ``valid.nonzero()`` stalled the GPU once per TTT step while the host caught up);
+    - the draft head is cast once per micro-batch and its gradient accumulated in one buffer
+      (``_GroupTotal``)."""
+
+    def __init__(self, loss: ForwardKLLoss, prepared: Any, valid: torch.Tensor, weights: torch.Tensor):
+        if valid.dim() != 2 or weights.shape != valid.shape[:1]:
+            raise ValueError(f"forward-kl: weighted_groups takes valid [G, N] and weights [G]; got "
+                             f"{tuple(valid.shape)} and {tuple(weights.shape)}")
         self.loss, self.prepared = loss, prepared
+        self.valid, self.weights = valid.bool(), weights
+        # one host sync for every group: the row indices of all groups, split by their counts
+        self.counts = self.valid.sum(1)
+        self.rows = list(self.valid.nonzero()[:, 1].split(self.counts.tolist()))
+        self.added: set[int] = set()
         self.head: torch.Tensor | None = None
         self.w_d: torch.Tensor | None = None  # the head as the GEMMs read it (bf16 on GPU)
         self.grad_w: torch.Tensor | None = None  # fp32 [Vd, H], weighted, all groups
@@ -358,25 +372,30 @@ class WeightedGroups:
         self.grad_h: list[torch.Tensor] = []
         self.total: torch.Tensor | None = None
 
-    def add(self, draft_hidden: torch.Tensor, draft_head: torch.Tensor, target_rows: torch.Tensor,
-            valid: torch.Tensor, weight: torch.Tensor) -> LossOutput:
+    def add(self, group: int, draft_hidden: torch.Tensor, draft_head: torch.Tensor,
+            target_rows: torch.Tensor) -> LossOutput:
+        """Group ``group`` (an index into the constructor's ``valid``/``weights``), once each."""
+        if not 0 <= group < len(self.rows) or group in self.added:
+            raise ValueError(f"forward-kl: group {group} added twice or outside 0..{len(self.rows) - 1}")
+        self.added.add(group)
         if self.head is None:
             self.head = draft_head
         elif draft_head is not self.head:
             raise ValueError("forward-kl: the groups of one micro-batch must share one draft head tensor")
+        valid, weight = self.valid[group], self.weights[group]
         th, tw, targets = self.loss._targets(draft_hidden, draft_head, self.prepared, target_rows, valid)
         want_h, want_w = draft_hidden.requires_grad, draft_head.requires_grad
         with torch.no_grad(), torch.autocast(draft_hidden.device.type, enabled=False):
             loss_sum, correct, grad_h, self.grad_w, self.w_d, _ = _soft_ce(
-                draft_hidden.detach(), draft_head.detach(), th, tw.detach(), valid.bool(), target_rows, weight, False,
+                draft_hidden.detach(), draft_head.detach(), th, tw.detach(), valid, target_rows, weight, False,
                 int(self.loss.options.chunk_size), self.loss.fp32_heads, targets, want_h, want_w, self.grad_w,
-                self.w_d)
+                self.w_d, rows=self.rows[group])
         if want_h:
             self.hiddens.append(draft_hidden)
             self.grad_h.append(grad_h.to(draft_hidden.dtype))
         weighted = loss_sum * weight.to(loss_sum.dtype)
         self.total = weighted if self.total is None else self.total + weighted
-        return LossOutput(loss_sum=loss_sum, correct=correct, count=valid.sum().to(torch.int64))
+        return LossOutput(loss_sum=loss_sum, correct=correct, count=self.counts[group])
 
     def finish(self) -> torch.Tensor:
         """Sum over the added groups of ``weight * loss_sum``: differentiable w.r.t. every group's
@@ -409,10 +428,12 @@ class ForwardKLLoss:
             return precompute_target_probs(final_hidden, rows, self.options.chunk_size)
         return TargetRows(final_hidden.detach(), rows.detach())
 
-    def weighted_groups(self, prepared: TargetProbs | TargetRows) -> WeightedGroups:
-        """The optional fast path of the contract (``components.Loss``): groups added with their
-        weights, one differentiable total per micro-batch."""
-        return WeightedGroups(self, prepared)
+    def weighted_groups(self, prepared: TargetProbs | TargetRows, valid: torch.Tensor,
+                        weights: torch.Tensor) -> WeightedGroups:
+        """The optional fast path of the contract (``components.Loss``): every group's valid rows
+        [G, N] and weight [G] up front, groups added by index, one differentiable total per
+        micro-batch."""
+        return WeightedGroups(self, prepared, valid, weights)
 
     def _targets(self, draft_hidden, draft_head, prepared, target_rows, valid):
         """(target_hidden, target_head, TargetProbs or None) for the kernel, after the checks."""

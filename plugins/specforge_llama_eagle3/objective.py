@@ -149,14 +149,15 @@ def micro_step(
     # packed rows (training/packing.py): rope positions and attention inside each document
     packed = {} if getattr(batch, "doc_ids", None) is None else {
         "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
-    # the step weights are known before the forward: a loss that offers the contract's fast path
-    # takes them per group and returns one differentiable total (components.Loss)
+    # every step's valid rows and weight are known before the forward: a loss that offers the
+    # contract's fast path takes them up front (one host sync, not one per step) and returns one
+    # differentiable total (components.Loss)
     make_groups = getattr(loss_fn, "weighted_groups", None)
-    groups = make_groups(prepared) if make_groups is not None else None
+    groups = make_groups(prepared, valid_k.flatten(1), weights) if make_groups is not None else None
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K, **packed)):
         rows, valid = target_rows(batch, k), valid_k[k].flatten()
         if groups is not None:
-            out: LossOutput = groups.add(hidden.flatten(0, 1), head, rows, valid, weights[k])
+            out: LossOutput = groups.add(k, hidden.flatten(0, 1), head, rows)
         else:
             out = loss_fn(hidden.flatten(0, 1), head, prepared, rows, valid)
             part = out.loss_sum * weights[k].to(out.loss_sum.dtype)
