@@ -34,7 +34,8 @@ Variants:
                padding only at row ends (ShareGPT <= 4096 in rows of 8192: ~2.5% padding)
 
 tokens/s counts real tokens only (budget steps carry a different number of samples: their own
-count). recompiles = torch.compile frames compiled after the warm-up
+count), over the mean step; "median" is the same over the median step (one slow step moves the
+mean of 12 by several percent: ``ms_all`` in the JSON has every step). recompiles = torch.compile frames compiled after the warm-up
 steps (0 is the goal); peak GiB is the max over measured steps, and "flat" is min/max of the
 per-step peaks.
 """
@@ -42,6 +43,7 @@ per-step peaks.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -144,8 +146,13 @@ def run(variant: str, groups, lengths, args, model, head, t2d, vocab) -> dict:
     dev = args.device
     cuda = dev == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    # each variant as its own run: no compiled graphs, automatic-dynamic shapes or cached blocks
+    # of the previous variant (the "before" variant leaves ~45 GiB of odd-sized blocks)
     torch._dynamo.reset()
     attn_mod._FLEX.clear()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     attn_mod.FLEX_DYNAMIC = False if variant == "before" else None
     loss_fn = ForwardKLLoss(ForwardKLOptions())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=cuda)
@@ -187,6 +194,8 @@ def run(variant: str, groups, lengths, args, model, head, t2d, vocab) -> dict:
     mean_T = real / len(times) / args.accum  # real tokens per micro-batch
     return {"variant": variant, "status": "ok", "steps": len(times), "tok_s": tok_s,
             "mfu": flops_per_token(mean_T) * tok_s / PEAK, "ms_per_step": 1e3 * sec / len(times),
+            "ms_all": [round(1e3 * t, 1) for t in times],
+            "tok_s_median_step": real / len(times) / sorted(times)[len(times) // 2],
             "tokens_per_step": real / len(times), "pad_frac": 1 - real / padded, "shapes": len(shapes),
             "recompiles_after_warmup": frames_compiled() - compiled_at_warm,
             "compiles_total": frames_compiled(), "peak_gib": max(peaks),
@@ -244,14 +253,15 @@ def main() -> None:
     fixed = next((r for r in results["runs"] if r["variant"] == "fixed" and r["status"] == "ok"), None)
     print(f"\n{env['device']}, torch {env['torch']}, step {a.accum} x {a.micro} ShareGPT samples <= {a.max_len} tokens, "
           f"K={K_TTT}, {a.steps} steps after {a.warmup} warm-up; packed-row/budget rows of {a.row}")
-    print(f"{'variant':12} {'tok/s':>8} {'vs fixed':>8} {'MFU':>6} {'tok/step':>8} {'pad':>5} {'shapes':>6} "
-          f"{'recomp':>6} {'peak GiB':>8} {'flat':>5}")
+    print(f"{'variant':12} {'tok/s':>8} {'vs fixed':>8} {'MFU':>6} {'median':>8} {'tok/step':>8} {'pad':>5} "
+          f"{'shapes':>6} {'recomp':>6} {'peak GiB':>8} {'flat':>5}")
     for r in results["runs"]:
         if r["status"] != "ok":
             print(f"{r['variant']:12} {r['status']}")
             continue
         rel = r["tok_s"] / fixed["tok_s"] if fixed else float("nan")
-        print(f"{r['variant']:12} {r['tok_s']:8.0f} {rel:8.2f} {r['mfu'] * 100:5.1f}% {r['tokens_per_step']:8.0f} "
+        print(f"{r['variant']:12} {r['tok_s']:8.0f} {rel:8.2f} {r['mfu'] * 100:5.1f}% {r['tok_s_median_step']:8.0f} "
+              f"{r['tokens_per_step']:8.0f} "
               f"{r['pad_frac'] * 100:4.0f}% {r['shapes']:6d} {r['recompiles_after_warmup']:6d} {r['peak_gib']:8.1f} "
               f"{r['flat']:5.2f}")
 

@@ -224,3 +224,19 @@ def test_weighted_groups_equal_the_per_group_calls(precompute):
         assert torch.allclose(o.loss_sum, w.loss_sum.detach(), rtol=1e-13)
         assert int(o.correct) == int(w.correct) and int(o.count) == int(w.count)
     assert want_grads[0].abs().sum() > 0 and not outs[0].loss_sum.requires_grad
+
+
+def test_weighted_groups_refuses_bad_shapes_and_a_group_added_twice():
+    loss = ForwardKLLoss(ForwardKLOptions(chunk_size=16))
+    N, H, V = 8, 4, 6
+    prepared = loss.prepare(torch.randn(N + 1, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"valid \[G, N\] and weights \[G\]"):
+        loss.weighted_groups(prepared, torch.ones(2, N, dtype=torch.bool), torch.ones(3))
+    groups = loss.weighted_groups(prepared, torch.ones(2, N, dtype=torch.bool), torch.ones(2, dtype=torch.float64))
+    head, x = torch.randn(V, H, dtype=torch.float64), torch.randn(N, H, dtype=torch.float64)
+    out = groups.add(0, x, head, torch.arange(N) + 1)
+    assert int(out.count) == N
+    with pytest.raises(ValueError, match="group 0 added twice"):
+        groups.add(0, x, head, torch.arange(N) + 1)
+    with pytest.raises(ValueError, match="group 2 added twice or outside 0..1"):
+        groups.add(2, x, head, torch.arange(N) + 1)
