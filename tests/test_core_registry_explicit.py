@@ -20,9 +20,22 @@ def test_in_process_loss_is_used_by_run(tmp_path, monkeypatch):
     calls = []
 
     class CountingKL(ForwardKLLoss):
+        """Counts its per-group work on both paths of the loss contract."""
+
         def __call__(self, *args, **kwargs):
-            calls.append(1)
+            calls.append("call")
             return super().__call__(*args, **kwargs)
+
+        def weighted_groups(self, *args, **kwargs):
+            groups = super().weighted_groups(*args, **kwargs)
+            add = groups.add
+
+            def counted_add(*a, **k):
+                calls.append("group")
+                return add(*a, **k)
+
+            groups.add = counted_add
+            return groups
 
     plugin = types.SimpleNamespace()
 
@@ -44,4 +57,6 @@ def test_in_process_loss_is_used_by_run(tmp_path, monkeypatch):
     }, registry=registry)
     result = pipe.run()
     assert result.steps == 1
-    assert len(calls) == 2  # one call per TTT step of the one micro-batch
+    # one group per TTT step of the one micro-batch, through the contract's fast path (EAGLE-3
+    # knows every step's rows and weight before the forward)
+    assert calls == ["group", "group"]
