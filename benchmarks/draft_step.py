@@ -275,22 +275,17 @@ def sync_points(variant, model, batch, head, t2d) -> list[tuple[str, int]]:
         where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:3]) or f"{filename}:{lineno}"
         seen[where] = seen.get(where, 0) + 1
 
-    old_show = warnings.showwarning
-    warnings.showwarning = record
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            armed = True
-            try:
-                step_loss(variant, model, batch, head, t2d).backward()
-            finally:
-                armed = False
-                torch.cuda.set_sync_debug_mode("default")
-        model.zero_grad(set_to_none=True)
-    finally:
-        warnings.showwarning = old_show
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        armed = True
+        try:
+            step_loss(variant, model, batch, head, t2d).backward()
+        finally:
+            armed = False
+            torch.cuda.set_sync_debug_mode("default")
+    model.zero_grad(set_to_none=True)
     return sorted(seen.items(), key=lambda kv: -kv[1])
 
 

@@ -150,9 +150,10 @@ def _soft_ce(draft_hidden, draft_head, target_hidden, target_head, valid, target
              fp32_heads, targets, want_h: bool, want_w: bool, grad_w=None, w_d=None, rows=None):
     """The fused loss's work, no autograd: ``(loss_sum, correct, grad_h, grad_w, w_d, scale)``.
     ``weight`` (float or 0-dim tensor) scales the gradients (and ``mean`` divides them by the valid
-    rows); ``grad_w`` (fp32 [Vd, H]) is accumulated into when given, ``w_d`` is the head as the
-    GEMMs read it (cast once per micro-batch by ``WeightedGroups``), ``rows`` the indices of the
-    valid rows when known (``WeightedGroups``: no host sync here)."""
+    rows); ``grad_w`` (fp32 [Vd, H]) is accumulated into when given (None: it starts from the first
+    chunk's GEMM, no zero fill + beta-add pass), ``w_d`` is the head as the GEMMs read it (cast
+    once per micro-batch by ``WeightedGroups``), ``rows`` the indices of the valid rows when known
+    (``WeightedGroups``: no host sync here)."""
     device = draft_hidden.device
     # indices of valid positions: their count sizes the chunk loop, a host sync when computed here
     rows = valid.nonzero().squeeze(1) if rows is None else rows
@@ -185,7 +186,6 @@ def _soft_ce(draft_hidden, draft_head, target_hidden, target_head, valid, target
     f32 = torch.float32 if fast else w_d.dtype
     grad_h = (torch.zeros(draft_hidden.shape, dtype=draft_hidden.dtype if fast else f32, device=device)
               if want_h else None)
-    # the weight gradient starts from the first chunk's GEMM (no zero fill + beta-add pass)
     loss_sum = torch.zeros((), dtype=f32, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     scale = weight / max(n_valid, 1) if mean else weight

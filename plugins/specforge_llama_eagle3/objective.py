@@ -155,11 +155,11 @@ def micro_step(
     make_groups = getattr(loss_fn, "weighted_groups", None)
     groups = make_groups(prepared, valid_k.flatten(1), weights) if make_groups is not None else None
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K, **packed)):
-        rows, valid = target_rows(batch, k), valid_k[k].flatten()
+        rows = target_rows(batch, k)
         if groups is not None:
             out: LossOutput = groups.add(k, hidden.flatten(0, 1), head, rows)
         else:
-            out = loss_fn(hidden.flatten(0, 1), head, prepared, rows, valid)
+            out = loss_fn(hidden.flatten(0, 1), head, prepared, rows, valid_k[k].flatten())
             part = out.loss_sum * weights[k].to(out.loss_sum.dtype)
             total = part if total is None else total + part
         stats["loss_sum"][k] += out.loss_sum.detach().double()

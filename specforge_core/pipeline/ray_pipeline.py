@@ -195,11 +195,12 @@ def _run_ray(
     dp = tr.num_gpus
     per_step = tr.micro_batch_size * tr.gradient_accumulation * dp
     total_steps = tr.max_steps if tr.max_steps > 0 else tr.num_epochs * math.ceil(len(usable) / per_step)
+    order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
+    lengths = [s.num_tokens for s in usable]
     budget: Optional[BudgetPlan] = None
     if tr.token_budget:  # every step: per_step rows of pack_tokens, the same plan as the local pipeline's
-        budget = BudgetPlan.build([s.num_tokens for s in usable],
-                                  SampleOrder(len(usable), config.run.seed, config.dataset.shuffle),
-                                  tr.pack_tokens, per_step, tr.num_epochs, tr.max_steps, min_step_samples=dp)
+        budget = BudgetPlan.build(lengths, order, tr.pack_tokens, per_step, tr.num_epochs, tr.max_steps,
+                                  min_step_samples=dp)
         total_steps = len(budget.steps)
 
     started_ray = connect_ray(config)
@@ -241,7 +242,6 @@ def _run_ray(
         engines_ready = manager.ready.remote()
         starts = ray.get(setups)
         start_step, position = starts[0]["step"], starts[0]["data_position"]
-        order = SampleOrder(len(usable), config.run.seed, config.dataset.shuffle)
         seen: set[int] = set()
         if position is not None:
             if budget is not None:
@@ -255,7 +255,7 @@ def _run_ray(
             prompts, positions = plan_budget_prompts(budget, usable, start_step)
             shape = (f"token budget: {tr.gradient_accumulation} x {tr.micro_batch_size} rows of {tr.pack_tokens} "
                      f"positions per step and rank over {dp} rank(s), "
-                     f"{budget.fill([s.num_tokens for s in usable], tr.pack_tokens):.1%} full")
+                     f"{budget.fill(lengths, tr.pack_tokens):.1%} full")
         else:
             prompts, positions = plan_prompts(order, usable, start_step, total_steps, per_step)
             shape = f"{per_step} per step over {dp} rank(s)"
