@@ -214,13 +214,15 @@ def check_resume(config: Any, config_toml: str, warn: Callable[[str], None] = pr
     refused, allowed = config_changes(extra.get("config_toml", ""), config_toml) if extra.get(
         "config_toml") else ([], [])
     stored = extra.get("data_files")
-    if stored is not None:
-        now = data_fingerprint(list(config.dataset.path))
-        stored = {os.path.abspath(p): h for p, h in stored.items()}  # older checkpoints: cwd-relative keys
-        now = {os.path.abspath(p): h for p, h in now.items()}
-        if now != stored:
-            changed = sorted(p for p in set(stored) | set(now) if stored.get(p) != now.get(p))
-            refused.append(f"dataset files' content: {', '.join(changed)} differ from the ones trained on")
+    if stored is not None:  # the same data is the same bytes, wherever the files are now
+        from specforge_core.data.identity import dataset_change
+
+        refusal, moved = dataset_change(stored, list(config.dataset.path))
+        if refusal:
+            refused.append(refusal)
+        elif moved:
+            refused = [r for r in refused if not r.startswith("dataset.path:")]
+            allowed.append(moved)
     if refused:
         raise RunDirError(
             f"training.resume: {latest} was trained with another config; these changes would break the run: "
