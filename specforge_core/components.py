@@ -1,17 +1,29 @@
-"""The contracts a plugin implements, one per component kind.
+"""The contracts a plugin implements, one per component kind, and every optional member.
 
 A plugin registers a *factory* for each component under a name (see ``hookspecs``). The core calls
 the factory with the structured config section of that component (an attrs instance of the class the
 plugin registered, or ``None``) plus the arguments listed in each protocol below.
 
-These are ``typing.Protocol`` classes: plugins need not inherit from them, only match them.
+These are ``typing.Protocol`` classes: plugins need not inherit from them, only match them. Each
+contract lists **every** member the core reads from a component of its kind, in one place:
+
+- required members: plain protocol members (attributes and methods);
+- optional members (capabilities): methods decorated ``@optional`` and attributes declared
+  ``= optional_attr(default)``. The core reads them only through ``capability(obj,
+  "Contract.member")``, which accepts declared names only (a typo in the core fails at once) and
+  returns the declared default when a component lacks the member.
+
+The registry checks each component against its contract when it builds it (and each options class
+and factory when a plugin registers them): a missing required member, or a public member that is not
+declared but is close to a declared one the component lacks (``weighted_group`` for
+``weighted_groups``), is one error line naming the plugin, the component and the member.
 """
 
 from __future__ import annotations
 
-import contextlib
+import difflib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ContextManager, Optional, Protocol, runtime_checkable
+from typing import Any, ContextManager, Optional, Protocol
 
 import attrs
 import torch
@@ -19,7 +31,146 @@ import torch
 # The table of component kinds lives in ``hookspecs`` (torch-free: light processes import it);
 # re-exported here because each row names its contract in this module.
 from specforge_core.hookspecs import KINDS, Kind  # noqa: F401
+from specforge_core.training.batch import Batch
 from specforge_core.types import Sample, TargetFeatures, TargetInfo
+
+
+# ============================================================================ declaring members
+class optional_attr:  # noqa: N801 (used like a field declaration)
+    """Declares an optional attribute (a capability flag or value) in a contract's body:
+    ``supplies_features: bool = optional_attr(False)``. ``default`` is what ``capability``
+    returns for a component without it."""
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+
+    def __repr__(self) -> str:
+        return f"optional_attr({self.default!r})"
+
+
+def optional(method: Callable) -> Callable:
+    """Declares an optional method in a contract's body (``capability`` returns None without it)."""
+    method.__specforge_optional__ = True  # type: ignore[attr-defined]
+    return method
+
+
+class _ContractMeta(type(Protocol)):  # type: ignore[misc]
+    """``isinstance(obj, Contract)`` checks the *required* members only (a runtime-checkable
+    protocol would also demand every optional one)."""
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        if cls.__dict__.get("_is_protocol"):
+            return not _missing(instance, cls)
+        return super().__instancecheck__(instance)
+
+
+@attrs.frozen
+class Member:
+    name: str
+    required: bool
+    method: bool
+    default: Any = None
+
+
+def members(contract: str | type) -> dict[str, Member]:
+    """Every member ``contract`` declares (a name in ``CONTRACTS`` or the class), by name."""
+    cls = CONTRACTS[contract] if isinstance(contract, str) else contract
+    out: dict[str, Member] = {}
+    for base in reversed(cls.__mro__):
+        if not base.__dict__.get("_is_protocol") or base is Protocol:
+            continue
+        names = [*base.__dict__.get("__annotations__", {}), *base.__dict__]
+        for name in names:
+            if name.startswith("_") and name != "__call__":
+                continue
+            value = base.__dict__.get(name, None)
+            if isinstance(value, optional_attr):
+                out[name] = Member(name, required=False, method=False, default=value.default)
+            elif callable(value):
+                out[name] = Member(name, required=not getattr(value, "__specforge_optional__", False), method=True)
+            elif name not in out:
+                out[name] = Member(name, required=True, method=False)
+    return out
+
+
+class UndeclaredMember(LookupError):
+    """The core asked for a member its contract does not declare (a bug in the caller)."""
+
+
+def _is_stub(value: Any) -> bool:
+    """The contract's own declaration (a class that subclasses the protocol inherits it)."""
+    return isinstance(value, optional_attr) or getattr(value, "__specforge_optional__", False)
+
+
+def capability(obj: Any, member: str) -> Any:
+    """``obj``'s member ``"Contract.name"`` (bound method or value), or its declared default
+    (None for a method) when ``obj`` lacks it. Only declared members are accepted."""
+    contract, _, name = member.partition(".")
+    if contract not in CONTRACTS:
+        raise UndeclaredMember(f"no contract {contract!r}; contracts: {', '.join(CONTRACTS)}")
+    declared = members(contract)
+    if name not in declared:
+        hint = difflib.get_close_matches(name, declared, n=1)
+        raise UndeclaredMember(f"{contract} declares no member {name!r}"
+                               + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    value = getattr(obj, name, _ABSENT)
+    return declared[name].default if value is _ABSENT or _is_stub(value) else value
+
+
+def has_capability(obj: Any, member: str) -> bool:
+    """Whether ``obj`` implements the declared member ``"Contract.name"`` itself."""
+    capability(obj, member)  # only declared names
+    value = getattr(obj, member.partition(".")[2], _ABSENT)
+    return value is not _ABSENT and not _is_stub(value)
+
+
+_ABSENT = object()
+# Modules whose classes are not the plugin's own (their public names are not checked for spelling).
+_FOREIGN = ("builtins", "torch", "typing", "abc", "collections", "attr", "attrs", "functools", "enum")
+
+
+def own_public_names(obj: Any, methods_only: bool = False) -> set[str]:
+    """Public names a plugin defined on ``obj`` (its classes' and its instance's), not inherited
+    from Python, torch or the contracts."""
+    classes = obj.__mro__ if isinstance(obj, type) else type(obj).__mro__
+    names: set[str] = set()
+    for cls in classes:
+        if cls is object or (cls.__module__ or "").split(".")[0] in _FOREIGN or cls.__dict__.get("_is_protocol"):
+            continue
+        fields = {a.name for a in attrs.fields(cls)} if attrs.has(cls) else set()
+        names |= {n for n, v in vars(cls).items() if not n.startswith("_") and n not in fields
+                  and (callable(v) or isinstance(v, (staticmethod, classmethod, property)) or not methods_only)}
+    if not isinstance(obj, type):  # an instance's own attributes (a function factory's too)
+        names |= {n for n in getattr(obj, "__dict__", {}) if not n.startswith("_")}
+    return names
+
+
+def _missing(obj: Any, contract: str | type) -> list[str]:
+    return [m.name for m in members(contract).values()
+            if m.required and (not callable(obj) if m.name == "__call__" else not hasattr(obj, m.name))]
+
+
+def conformance_problems(obj: Any, contract: str, methods_only: bool = False) -> list[str]:
+    """What is wrong with ``obj`` as a ``contract``: each entry one phrase naming the member."""
+    if contract == "LRLambda":
+        return [] if callable(obj) else [f"is {type(obj).__name__}, not a callable step -> LR multiplier (LRLambda)"]
+    declared = members(contract)
+    own = own_public_names(obj, methods_only=methods_only)
+    problems = []
+    lacking = [n for n in declared if n != "__call__" and not hasattr(obj, n)]
+    for name in _missing(obj, contract):
+        hint = difflib.get_close_matches(name, sorted(own - set(declared)), n=1, cutoff=0.8)
+        problems.append(f"lacks {name!r}, which {contract} requires"
+                        + (f" (it has {hint[0]!r}: misspelled?)" if hint else ""))
+    for name in sorted(own - set(declared)):
+        hint = difflib.get_close_matches(name, lacking, n=1, cutoff=0.8)
+        if hint and not any(p.startswith(f"lacks {hint[0]!r}") for p in problems):
+            problems.append(f"has {name!r}, which {contract} does not declare; did you mean {hint[0]!r}?")
+    for name, m in declared.items():
+        value = getattr(obj, name, None) if name != "__call__" else obj
+        if m.method and value is not None and not _is_stub(value) and not callable(value):
+            problems.append(f"{name!r} must be a method ({contract}), got {type(value).__name__}")
+    return problems
 
 
 # ============================================================================ draft algorithm
@@ -64,6 +215,9 @@ class FeatureSpec:
     # ``training/packing.py``: ``Batch.doc_ids`` / ``position_ids``) and keeps attention and targets
     # inside each document. A run that packs for an algorithm without it is refused.
     packed_rows: bool = False
+    # The first token index the objective predicts: a sample is trained only if it has a loss token
+    # at index >= this (EAGLE-3: 2, its step 0 at position t predicts t+2; DFlash: 1).
+    min_loss_index: int = 1
 
 
 @attrs.define
@@ -118,8 +272,7 @@ class DraftPlan:
     problems: list[tuple[str, str, str]] = attrs.Factory(list)
 
 
-@runtime_checkable
-class DraftAlgorithm(Protocol):
+class DraftAlgorithm(Protocol, metaclass=_ContractMeta):
     """A draft-model training algorithm (EAGLE-3, DFlash, ...): registered under the name that
     ``model.draft`` selects, options in ``[model.<name>]``.
 
@@ -136,13 +289,13 @@ class DraftAlgorithm(Protocol):
         trainer seeds torch before calling, so every rank starts from the same weights."""
         ...
 
-    def count_targets(self, batch: Any, head: TargetHead) -> torch.Tensor:
+    def count_targets(self, batch: Batch, head: TargetHead) -> torch.Tensor:
         """float64 [G] on the batch's device: valid targets of each prediction group in this
         micro-batch (``training.batch.Batch``), from its masks only (cheap, no forward). The
         trainer sums them over the step's micro-batches and ranks into ``denominators``."""
         ...
 
-    def objective(self, draft: torch.nn.Module, batch: Any, ctx: ObjectiveContext
+    def objective(self, draft: torch.nn.Module, batch: Batch, ctx: ObjectiveContext
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, stats)`` of one micro-batch. ``loss``: a differentiable scalar, already
         normalised with ``ctx.denominators`` (the trainer backpropagates it as is, and the logged
@@ -168,16 +321,28 @@ class DraftAlgorithm(Protocol):
         """Sizes and config problems from the config and the target's config.json dict alone."""
         ...
 
-    # ---- Optional, for ``specforge eval`` (see "evaluation" at the end of this module):
-    #   export_architectures: tuple[str, ...]   config.json ``architectures`` its export writes
-    #       (how ``specforge eval --draft DIR`` finds the algorithm without a run config)
-    #   proposer(self, export_dir, target: EvalTarget, device) -> Proposer
+    @optional
+    def display_metrics(self) -> dict[str, list[str]]:
+        """Which of ``summarize``'s metrics a run shows: label -> metric names printed after it on
+        the console's metric line, in order (``{"acc": ["acc_0", "acc_1"], "tau": ["accept_len"]}``);
+        the first name is the progress bar's headline. Without it the line shows loss, throughput,
+        LR and grad norm only (W&B logs every metric either way)."""
 
+    # ---- optional, for ``specforge eval`` (see "evaluation" at the end of this module)
+    export_architectures: tuple[str, ...] = optional_attr(())
+    """config.json ``architectures`` its export writes: how ``specforge eval --draft DIR`` finds
+    the algorithm of an export without a run config."""
+
+    @optional
+    def proposer(self, export_dir: Any, target: EvalTarget, device: torch.device) -> Proposer:
+        """The draft side of greedy speculation for the export in ``export_dir`` (``Proposer``),
+        reading frozen target tensors through ``target``. Without it the algorithm cannot be
+        evaluated in process."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------- target
-@runtime_checkable
-class TargetBackend(Protocol):
+class TargetBackend(Protocol, metaclass=_ContractMeta):
     """Runs the target LLM and captures EAGLE-3 features.
 
     Factory: ``factory(options, config: SpecforgeConfig, device: str | None) -> TargetBackend``.
@@ -189,10 +354,12 @@ class TargetBackend(Protocol):
 
     def close(self) -> None: ...
 
-    # Optional (``specforge data regenerate``): text generation by the same target, batched by the
-    # backend. ``generate_text(prompts, params) -> list[GeneratedText]``, one per prompt, in order;
-    # prompts are token ids (the caller applies the chat template the training uses). A backend
-    # without it cannot regenerate data; callers check with ``hasattr(backend, "generate_text")``.
+    @optional
+    def generate_text(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GeneratedText]:
+        """Text generation by the same target (``specforge data regenerate``), batched by the
+        backend: one ``GeneratedText`` per prompt, in order. Prompts are token ids (the caller
+        applies the chat template the training uses). A backend without it cannot regenerate data."""
+        ...
 
 
 @attrs.define
@@ -215,8 +382,7 @@ class GeneratedText:
 
 
 # -------------------------------------------------------------------------------------- transfer
-@runtime_checkable
-class TransferStore(Protocol):
+class TransferStore(Protocol, metaclass=_ContractMeta):
     """A key -> named-tensors store between inference producers and trainer consumers."""
 
     def put(self, key: str, tensors: Mapping[str, torch.Tensor]) -> int:
@@ -225,8 +391,11 @@ class TransferStore(Protocol):
 
     def get(self, key: str, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]: ...
 
-    # Optional fast path (see training/staging.py): ``get_into(key, alloc)`` reads the sample into
-    # ``alloc(nbytes)``, a uint8 buffer the caller owns (pinned, reused), and returns views of it.
+    @optional
+    def get_into(self, key: str, alloc: Callable[[int], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fast path of ``get`` (training/staging.py): read the sample into ``alloc(nbytes)``, a
+        uint8 buffer the caller owns (pinned, reused), and return views of it."""
+        ...
 
     def delete(self, keys: Sequence[str]) -> None: ...
 
@@ -237,8 +406,7 @@ class TransferStore(Protocol):
     def close(self) -> None: ...
 
 
-@runtime_checkable
-class TransferStoreProvider(Protocol):
+class TransferStoreProvider(Protocol, metaclass=_ContractMeta):
     """What a transfer-store plugin registers as its factory result.
 
     Factory: ``factory(options) -> TransferStoreProvider``. The pipeline calls ``start`` once on the
@@ -252,11 +420,39 @@ class TransferStoreProvider(Protocol):
 
     def stop(self, handle: Any) -> None: ...
 
-    # Optional capability ``supplies_features = True``: the store serves the target's features from
-    # storage written beforehand (``specforge data features``), so pipelines build no target backend.
-    # Such a provider also has ``dir``, ``format``, ``shard_samples`` (where and how the cache is
-    # written), ``encode(tensors) -> tensors`` / ``decode(stored, dtype) -> tensors`` (its storage
-    # codec) and ``feature_source(config) -> TargetBackend`` (reads the cache; see data/features.py).
+    @optional
+    def configure(self, hidden_size: int, n_aux: int, max_seq_length: int, max_pool_bytes: int,
+                  dtype_bytes: int = 2) -> Any:
+        """Called by the Ray pipeline before ``start``: size buffers from the model (hidden size,
+        aux layers captured, longest sample, ``transfer.max_pool_bytes``, bytes per hidden value).
+        The return value is the provider's own (ignored by the core)."""
+        ...
+
+    # ---- a feature cache (``specforge data features``; data/features.py)
+    supplies_features: bool = optional_attr(False)
+    """True: the store serves the target's features from storage written beforehand, so the
+    pipelines build no target backend. Such a provider has the members below."""
+    dir: str = optional_attr(None)
+    """Directory of the cache."""
+    format: str = optional_attr(None)
+    """Storage format of the hidden states (the provider's own name, recorded in the cache index)."""
+    shard_samples: int = optional_attr(None)
+    """Samples per shard file."""
+
+    @optional
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One sample's features -> the tensors stored in the cache (its storage codec)."""
+        ...
+
+    @optional
+    def decode(self, stored: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Inverse of ``encode``; hidden states in ``dtype``."""
+        ...
+
+    @optional
+    def feature_source(self, config: Any) -> TargetBackend:
+        """A ``TargetBackend`` that reads the cache for ``config`` (checked against its fingerprint)."""
+        ...
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -267,7 +463,7 @@ class LossOutput:
     count: torch.Tensor  # scalar int: valid rows
 
 
-class Loss(Protocol):
+class Loss(Protocol, metaclass=_ContractMeta):
     """A per-token divergence between the draft's and the target's next-token distributions.
 
     Factory: ``factory(options) -> Loss`` (cheap; ``plan`` builds it too).
@@ -290,18 +486,12 @@ class Loss(Protocol):
     normalisation are the algorithm's (see "Division of labour" above). A loss must not hold more
     than about one group's [tokens x draft_vocab] fp32 tensor at a time.
 
-    Optional fast path, for algorithms that know every group's valid rows and weight before the
-    forward (EAGLE-3: the step masks, and decay**k over the step's denominators):
-    ``groups = loss.weighted_groups(prepared, valid, weights)`` with ``valid`` bool [G, N] and
-    ``weights`` [G], then per group ``groups.add(g, draft_hidden, draft_head, target_rows)``
-    (returns the group's ``LossOutput`` with detached sums), then ``groups.finish()``: the
-    differentiable ``sum_g weights[g] * loss_sum_g``, backpropagated once. Same value and gradients
-    as the per-group calls; a loss can then find all groups' rows with one host sync, cast the
-    draft head once and accumulate its gradient in one buffer (forward-kl: ~6 ms of 76 and 2.3 GiB
-    less per micro-step at an 8B-shaped draft, T = 2048, on an H200; docs/performance.md).
+    Optional members: ``needs_full_vocab``, ``weighted_groups`` (a fast path) and
+    ``workspace_bytes`` (planning), below.
     """
 
-    needs_full_vocab: bool  # optional attribute; absent = False
+    needs_full_vocab: bool = optional_attr(False)
+    """True: ``prepare`` reads ``head.full()``, the whole [V, H] target lm_head."""
 
     def prepare(self, final_hidden: torch.Tensor, head: TargetHead) -> Any: ...
 
@@ -314,6 +504,35 @@ class Loss(Protocol):
         valid: torch.Tensor,
     ) -> LossOutput: ...
 
+    @optional
+    def weighted_groups(self, prepared: Any, valid: torch.Tensor, weights: torch.Tensor) -> WeightedGroups:
+        """Fast path for algorithms that know every group's valid rows and weight before the
+        forward (EAGLE-3: the step masks, and decay**k over the step's denominators): ``valid``
+        bool [G, N], ``weights`` [G]; see ``WeightedGroups``. Same value and gradients as the
+        per-group calls; a loss can then find all groups' rows with one host sync, cast the draft
+        head once and accumulate its gradient in one buffer (forward-kl: ~6 ms of 76 and 2.3 GiB
+        less per micro-step at an 8B-shaped draft, T = 2048, on an H200; docs/performance.md)."""
+        ...
+
+    @optional
+    def workspace_bytes(self, tokens: int, draft_vocab: int) -> int:
+        """Planning: transient device bytes per micro-batch of ``tokens`` tokens (chunk buffers,
+        precomputed target distributions...). Absent: 0."""
+        ...
+
+
+class WeightedGroups(Protocol, metaclass=_ContractMeta):
+    """What ``Loss.weighted_groups`` returns: add each group once, then ``finish``."""
+
+    def add(self, g: int, draft_hidden: torch.Tensor, draft_head: torch.Tensor,
+            target_rows: torch.Tensor) -> LossOutput:
+        """Group ``g``'s draft rows; returns its ``LossOutput`` with detached sums."""
+        ...
+
+    def finish(self) -> torch.Tensor:
+        """The differentiable ``sum_g weights[g] * loss_sum_g`` (backpropagated once)."""
+        ...
+
 
 # ----------------------------------------------------------------------------------- lr schedule
 # Factory: ``factory(options, total_steps: int, warmup_steps: int) -> LRLambda``; the trainer wraps
@@ -322,25 +541,27 @@ LRLambda = Callable[[int], float]
 
 
 # ------------------------------------------------------------------------------------- strategy
-class TrainingStrategy(Protocol):
+class TrainingStrategy(Protocol, metaclass=_ContractMeta):
     """How the draft is placed, wrapped, synchronised and checkpointed.
 
     Factory: ``factory(options, config: SpecforgeConfig) -> TrainingStrategy``. The process group
     (if any) is already initialised by the caller (``torch.distributed``) when the factory runs; a
-    factory that needs one even for a single rank sets ``factory.needs_process_group = True``.
+    factory that needs one even for a single rank sets ``factory.needs_process_group = True``
+    (``ComponentFactory``).
 
     Gradients are SUMMED over ranks (not averaged): each rank's loss is already divided by the
     whole step's token count (``ObjectiveContext.denominators``).
 
-    Optional attribute ``wraps_step = True``: ``prepare`` then receives a ``training.trainer.DraftStep``
-    (the draft plus its objective; ``forward`` runs one whole micro-step, state keys ``draft.*``)
-    instead of the bare draft, for strategies that gather parameters and reduce gradients from
-    forward hooks (FSDP2).
     """
 
     rank: int
     world_size: int
     device: torch.device
+
+    wraps_step: bool = optional_attr(False)
+    """True: ``prepare`` receives a ``training.trainer.DraftStep`` (the draft plus its objective;
+    ``forward`` runs one whole micro-step, state keys ``draft.*``) instead of the bare draft, for
+    strategies that gather parameters and reduce gradients from forward hooks (FSDP2)."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -371,25 +592,11 @@ class TrainingStrategy(Protocol):
     def barrier(self) -> None: ...
 
 
-# ------------------------------------------------------------------------------------- planning
+# ---------------------------------------------------------------------- options and factories
 # ``specforge plan`` and ``config validate`` are arithmetic on the config: they never start a
 # backend or a strategy. Components contribute through optional methods on their *options class*
-# (the attrs config they registered), called with ``getattr``; none is required:
-#
-#   engine_nodes(self) -> int
-#       target backends: nodes one inference engine spans (default 1).
-#   train_state_split(self, num_gpus: int) -> tuple[int, bool]
-#       training strategies: (ranks the fp32 params, grads and optimizer state are sharded over,
-#       whether that state lives in CPU memory). Default (1, False).
-#   plan_notes(self, config, plan: dict) -> PlanNotes
-#       any component: extra facts for ``plan`` (stored as ``plan[<component name>]``), lines
-#       ``specforge plan`` prints, and config problems ``config validate`` reports.
-#
-# Losses contribute with an optional method on the loss object (losses are cheap to build):
-#   workspace_bytes(self, tokens: int, draft_vocab: int) -> int
-#       transient device bytes per micro-batch of ``tokens`` tokens (chunk buffers, precomputed
-#       target distributions...).
-# The draft algorithm contributes ``DraftAlgorithm.plan``.
+# (the attrs config they registered, ``ComponentOptions``); the draft algorithm contributes
+# ``DraftAlgorithm.plan``, a loss ``Loss.workspace_bytes``.
 @attrs.define
 class PlanNotes:
     facts: Any = None
@@ -397,8 +604,45 @@ class PlanNotes:
     problems: list[tuple[str, str, str]] = attrs.Factory(list)  # (level, dotted key, message)
 
 
-def null_context() -> ContextManager:
-    return contextlib.nullcontext()
+class ComponentOptions(Protocol, metaclass=_ContractMeta):
+    """The attrs class a plugin registers as a component's ``config`` (its ``[section.<name>]``
+    table). Its fields are the options; these methods are all optional."""
+
+    @optional
+    def validate_with(self, config: Any) -> None:
+        """Cross-section check when the component is selected, run by the config loader (so by
+        ``config validate`` and ``run`` alike): raise ``ValueError`` (or ``config.fields.RangeError``)
+        with one line naming the keys; it becomes a config error on ``[section.<name>]``."""
+        ...
+
+    @optional
+    def plan_notes(self, config: Any, plan: dict) -> PlanNotes:
+        """Any component: extra facts for ``plan`` (stored as ``plan[<component name>]``), lines
+        ``specforge plan`` prints, and config problems ``config validate`` reports. A target
+        backend with it budgets its own GPU memory (the core then skips its weights check)."""
+        ...
+
+    @optional
+    def engine_nodes(self) -> int:
+        """Target backends: nodes one inference engine spans (absent: 1)."""
+        ...
+
+    @optional
+    def train_state_split(self, num_gpus: int) -> tuple[int, bool]:
+        """Training strategies: (ranks the fp32 params, grads and optimizer state are sharded over,
+        whether that state lives in CPU memory). Absent: (1, False)."""
+        ...
+
+
+class ComponentFactory(Protocol, metaclass=_ContractMeta):
+    """The callable a plugin registers: ``factory(options, *args)`` with the kind's arguments
+    (each contract's docstring lists them)."""
+
+    def __call__(self, options: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    needs_process_group: bool = optional_attr(False)
+    """Training strategies: True makes the caller initialise ``torch.distributed`` even for one
+    rank (FSDP2)."""
 
 
 # ================================================================================ evaluation
@@ -412,8 +656,7 @@ def null_context() -> ContextManager:
 #                Registered through the ``register_eval_engines`` hook: ``register(name, run,
 #                description=...)`` with ``run(request: EvalRequest) -> EvalReport`` (see
 #                ``evaluation.engines``). The in-process engine ``hf`` is the core's own.
-@runtime_checkable
-class EvalTarget(Protocol):
+class EvalTarget(Protocol, metaclass=_ContractMeta):
     """What a proposer may read from the target during ``specforge eval`` (frozen, on ``device``)."""
 
     hf_config: dict  # the target's config.json
@@ -430,8 +673,7 @@ class EvalTarget(Protocol):
         ...
 
 
-@runtime_checkable
-class Proposer(Protocol):
+class Proposer(Protocol, metaclass=_ContractMeta):
     """The draft side of greedy speculation, batched over R rows (one prompt each).
 
     Indexing: row r's committed sequence is x[0..n]; the target has run x[0..n-1] and produced
@@ -476,6 +718,19 @@ class Proposer(Protocol):
         """Keep only these rows (ascending indices into the current batch), renumbered 0.."""
         ...
 
-    # Optional: ``teacher_forced(tokens [T] int64, features [T, F], k) -> int64 [k, T]``: the
-    # drafts the chain would propose at every position of a *known* greedy sequence in one pass
-    # (row j, column t = draft j+1 after x[0..t+1] with features f[0..t]); enables ``--fast``.
+    @optional
+    def teacher_forced(self, tokens: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
+        """``tokens`` int64 [T], ``features`` [T, F] -> int64 [k, T]: the drafts the chain would
+        propose at every position of a *known* greedy sequence in one pass (row j, column t =
+        draft j+1 after x[0..t+1] with features f[0..t]); enables ``specforge eval --fast``."""
+        ...
+
+
+# ================================================================================== the table
+# Contract name -> class: what ``capability`` and the registry's checks read. ``KINDS`` names each
+# kind's contract; ``LRLambda`` is a plain callable (checked as one).
+CONTRACTS: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (DraftAlgorithm, TargetBackend, TransferStoreProvider, TransferStore, Loss, WeightedGroups,
+                TrainingStrategy, ComponentOptions, ComponentFactory, EvalTarget, Proposer)
+}

@@ -71,6 +71,13 @@ KINDS: dict[str, Kind] = {
 }
 
 
+def selected(config, kind: str) -> str:
+    """The component name ``config`` selects for ``kind`` ("" = the kind's declared default; the
+    config loader fills it in, ``Registry.selected_name`` resolves it on a raw config)."""
+    section, selector = KINDS[kind]
+    return getattr(getattr(config, section), selector)
+
+
 @hookspec
 def register_draft_algorithms(register):
     """Register draft algorithms (see ``components.DraftAlgorithm``): factory ``(options, config)``."""

@@ -17,7 +17,8 @@ import attrs
 import pluggy
 
 from specforge_core import hookspecs
-from specforge_core.components import KINDS
+from specforge_core.components import conformance_problems
+from specforge_core.hookspecs import KINDS, selected
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,18 @@ ENTRY_POINT_GROUP = "specforge"
 
 
 class RegistryError(Exception):
-    """A component could not be found, two plugins claim the same name, or a kind has no (or two)
-    declared defaults."""
+    """A component could not be found, two plugins claim the same name, a kind has no (or two)
+    declared defaults, or a component does not match its contract."""
+
+
+class DuplicateComponent(RegistryError):
+    """Two installed plugins register the same name (neither is left out: the user picks one)."""
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @attrs.define(frozen=True)
@@ -47,6 +58,14 @@ class Component:
     plugin: PluginInfo
 
 
+@attrs.define(frozen=True)
+class EvalEngine:
+    name: str
+    run: Callable[..., Any]  # run(request: evaluation.engines.EvalRequest) -> EvalReport
+    description: str
+    plugin: PluginInfo
+
+
 def _section_fields(section: str) -> set[str]:
     from specforge_core.config.schema import CORE_SECTIONS
 
@@ -60,9 +79,12 @@ class Registry:
         self.plugins: list[PluginInfo] = []
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         self._collected = False
-        self.broken: list[tuple[PluginInfo, str]] = []  # plugins whose entry point failed to import
+        # plugins left out, with one line saying why: the entry point failed to import (even with
+        # ``sys.exit``), a register hook raised, or a registration broke its contract
+        self._broken: list[tuple[PluginInfo, str]] = []
         # kind -> [(component name, declaring plugin)] from ``register_defaults``
         self._default_claims: dict[str, list[tuple[str, PluginInfo]]] = {kind: [] for kind in KINDS}
+        self._engines: dict[str, EvalEngine] = {}
 
     # ---------------------------------------------------------------------------- discovery
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
@@ -77,23 +99,35 @@ class Registry:
             if any(p.name == info.name for p in self.plugins):
                 continue  # the same distribution seen twice on sys.path
             try:
-                module = ep.load()
-            except Exception as exc:
+                self._add(ep.load(), info)
+            except (Exception, SystemExit) as exc:
                 # One broken third-party plugin must not take every command down (pytest and llm
                 # behave the same): say so in one line, remember why, go on without it.
-                why = (f"plugin {ep.name!r} (entry point {ep.value!r} of {info.distribution or '?'}) "
-                       f"failed to import: {type(exc).__name__}: {exc}")
-                log.warning("%s; continuing without it", why)
-                self.broken.append((info, why))
-                continue
-            self._add(module, info)
+                self._leave_out(info, f"plugin {ep.name!r} (entry point {ep.value!r} of "
+                                      f"{info.distribution or '?'}) failed to import: {_why(exc)}")
+
+    @property
+    def broken(self) -> list[tuple[PluginInfo, str]]:
+        """Plugins left out, each with one line saying why (after collecting every hook)."""
+        self._collect()
+        return list(self._broken)
+
+    def _leave_out(self, info: PluginInfo, why: str) -> None:
+        log.warning("%s; continuing without it", why)
+        self._broken.append((info, why))
+        self.plugins = [p for p in self.plugins if p.name != info.name]
+        if self.pm.has_plugin(info.name):
+            self.pm.unregister(name=info.name)
 
     def register_plugin(self, module_or_object: Any, name: str) -> None:
         """Register an in-process plugin (tests, notebooks) as if it came from an entry point."""
         self._add(module_or_object, PluginInfo(name=name, module=repr(module_or_object), distribution="", version=""))
 
     def _add(self, plugin: Any, info: PluginInfo) -> None:
-        self.pm.register(plugin, name=info.name)
+        try:
+            self.pm.register(plugin, name=info.name)
+        except pluggy.PluginValidationError as exc:  # a hook implementation with wrong arguments
+            raise RegistryError(f"plugin {info.name!r}: {exc}") from None
         self.plugins.append(info)
         self._collected = False
 
@@ -102,32 +136,73 @@ class Registry:
         if self._collected:
             return
         self._components = {kind: {} for kind in KINDS}
-        for kind, hook_name in hookspecs.HOOKS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            # call each implementation separately so we know which plugin registered what
-            for impl in hook.get_hookimpls():
-                impl.function(register=self._registrar(kind, self._info(impl)))
         self._default_claims = {kind: [] for kind in KINDS}
-        for impl in self.pm.hook.register_defaults.get_hookimpls():
-            impl.function(default=self._declarer(self._info(impl)))
+        self._engines = {}
+        # Plugin by plugin, each implementation called separately (so we know which plugin
+        # registered what). A plugin whose hook raises, or whose registration breaks its contract,
+        # is left out whole, with one line naming it; the others are collected as if it were absent.
+        impls: dict[str, list[tuple[Optional[str], str, Any]]] = {}
+        for kind, hook_name in [*hookspecs.HOOKS.items(), (None, "register_defaults"), ("", "register_eval_engines")]:
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                impls.setdefault(impl.plugin_name, []).append((kind, hook_name, impl))
+        for plugin_name, calls in impls.items():
+            info = self._info(plugin_name)
+            components = {kind: dict(named) for kind, named in self._components.items()}
+            claims = {kind: list(c) for kind, c in self._default_claims.items()}
+            engines = dict(self._engines)
+            hook_name = ""
+            try:
+                for call in calls:
+                    kind, hook_name, impl = call
+                    if kind is None:
+                        impl.function(default=self._declarer(info, claims))
+                    elif kind == "":
+                        impl.function(register=self._engine_registrar(info, engines))
+                    else:
+                        impl.function(register=self._registrar(kind, info, components))
+            except DuplicateComponent:
+                raise
+            except (Exception, SystemExit) as exc:
+                why = str(exc) if isinstance(exc, RegistryError) else f"its hook {hook_name} raised {_why(exc)}"
+                if not why.startswith(f"plugin {info.name!r}"):
+                    why = f"plugin {info.name!r}: {why}"
+                self._leave_out(info, why)
+                continue
+            self._components, self._default_claims, self._engines = components, claims, engines
         self._collected = True
 
-    def _info(self, impl: Any) -> PluginInfo:
-        info = next((p for p in self.plugins if p.name == impl.plugin_name), None)
-        return info if info is not None else PluginInfo(impl.plugin_name, repr(impl.plugin), "", "")
+    def _info(self, plugin_name: str) -> PluginInfo:
+        info = next((p for p in self.plugins if p.name == plugin_name), None)
+        return info if info is not None else PluginInfo(plugin_name, repr(self.pm.get_plugin(plugin_name)), "", "")
 
-    def _declarer(self, info: PluginInfo) -> Callable[[str, str], None]:
+    def _declarer(self, info: PluginInfo, claims: dict) -> Callable[[str, str], None]:
         def default(kind: str, name: str) -> None:
             if kind not in KINDS:
                 raise RegistryError(f"plugin {info.name!r} declares a default for unknown kind {kind!r}; "
                                     f"kinds: {', '.join(KINDS)}")
-            if any(p.name == info.name for _n, p in self._default_claims[kind]):
+            if any(p.name == info.name for _n, p in claims[kind]):
                 raise RegistryError(f"plugin {info.name!r} declares the default {kind} twice")
-            self._default_claims[kind].append((name, info))
+            claims[kind].append((name, info))
 
         return default
 
-    def _registrar(self, kind: str, info: PluginInfo) -> Callable[..., None]:
+    def _engine_registrar(self, info: PluginInfo, engines: dict) -> Callable[..., None]:
+        def register(name: str, run: Callable[..., Any], description: str = "") -> None:
+            if not isinstance(name, str) or not name or not callable(run):
+                raise RegistryError(f"plugin {info.name!r} registered an eval engine without a name or a callable run")
+            if name in engines:
+                raise DuplicateComponent(f"eval engine {name!r} is registered twice: by plugin "
+                                         f"{engines[name].plugin.name!r} and by plugin {info.name!r}; uninstall one")
+            engines[name] = EvalEngine(name, run, description, info)
+
+        return register
+
+    def eval_engines(self) -> dict[str, EvalEngine]:
+        """Serving engines plugins register (``register_eval_engines``), by name."""
+        self._collect()
+        return dict(self._engines)
+
+    def _registrar(self, kind: str, info: PluginInfo, components: dict) -> Callable[..., None]:
         section, _selector = KINDS[kind]
 
         def register(
@@ -144,14 +219,22 @@ class Registry:
                     f"plugin {info.name!r}: {kind} name {name!r} clashes with the core field "
                     f"[{section}].{name}; choose another name"
                 )
-            existing = self._components[kind].get(name)
+            if not callable(factory):
+                raise RegistryError(f"plugin {info.name!r}: the factory of {kind} {name!r} is not callable "
+                                    f"(got {type(factory).__name__})")
+            for contract, obj, what in (("ComponentOptions", config, "options class"),
+                                        ("ComponentFactory", factory, "factory")):
+                for problem in (conformance_problems(obj, contract, methods_only=contract == "ComponentOptions")
+                                if obj is not None else ()):
+                    raise RegistryError(f"plugin {info.name!r}: {kind} {name!r}: its {what} {problem}")
+            existing = components[kind].get(name)
             if existing is not None:
-                raise RegistryError(
+                raise DuplicateComponent(
                     f"{kind} {name!r} is registered twice: by plugin {existing.plugin.name!r} "
                     f"({existing.plugin.distribution or 'in-process'}) and by plugin {info.name!r} "
                     f"({info.distribution or 'in-process'}); uninstall one of them"
                 )
-            self._components[kind][name] = Component(kind, name, factory, config, description, info)
+            components[kind][name] = Component(kind, name, factory, config, description, info)
 
         return register
 
@@ -201,7 +284,7 @@ class Registry:
                 f"no {kind} named {name!r} ({section}.{selector}); registered: "
                 f"{', '.join(known) or '(none)'}"
                 + (f". Did you mean {hint[0]!r}?" if hint else "")
-                + "".join(f". Not loaded: {why}" for _info, why in self.broken)
+                + "".join(f". Not loaded: {why}" for _info, why in self._broken)
             ) from None
 
     def find_section_owner(self, section: str, name: str) -> Optional[Component]:
@@ -226,13 +309,28 @@ class Registry:
         comp = self.get(kind, name)
         if options is None and comp.config_class is not None:
             options = comp.config_class()
-        return comp.factory(options, *args, **kwargs)
+        built = comp.factory(options, *args, **kwargs)
+        check(built, comp)
+        return built
+
+    def selected_name(self, config: Any, kind: str) -> str:
+        """The name of the component ``config`` selects for ``kind`` (its declared default when
+        the selector is empty)."""
+        return selected(config, kind) or self.default_name(kind)
 
     def create_for(self, config: Any, kind: str, *args: Any, **kwargs: Any) -> Any:
         """Build the component the config selects for ``kind``, with its options from the config."""
-        section, selector = KINDS[kind]
-        name = getattr(getattr(config, section), selector) or self.default_name(kind)
-        return self.create(kind, name, config.options(section, name), *args, **kwargs)
+        name = self.selected_name(config, kind)
+        return self.create(kind, name, config.options(KINDS[kind].section, name), *args, **kwargs)
+
+
+def check(built: Any, comp: Component) -> None:
+    """``built`` (what ``comp``'s factory returned) against its kind's contract: a RegistryError of
+    one line naming the plugin, the component and the member."""
+    problems = conformance_problems(built, KINDS[comp.kind].contract)
+    if problems:
+        raise RegistryError(f"plugin {comp.plugin.name!r}: {comp.kind} {comp.name!r} "
+                            f"({type(built).__name__}) {'; '.join(problems)}")
 
 
 _REGISTRY: Optional[Registry] = None

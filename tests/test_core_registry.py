@@ -88,9 +88,13 @@ def test_duplicate_names_name_both_plugins():
 
 
 def test_component_name_may_not_shadow_core_field():
-    reg = registry_from([("bad", _plugin("lr"))], with_entry_points=False)
-    with pytest.raises(RegistryError, match=r"clashes with the core field \[training\].lr"):
-        reg.components()
+    # the plugin is left out (one line, in ``broken``), the others still load
+    reg = registry_from([("bad", _plugin("lr")), ("good", _plugin("halving"))], with_entry_points=False)
+    assert reg.names("lr_scheduler") == ["halving"]
+    [(info, why)] = reg.broken
+    assert info.name == "bad" and "clashes with the core field [training].lr" in why
+    with pytest.raises(RegistryError, match=r"Not loaded: plugin 'bad'.*clashes with the core field"):
+        reg.get("lr_scheduler", "lr")
 
 
 def test_broken_plugin_names_itself(monkeypatch):
