@@ -1,5 +1,7 @@
-"""Semantic checks of a loaded config: across sections, against the target's config.json and the
-hardware in ``[run]``. ``config validate`` and ``specforge plan`` print what ``check_config`` finds.
+"""Semantic checks of a loaded config: across sections, against the target's config.json, the
+inputs on disk and the hardware in ``[run]``. The one list of checks: ``config validate`` prints
+what ``check_config`` finds, ``specforge run`` runs the same before any work (an error stops it with
+one line, exit 2), ``specforge plan`` prints them without the input checks.
 
 The loader already checked types, ranges and each plugin's own cross-section rule; these checks
 need the target's shape (layers, hidden size, vocab, heads) or the planning arithmetic.
@@ -8,6 +10,7 @@ need the target's shape (layers, hidden size, vocab, heads) or the planning arit
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -42,24 +45,59 @@ def check_config(config: Any, inputs: bool = True, registry: Any = None) -> list
     def warn(key: str, msg: str) -> None:
         out.append(Problem("warning", key, msg))
 
-    _check_inputs(config, err, warn, inputs)
+    _check_numbers(config, err)
+    store = _transfer_store(config, registry) if inputs else None
+    _check_inputs(config, err, warn, inputs, store)
     _check_hardware(config, err, warn)
     t, src = P.load_target_config(config)
     if t is None:
-        (err if config.model.target_config else warn)("model.target_config", f"not checked against the target: {src}")
+        # a local config.json that cannot be read is an error (the run reads it); a hub id is not fetched
+        local = bool(config.model.target_config) or Path(config.model.target).is_dir()
+        (err if local else warn)("model.target_config" if config.model.target_config else "model.target",
+                                 f"not checked against the target: {src}")
     else:
         try:
             _check_target(config, t, src, err, warn, registry)
         except (KeyError, ValueError, TypeError) as exc:
             err("model.target_config", f"{src}: cannot read the target's shape: {exc!r}")
+    if inputs and getattr(store, "supplies_features", False) and not any(p.level == "error" for p in out):
+        _check_feature_cache(config, store, err, registry)
     return sorted(out, key=lambda p: p.level != "error")
+
+
+def _check_numbers(config: Any, err) -> None:
+    """Every float setting is a number: NaN passes every range check (all comparisons are false)."""
+    def walk(obj: Any, key: str) -> None:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            err(key, f"{obj} is not a finite number")
+        elif attrs.has(type(obj)):
+            for a in attrs.fields(type(obj)):
+                walk(getattr(obj, a.name), f"{key}.{a.name}" if key else a.name)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, key)
+    walk(config, "")
+
+
+def _check_feature_cache(config: Any, provider: Any, err, registry: Any = None) -> None:
+    """A transfer store that serves features from files: the files are there, whole, and were
+    written for this config (what the run would otherwise find out after tokenizing)."""
+    from specforge_core.data.features import FeatureCacheError, check_cache
+
+    try:
+        check_cache(config, provider, registry)
+    except FeatureCacheError as exc:
+        err("transfer.store", str(exc))
 
 
 # ------------------------------------------------------------------------------------- inputs
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _check_inputs(config: Any, err, warn, inputs: bool = True) -> None:
+def _check_inputs(config: Any, err, warn, inputs: bool = True, store: Any = None) -> None:
     """What a run reads and writes, checked before any work (the run used to fail on these after
     data loading and vocab building, with a traceback)."""
     tr = config.training
@@ -67,9 +105,13 @@ def _check_inputs(config: Any, err, warn, inputs: bool = True) -> None:
         err("training.betas", f"{list(tr.betas)}: AdamW takes two values, each in [0, 1), e.g. [0.9, 0.95]")
     if not inputs:
         return
+    if not config.dataset.path:
+        err("dataset.path", "empty: give at least one JSONL/JSON conversation file")
     for f in config.dataset.path:
         if not Path(f).is_file():
             err("dataset.path", f"{f}: data file not found" + (" (a directory)" if Path(f).is_dir() else ""))
+        elif not _has_records(Path(f)):
+            err("dataset.path", f"{f}: no records (the file is empty); give a file of conversations")
     out = Path(config.run.output_dir)
     if out.exists() and not out.is_dir():
         err("run.output_dir", f"{out} is a file; the run writes a directory there: choose another path")
@@ -79,6 +121,9 @@ def _check_inputs(config: Any, err, warn, inputs: bool = True) -> None:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 err("model.target", f"{target}: a directory without config.json; expected a Hugging Face model folder")
+            elif not _has_weights(path) and not getattr(store, "supplies_features", False):
+                err("model.target", f"{target}: no weights (*.safetensors, pytorch_model*.bin) in the directory; "
+                    "expected a Hugging Face model folder (an interrupted download?)")
             for st in sorted(path.glob("*.safetensors")):
                 problem = _safetensors_problem(st)
                 if problem:
@@ -87,6 +132,31 @@ def _check_inputs(config: Any, err, warn, inputs: bool = True) -> None:
             err("model.target", f"{target}: a file; expected a model directory or a hub id")
         elif not HUB_ID.match(target):
             err("model.target", f"{target}: no such directory (and not a hub id like 'org/name')")
+
+
+def _has_records(path: Path) -> bool:
+    """Not empty: a non-blank line in JSONL, or something in a JSON list (read until found)."""
+    with path.open("rb") as f:
+        for line in f:
+            text = line.strip().lstrip(b"[").strip()
+            if text and text != b"]":
+                return True
+    return False
+
+
+def _has_weights(path: Path) -> bool:
+    return any(any(path.glob(p)) for p in ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.gguf"))
+
+
+def _transfer_store(config: Any, registry: Any = None) -> Any:
+    """The run's transfer store provider (cheap to build: it starts nothing); None if it cannot be
+    built (the loader or the plugin's own check reports why)."""
+    from specforge_core.training.components import create
+
+    try:
+        return create(config, "transfer_store", registry=registry)
+    except Exception:
+        return None
 
 
 def _safetensors_problem(path: Path) -> str:

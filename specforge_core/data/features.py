@@ -18,7 +18,13 @@ Crash safety: a shard is written to a hidden temp name, fsync'd and renamed; onl
 rewritten (temp, fsync, rename) to list it. A rerun keeps the shards the index lists, deletes temp
 leftovers and unlisted shards, and resumes at the first missing one: nothing is lost, nothing is
 written twice, and the shards are byte-identical to an uninterrupted run's. A cache written for
-another target, aux layers, template, sequence length, data or format is refused (the fingerprint).
+another target, aux layers, data or storage format, or another tokenization (tokenizer, template,
+reasoning, data format, sequence length, ...) is refused (the fingerprint).
+
+Nothing read back is trusted: the index lists every shard's size and sha256. A run refuses a
+missing or truncated shard or index before it starts (one line naming the file), checks a shard's
+sha256 when it first opens it, and compares every sample's cached token ids with its own
+tokenization; a ``data features`` rerun re-hashes the shards it finds and writes the bad ones again.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,16 +41,19 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from specforge_core.data.formats import DataError
+from specforge_core.data.identity import data_sha256, file_sha256
 from specforge_core.training.checkpoint import fsync_path
 from specforge_core.types import FEATURE_KEYS, Sample, TargetFeatures, TargetInfo
 
 INDEX = "index.json"
-VERSION = 1
+VERSION = 2  # 2: per-shard sha256 and the whole tokenization in the fingerprint
 _INT_DTYPES = {"input_ids": torch.int64, "loss_mask": torch.uint8, "target_argmax": torch.int64}
 
 
-class FeatureCacheError(ValueError):
-    """The cache cannot serve this config (missing, incomplete, written for other settings)."""
+class FeatureCacheError(DataError):
+    """The cache cannot serve this config (missing, incomplete, corrupt, written for other settings);
+    a ``DataError``: the command line prints it as one line, exit 2."""
 
 
 # ------------------------------------------------------------------------------------ identity
@@ -53,21 +63,31 @@ def feature_names(spec: Any) -> list[str]:
 
 
 def data_hash(paths: Sequence[str]) -> str:
+    """One sha256 over the data files' hashes, in order (each file hashed once per process)."""
     h = hashlib.sha256()
     for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(data_sha256(p).encode())
     return h.hexdigest()
 
 
-def fingerprint(config: Any, names: Sequence[str], fmt: str) -> dict[str, Any]:
-    """What the cached features depend on (``config`` with its aux layers resolved)."""
+def fingerprint(config: Any, names: Sequence[str], fmt: str, tokenizer: Any = None) -> dict[str, Any]:
+    """What the cached features depend on (``config`` with its aux layers resolved): the target,
+    the storage, and every input of tokenization -- the tokenizer itself (its vocabulary, merges
+    and chat template), the data bytes and each ``[dataset]`` setting that changes a sample's
+    tokens or which samples there are. ``tokenizer``: the target's (loaded when not given)."""
+    from specforge_core.data.build import CACHE_VERSION, tokenizer_identity
+
+    if tokenizer is None:
+        from specforge_core.data.build import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model.target, config.model.trust_remote_code)
     ds = config.dataset
     return {
         "target": str(config.model.target), "aux_layers": [int(i) for i in config.model.aux_layers],
-        "chat_template": ds.chat_template, "max_seq_length": ds.max_seq_length,
-        "max_samples": ds.max_samples, "data_sha256": data_hash(ds.path), "inference_dtype": config.inference.dtype,
+        "tokenizer": tokenizer_identity(tokenizer)[:16], "tokenization_version": CACHE_VERSION,
+        "chat_template": ds.chat_template, "reasoning": ds.reasoning, "data_format": ds.format,
+        "on_error": ds.on_error, "max_seq_length": ds.max_seq_length, "max_samples": ds.max_samples,
+        "data_sha256": data_hash(ds.path), "inference_dtype": config.inference.dtype,
         "features": list(names), "format": fmt,
     }
 
@@ -93,8 +113,50 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def read_index(cache_dir: Path) -> Optional[dict]:
+    """The cache's index (None: there is none). A file that is not a whole index of this version
+    raises ``FeatureCacheError`` naming it."""
     p = Path(cache_dir) / INDEX
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    fix = "delete the cache directory or run `specforge data features CONFIG` again (it starts over)"
+    try:
+        index = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureCacheError(f"{p}: not a valid index (truncated or corrupt: {e}); {fix}") from None
+    if not isinstance(index, dict) or index.get("version") != VERSION:
+        got = index.get("version") if isinstance(index, dict) else None
+        raise FeatureCacheError(f"{p}: index version {got!r}, this specforge reads version {VERSION} "
+                                f"(shard checksums); {fix}")
+    missing = [k for k in ("fingerprint", "info", "features", "shards", "complete") if k not in index]
+    bad = [i for i, e in enumerate(index.get("shards") or [])
+           if not isinstance(e, dict) or not {"file", "sample_ids", "tokens", "bytes", "sha256"} <= set(e)]
+    if missing or bad or not isinstance(index.get("shards"), list):
+        raise FeatureCacheError(f"{p}: not a valid index (missing {missing or f'fields of shard entries {bad}'}); {fix}")
+    return index
+
+
+def check_shard_files(cache_dir: Path, index: dict) -> None:
+    """Every shard the index lists is there with the size the index gives (cheap: no reading);
+    raises ``FeatureCacheError`` naming the first file that is not."""
+    for e in index["shards"]:
+        f = Path(cache_dir) / e["file"]
+        if not f.is_file():
+            raise FeatureCacheError(f"{f}: shard missing (listed in {INDEX}); run `specforge data features CONFIG` "
+                                    "again to write it")
+        size = f.stat().st_size
+        if size != e["bytes"]:
+            raise FeatureCacheError(f"{f}: {size:,} bytes, {INDEX} lists {e['bytes']:,} (truncated or replaced); "
+                                    "run `specforge data features CONFIG` again to rewrite it")
+
+
+def verify_shard(cache_dir: Path, entry: dict) -> None:
+    """The shard's bytes hash to the sha256 the index lists; raises naming the shard."""
+    f = Path(cache_dir) / entry["file"]
+    got = file_sha256(f)
+    if got != entry["sha256"]:
+        raise FeatureCacheError(f"{f}: sha256 {got[:12]}... differs from {INDEX}'s {entry['sha256'][:12]}... "
+                                "(the file changed on disk since it was written); run `specforge data features "
+                                "CONFIG` again to rewrite it")
 
 
 def write_index(cache_dir: Path, index: dict) -> None:
@@ -129,12 +191,43 @@ def _encode_shard(feats: list[TargetFeatures], names: Sequence[str], encode: Any
     return out
 
 
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """Writes the shard durably; returns its size and sha256 (for the index)."""
     from safetensors.torch import save
 
     data = save(tensors)  # deterministic bytes: reruns write identical shards
     _atomic_write(path, lambda f: f.write(data))
-    return len(data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _shard_number(name: str) -> Optional[int]:
+    m = re.fullmatch(r"shard-(\d{5})\.safetensors", str(name))
+    return int(m.group(1)) if m else None
+
+
+def _good_shards(cache: Path, index: Optional[dict], groups: Sequence[Sequence[Sample]]
+                 ) -> tuple[dict[int, dict], list[str]]:
+    """The shards the index lists that hold exactly the samples (ids and token counts) shard i must
+    hold, with the listed size and sha256; and why each other listed shard is written again."""
+    good: dict[int, dict] = {}
+    redo: list[str] = []
+    for entry in index["shards"] if index else []:
+        i = _shard_number(entry["file"])
+        if i is None or i >= len(groups) or i in good:
+            redo.append(f"{entry['file']} (not a shard of this data)")
+            continue
+        if entry["sample_ids"] != [s.sample_id for s in groups[i]] or \
+                entry["tokens"] != [s.num_tokens for s in groups[i]]:
+            redo.append(f"{entry['file']} (other samples or token counts than this run's)")
+            continue
+        try:
+            check_shard_files(cache, {"shards": [entry]})
+            verify_shard(cache, entry)
+        except FeatureCacheError as e:
+            redo.append(f"{entry['file']} ({str(e).split(';')[0].split(': ', 1)[1]})")
+            continue
+        good[i] = entry
+    return good, redo
 
 
 @attrs.define
@@ -165,6 +258,7 @@ def store_provider(config: Any, registry: Any = None) -> Any:
 def write_features(config: Any, *, backend: Any = None, provider: Any = None, console: Any = None,
                    registry: Any = None, stop_after_shards: Optional[int] = None) -> FeaturesSummary:
     """Write (or complete) the feature cache of ``config``'s transfer store; see the module doc."""
+    from specforge_core.data.build import load_tokenizer
     from specforge_core.pipeline.local import load_training_samples
     from specforge_core.plan import with_aux_layers
     from specforge_core.training.components import algorithm, create
@@ -176,8 +270,13 @@ def write_features(config: Any, *, backend: Any = None, provider: Any = None, co
     names = feature_names(algorithm(config, registry).features)
     cache = Path(provider.dir)
     cache.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(config, names, provider.format)
-    index = read_index(cache)
+    fp = fingerprint(config, names, provider.format,
+                     load_tokenizer(config.model.target, config.model.trust_remote_code))
+    try:
+        index = read_index(cache)
+    except FeatureCacheError as e:  # a torn or foreign index: its shards cannot be trusted
+        log(f"features: {str(e).split('; ')[0]}: starting over")
+        index = None
     if index is not None:
         check_fingerprint(cache, index["fingerprint"], fp)
 
@@ -186,39 +285,40 @@ def write_features(config: Any, *, backend: Any = None, provider: Any = None, co
     groups = [usable[i : i + n] for i in range(0, len(usable), n)]
     total_tokens = sum(s.num_tokens for s in usable)
 
-    # keep the shards the index lists (in order, files present); drop everything else
-    done: list[dict] = []
-    for i, entry in enumerate(index["shards"] if index else []):
-        ids = [s.sample_id for s in groups[i]] if i < len(groups) else None
-        f = cache / entry["file"]
-        if entry["file"] != shard_name(i) or entry["sample_ids"] != ids or not f.exists() \
-                or f.stat().st_size != entry["bytes"]:
-            break
-        done.append(entry)
-    keep = {INDEX} | {e["file"] for e in done}
+    # keep the listed shards that are whole and right (re-hashed); drop everything else
+    if index and index["shards"]:
+        log(f"features: checking the {len(index['shards'])} shards {INDEX} lists (sizes, sha256)")
+    good, redo = _good_shards(cache, index, groups)
+    for why in redo:
+        log(f"features: {why}: writing it again")
+    keep = {INDEX} | {e["file"] for e in good.values()}
     for f in cache.iterdir():
         if f.name not in keep and (f.name.startswith(".tmp-") or f.name.startswith("shard-")):
             f.unlink()
+    todo = [i for i in range(len(groups)) if i not in good]
 
     own = backend is None
-    if own and len(done) < len(groups):
+    if own and todo:
         backend = create(config, "target_backend", config, None, registry=registry)
     try:
         info = attrs.asdict(backend.info) if backend is not None else index["info"]
         index = {"version": VERSION, "fingerprint": fp, "info": info, "format": provider.format,
                  "features": names, "shard_samples": n, "total_samples": len(usable),
-                 "total_tokens": total_tokens, "shards": list(done), "complete": len(done) == len(groups)}
+                 "total_tokens": total_tokens, "shards": [good[i] for i in sorted(good)],
+                 "complete": not todo}
         per_tok = bytes_per_token(provider.encode, int(info["hidden_size"]), len(config.model.aux_layers), names)
         log(f"features: {len(usable)} samples, {total_tokens:,} tokens in {len(groups)} shards of {n}; "
             f"{provider.format} {per_tok} B/token -> about {per_tok * total_tokens / 2**20:.1f} MiB in {cache}"
-            + (f" ({len(done)} shards already there)" if done else ""))
+            + (f" ({len(good)} shards already there, sizes and sha256 verified; {len(todo)} to write)"
+               if good else ""))
         written = 0
-        progress = (_Progress(console, len(usable), sum(len(e["sample_ids"]) for e in done))
+        done_before = sum(len(e["sample_ids"]) for e in good.values())
+        progress = (_Progress(console, len(usable), done_before)
                     if console is not None and config.logging.progress else None)
         t_write = time.perf_counter()
-        new_bytes = 0
+        new_bytes = new_samples = 0
         try:
-            for i in range(len(done), len(groups)):
+            for i in todo:
                 if stop_after_shards is not None and written >= stop_after_shards:
                     break
                 feats: list[TargetFeatures] = []
@@ -230,23 +330,24 @@ def write_features(config: Any, *, backend: Any = None, provider: Any = None, co
                     if enc.dtype != feats[0].aux_hidden.dtype:
                         log(f"features: the target produces {feats[0].aux_hidden.dtype}, stored as {enc.dtype} "
                             f"({provider.format}): training from the cache is close to, not equal to, online")
-                nbytes = _write_shard(cache / shard_name(i), _encode_shard(feats, names, provider.encode))
-                index["shards"].append({"file": shard_name(i), "sample_ids": [f.sample_id for f in feats],
-                                        "tokens": [f.num_tokens for f in feats], "bytes": nbytes})
-                index["complete"] = len(index["shards"]) == len(groups)
+                nbytes, digest = _write_shard(cache / shard_name(i), _encode_shard(feats, names, provider.encode))
+                good[i] = {"file": shard_name(i), "sample_ids": [f.sample_id for f in feats],
+                           "tokens": [f.num_tokens for f in feats], "bytes": nbytes, "sha256": digest}
+                index["shards"] = [good[k] for k in sorted(good)]
+                index["complete"] = len(good) == len(groups)
                 write_index(cache, index)  # after the shard is durable: the index never lists a torn one
                 written += 1
                 new_bytes += nbytes
+                new_samples += len(feats)
                 if progress:
                     dt = max(time.perf_counter() - t_write, 1e-9)
-                    done_samples = sum(len(e["sample_ids"]) for e in index["shards"][len(done):])
-                    progress.update(len(feats), f"{done_samples / dt:.1f} samples/s, "
+                    progress.update(len(feats), f"{new_samples / dt:.1f} samples/s, "
                                     f"{new_bytes / 2**20:.1f} MiB written")
         finally:
             if progress:
                 progress.close()
-        if not index["shards"]:
-            write_index(cache, index)
+        if not written:
+            write_index(cache, index)  # nothing new: the index still records this fingerprint
     finally:
         if own and backend is not None:
             backend.close()
@@ -281,7 +382,10 @@ class _Progress:
 
 # ------------------------------------------------------------------------------------ reading
 class FeatureCache:
-    """Reads one sample's stored tensors from a complete cache (shards opened lazily, kept open)."""
+    """Reads one sample's stored tensors from a complete cache (shards opened lazily, kept open).
+
+    Opening checks the index and every shard's presence and size (a missing or truncated file is
+    refused before a run starts); a shard's sha256 is checked when it is first opened."""
 
     def __init__(self, cache_dir: str | Path):
         self.dir = Path(cache_dir)
@@ -293,6 +397,7 @@ class FeatureCache:
             raise FeatureCacheError(
                 f"feature cache {self.dir} is incomplete ({len(index['shards'])} shards written); rerun "
                 "`specforge data features CONFIG` to finish it")
+        check_shard_files(self.dir, index)
         self.index = index
         self.where = {sid: (j, k) for j, e in enumerate(index["shards"]) for k, sid in enumerate(e["sample_ids"])}
         self._open: dict[int, Any] = {}
@@ -301,8 +406,14 @@ class FeatureCache:
         from safetensors import safe_open
 
         if j not in self._open:
-            h = safe_open(str(self.dir / self.index["shards"][j]["file"]), framework="pt")
-            self._open[j] = (h, h.get_tensor("offsets").tolist(), [k for k in h.keys() if k != "offsets"])
+            entry = self.index["shards"][j]
+            verify_shard(self.dir, entry)  # once per shard and process, before any of it is used
+            h = safe_open(str(self.dir / entry["file"]), framework="pt")
+            offsets = h.get_tensor("offsets").tolist()
+            if [b - a for a, b in zip(offsets, offsets[1:], strict=False)] != entry["tokens"]:
+                raise FeatureCacheError(f"{self.dir / entry['file']}: its offsets disagree with {INDEX}'s token "
+                                        "counts; run `specforge data features CONFIG` again")
+            self._open[j] = (h, offsets, [k for k in h.keys() if k != "offsets"])
         return self._open[j]
 
     def get(self, sample_id: str) -> dict[str, torch.Tensor]:
@@ -319,6 +430,33 @@ class FeatureCache:
         self._open.clear()
 
 
+def check_sample(cache_dir: Path, sample: Sample, stored: dict[str, torch.Tensor]) -> None:
+    """The cached features are of this very sample: same token ids and loss mask as the run's own
+    tokenization (the fingerprint's second line of defence: it cannot see every way tokens change)."""
+    ids, mask = stored["input_ids"], stored["loss_mask"]
+    if ids.numel() != sample.num_tokens:
+        raise FeatureCacheError(
+            f"feature cache {cache_dir}: sample {sample.sample_id!r} has {ids.numel()} tokens there but "
+            f"{sample.num_tokens} in this run's tokenization: the cache was written with other data or "
+            "tokenization settings; run `specforge data features CONFIG` with this config")
+    if not torch.equal(ids.to(torch.int64), sample.input_ids) or \
+            not torch.equal(mask.to(torch.uint8), sample.loss_mask.to(torch.uint8)):
+        raise FeatureCacheError(
+            f"feature cache {cache_dir}: sample {sample.sample_id!r} has other token ids or loss mask there "
+            "than in this run's tokenization; run `specforge data features CONFIG` with this config")
+
+
+def check_cache(config: Any, provider: Any, registry: Any = None) -> None:
+    """What a run from ``provider``'s cache checks before it starts (``config validate`` too): the
+    index, every shard's presence and size, and the fingerprint. Raises ``FeatureCacheError``."""
+    from specforge_core.plan import with_aux_layers
+
+    cache = FeatureCache(provider.dir)
+    config = with_aux_layers(config, registry)
+    check_fingerprint(cache.dir, cache.index["fingerprint"],
+                      fingerprint(config, cache.index["features"], provider.format))
+
+
 class CacheBackend:
     """A ``TargetBackend`` that serves features from the cache: no target is loaded or run."""
 
@@ -333,7 +471,9 @@ class CacheBackend:
     def generate(self, samples: Sequence[Sample]) -> list[TargetFeatures]:
         out = []
         for s in samples:
-            t = self.decode(self.cache.get(s.sample_id), self.dtype)
+            stored = self.cache.get(s.sample_id)
+            check_sample(self.cache.dir, s, stored)
+            t = self.decode(stored, self.dtype)
             T = s.num_tokens
             # fields the algorithm does not read are not stored: empty placeholders keep the record whole
             t.setdefault("aux_hidden", torch.empty(T, 0, dtype=self.dtype))
