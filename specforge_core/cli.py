@@ -137,7 +137,8 @@ def cmd_data_regenerate(args: argparse.Namespace) -> int:
     from specforge_core.data.regenerate import output_path, regenerate
 
     cfg = _load(args)
-    summary = regenerate(cfg, console=Console(stderr=True) if cfg.logging.progress else None)
+    summary = regenerate(cfg, console=Console(stderr=True) if cfg.logging.progress else None,
+                         restart=args.restart)
     print(f"wrote {output_path(cfg)}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
@@ -217,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.set_defaults(func=cmd_vocab)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
-    with_config(data.add_parser(
+    regen = with_config(data.add_parser(
         "regenerate", help="the target rewrites every assistant turn of dataset.path ([regenerate] settings)",
-    )).set_defaults(func=cmd_data_regenerate)
+    ))
+    regen.add_argument("--restart", action="store_true", help="an output file written with other inputs or "
+                       "settings is moved aside and a new one started (default: refused)")
+    regen.set_defaults(func=cmd_data_regenerate)
     with_config(data.add_parser(
         "features", help="run the target once and write its features to the transfer store's cache",
     )).set_defaults(func=cmd_data_features)

@@ -60,7 +60,9 @@ def test_greedy_regeneration_equals_a_slow_turn_by_turn_reference(tmp_path):
     out = tmp_path / "regen.jsonl"
     cfg = _config(tmp_path, out, n=5, batch=3)
     summary = regenerate(cfg)
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    head, *lines = out.read_text().splitlines()
+    assert json.loads(head)["specforge_regenerate_header"]["max_samples"] == 5
+    records = [json.loads(line) for line in lines]
     assert [r["index"] for r in records] == list(range(len(records))) and summary["records"] == len(records)
     model = AutoModelForCausalLM.from_pretrained(TARGET).eval()
     tok = load_tokenizer(str(TARGET))
@@ -100,7 +102,8 @@ def test_killed_regeneration_resumes_without_loss_or_duplicates(tmp_path):
     with open(out, "ab") as f:  # a torn write the crash could also have left
         f.write(b'{"index": 999, "id": "torn')
     regenerate(_config(tmp_path, out, n=24, batch=2, new_tokens=24))
-    lines = out.read_text().splitlines()
+    lines = out.read_text().splitlines()[1:]  # after the header
     indices = [json.loads(line)["index"] for line in lines]
     assert sorted(indices) == list(range(24)) and len(set(indices)) == 24
     assert {json.loads(line)["index"]: json.loads(line) for line in lines} == read_done(whole)
+    assert out.read_bytes() == whole.read_bytes()  # header and records: byte-identical

@@ -30,6 +30,8 @@ ROLE_ALIASES = {
     "bard": "assistant",
 }
 MAX_ERRORS_KEPT = 10
+# First line of a `specforge data regenerate` output: its inputs and settings, not a conversation
+REGENERATE_HEADER = "specforge_regenerate_header"
 
 
 class DataError(ValueError):
@@ -259,6 +261,8 @@ def load_conversations(
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
         for lineno, rec in iter_records(path):
+            if lineno == 1 and isinstance(rec, dict) and REGENERATE_HEADER in rec:
+                continue
             stats.lines += 1
             where = f"{path}:{lineno}"
             try:

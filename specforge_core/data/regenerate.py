@@ -16,6 +16,12 @@ order, each with its input ``index`` and a ``status``:
   ``dataset.max_seq_length``), written with no turns so training skips it;
 - ``failed: <error>``: the backend raised on its batch.
 
+The file's first line is a header (``{"specforge_regenerate_header": {...}}``, skipped by the
+loader): the sha256 of every input file and every setting that changes the records (target,
+backend, template, reasoning, lengths, sampling, ``max_samples``). A rerun resumes only a file
+whose header equals its own; another input or setting is refused naming what differs, or, with
+``restart=True`` (``--restart``), the old file is moved aside and a new one started.
+
 Crash safety: records are appended and fsync'd after every batch. A rerun reads the file, drops a
 torn last line, and regenerates only the indices that are missing, so a crash or Ctrl-C loses at
 most the batch in flight and never duplicates a record. ``<output>.summary.json`` holds the counts.
@@ -23,7 +29,9 @@ most the batch in flight and never duplicates a record. ``<output>.summary.json`
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -31,30 +39,109 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from specforge_core.data.formats import Conversation, Turn, load_conversations
+from specforge_core.data.formats import REGENERATE_HEADER, Conversation, DataError, Turn, load_conversations
 from specforge_core.data.tokenize import encode_prompt
 
+log = logging.getLogger(__name__)
 ROLE_OUT = {"system": "system", "user": "human", "assistant": "gpt"}
+HEADER_VERSION = 1
 
 
 def output_path(config: Any) -> Path:
     return Path(config.regenerate.output or Path(config.output_dir) / "regenerated.jsonl")
 
 
+def header(config: Any) -> dict[str, Any]:
+    """What the output's records depend on: the input files' bytes (not their paths: a moved input
+    is the same input) and every setting that changes a record."""
+    from specforge_core.data.identity import file_sha256
+
+    r, ds, inf = config.regenerate, config.dataset, config.inference
+    return {
+        "version": HEADER_VERSION,
+        "input_sha256": [file_sha256(p) for p in ds.path],
+        "input_files": [str(p) for p in ds.path],  # informative only: not compared
+        "max_samples": ds.max_samples, "format": ds.format, "on_error": ds.on_error, "reasoning": ds.reasoning,
+        "chat_template": ds.chat_template, "max_seq_length": ds.max_seq_length,
+        "target": str(config.model.target), "backend": inf.backend, "dtype": inf.dtype,
+        "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens, "stop": list(r.stop),
+        "seed": r.seed, "batch_size": r.batch_size,
+    }
+
+
+def header_changes(stored: dict, wanted: dict) -> list[str]:
+    """Each compared key that differs, as ``key: file X, config Y``."""
+    out = []
+    for k in wanted:
+        if k == "input_files" or stored.get(k) == wanted[k]:
+            continue
+        if k == "input_sha256":
+            out.append(f"input files' content (dataset.path {wanted['input_files']} vs the file's "
+                       f"{stored.get('input_files')}: sha256 differs)")
+        else:
+            out.append(f"{k}: file {stored.get(k)!r}, config {wanted[k]!r}")
+    return out
+
+
 def read_done(path: Path) -> dict[int, dict]:
-    """Finished records by input index. A torn last line (a crash mid-write) is cut off the file."""
+    """Finished records by input index (the header line is not one). A torn last line (a crash
+    mid-write) is cut off the file."""
+    return _read(path)[1]
+
+
+def read_header(path: Path) -> Optional[dict]:
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[Optional[dict], dict[int, dict]]:
     done: dict[int, dict] = {}
     if not path.exists():
-        return done
+        return None, done
     raw = path.read_bytes()
     good = raw.rfind(b"\n") + 1  # everything after the last newline is a torn write
     if good < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good)
-    for line in raw[:good].splitlines():
-        if line.strip():
+    head = None
+    for lineno, line in enumerate(raw[:good].split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
+            if lineno == 1 and isinstance(rec, dict) and REGENERATE_HEADER in rec:
+                head = rec[REGENERATE_HEADER]
+                continue
             done[int(rec["index"])] = rec
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: not a record of `specforge data regenerate` ({e}); use another "
+                            "regenerate.output or --restart") from None
+    return head, done
+
+
+def _prepare_output(out: Path, wanted: dict, restart: bool, say: Any) -> dict[int, dict]:
+    """The finished records of a file written with these inputs and settings (empty for a new file);
+    refuses any other file (naming what differs) unless ``restart``, which moves it aside."""
+    stored, done = _read(out)
+    if out.exists() and out.stat().st_size:
+        if stored is None:
+            why = "it has no regenerate header (written by an older specforge or another tool)"
+        else:
+            changes = header_changes(stored, wanted)
+            why = "it was written with other inputs or settings: " + "; ".join(changes) if changes else ""
+        if why and not restart:
+            raise DataError(f"regenerate.output {out}: {why}. Resuming would mix records; use another "
+                            "regenerate.output, or `specforge data regenerate --restart` to move it aside and "
+                            "start a new file")
+        if why:
+            aside = out.with_name(f"{out.name}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+            os.replace(out, aside)
+            say(f"regenerate: {out} was written with other inputs or settings; moved it to {aside}, starting anew")
+            stored, done = None, {}
+    if stored is None:  # a new file: the header first, durable before any record
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(json.dumps({REGENERATE_HEADER: wanted}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     return done
 
 
@@ -63,9 +150,10 @@ def _record(index: int, conv: Conversation, turns: list[Turn], status: str) -> d
             "conversations": [{"from": ROLE_OUT[t.role], "value": t.content} for t in turns]}
 
 
-def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after_batches: Optional[int] = None
-               ) -> dict[str, int]:
-    """Regenerate ``dataset.path`` into ``output_path(config)``; returns the status counts."""
+def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after_batches: Optional[int] = None,
+               restart: bool = False) -> dict[str, int]:
+    """Regenerate ``dataset.path`` into ``output_path(config)``; returns the status counts.
+    ``restart``: an output file written with other inputs or settings is moved aside (else refused)."""
     from specforge_core.components import GenerationParams
     from specforge_core.data import load_tokenizer
     from specforge_core.training.components import create
@@ -77,12 +165,18 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
         convs = convs[: ds.max_samples]
     out = output_path(config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out)
+    say = console.print if console is not None else log.info
+    done = _prepare_output(out, header(config), restart, say)
     todo = [i for i in range(len(convs)) if i not in done]
+    if done:
+        say(f"regenerate: resuming {out}: {len(done)} of {len(convs)} records already there, {len(todo)} to go")
     tokenizer = load_tokenizer(config.model.target)
     own = backend is None
-    if own:
-        backend = create(config, "target_backend", config, None)
+    if own:  # the backend is built as a run builds it (aux layers resolved), though only its text is used
+        from specforge_core.plan import with_aux_layers
+
+        full = with_aux_layers(config)
+        backend = create(full, "target_backend", full, None)
     if not hasattr(backend, "generate_text"):
         raise ValueError(f"inference.backend = {config.inference.backend!r} cannot generate text "
                          "(it has no generate_text; docs/data.md lists the backends that do)")
@@ -132,14 +226,16 @@ def _regenerate_batch(batch: Sequence[int], convs: Sequence[Conversation], backe
         while True:
             prompts, owners = [], []
             for i, st in state.items():
-                # move the turns before the next assistant turn into the history
-                while st["rest"] and st["rest"][0].role != "assistant":
-                    st["history"].append(st["rest"].pop(0))
-                while st["rest"]:
-                    st["rest"].pop(0)  # the original reply: replaced by the target's
-                    if any(t.role == "user" for t in st["history"]):
-                        break  # (a reply before any user turn, e.g. a greeting, is dropped)
-                else:
+                reply_due = False
+                while st["rest"] and not reply_due:
+                    # move the turns before the next assistant turn into the history
+                    while st["rest"] and st["rest"][0].role != "assistant":
+                        st["history"].append(st["rest"].pop(0))
+                    if st["rest"]:
+                        st["rest"].pop(0)  # the original reply: replaced by the target's
+                        # (a reply before any user turn, e.g. a greeting, is dropped; later turns are kept)
+                        reply_due = any(t.role == "user" for t in st["history"])
+                if not reply_due:
                     continue
                 conv = Conversation(convs[i].sample_id, list(st["history"]), reasoning_mode=convs[i].reasoning_mode)
                 ids = encode_prompt(tokenizer, conv, ds.chat_template)
