@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from specforge_core.config.fields import option
-from specforge_core.training.checkpoint import (
+from specforge_core.plugin_api import (
     CheckpointError,
     is_complete,
     load_model_weights,

@@ -33,7 +33,7 @@ class DiskOptions:
 
     def plan_notes(self, config: Any, plan: dict) -> PlanNotes:
         """``specforge plan``: the cache's bytes per token and its size for full-length samples."""
-        from specforge_core.data.features import bytes_per_token, feature_names
+        from specforge_core.plugin_api import bytes_per_token, feature_names
 
         names = feature_names(_algorithm_spec(config))
         per_tok = bytes_per_token(lambda t: fp8.encode(t, self.format), int(plan["target"]["hidden_size"]),
@@ -49,9 +49,9 @@ class DiskOptions:
 
 
 def _algorithm_spec(config: Any) -> Any:
-    from specforge_core.training.components import algorithm
+    from specforge_core.plugin_api import draft_algorithm
 
-    return algorithm(config).features
+    return draft_algorithm(config).features
 
 
 class DiskStoreProvider(LocalStoreProvider):
@@ -79,7 +79,7 @@ class DiskStoreProvider(LocalStoreProvider):
 
     def feature_source(self, config: Any) -> Any:
         """A TargetBackend that reads the cache (checked against ``config``'s fingerprint)."""
-        from specforge_core.data.features import CacheBackend
+        from specforge_core.plugin_api import CacheBackend
 
         return CacheBackend(self.dir, config, self.decode, self.format)
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from specforge_core.target import target_info
+from specforge_core.plugin_api import target_info_for
 from specforge_core.types import Sample, TargetFeatures
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -104,7 +104,7 @@ class HFTargetBackend:
         self.dtype = resolve_dtype(config.inference.dtype, self.device)
         self.batch_size = config.inference.batch_size
         m = config.model
-        self.info = target_info(m.target, m.aux_layers, m.trust_remote_code)
+        self.info = target_info_for(config)
         self.max_positions = self.info.hf_config.get("max_position_embeddings")
 
         model = AutoModelForCausalLM.from_pretrained(

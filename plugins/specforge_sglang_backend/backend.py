@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from specforge_core.target import target_info
+from specforge_core.plugin_api import target_info_for
 from specforge_core.types import Sample, TargetFeatures
 from specforge_sglang_backend.capture import MAX_VOCAB, split_rows
 from specforge_sglang_backend.options import SglangOptions, engine_kwargs, validate
@@ -98,7 +98,7 @@ class SglangTargetBackend:
         validate(options, config)
         self.options = options
         m = config.model
-        self.info = target_info(m.target, m.aux_layers, m.trust_remote_code)
+        self.info = target_info_for(config)
         if self.info.vocab_size >= MAX_VOCAB:
             raise ValueError(f"vocab_size {self.info.vocab_size} is too large for the argmax encoding")
         archs = self.info.hf_config.get("architectures") or []

@@ -1,0 +1,37 @@
+"""Reading a model's ``config.json`` (torch-free: planning and validation use it).
+
+The one place that flattens multimodal configs and reports a bad file in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def text_config(cfg: dict) -> dict:
+    """Multimodal configs nest the language model under ``text_config``: lift its keys to the top
+    (they win over top-level keys) so callers read ``hidden_size`` etc. uniformly."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        return cfg
+    return {**{k: v for k, v in cfg.items() if k != "text_config"}, **text}
+
+
+def read_config_json(path: str | Path) -> dict:
+    """``path`` (a config.json, or a directory holding one) as a flattened dict. Errors are one
+    line naming the file: FileNotFoundError, or ValueError for bad JSON / not an object."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return text_config(cfg)
