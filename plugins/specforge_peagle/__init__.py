@@ -1,0 +1,1 @@
+"""P-EAGLE parallel-drafting draft algorithm plugin (model, objective, export, proposer)."""

@@ -1,0 +1,144 @@
+"""``peagle``: P-EAGLE (parallel-drafting EAGLE) as a draft algorithm
+(``specforge_core.components.DraftAlgorithm``): an EAGLE-3 layer stack that drafts all K tokens
+in one forward from mask tokens and a learned mask feature, trained with COD-sampled chains; its
+export is what vLLM serves as ``eagle3`` with ``parallel_drafting``, and its proposer drafts for
+``specforge eval``. Shares no code with llama-eagle3: only the core's generic trainer, loss
+plugins, export writer and eval loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from specforge_core import hookimpl
+from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
+from specforge_core.config.fields import in_range, option, positive
+from specforge_peagle import objective
+from specforge_peagle.export import ARCHITECTURE, export_config, export_tensors
+from specforge_peagle.model import PEagleConfig, PEagleDraft
+
+
+@attrs.define
+class PEagleOptions:
+    num_depths: int = option(8, "Draft tokens trained per anchor, K: the anchor's prediction + K-1 masked slots "
+                                "(serve with num_speculative_tokens <= K; speculators / SpecForge: 8)",
+                             validator=positive)
+    num_layers: int = option(4, "Draft decoder layers: layer 0 is EAGLE-3's (embedding + feature), the rest "
+                                "Llama layers (speculators / SpecForge P-EAGLE: 4)", validator=positive)
+    down_sample_ratio: float = option(0.7, "COD sampling: an anchor's chain reaches depth d with probability "
+                                           "max(ratio^d, down_sample_ratio_min) (speculators: 0.7)",
+                                      validator=in_range(0.0, 1.0, lo_open=True))
+    down_sample_ratio_min: float = option(0.2, "COD sampling: floor of the keep probability of deep slots",
+                                          validator=in_range(0.0, 1.0))
+    train_embedding: bool = option(True, "Train the token embedding (starts as the target's; the peers train it, "
+                                         "the mask token's row is what the masked slots read)")
+    mask_token_id: int = option(-1, "Target token id of the masked slots; -1 = the target's pad_token_id, "
+                                    "else its last id")
+
+    def validate_with(self, config: Any) -> None:
+        if self.num_depths < 2:
+            raise ValueError(f"model.peagle.num_depths = {self.num_depths}: parallel drafting needs at least one "
+                             "masked slot (>= 2)")
+
+
+class PEagleAlgorithm:
+    export_architectures = (ARCHITECTURE,)
+
+    def __init__(self, options: PEagleOptions | None, config: Any = None):
+        self.options = options or PEagleOptions()
+        self.seed = int(getattr(getattr(config, "run", None), "seed", 0) or 0)
+        self.features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True,
+                                    block_size=self.options.num_depths)
+
+    # ------------------------------------------------------------------------------ build
+    def draft_config(self, hf: dict, n_aux: int, draft_vocab_size: int) -> PEagleConfig:
+        H = int(hf["hidden_size"])
+        nh = int(hf["num_attention_heads"])
+        mask = self.options.mask_token_id
+        if mask < 0:
+            pad = hf.get("pad_token_id")
+            mask = int(pad) if isinstance(pad, int) else int(hf["vocab_size"]) - 1
+        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        return PEagleConfig(
+            hidden_size=H, intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=self.options.num_layers,
+            num_attention_heads=nh, num_key_value_heads=int(hf.get("num_key_value_heads") or nh),
+            head_dim=int(hf.get("head_dim") or H // nh), vocab_size=int(hf["vocab_size"]),
+            draft_vocab_size=draft_vocab_size, target_hidden_size=H, num_aux=n_aux,
+            num_depths=self.options.num_depths, mask_token_id=mask, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope), max_position_embeddings=int(hf.get("max_position_embeddings", 4096)))
+
+    def build(self, target: Any, vocab: Any, weights: Any = None) -> PEagleDraft:
+        n_aux = len(target.aux_layer_ids) or 3
+        draft = PEagleDraft(self.draft_config(target.hf_config, n_aux, int(vocab.d2t.numel())))
+        draft.aux_layer_ids = list(target.aux_layer_ids)
+        if weights is not None:
+            with torch.no_grad():
+                draft.embed_tokens.weight.copy_(weights.embedding())
+                draft.lm_head.weight.copy_(weights.head_rows())  # start from the target's head
+        draft.embed_tokens.weight.requires_grad_(self.options.train_embedding)
+        return draft
+
+    # ------------------------------------------------------------------------------ training
+    def _cod(self) -> tuple[float, float, int]:
+        return self.options.down_sample_ratio, self.options.down_sample_ratio_min, self.seed
+
+    def count_targets(self, batch: Any, head: TargetHead) -> torch.Tensor:
+        return objective.count_targets(batch, head.t2d, self.options.num_depths, *self._cod())
+
+    def objective(self, draft: torch.nn.Module, batch: Any, ctx: ObjectiveContext):
+        return objective.micro_step(draft, batch, ctx, *self._cod())
+
+    def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        return objective.summarize(totals)
+
+    # ------------------------------------------------------------------------------ export / eval
+    def export(self, draft: PEagleDraft, vocab: Any):
+        return export_config(draft.config, getattr(draft, "aux_layer_ids", [])), export_tensors(draft, vocab)
+
+    def proposer(self, export_dir: Any, target: Any, device: Any):
+        from specforge_peagle.proposer import make_proposer
+
+        return make_proposer(export_dir, target, device)
+
+    # ------------------------------------------------------------------------------ plan
+    def plan(self, config: Any, target: dict) -> DraftPlan:
+        L_t = int(target["num_hidden_layers"])
+        n_aux = len(config.model.aux_layers or [2, L_t // 2, L_t - 3])
+        vd = min(int(config.model.draft_vocab_size), int(target["vocab_size"]))
+        c = self.draft_config(target, n_aux, vd)
+        H, inter, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        first = 2 * H * (qd + 2 * kvd) + qd * H + 3 * H * inter + 4 * H
+        rest = H * (qd + 2 * kvd) + qd * H + 3 * H * inter + 2 * H
+        embed = c.vocab_size * H
+        trainable = n_aux * H * H + n_aux * H + first + (L - 1) * rest + H + vd * H
+        trainable += embed if self.options.train_embedding else 0
+        cb = 4 if config.training.dtype == "fp32" else 2
+        # elements per token: the entry + its expected COD slots
+        r, rmin = self.options.down_sample_ratio, self.options.down_sample_ratio_min
+        slots = 1.0 + sum(max(r ** d, rmin) for d in range(1, c.num_depths))
+        per_el = L * (6 * H + 2 * qd + 2 * kvd + 3 * inter) + 2 * H
+        T = int(config.dataset.max_seq_length)
+        # plain attention over the row's elements keeps fp32 scores and probabilities per head
+        per_token = cb * (n_aux * H + H) + int(slots * (cb * per_el + L * c.num_attention_heads * slots * T * 4 * 2))
+        problems = []
+        if int(config.eval.steps) > c.num_depths:
+            problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but the draft is "
+                             f"trained for {c.num_depths} (model.peagle.num_depths)"))
+        return DraftPlan(
+            shape={"hidden_size": H, "num_layers": L, "num_depths": c.num_depths, "draft_vocab_size": vd,
+                   "mask_token_id": c.mask_token_id}, source="generated from the target",
+            trainable_params=trainable, frozen_params=0 if self.options.train_embedding else embed,
+            activation_bytes_per_token=per_token, frozen_bytes=cb * vd * H, problems=problems)
+
+
+def make_peagle(options: PEagleOptions | None, config: Any = None) -> PEagleAlgorithm:
+    return PEagleAlgorithm(options, config)
+
+
+@hookimpl
+def register_draft_algorithms(register):
+    register("peagle", make_peagle, config=PEagleOptions,
+             description="P-EAGLE: EAGLE-3 layers drafting all K tokens in one forward (vLLM eagle3 + parallel_drafting)")
