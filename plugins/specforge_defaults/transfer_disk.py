@@ -45,6 +45,9 @@ class DiskOptions:
             n = config.dataset.max_samples
             lines.append(f"  at most {n} samples x {T} tokens: {per_tok * T * n / 2**30:.2f} GiB")
         problems = [] if self.dir else [("error", "transfer.disk.dir", "the disk store needs its cache directory")]
+        if config.run.pipeline != "local":  # what connect() would refuse after Ray started: say it up front
+            problems.append(("error", "run.pipeline", f"{config.run.pipeline!r} with transfer.store = 'disk': training "
+                             "from the feature cache runs in the one-process pipeline (run.pipeline = 'local')"))
         return PlanNotes(facts={"bytes_per_token": per_tok}, lines=lines, problems=problems)
 
 

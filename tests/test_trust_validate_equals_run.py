@@ -1,0 +1,66 @@
+"""`specforge config validate` and `specforge run` run one list of checks (checks.py): for each bad
+config below, both exit 2 with one line naming the key or file, and run stops before any work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from specforge_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.toml")
+TINY = ROOT / "configs" / "assets" / "tiny-target"
+
+
+def _target_without_weights(tmp: Path) -> Path:
+    dst = tmp / "no-weights"
+    shutil.copytree(TINY, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    return dst
+
+
+def _target_with_bad_config(tmp: Path) -> Path:
+    dst = tmp / "bad-config"
+    shutil.copytree(TINY, dst)
+    (dst / "config.json").write_text('{"num_hidden_layers": 8, "hidden_size": ')  # cut off
+    return dst
+
+
+def _empty_data(tmp: Path) -> Path:
+    f = tmp / "empty.jsonl"
+    f.write_text("\n\n")
+    return f
+
+
+# case -> (overrides, what the one error line says); {tmp} and the helpers fill in paths
+CASES = {
+    "lr-nan": (["training.lr=nan"], "training.lr: nan is not a finite number"),
+    "empty-dataset": (["dataset.path=['{empty}']"], "empty.jsonl: no records"),
+    "target-without-weights": (["model.target={no_weights}"], "no-weights: no weights"),
+    "invalid-target-config": (["model.target={bad_config}"], "config.json: line 1: not valid JSON"),
+    "feature-cache-missing": (["transfer.store=disk", "transfer.disk.dir={tmp}/no-cache"],
+                              "no-cache: no index.json"),
+    # (the Ray pipeline does not read the cache: refused at once, not by a RayTaskError after Ray started)
+    "ray-with-disk-store": (["run.pipeline=ray", "transfer.store=disk", "transfer.disk.dir={tmp}/no-cache"],
+                            "run.pipeline: 'ray' with transfer.store = 'disk'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validate_and_run_refuse_alike_before_any_work(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    fill = {"tmp": tmp_path, "empty": _empty_data(tmp_path) if case == "empty-dataset" else "",
+            "no_weights": _target_without_weights(tmp_path) if case == "target-without-weights" else "",
+            "bad_config": _target_with_bad_config(tmp_path) if case == "invalid-target-config" else ""}
+    overrides, expected = CASES[case]
+    args = [QUICKSTART, f"run.output_dir={tmp_path / 'out'}", f"dataset.cache_dir={tmp_path / 'tok'}",
+            *[o.format(**fill) for o in overrides]]
+    for argv in (["config", "validate", *args], ["run", *args]):
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error")]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (argv[0], code, err)
+        assert "Traceback" not in err
+        assert not (tmp_path / "out").exists() and not (tmp_path / "tok").exists()  # no work started
