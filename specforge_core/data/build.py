@@ -208,7 +208,7 @@ def build_samples(
             except Exception as e:  # a corrupt cache is rebuilt, not fatal
                 log.warning("ignoring unreadable cache %s: %s", cache_file, e)
     samples, stats = tokenize_all(cfg, tokenizer, files, progress=progress)
-    log.info("tokenized dataset: %s", stats.summary())
+    log.info("tokenized %s: %s", ", ".join(str(f) for f in files), stats.summary())
     if cache_file is not None:
         _save_cache(cache_file, samples, stats)
     return _limit(samples, stats, cfg.max_samples)
@@ -216,6 +216,7 @@ def build_samples(
 
 def _limit(samples: list[Sample], stats: DataStats, max_samples: Optional[int]):
     if max_samples is not None and len(samples) > max_samples:
+        stats.over_max_samples = len(samples) - max_samples  # the summary says why there are fewer
         samples = samples[:max_samples]
         stats.samples = len(samples)
     return samples, stats

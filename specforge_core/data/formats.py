@@ -94,6 +94,7 @@ class DataStats:
     skipped_malformed: int = 0
     skipped_no_loss: int = 0  # nothing left to learn after truncation
     truncated: int = 0
+    over_max_samples: int = 0  # tokenized samples past dataset.max_samples (left out after tokenizing)
     errors: list[str] = attrs.field(factory=list)
     from_cache: bool = False
 
@@ -103,8 +104,11 @@ class DataStats:
             self.errors.append(msg)
 
     def summary(self) -> str:
+        """One line whose numbers add up: records in -> samples, every record left out by its reason."""
+        limit = (f" (dataset.max_samples: the first {self.samples} of {self.samples + self.over_max_samples} "
+                 "tokenized)" if self.over_max_samples else "")
         return (
-            f"{self.samples} samples from {self.lines} records; skipped: "
+            f"{self.samples} samples from {self.lines} records{limit}; skipped: "
             f"{self.skipped_no_assistant} without assistant turn, {self.skipped_malformed} malformed, "
             f"{self.skipped_no_loss} empty after truncation; {self.truncated} truncated"
         )
