@@ -40,12 +40,14 @@ def rope_one(v, p, theta):
     return out
 
 
-def slow_block(draft, anchor_token: int, a: int, feats: torch.Tensor) -> torch.Tensor:
-    """[B, H] normed outputs of the block [anchor, mask...] at positions a.. over context f[0..a-1]."""
+def slow_block(draft, anchor_token: int, a: int, feats: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+    """[S, H] normed outputs of the block [anchor, mask...] of S slots (default block_size) at
+    positions a.. over context f[0..a-1]."""
     c, sd = draft.config, dict(draft.named_parameters())
+    S = slots or c.block_size
     eps, d, nh, nkv = c.rms_norm_eps, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     ctx = rms(feats[:a] @ sd["fc.weight"].T, sd["hidden_norm.weight"], eps)
-    x = sd["embed_tokens.weight"][[anchor_token] + [c.mask_token_id] * (c.block_size - 1)]
+    x = sd["embed_tokens.weight"][[anchor_token] + [c.mask_token_id] * (S - 1)]
     for li in range(c.num_hidden_layers):
         p = f"layers.{li}."
         hn = rms(x, sd[p + "input_layernorm.weight"], eps)
@@ -60,12 +62,12 @@ def slow_block(draft, anchor_token: int, a: int, feats: torch.Tensor) -> torch.T
             for pos in range(a):  # context: the target's states before the anchor
                 keys.append(rope_one(rms(ctx[pos] @ wk.T, kn, eps), pos, c.rope_theta))
                 vals.append(ctx[pos] @ wv.T)
-            for i in range(c.block_size):  # the whole block, both directions
+            for i in range(S):  # the whole block, both directions
                 keys.append(rope_one(rms(hn[i] @ wk.T, kn, eps), a + i, c.rope_theta))
                 vals.append(hn[i] @ wv.T)
             K, V = torch.stack(keys), torch.stack(vals)
             rows = []
-            for i in range(c.block_size):
+            for i in range(S):
                 q = rope_one(rms(hn[i] @ wq.T, qn, eps), a + i, c.rope_theta)
                 rows.append(torch.softmax(K @ q / math.sqrt(d), 0) @ V)
             heads.append(torch.stack(rows))
@@ -76,19 +78,21 @@ def slow_block(draft, anchor_token: int, a: int, feats: torch.Tensor) -> torch.T
     return rms(x, sd["norm.weight"], eps)
 
 
-def slow_objective(draft, batch: Batch, head_rows, t2d, stride, gamma):
-    """sum_j w_j * mean over valid (row, anchor) of soft CE(target at a+j-1 || draft slot j)."""
+def slow_objective(draft, batch: Batch, head_rows, t2d, stride, gamma, lengths=()):
+    """sum_j w_j * mean over valid (row, anchor) of soft CE(target at a+j-1 || draft slot j); with
+    ``lengths``, the i-th block of row b is a block of lengths[(b + i) % len(lengths)] slots."""
     B = draft.config.block_size
     sums, counts = [0.0] * (B - 1), [0] * (B - 1)
     for b in range(batch.input_ids.shape[0]):
         n = int(batch.lengths[b])
         for a in range(1, n - 1, stride):
             out = None
-            for j in range(1, B):
+            L = lengths[(b + (a - 1) // stride) % len(lengths)] if lengths else B
+            for j in range(1, L):
                 t = a + j
                 if t >= n or not batch.loss_mask[b, t] or not t2d[batch.target_argmax[b, t - 1]]:
                     continue
-                out = slow_block(draft, int(batch.input_ids[b, a]), a, batch.aux_hidden[b]) if out is None else out
+                out = slow_block(draft, int(batch.input_ids[b, a]), a, batch.aux_hidden[b], L) if out is None else out
                 p = torch.softmax(batch.final_hidden[b, t - 1] @ head_rows.T, -1)
                 logq = torch.log_softmax(out[j] @ draft.lm_head.weight.T, -1)
                 sums[j - 1] = sums[j - 1] - (p * logq).sum()
@@ -130,12 +134,17 @@ def build(opts: DFlashOptions, vd=24, seed=0):
     return alg, draft, vocab
 
 
-@pytest.mark.parametrize("block_size,stride,gamma,layers", [(4, 1, 0.0, 1), (5, 2, 2.0, 2)])
-def test_objective_equals_slow_reference(block_size, stride, gamma, layers):
-    opts = DFlashOptions(block_size=block_size, num_layers=layers, anchor_stride=stride, loss_decay=gamma)
+@pytest.mark.parametrize("block_size,stride,gamma,layers,lengths", [
+    (4, 1, 0.0, 1, ()), (5, 2, 2.0, 2, ()),
+    (6, 1, 2.0, 2, (2, 6, 4)),  # blocks of mixed lengths
+    (6, 1, 0.0, 1, (3,)),  # every block shorter than block_size: slots 3..5 train nothing
+])
+def test_objective_equals_slow_reference(block_size, stride, gamma, layers, lengths):
+    opts = DFlashOptions(block_size=block_size, num_layers=layers, anchor_stride=stride, loss_decay=gamma,
+                         train_block_lengths=list(lengths))
     alg, draft, vocab = build(opts)
     gen = torch.Generator().manual_seed(1)
-    batch = random_batch(gen, [11, 7])
+    batch = random_batch(gen, [11, 7] if not lengths else [15, 11])
     rows = torch.randn(vocab.draft_vocab_size, 32, generator=gen)
     head = TargetHead(rows=rows, t2d=vocab.t2d, draft_ids=vocab.draft_to_target_ids)
     denom = alg.count_targets(batch, head)
@@ -144,7 +153,7 @@ def test_objective_equals_slow_reference(block_size, stride, gamma, layers):
     fast_grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.requires_grad}
     draft.zero_grad()
 
-    ref, counts = slow_objective(draft, batch, rows, vocab.t2d, stride, gamma)
+    ref, counts = slow_objective(draft, batch, rows, vocab.t2d, stride, gamma, lengths)
     ref.backward()
     assert denom.tolist() == [float(c) for c in counts] and sum(counts) > 10
     assert stats["valid"].tolist() == [float(c) for c in counts]
@@ -222,8 +231,9 @@ def _overfit_draft(model, seqs, alg, tmp_path):
     return write_export(config, tensors, tmp_path / "export")
 
 
-def _slow_speculation(model, draft, d2t, prompt, k, max_new):
-    """Greedy speculation with full target recomputation and ``slow_block``: matched drafts per cycle."""
+def _slow_speculation(model, draft, d2t, prompt, k, max_new, slots=None):
+    """Greedy speculation with full target recomputation and ``slow_block`` of 1 + k slots (as vLLM
+    serves it; ``slots`` overrides): matched drafts per cycle."""
     with torch.no_grad():
         out = [int(model(torch.tensor([prompt])).logits[0, -1].argmax())]
         matched = []
@@ -231,7 +241,7 @@ def _slow_speculation(model, draft, d2t, prompt, k, max_new):
             seq = prompt + out
             n = len(seq) - 1
             aux, _ = _features(model, seq, draft.aux_layer_ids)
-            h = slow_block(draft, seq[-1], n, aux[:n].float())
+            h = slow_block(draft, seq[-1], n, aux[:n].float(), slots or k + 1)
             drafts = d2t[(h[1:k + 1] @ draft.lm_head.weight.T).argmax(-1)].tolist()
             nxt = model(torch.tensor([seq + drafts])).logits[0, n:].argmax(-1).tolist()
             m = 0
@@ -243,7 +253,8 @@ def _slow_speculation(model, draft, d2t, prompt, k, max_new):
 
 
 @pytest.mark.slow
-def test_eval_acceptance_equals_slow_loop(tmp_path):
+@pytest.mark.parametrize("block_size", [4, 8])  # K = 3 = block_size - 1, and K < block_size - 1
+def test_eval_acceptance_equals_slow_loop(tmp_path, block_size):
     from transformers import AutoModelForCausalLM
 
     from specforge_core.evaluation.accounting import stats_from_cycles
@@ -255,7 +266,9 @@ def test_eval_acceptance_equals_slow_loop(tmp_path):
     with torch.no_grad():
         seqs = [model.generate(torch.tensor([p]), max_new_tokens=M + K, do_sample=False, eos_token_id=None
                                )[0].tolist() for p in prompts]
-    alg = make_dflash(DFlashOptions(block_size=4, num_layers=1, anchor_stride=1, loss_decay=0.0))
+    # trained on the served block length (1 + K slots): a whole-block draft accepts little at K=3
+    alg = make_dflash(DFlashOptions(block_size=block_size, num_layers=1, anchor_stride=1, loss_decay=0.0,
+                                    train_block_lengths=[K + 1]))
     export = _overfit_draft(model, seqs, alg, tmp_path)
     report = evaluate(export, str(TINY), prompts, steps=K, max_new_tokens=M, eos_ids=(), check=True,
                       batch_size=2, device="cpu", dtype="fp32")
@@ -268,4 +281,10 @@ def test_eval_acceptance_equals_slow_loop(tmp_path):
         assert (pr.raw.cycles, pr.raw.tokens, pr.raw.at_least) == (want.cycles, want.tokens, want.at_least)
         assert pr.generated == len(out) and pr.mismatch is None
         total += sum(matched)
+    if block_size > K + 1:  # the served 1+K-slot block is not the first K+1 slots of the whole block
+        p = prompts[0]
+        aux, _ = _features(model, p, draft.aux_layer_ids)
+        n = len(p) - 1
+        short, whole = slow_block(draft, p[-1], n, aux[:n].float(), K + 1), slow_block(draft, p[-1], n, aux[:n].float())
+        assert (short[1:] - whole[1:K + 1]).abs().max() > 1e-3
     assert report.overall.at_least[1] > 0 and total > len(prompts) * 3  # drafts beyond the first are accepted

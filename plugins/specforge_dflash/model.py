@@ -65,16 +65,22 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def block_attention(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor, k_blk: torch.Tensor,
-                    v_blk: torch.Tensor, ctx_visible: torch.Tensor, scale: float) -> torch.Tensor:
+                    v_blk: torch.Tensor, ctx_visible: torch.Tensor, scale: float,
+                    block_len: torch.Tensor | None = None) -> torch.Tensor:
     """One softmax over [context keys visible to the block, all keys of the block].
 
     q, k_blk, v_blk: [B, A, h, S, D] (A blocks per row, S slots each; kv heads already repeated);
-    k_ctx, v_ctx: [B, h, C, D]; ctx_visible: bool [B, A, C]. Returns [B, A, h, S, D].
+    k_ctx, v_ctx: [B, h, C, D]; ctx_visible: bool [B, A, C]; block_len: optional int [B, A]: only
+    the block's first block_len slots are keys (a shorter block inside the padded one: what a
+    block of that many slots computes for them). Returns [B, A, h, S, D].
     Scores against the context and against the block are concatenated, so no [A*S, A*S] mask
     across blocks is ever built."""
     s_ctx = torch.einsum("bahsd,bhcd->bahsc", q, k_ctx).float() * scale
     s_ctx = s_ctx.masked_fill(~ctx_visible[:, :, None, None, :], float("-inf"))
     s_blk = torch.einsum("bahsd,bahtd->bahst", q, k_blk).float() * scale
+    if block_len is not None:
+        slot = torch.arange(k_blk.shape[-2], device=k_blk.device)
+        s_blk = s_blk.masked_fill((slot >= block_len[..., None])[:, :, None, None, :], float("-inf"))
     p = torch.softmax(torch.cat([s_ctx, s_blk], dim=-1), dim=-1).to(q.dtype)
     C = k_ctx.shape[2]
     return (torch.einsum("bahsc,bhcd->bahsd", p[..., :C], v_ctx)
@@ -103,12 +109,12 @@ class Attention(nn.Module):
         return k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, ctx: torch.Tensor, ctx_pos: torch.Tensor,
-                ctx_visible: torch.Tensor) -> torch.Tensor:
+                ctx_visible: torch.Tensor, block_len: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, A, S, H] at pos [B, A, S]; ctx [B, C, H] (already hidden_norm'ed) at ctx_pos [B, C]."""
         q = rope(self.q_norm(self._heads(self.q_proj(x), self.h)), pos.unsqueeze(-2), self.theta)
         k_blk, v_blk = self.kv_of(x, pos)
         k_ctx, v_ctx = self.kv_of(ctx, ctx_pos)
-        out = block_attention(q, k_ctx, v_ctx, k_blk, v_blk, ctx_visible, 1.0 / math.sqrt(self.d))
+        out = block_attention(q, k_ctx, v_ctx, k_blk, v_blk, ctx_visible, 1.0 / math.sqrt(self.d), block_len)
         return self.o_proj(out.transpose(-2, -3).flatten(-2))
 
 
@@ -131,8 +137,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, pos, ctx, ctx_pos, ctx_visible):
-        x = x + self.self_attn(self.input_layernorm(x), pos, ctx, ctx_pos, ctx_visible)
+    def forward(self, x, pos, ctx, ctx_pos, ctx_visible, block_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), pos, ctx, ctx_pos, ctx_visible, block_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,18 +158,20 @@ class DFlashDraft(nn.Module):
         """[..., num_aux*Ht] target features -> [..., H] context states (shared by every layer)."""
         return self.hidden_norm(self.fc(aux_hidden.to(self.fc.weight.dtype)))
 
-    def block_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
-        """[...] anchor tokens -> [..., block_size] query ids: the anchor, then mask tokens."""
-        ids = torch.full((*anchor_tokens.shape, self.config.block_size), self.config.mask_token_id,
+    def block_ids(self, anchor_tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """[...] anchor tokens -> [..., length] query ids (default block_size): the anchor, then mask
+        tokens. Serving runs 1 + K slots for K draft tokens, not always the whole block."""
+        ids = torch.full((*anchor_tokens.shape, length or self.config.block_size), self.config.mask_token_id,
                          dtype=torch.long, device=anchor_tokens.device)
         ids[..., 0] = anchor_tokens
         return ids
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, ctx: torch.Tensor, ctx_pos: torch.Tensor,
-                ctx_visible: torch.Tensor) -> torch.Tensor:
+                ctx_visible: torch.Tensor, block_len: torch.Tensor | None = None) -> torch.Tensor:
         """ids/pos [B, A, S] (A blocks per row), ctx [B, C, H] from ``context``, ctx_pos [B, C],
-        ctx_visible bool [B, A, C] -> normed hidden [B, A, S, H] (``lm_head`` gives the logits)."""
+        ctx_visible bool [B, A, C], block_len optional int [B, A] (slots of each block that exist;
+        default all S) -> normed hidden [B, A, S, H] (``lm_head`` gives the logits)."""
         x = self.embed_tokens(ids).to(self.fc.weight.dtype)
         for layer in self.layers:
-            x = layer(x, pos, ctx, ctx_pos, ctx_visible)
+            x = layer(x, pos, ctx, ctx_pos, ctx_visible, block_len)
         return self.norm(x)

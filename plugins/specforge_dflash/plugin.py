@@ -32,11 +32,19 @@ class DFlashOptions:
                                     "0 = all slots weigh 1)", validator=non_negative)
     mask_token_id: int = option(-1, "Target token id whose (frozen) embedding marks the masked slots; -1 = "
                                     "the target's pad_token_id, else its last id")
+    train_block_lengths: list[int] = option(
+        factory=list, help="Query-block lengths trained (2..block_size, cycled over the blocks); empty = "
+                           "block_size only. Serving with K draft tokens runs 1+K slots (vLLM dflash), so "
+                           "list eval.steps+1 when K < block_size-1 (docs/dflash.md: block length)")
 
     def validate_with(self, config: Any) -> None:
         if self.block_size < 2:
             raise ValueError(f"model.dflash.block_size = {self.block_size}: a block needs the anchor and at "
                              "least one masked slot (>= 2)")
+        bad = [n for n in self.train_block_lengths if not 2 <= int(n) <= self.block_size]
+        if bad:
+            raise ValueError(f"model.dflash.train_block_lengths = {self.train_block_lengths}: {bad} outside "
+                             f"2..block_size ({self.block_size}); a block is the anchor and 1..block_size-1 slots")
 
 
 class DFlashAlgorithm:
@@ -85,10 +93,15 @@ class DFlashAlgorithm:
 
     # ------------------------------------------------------------------------------ training
     def count_targets(self, batch: Any, head: TargetHead) -> torch.Tensor:
-        return objective.count_targets(batch, head.t2d, self.options.block_size, self.options.anchor_stride)
+        return objective.count_targets(batch, head.t2d, self.options.block_size, self.options.anchor_stride,
+                                       self._lengths())
 
     def objective(self, draft: torch.nn.Module, batch: Any, ctx: ObjectiveContext):
-        return objective.micro_step(draft, batch, ctx, self.options.anchor_stride, self.options.loss_decay)
+        return objective.micro_step(draft, batch, ctx, self.options.anchor_stride, self.options.loss_decay,
+                                    self._lengths())
+
+    def _lengths(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.options.train_block_lengths)
 
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         return objective.summarize(totals)

@@ -2,10 +2,11 @@
 
 Per row it keeps the context states ``hidden_norm(fc(f[p]))`` of every committed position (one
 entry per feature ``observe`` receives) and the last committed token x[n]. ``propose(k)`` runs ONE
-forward of the block [x[n], MASK x (B-1)] at positions n..n+B-1 over the row's n context states
-and returns the argmax of slots 1..k (k <= block_size - 1), as vLLM's ``dflash`` method does
-with ``num_speculative_tokens = k``. Rows are batched with their contexts right-padded (padding
-is invisible to every query).
+forward of the query block [x[n], MASK x k] at positions n..n+k over the row's n context states
+and returns the argmax of slots 1..k (k <= block_size - 1). That is vLLM's ``dflash`` method with
+``num_speculative_tokens = k``: it builds 1 + k query slots, not block_size, and since the block
+attends bidirectionally the number of MASK slots changes every slot's logits. Rows are batched
+with their contexts right-padded (padding is invisible to every query).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ class DFlashProposer:
             ctx[r, : c.shape[0]] = c
         ctx_pos = torch.arange(C, device=self.device).expand(R, -1)
         visible = (ctx_pos < n[:, None])[:, None, :]  # [R, 1, C]
-        ids = self.draft.block_ids(torch.tensor(self.last, device=self.device))[:, None]  # [R, 1, B]
-        pos = (n[:, None] + torch.arange(B, device=self.device))[:, None]
-        hidden = self.draft(ids, pos, ctx, ctx_pos, visible)[:, 0, 1: k + 1]  # [R, k, H]
+        ids = self.draft.block_ids(torch.tensor(self.last, device=self.device), k + 1)[:, None]  # [R, 1, k+1]
+        pos = (n[:, None] + torch.arange(k + 1, device=self.device))[:, None]
+        hidden = self.draft(ids, pos, ctx, ctx_pos, visible)[:, 0, 1:]  # [R, k, H]
         return self.draft_to_target[self.draft.lm_head(hidden).argmax(-1)].tolist()
 
     def keep(self, rows: Sequence[int]) -> None:
