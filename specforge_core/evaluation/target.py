@@ -15,6 +15,15 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
+def _cache_arg(model, cache) -> dict:
+    """The KV cache keyword of this transformers version: newer ones call it ``cache`` and warn on
+    every call that passes ``past_key_values`` (a FutureWarning on every eval forward)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 class TargetModel:
     def __init__(self, model_path: str, aux_layer_ids: Sequence[int], device: str = "cpu",
                  dtype: str = "fp32", trust_remote_code: bool = False):
@@ -55,7 +64,7 @@ class TargetModel:
         """Run ``ids`` (appended after what ``cache`` holds). Returns (greedy next token at every
         position [S] int64, aux features [S, n_aux * H])."""
         ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device)[None]
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+        out = self.model(input_ids=ids, **_cache_arg(self.model, cache), use_cache=cache is not None,
                          output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i][0] for i in self.aux_layer_ids], dim=-1)
         return out.logits[0].argmax(-1), aux
@@ -67,7 +76,7 @@ class TargetModel:
         ``mask`` bool [B, S, L] says which of the L = cached + S entries each new token attends
         to. Returns (greedy token [B, S], aux features [B, S, n_aux * H])."""
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
-                         past_key_values=cache, use_cache=True, output_hidden_states=True)
+                         **_cache_arg(self.model, cache), use_cache=True, output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i] for i in self.aux_layer_ids], dim=-1)
         return out.logits.argmax(-1), aux
 
