@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from specforge_core import plan as P
+from specforge_core.components import capability
 
 FILL_WARN = 0.9  # warn when a GPU would be filled beyond this fraction
 
@@ -60,7 +61,7 @@ def check_config(config: Any, inputs: bool = True, registry: Any = None) -> list
             _check_target(config, t, src, err, warn, registry)
         except (KeyError, ValueError, TypeError) as exc:
             err("model.target_config", f"{src}: cannot read the target's shape: {exc!r}")
-    if inputs and getattr(store, "supplies_features", False) and not any(p.level == "error" for p in out):
+    if inputs and capability(store, "TransferStoreProvider.supplies_features") and not any(p.level == "error" for p in out):
         _check_feature_cache(config, store, err, registry)
     return sorted(out, key=lambda p: p.level != "error")
 
@@ -121,7 +122,7 @@ def _check_inputs(config: Any, err, warn, inputs: bool = True, store: Any = None
         if path.is_dir():
             if not (path / "config.json").is_file():
                 err("model.target", f"{target}: a directory without config.json; expected a Hugging Face model folder")
-            elif not _has_weights(path) and not getattr(store, "supplies_features", False):
+            elif not _has_weights(path) and not capability(store, "TransferStoreProvider.supplies_features"):
                 err("model.target", f"{target}: no weights (*.safetensors, pytorch_model*.bin) in the directory; "
                     "expected a Hugging Face model folder (an interrupted download?)")
             for st in sorted(path.glob("*.safetensors")):
@@ -249,7 +250,7 @@ def _check_memory(config: Any, plan: dict, err, warn) -> None:
         warn("dataset.max_seq_length", f"a training GPU needs ~{mem / P.GiB:.1f} GiB of {config.run.gpu_memory_gib:g} GiB")
     per_gpu = plan["target_weights_per_gpu"]
     backend = P.component_options(config, "target_backend")
-    if getattr(backend, "plan_notes", None) is not None:
+    if capability(backend, "ComponentOptions.plan_notes") is not None:
         return  # the backend budgets its own GPU memory (its plan_notes reported it)
     if per_gpu > FILL_WARN * gpu:
         (err if per_gpu > gpu else warn)(

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from specforge_core.components import has_capability
 from specforge_core.data.formats import REGENERATE_HEADER, Conversation, DataError, Turn, load_conversations
 from specforge_core.data.tokenize import encode_prompt
 
@@ -177,7 +178,7 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
 
         full = with_aux_layers(config)
         backend = create(full, "target_backend", full, None)
-    if not hasattr(backend, "generate_text"):
+    if not has_capability(backend, "TargetBackend.generate_text"):
         raise ValueError(f"inference.backend = {config.inference.backend!r} cannot generate text "
                          "(it has no generate_text; docs/data.md lists the backends that do)")
     params = GenerationParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,

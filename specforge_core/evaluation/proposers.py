@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from specforge_core.components import capability, has_capability
+
 
 def find_algorithm(draft_dir: str | Path, name: Optional[str] = None, registry: Any = None) -> tuple[str, Any]:
     """``(name, algorithm)`` that evaluates the export in ``draft_dir``."""
@@ -26,9 +28,9 @@ def find_algorithm(draft_dir: str | Path, name: Optional[str] = None, registry: 
     seen = []
     for candidate in registry.names(kind):
         alg = _create(registry, kind, candidate)
-        served = tuple(getattr(alg, "export_architectures", ()))
+        served = tuple(capability(alg, "DraftAlgorithm.export_architectures"))
         seen.append(f"{candidate} ({', '.join(served) or 'no proposer'})")
-        if callable(getattr(alg, "proposer", None)) and set(served) & set(archs):
+        if has_capability(alg, "DraftAlgorithm.proposer") and set(served) & set(archs):
             return candidate, alg
     raise ValueError(f"{path}: no installed draft algorithm evaluates architectures {archs}; installed: "
                      f"{'; '.join(seen) or 'none'} (name one with --algorithm, or pass a run config)")
@@ -42,11 +44,11 @@ def _create(registry: Any, kind: str, name: str) -> Any:
 def load_proposer(draft_dir: str | Path, target: Any, device: Any, name: Optional[str] = None,
                   registry: Any = None):
     alg_name, alg = find_algorithm(draft_dir, name, registry)
-    if not callable(getattr(alg, "proposer", None)):
+    if not has_capability(alg, "DraftAlgorithm.proposer"):
         raise ValueError(f"draft algorithm '{alg_name}' has no proposer: it cannot be evaluated by specforge eval")
     proposer = alg.proposer(draft_dir, target, device)
-    default = getattr(getattr(alg, "features", None), "default_aux_layers", None)
-    if getattr(proposer, "aux_layers", None) is None and default is not None:
+    default = alg.features.default_aux_layers
+    if proposer.aux_layers is None and default is not None:
         # the export names no layers: the algorithm's default for this target, as in training
         proposer.aux_layers = [int(i) for i in default(int(target.num_layers))]
     return proposer

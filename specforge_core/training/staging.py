@@ -22,6 +22,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from specforge_core.components import capability
 from specforge_core.training.batch import Batch
 from specforge_core.training.packing import assemble
 from specforge_core.types import TargetFeatures
@@ -37,7 +38,7 @@ def read_into(store: Any, key: str, alloc: Alloc) -> dict[str, torch.Tensor]:
     A store may implement ``get_into(key, alloc)`` to read straight into that buffer (the ``shm``
     store does: one ``readv`` into pinned memory); any other store is read with ``get`` and copied.
     """
-    get_into = getattr(store, "get_into", None)
+    get_into = capability(store, "TransferStore.get_into")
     if get_into is not None:
         return get_into(key, alloc)
     tensors = store.get(key)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from specforge_core.components import ObjectiveContext, TargetHead
+from specforge_core.components import ObjectiveContext, TargetHead, capability
 from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.export import ALGORITHM_ATTR
 from specforge_core.training.batch import Batch
@@ -89,7 +89,7 @@ class Trainer:
         self.dtype = resolve_dtype(t.dtype, self.device)
 
         self.algorithm = build_algorithm(config, registry)
-        if t.pack_tokens and not getattr(self.algorithm.features, "packed_rows", False):
+        if t.pack_tokens and not self.algorithm.features.packed_rows:
             raise ValueError(f"training.pack_tokens = {t.pack_tokens}: draft '{config.model.draft}' does not accept "
                              "packed rows; set training.pack_tokens = 0")
         if t.token_budget and not t.pack_tokens:
@@ -105,7 +105,7 @@ class Trainer:
         self.loss_fn = create(config, "loss", registry=registry)
         # Strategies that gather params and reduce grads from forward hooks (e.g. FSDP2) get a
         # module whose forward runs the whole micro-step (state keys "draft.*").
-        self.wrapped = bool(getattr(self.strategy, "wraps_step", False))
+        self.wrapped = bool(capability(self.strategy, "TrainingStrategy.wraps_step"))
         self.model = self.strategy.prepare(DraftStep(self.draft, self.algorithm) if self.wrapped else self.draft)
         # Frozen target lm_head rows of the draft vocab, in compute dtype.
         device, dtype = self.device, self.dtype
