@@ -9,7 +9,6 @@ bf16 weights and features, ttt_length 7, B=1, synthetic target features on the G
 the trainer's own micro_step (TTT unroll + forward-kl loss per step) + backward + fused AdamW.
 
 Variants:
-  before       attention=sdpa, fp32 head GEMMs in the loss   (the code before round v1)
   sdpa         attention=sdpa, bf16 head GEMMs
   flex         v2: FlexAttention with LSE gradient, bf16 weights, no compile, target logits per step
   compile      flex + compiled step parts + fused qkv
@@ -49,7 +48,6 @@ import torch  # noqa: E402
 from specforge_defaults.loss import ForwardKLLoss, ForwardKLOptions  # noqa: E402
 from specforge_defaults.strategy import LocalStrategy, LocalStrategyOptions  # noqa: E402
 from specforge_llama_eagle3.config import DraftConfig  # noqa: E402
-from specforge_llama_eagle3.memory import checkpoint_finish  # noqa: E402
 from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
 
 # The trainer's own micro-step: the llama-eagle3 algorithm's objective (needs cattrs + pluggy:
@@ -127,10 +125,10 @@ def step_loss(variant: str, model, batch, head, t2d):
         from eager_reference import eager_step_loss
 
         return eager_step_loss(model, batch, head, t2d, K_TTT)[0]
-    model.attention = "sdpa" if variant in ("before", "sdpa", "sdpa-amp") else "flex"
+    model.attention = "sdpa" if variant in ("sdpa", "sdpa-amp") else "flex"
     model.compile = "on" if variant.startswith(("v3", "v4", "compile")) else "off"
     model.merge = "auto" if variant.startswith("v4") else "loop"
-    checkpoint_finish(model, enabled=variant.endswith("+ckpt"))
+    model.activation_checkpointing = variant.endswith("+ckpt")  # model.llama-eagle3.activation_checkpointing
     if variant == "v4-pergroup":
         loss_fn = PerGroupForwardKL()
     elif variant.startswith("v4"):
@@ -139,8 +137,6 @@ def step_loss(variant: str, model, batch, head, t2d):
         loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=1024))
     else:
         loss_fn = PerStepTargets()
-    if variant == "before":
-        loss_fn = ForwardKLLoss(ForwardKLOptions(chunk_size=1024), precompute=False, fp32_heads=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp(variant)):
         return micro_step(model.ttt_forward, model.lm_head.weight, loss_fn, batch, target_head(head, t2d), None,
                           K_TTT)[0]
@@ -180,7 +176,7 @@ def run_variant(variant, model, batch, head, t2d, T, iters=5, warmup=2, opt=None
                 times.append(start.elapsed_time(end) / 1e3)
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
-        checkpoint_finish(model, enabled=False)
+        model.activation_checkpointing = False
         torch.cuda.empty_cache()
         return {"variant": variant, "T": T, "status": "OOM"}
     sec = sorted(times)[len(times) // 2]
@@ -219,7 +215,7 @@ def check_numerics(model, T=1024) -> dict:
         worst = max(errs, key=errs.get)
         out[variant] = {"loss_rel_err": float(abs(loss - ref_loss) / abs(ref_loss)),
                         "grad_rel_err_max": errs[worst], "worst_param": worst}
-    checkpoint_finish(model, enabled=False)
+    model.activation_checkpointing = False
     del m32
     torch.cuda.empty_cache()
     return out
@@ -308,7 +304,7 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "draft_step.json"))
     a = ap.parse_args()
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # the "before" variant's fp32 GEMMs stay fp32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs (the numerics reference) stay fp32
     if a.flex_static:
         from specforge_llama_eagle3 import attention
 
@@ -338,7 +334,7 @@ def main() -> None:
     skip = set()
     for T, v in plan:
         long_only = T > 8192 and v not in ("v4", "v4+ckpt")  # the long runs: only what trains them
-        if v == "eager-ref" and T > 4096 or v == "before" and T > 8192 or (v, "OOM") in skip and T > 8192 or long_only:
+        if v == "eager-ref" and T > 4096 or (v, "OOM") in skip and T > 8192 or long_only:
             results["runs"].append({"variant": v, "T": T, "status": "skipped"})
             continue
         if T in a.longest and (a.long_variant, "OOM-long") in skip:

@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-from specforge_llama_eagle3.attention import sdpa_causal_attention_with_lse, ttt_attention
-from specforge_llama_eagle3.reference import dense_ttt_attention, ttt_mask
+from specforge_llama_eagle3.attention import (
+    dense_ttt_attention,
+    sdpa_causal_attention_with_lse,
+    ttt_attention,
+    ttt_mask,
+)
 
 
 def test_ttt_mask_pattern_T4_k2():

@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 from specforge_llama_eagle3 import model as model_mod
 from specforge_llama_eagle3 import plugin as plugin_mod
 from specforge_llama_eagle3.algorithm import build_draft
+from specforge_llama_eagle3.attention import dense_ttt_attention
 from specforge_llama_eagle3.config import DraftConfig, DraftConfigError, hf_aux_layer_ids
 from specforge_llama_eagle3.model import EXPORT_KEYS, DraftCache, LlamaEagle3Draft
 from specforge_llama_eagle3.plugin import LlamaEagle3Options
-from specforge_llama_eagle3.reference import dense_ttt_attention
 
 from specforge_core.registry import registry_from
 from specforge_core.testing import tiny_config
@@ -264,14 +264,14 @@ def test_sdpa_attention_option_matches_eager_on_real_positions():
 def test_bf16_model_keeps_fp32_rope_frequencies():
     """``.to(bf16)`` (eval's ``from_export(dtype=bf16)``) must not round the RoPE frequencies: the
     rope of a bf16 draft at position 4,000 equals the fp32 draft's up to bf16 output rounding."""
-    from specforge_llama_eagle3.rope import cos_sin, inverse_frequencies
+    from specforge_llama_eagle3.model import cos_sin, inverse_frequencies
 
     m = build_draft(None, _target(), VD).to(torch.bfloat16)
     cfg = m.config
     want = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, want)
     pos = torch.tensor([4000])
-    cos, sin = m._rope(pos, torch.float32)
+    cos, sin = cos_sin(m.inv_freq, pos, torch.float32)
     ref_cos, ref_sin = cos_sin(want, pos, torch.float32)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
     # what the rounded frequencies would have given: angles off by radians

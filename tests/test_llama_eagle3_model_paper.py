@@ -1,11 +1,9 @@
 """llama-eagle3 model file: the one layer forward against the paper's equations written out with
-plain torch ops, and the one-cast-per-micro-step rule (fused.Cast) against a bf16 parameter copy."""
+plain torch ops, and the one-cast-per-micro-step rule (ComputeWeights) against a bf16 parameter copy."""
 
 import torch
 import torch.nn.functional as F
-from specforge_llama_eagle3 import fused
-from specforge_llama_eagle3.model import DraftCache
-from specforge_llama_eagle3.rope import apply_rope
+from specforge_llama_eagle3.model import ComputeWeights, DraftCache, apply_rope, cos_sin
 from test_llama_eagle3_model import _batch, _draft
 
 
@@ -22,7 +20,7 @@ def _paper_step(m, ids, g, pos):
     x = torch.cat([_rms(m.embed_tokens.weight[ids], L.input_layernorm.weight, eps),
                    _rms(g, L.hidden_norm.weight, eps)], dim=-1)
     heads = lambda w, n: (x @ w.T).view(B, T, n, a.head_dim).transpose(1, 2)  # noqa: E731
-    cos, sin = m._rope(pos, x.dtype)
+    cos, sin = cos_sin(m.inv_freq, pos, x.dtype)
     q = apply_rope(heads(a.q_proj.weight, a.n_heads), cos, sin)
     k = apply_rope(heads(a.k_proj.weight, a.n_kv), cos, sin).repeat_interleave(a.n_heads // a.n_kv, dim=1)
     v = heads(a.v_proj.weight, a.n_kv).repeat_interleave(a.n_heads // a.n_kv, dim=1)
@@ -51,10 +49,10 @@ def test_one_forward_equals_the_paper_equations_in_training_and_inference():
 
 def test_cast_copies_each_weight_once():
     w1, w2 = torch.randn(4, 3), torch.randn(2, 3)
-    cast = fused.Cast(torch.bfloat16)
+    cast = ComputeWeights(torch.bfloat16)
     assert cast(w1) is cast(w1) and cast(w1, w2) is cast(w1, w2)
     assert torch.equal(cast(w1, w2), torch.cat([w1, w2]).bfloat16())
-    same = fused.Cast(torch.float32)
+    same = ComputeWeights(torch.float32)
     assert same(w1) is w1  # no copy when the weight already has the compute dtype
 
 

@@ -147,7 +147,7 @@ def _add_weight_grad(acc, g, h, fast: bool, f32: torch.dtype) -> torch.Tensor:
 
 
 def _soft_ce(draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight, mean, chunk,
-             fp32_heads, targets, want_h: bool, want_w: bool, grad_w=None, w_d=None, rows=None):
+             targets, want_h: bool, want_w: bool, grad_w=None, w_d=None, rows=None):
     """The fused loss's work, no autograd: ``(loss_sum, correct, grad_h, grad_w, w_d, scale)``.
     ``weight`` (float or 0-dim tensor) scales the gradients (and ``mean`` divides them by the valid
     rows); ``grad_w`` (fp32 [Vd, H]) is accumulated into when given (None: it starts from the first
@@ -160,7 +160,7 @@ def _soft_ce(draft_hidden, draft_head, target_hidden, target_head, valid, target
     n_valid = rows.numel()
     # the target row of each valid draft row
     t_rows = rows if target_rows is None else target_rows.index_select(0, rows)
-    fast = _low_precision_gemms(draft_hidden) and not fp32_heads
+    fast = _low_precision_gemms(draft_hidden)
 
     if fast:
         # bf16 operands, fp32 logits: the GEMMs run at tensor-core rate (an fp32 GEMM on an H100
@@ -249,20 +249,20 @@ class _FusedSoftCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight: float,
-                mean: bool, chunk: int, fp32_heads: bool, targets):
+                mean: bool, chunk: int, targets):
         """-> (scaled loss, summed loss, argmax agreements); scaled = sum * weight (/ valid rows
         if ``mean``). Row i of the draft is taught by target row ``target_rows[i]`` (None: row i)."""
         # explicit dtypes below; the caller's autocast must not re-cast the head GEMMs
         with torch.autocast(draft_hidden.device.type, enabled=False):
             return _FusedSoftCE._forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid,
-                                         target_rows, weight, mean, chunk, fp32_heads, targets)
+                                         target_rows, weight, mean, chunk, targets)
 
     @staticmethod
     def _forward(ctx, draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight, mean,
-                 chunk, fp32_heads, targets):
+                 chunk, targets):
         loss_sum, correct, grad_h, grad_w, _, scale_t = _soft_ce(
             draft_hidden, draft_head, target_hidden, target_head, valid, target_rows, weight, mean, chunk,
-            fp32_heads, targets, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            targets, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(
             grad_h.to(draft_hidden.dtype) if grad_h is not None else None,
             grad_w.to(draft_head.dtype) if grad_w is not None else None,
@@ -278,7 +278,7 @@ class _FusedSoftCE(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def _check_shapes(draft_hidden, draft_head, target_hidden, target_head, valid, aligned: bool) -> None:
@@ -305,17 +305,14 @@ def fused_forward_kl(
     valid: torch.Tensor,
     weight: float = 1.0,
     chunk_size: int = 1024,
-    fp32_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weighted mean loss, unweighted mean loss, argmax agreements) over valid rows, with
     ``target_hidden`` aligned row by row to ``draft_hidden`` (a standalone helper; the component
-    below is the contract's summed form).
-
-    ``fp32_heads`` forces the old fp32 head GEMMs on CUDA (the benchmark's "before" variant)."""
+    below is the contract's summed form)."""
     _check_shapes(draft_hidden, draft_head, target_hidden, target_head, valid, aligned=True)
     loss, raw_sum, correct = _FusedSoftCE.apply(
         draft_hidden, draft_head, target_hidden.detach(), target_head.detach(), valid.bool(), None, float(weight),
-        True, int(chunk_size), bool(fp32_heads), None,
+        True, int(chunk_size), None,
     )
     return loss, raw_sum / valid.sum().clamp(min=1), correct
 
@@ -388,7 +385,7 @@ class WeightedGroups:
         with torch.no_grad(), torch.autocast(draft_hidden.device.type, enabled=False):
             loss_sum, correct, grad_h, self.grad_w, self.w_d, _ = _soft_ce(
                 draft_hidden.detach(), draft_head.detach(), th, tw.detach(), valid, target_rows, weight, False,
-                int(self.loss.options.chunk_size), self.loss.fp32_heads, targets, want_h, want_w, self.grad_w,
+                int(self.loss.options.chunk_size), targets, want_h, want_w, self.grad_w,
                 self.w_d, rows=self.rows[group])
         if want_h:
             self.hiddens.append(draft_hidden)
@@ -410,21 +407,20 @@ class ForwardKLLoss:
 
     ``precompute`` (default): ``prepare`` computes the target distribution of every position once
     per micro-batch (saves a target-head GEMM and softmax per further prediction group); False
-    builds the target logits per group from the target rows (the benchmark's v2 variant).
-    ``fp32_heads``: fp32 head GEMMs on CUDA (the benchmark's "before" variant)."""
+    builds the target logits per group from the target rows (the benchmark's v2 variant)."""
 
     needs_full_vocab = False
 
-    def __init__(self, options: ForwardKLOptions | None = None, precompute: bool = True, fp32_heads: bool = False):
+    def __init__(self, options: ForwardKLOptions | None = None, precompute: bool = True):
         self.options = options or ForwardKLOptions()
-        self.precompute, self.fp32_heads = precompute, fp32_heads
+        self.precompute = precompute
 
     def prepare(self, final_hidden: torch.Tensor, head: Any) -> TargetProbs | TargetRows:
         """``final_hidden`` [N, H] (or [B, T, H]: flattened), ``head`` a ``TargetHead`` (or the
         [Vd, H] rows themselves)."""
         rows = head.rows if hasattr(head, "rows") else head
         final_hidden = final_hidden.reshape(-1, final_hidden.shape[-1])
-        if self.precompute and not self.fp32_heads:
+        if self.precompute:
             return precompute_target_probs(final_hidden, rows, self.options.chunk_size)
         return TargetRows(final_hidden.detach(), rows.detach())
 
@@ -455,7 +451,7 @@ class ForwardKLLoss:
         th, tw, targets = self._targets(draft_hidden, draft_head, prepared, target_rows, valid)
         loss_sum, _raw, correct = _FusedSoftCE.apply(
             draft_hidden, draft_head, th, tw.detach(), valid.bool(), target_rows, 1.0, False,
-            int(self.options.chunk_size), self.fp32_heads, targets,
+            int(self.options.chunk_size), targets,
         )
         return LossOutput(loss_sum=loss_sum, correct=correct, count=valid.sum().to(torch.int64))
 

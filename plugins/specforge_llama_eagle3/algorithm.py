@@ -15,6 +15,7 @@ from specforge_core.types import TargetInfo
 from specforge_llama_eagle3 import objective
 from specforge_llama_eagle3.config import DraftConfig, DraftConfigError, default_aux_layer_ids
 from specforge_llama_eagle3.model import LlamaEagle3Draft
+from specforge_llama_eagle3.options import LlamaEagle3Options
 
 DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}  # 'auto' = bf16 on GPU
 
@@ -24,8 +25,6 @@ class LlamaEagle3Algorithm:
                            default_aux_layers=default_aux_layer_ids, packed_rows=True)
 
     def __init__(self, options: Any, config: Any = None):
-        from specforge_llama_eagle3.plugin import LlamaEagle3Options
-
         self.options = options or LlamaEagle3Options()
         self.ttt_length = int(config.training.ttt_length) if config is not None else 7
 
@@ -95,8 +94,6 @@ class LlamaEagle3Algorithm:
 def build_draft(options: Any, target: TargetInfo, draft_vocab_size: int) -> LlamaEagle3Draft:
     """The draft module for ``target`` (config generated from it, or ``options.config``), optionally
     initialised from an export (``options.init_from``); the embedding is left to the caller."""
-    from specforge_llama_eagle3.plugin import LlamaEagle3Options
-
     options = options or LlamaEagle3Options()
     n_aux = len(target.aux_layer_ids) or 3
     if options.config:
@@ -105,11 +102,12 @@ def build_draft(options: Any, target: TargetInfo, draft_vocab_size: int) -> Llam
     else:
         cfg = DraftConfig.from_target(target.hf_config, draft_vocab_size, num_aux=n_aux,
                                       source=f"{target.model_path}/config.json")
-    cfg.fc_norm = bool(getattr(options, "fc_norm", False))
+    cfg.fc_norm = bool(options.fc_norm)
+    cfg.norm_output = bool(options.norm_output)
     model = LlamaEagle3Draft(cfg, aux_layer_ids=target.aux_layer_ids,
                              target_num_layers=target.num_hidden_layers,
-                             aux_ids_convention=options.aux_ids_convention,
-                             attention=options.attention, compile=options.compile)
+                             attention=options.attention, compile=options.compile,
+                             activation_checkpointing=options.activation_checkpointing)
     if options.init_from:
         init = Path(options.init_from)
         if not (init / "model.safetensors").exists():

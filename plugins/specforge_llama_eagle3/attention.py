@@ -6,7 +6,8 @@ At TTT step k the query at position t sees
 * the key at position t of every step j = 1..k (one "diagonal" per step).
 
 The diagonal keys are different for every query, so instead of concatenating all steps' keys and
-masking a [T, T*(k+1)] matrix (what ``reference.dense_ttt_attention`` does, for tests), we run an
+masking a [T, T*(k+1)] matrix (what ``dense_ttt_attention`` at the end of this file does: the
+definition, for tests), we run an
 ordinary causal attention that also returns its log-sum-exp, score each diagonal with an
 elementwise dot product, and merge the k+1 partial softmaxes exactly through their log-sum-exps.
 Memory is that of plain causal attention plus O(T*k) per head.
@@ -337,3 +338,27 @@ def ttt_attention(
         raise ValueError(f"merge '{merge}' is not known; allowed: loop, stacked, compiled")
     return _StackedDiagonalMerge.apply(scale, merge == "compiled", q, out, lse, torch.stack(list(k_diag)),
                                        torch.stack(list(v_diag)))
+
+
+# ------------------------------------------------------------------ the definition (tests only)
+def ttt_mask(T: int, k: int, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool [B or 1, T, T*(k+1)]: all steps' keys side by side, column j*T + s = step j's key at
+    position s; True where query t of step k may see it (memory O(T * T*(k+1)))."""
+    t = torch.arange(T)[:, None]
+    s = torch.arange(T)[None, :]
+    blocks = [(s <= t)[None]]  # step 0: causal
+    if key_valid is not None:
+        blocks[0] = blocks[0] & (key_valid[:, None, :] | (s == t))
+    blocks += [(s == t)[None].expand_as(blocks[0]) for _ in range(k)]  # steps 1..k: the diagonal
+    return torch.cat(blocks, dim=-1)
+
+
+def dense_ttt_attention(q, k0, v0, k_diag, v_diag, key_valid, scale) -> torch.Tensor:
+    """Same contract as ``ttt_attention``, computed the obvious way (one dense masked softmax)."""
+    n_rep = q.shape[1] // k0.shape[1]
+    keys = repeat_kv(torch.cat([k0, *k_diag], dim=2), n_rep)  # [B, Hq, T*(k+1), D]
+    vals = repeat_kv(torch.cat([v0, *v_diag], dim=2), n_rep)
+    mask = ttt_mask(q.shape[2], len(k_diag), key_valid)[:, None]
+    scores = (q @ keys.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs @ vals

@@ -37,6 +37,7 @@ class DraftConfig:
     target_hidden_size: int  # width of each captured aux hidden state
     num_aux: int = 3  # number of aux layers concatenated into fc
     fc_norm: bool = False  # EAGLE-3.1: one RMSNorm per aux hidden state before fc (vLLM/speculators "fc_norm")
+    norm_output: bool = False  # EAGLE-3.1: the next step reads the normed output (vLLM/speculators "norm_output")
 
     # ---------------------------------------------------------------------------------- builders
     @classmethod
@@ -102,6 +103,7 @@ class DraftConfig:
         cfg = cls.from_target(exported, int(get("draft_vocab_size")), source=source)
         cfg.target_hidden_size = int(exported.get("target_hidden_size", cfg.hidden_size))
         cfg.fc_norm = bool(exported.get("fc_norm", False))
+        cfg.norm_output = bool(exported.get("norm_output", False))
         return cfg
 
     # ---------------------------------------------------------------------------------- export
@@ -140,6 +142,8 @@ class DraftConfig:
             out.update(aux_layer_keys(aux_layer_ids, target_num_layers))
         if self.fc_norm:
             out["fc_norm"] = True  # EAGLE-3.1: weights fc_norm.{i}.weight, one per aux layer
+        if self.norm_output:
+            out["norm_output"] = True  # EAGLE-3.1: no weights; vLLM feeds the normed output forward
         return out
 
 

@@ -1,5 +1,22 @@
-"""LlamaEagle3Draft: the EAGLE-3 draft (fc + one decoder layer + norm + lm_head), its training-time
-test unroll, cached incremental inference, and the serving-engine export.
+"""The EAGLE-3 draft model: fc over the target's aux features + one Llama decoder layer + norm +
+lm_head, its training-time-test (TTT) unroll, cached incremental inference and the engine export.
+
+Reading it against the paper (Li et al., EAGLE-3, 2025; docs/draft-model.md has the full map):
+
+    g_t   = fc([l_t; m_t; h_t])                      fuse()           low/mid/high target features
+    x     = [RMSNorm(e_{t+1}); RMSNorm(g_t)]        attn_input()     token embedding beside the feature (2H)
+    q,k,v = x W_q, x W_k, x W_v  (+ rope)           qkv()
+    o     = attention(q, k, v)                      ttt_attention() training, the KV cache in inference
+    h     = g_t + o W_o                             residual_mlp()   residual from the *un-normed* g
+    a_t   = h + MLP(RMSNorm(h))                     residual_mlp()
+    p     = softmax(lm_head(RMSNorm(a_t)))          norm + logits()
+    next step's g = a_t (EAGLE-3), or RMSNorm(a_t) (EAGLE-3.1 ``norm_output``)
+
+``Eagle3DecoderLayer.forward`` is that list in order. Its three dense blocks are the pure functions
+below (activations and weights in, no module state), so the same code runs eager (CPU, tests) or
+``torch.compile``d (CUDA): ``fast(fn, compiled)`` is the only switch. Weights reach them through
+``ComputeWeights``: each weight cast once per micro-step to the compute dtype (the bf16 copy of an
+fp32 master, shared by the K TTT steps) and q/k/v concatenated into one GEMM.
 
 Attribute names equal the export keys (``fc.weight``, ``midlayer.self_attn.q_proj.weight``...), so
 ``state_dict()`` is the export plus ``embed_tokens.weight``.
@@ -9,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -17,10 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from specforge_llama_eagle3 import fused
 from specforge_llama_eagle3.attention import CAUSAL_IMPLS, ttt_attention
 from specforge_llama_eagle3.config import DraftConfig
-from specforge_llama_eagle3.rope import apply_rope, cos_sin, inverse_frequencies
 
 EXPORT_KEYS = (
     "fc.weight",
@@ -39,35 +55,126 @@ EXPORT_KEYS = (
 )
 
 
+# ================================================================================ rope
+def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
+    """[head_dim/2] float32 inverse frequencies, as the target computes them (plain, linear, llama3)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        inv_freq = _llama3_scale(inv_freq, scaling)
+    elif rope_type != "default":
+        raise ValueError(f"rope type '{rope_type}' is not supported; allowed: default, linear, llama3")
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, a smooth ramp between.
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(medium, ramp, out)
+
+
+def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [..., head_dim] for integer ``positions`` of any shape."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, T, D] or [T, D] (the half-split layout HF Llama uses)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ================================================================================ the layer's math
+# Pure functions of (activations, compute-dtype weights); autocast is off around them, so their
+# dtypes are explicit. On CUDA they run torch.compile'd: the fp32 RMSNorms, rope, SwiGLU and
+# residual adds fuse into a few kernels around the GEMMs (eager: ~6 passes over [T, H] per norm).
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm: normalise in fp32, scale in the input dtype (an fp32 master weight under
+    autocast must not promote the output to fp32)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w.to(x.dtype) * xf.to(x.dtype)
+
+
+def attn_input(emb, hidden, w_in, w_hid, eps: float) -> torch.Tensor:
+    """x = [input_layernorm(e); hidden_norm(g)] -> [B, T, 2H]."""
+    return torch.cat([rms_norm(emb.to(hidden.dtype), w_in, eps), rms_norm(hidden, w_hid, eps)], dim=-1)
+
+
+def qkv(x, w_qkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
+    """One GEMM for q, k, v over the 2H input; rope on q and k. -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""
+    B, T, _ = x.shape
+    y = F.linear(x, w_qkv).view(B, T, n_heads + 2 * n_kv, head_dim).transpose(1, 2)
+    q, k, v = y.split([n_heads, n_kv, n_kv], dim=1)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def residual_mlp(hidden, attn, w_o, w_post, eps: float, w_gate, w_up, w_down) -> torch.Tensor:
+    """h = g + o W_o (residual from the un-normed g), then h + SwiGLU(post_attention_layernorm(h))."""
+    B, _, T, _ = attn.shape
+    h = hidden + F.linear(attn.transpose(1, 2).reshape(B, T, -1), w_o)
+    x = rms_norm(h, w_post, eps)
+    return h + F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def fast(fn: Callable, compiled: bool) -> Callable:
+    """``fn`` itself, or its torch.compile'd twin (compiled once per process; dynamic=None: the
+    first new sequence length recompiles with a symbolic T, later ones reuse it)."""
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+class ComputeWeights:
+    """Weights in the compute ``dtype``, each cast once for this object's life (one micro-step or
+    one inference call). For fp32 master weights under bf16 autocast this is the bf16 parameter
+    copy FSDP2's MixedPrecisionPolicy makes: the K TTT steps share it and their weight gradients
+    accumulate into it before one cast back (autocast would cast every weight again per step).
+    Several weights are concatenated along dim 0 (q/k/v: one GEMM; the input is read once)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._done: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, *weights: torch.Tensor) -> torch.Tensor:
+        key = tuple(id(w) for w in weights)
+        if key not in self._done:
+            cast = [w.to(self.dtype) for w in weights]
+            self._done[key] = cast[0] if len(cast) == 1 else torch.cat(cast)
+        return self._done[key]
+
+
+# ================================================================================ modules
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, cast: Optional[fused.Cast] = None, compiled: bool = False) -> torch.Tensor:
-        # Normalise in fp32 like Llama, then scale in the input dtype (an fp32 master weight under
-        # autocast must not promote the output to fp32).
-        w = self.weight if cast is None else cast(self.weight)
-        return fused.get("rms_norm", compiled)(x, w, self.eps)
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, w: Optional[ComputeWeights] = None, compiled: bool = False) -> torch.Tensor:
+        return fast(rms_norm, compiled)(x, self.weight if w is None else w(self.weight), self.eps)
 
 
 class Attention(nn.Module):
-    """Projections only; the attention pattern is chosen by the caller (TTT or cached).
-
-    ``qkv``/``out`` (and the layer's ``attn_input``/``finish``) are the plain-module reference
-    that benchmarks/eager_reference.py reads; the draft itself runs ``Eagle3DecoderLayer.forward``."""
+    """The attention projections (q/k/v read the 2H input); the pattern is the caller's ``attend``."""
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -79,17 +186,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, 2H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D] with rope applied to q and k."""
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, attn: torch.Tensor) -> torch.Tensor:
-        B, _, T, _ = attn.shape
-        return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1))
+class MLP(nn.Module):
+    """SwiGLU weights (``residual_mlp`` applies them)."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
 
 
 # attend(q [B, Hq, S, D], k, v [B, Hkv, S, D]) -> [B, Hq, S, D]: the caller's attention pattern
@@ -97,8 +202,8 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Eagle3DecoderLayer(nn.Module):
-    """The single decoder layer (``midlayer``): it reads the token embedding and the fused
-    hidden state side by side (paper: concat of the two, 2H wide), so q/k/v take 2H inputs."""
+    """The draft's one decoder layer (``midlayer``): it reads the token embedding and the fused
+    hidden state side by side (paper: their concat, 2H wide), so q/k/v take 2H inputs."""
 
     def __init__(self, cfg: DraftConfig):
         super().__init__()
@@ -110,33 +215,25 @@ class Eagle3DecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Attend, cast: fused.Cast, compiled: bool = False,
-                checkpoint_finish: bool = False) -> torch.Tensor:
-        """One step: x = [input_layernorm(emb); hidden_norm(hidden)] -> q,k,v (+rope) -> attend ->
-        h = hidden + o_proj(.) -> h + MLP(post_attention_layernorm(h)). Returns the un-normed
-        output (the next step's ``hidden``). ``cast`` gives weights in the compute dtype; the fused
-        blocks run plain or torch.compiled (``compiled``)."""
-        a, mlp = self.self_attn, self.mlp
-        x = fused.get("attn_input", compiled)(emb, hidden, cast(self.input_layernorm.weight),
-                                              cast(self.hidden_norm.weight), self.eps)
-        q, k, v = fused.get("qkv", compiled)(x, cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                                             cos, sin, a.n_heads, a.n_kv, a.head_dim)
-        out = attend(q, k, v)
-        args = (hidden, out, cast(a.o_proj.weight), cast(self.post_attention_layernorm.weight), self.eps,
-                cast(mlp.gate_proj.weight), cast(mlp.up_proj.weight), cast(mlp.down_proj.weight))
-        f_finish = fused.get("finish", compiled)
-        return checkpoint(f_finish, *args, use_reentrant=False) if checkpoint_finish else f_finish(*args)
-
-    def attn_input(self, emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
-
-    def finish(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual from the *un-normed* hidden state, then the MLP block; returns un-normed output."""
-        h = hidden + self.self_attn.out(attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-Eagle3Layer = Eagle3DecoderLayer  # the earlier name
+                attend: Attend, w: Optional[ComputeWeights] = None, compiled: bool = False,
+                recompute: bool = False) -> torch.Tensor:
+        """One draft step at every position; returns the un-normed output a_t. ``recompute``
+        (activation checkpointing): keep only the inputs of the residual + MLP block, the bulk of a
+        step's saved activations, and recompute it in backward."""
+        a, mlp, eps = self.self_attn, self.mlp, self.eps
+        w = w if w is not None else ComputeWeights(hidden.dtype)
+        # x = [RMSNorm(e); RMSNorm(g)]
+        x = fast(attn_input, compiled)(emb, hidden, w(self.input_layernorm.weight), w(self.hidden_norm.weight), eps)
+        # q, k, v (+ rope at the step's positions)
+        q, k, v = fast(qkv, compiled)(x, w(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), cos, sin,
+                                      a.n_heads, a.n_kv, a.head_dim)
+        # o = attention(q, k, v) under the caller's pattern (TTT mask or KV cache)
+        o = attend(q, k, v)
+        # h = g + o W_o;  a_t = h + MLP(RMSNorm(h))
+        block = fast(residual_mlp, compiled)
+        args = (hidden, o, w(a.o_proj.weight), w(self.post_attention_layernorm.weight), eps,
+                w(mlp.gate_proj.weight), w(mlp.up_proj.weight), w(mlp.down_proj.weight))
+        return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
 
 
 class DraftCache:
@@ -163,15 +260,16 @@ class DraftCache:
             self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
 
 
+# ================================================================================ the draft
 class LlamaEagle3Draft(nn.Module):
     def __init__(
         self,
         cfg: DraftConfig,
         aux_layer_ids: Optional[Sequence[int]] = None,  # HF hidden_states indices the target captures
         target_num_layers: Optional[int] = None,
-        aux_ids_convention: str = "sglang",
         attention: str = "auto",  # TTT causal part: "eager" (explicit), "sdpa", "flex", "auto"
         compile: str = "auto",  # torch.compile the step's dense parts: "auto" (on CUDA), "on", "off"
+        activation_checkpointing: bool = False,  # TTT: recompute each step's residual + MLP in backward
     ):
         super().__init__()
         if attention not in ("auto", *CAUSAL_IMPLS):
@@ -180,13 +278,13 @@ class LlamaEagle3Draft(nn.Module):
             raise ValueError(f"compile '{compile}' is not known; allowed: auto, on, off")
         self.attention = attention
         self.compile = compile
-        self.checkpoint_finish = False  # recompute the finish block in backward (memory.py)
-        # TTT diagonal merge: "auto" = compiled stacked merge when compiling, else the eager loop
+        self.activation_checkpointing = activation_checkpointing
+        # TTT diagonal merge (attention.ttt_attention): "auto" = compiled stacked merge when
+        # compiling, else the eager loop
         self.merge = "auto"
         self.config = cfg
         self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else None
         self.target_num_layers = target_num_layers
-        self.aux_ids_convention = aux_ids_convention
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)  # the target's, frozen
         self.fc = nn.Linear(cfg.num_aux * cfg.target_hidden_size, cfg.hidden_size, bias=False)
@@ -210,7 +308,6 @@ class LlamaEagle3Draft(nn.Module):
             self.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(self.inv_freq.device)
         return self
 
-    # ------------------------------------------------------------------------------ pieces
     def load_embedding(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != tuple(self.embed_tokens.weight.shape):
             raise ValueError(f"target embedding has shape {tuple(weight.shape)}; the draft expects "
@@ -218,8 +315,9 @@ class LlamaEagle3Draft(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(weight)
 
+    # ------------------------------------------------------------------------------ pieces
     def fuse(self, aux_hidden: torch.Tensor) -> torch.Tensor:
-        """[..., n_aux*H_t] target features -> [..., H] draft hidden state."""
+        """g = fc([l; m; h]): [..., n_aux*H_t] target features -> [..., H] draft hidden state."""
         return self.fc(self.fc_input(aux_hidden))
 
     def fc_input(self, aux_hidden: torch.Tensor) -> torch.Tensor:
@@ -229,17 +327,22 @@ class LlamaEagle3Draft(nn.Module):
         chunks = aux_hidden.chunk(len(self.fc_norm), dim=-1)
         return torch.cat([norm(x) for norm, x in zip(self.fc_norm, chunks, strict=True)], dim=-1)
 
-    @property
-    def export_keys(self) -> tuple[str, ...]:
-        extra = tuple(f"fc_norm.{i}.weight" for i in range(len(self.fc_norm))) if self.fc_norm is not None else ()
-        return EXPORT_KEYS + extra
-
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits from a normed hidden state."""
         return self.lm_head(normed)
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        return cos_sin(self.inv_freq, positions, dtype)
+    def step(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend,
+             w: Optional[ComputeWeights] = None, compiled: bool = False,
+             recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft step: token ``ids`` [B, S] beside ``hidden`` [B, S, H] at rope ``positions``.
+
+        Returns (normed for ``logits``, the next step's hidden): a_t, or with EAGLE-3.1's
+        ``norm_output`` the normed RMSNorm(a_t) (vLLM's ``aux_output``)."""
+        w = w if w is not None else ComputeWeights(hidden.dtype)
+        cos, sin = cos_sin(self.inv_freq, positions, w.dtype)
+        out = self.midlayer(self.embed_tokens(ids), hidden, cos, sin, attend, w, compiled, recompute)
+        normed = self.norm(out, w, compiled)
+        return normed, (normed if self.config.norm_output else out)
 
     def _causal_impl(self, device: torch.device):
         # FlexAttention on GPU (fastest and most accurate, measured: docs/performance.md); the
@@ -269,20 +372,20 @@ class LlamaEagle3Draft(nn.Module):
     ) -> Iterator[torch.Tensor]:
         """Yield the normed hidden [B, T, H] of TTT steps k = 0..ttt_length-1.
 
-        Step k at position t reads token x_{t+k+1} with hidden = step k-1's un-normed output at t
-        (step 0: fc(aux_t)), at rope position t+k; see docs/draft-model.md. In packed rows ``t`` is
-        the position inside the document and attention stays inside it (a document's last
-        positions read the next document's first tokens, but their outputs carry no loss and
-        only they themselves attend to them: the diagonal keys)."""
+        Step k at position t reads token x_{t+k+1} with hidden = step k-1's output at t (step 0:
+        fc(aux_t)), at rope position t+k; see docs/draft-model.md. In packed rows ``t`` is the
+        position inside the document and attention stays inside it (a document's last positions
+        read the next document's first tokens, but their outputs carry no loss and only they
+        themselves attend to them: the diagonal keys)."""
         T = input_ids.shape[1]
         device = input_ids.device
-        attn = self.midlayer.self_attn
+        scale = self.midlayer.self_attn.scale
         key_valid = attention_mask.bool() if doc_ids is None else doc_ids
         base_pos = torch.arange(T, device=device) if position_ids is None else position_ids
         causal = self._causal_impl(device)
         on = self._compiled(device)
         merge = self.merge if self.merge != "auto" else ("compiled" if on else "loop")
-        cast = fused.Cast(self.compute_dtype(device))  # one weight copy shared by the steps
+        w = ComputeWeights(self.compute_dtype(device))  # one weight copy shared by the steps
         k_cache: list[torch.Tensor] = []  # step 0's keys, then each later step's diagonal keys
         v_cache: list[torch.Tensor] = []
 
@@ -290,34 +393,31 @@ class LlamaEagle3Draft(nn.Module):
             # position t at step k sees step 0's keys causally and its own keys of steps 1..k
             k_cache.append(k)
             v_cache.append(v)
-            return ttt_attention(q, k_cache[0], v_cache[0], k_cache[1:], v_cache[1:], key_valid, attn.scale,
+            return ttt_attention(q, k_cache[0], v_cache[0], k_cache[1:], v_cache[1:], key_valid, scale,
                                  causal=causal, merge=merge)
 
         # Explicit dtypes inside (autocast would cast every weight again in every TTT step); the
         # autocast-off region never spans a yield, so the caller's autocast state is untouched.
         no_autocast = functools.partial(torch.autocast, device.type, enabled=False)
         with no_autocast():
-            hidden = F.linear(self.fc_input(aux_hidden).to(cast.dtype), cast(self.fc.weight))  # g = fc(a)
+            hidden = F.linear(self.fc_input(aux_hidden).to(w.dtype), w(self.fc.weight))  # g = fc(a)
         for k in range(ttt_length):
             with no_autocast():
-                emb = self.embed_tokens(_shift_left(input_ids, k + 1))
-                cos, sin = self._rope(base_pos + k, cast.dtype)
-                hidden = self.midlayer(emb, hidden, cos, sin, attend, cast, compiled=on,
-                                       checkpoint_finish=self.checkpoint_finish)
-                normed = self.norm(hidden, cast, compiled=on)
+                normed, hidden = self.step(_shift_left(input_ids, k + 1), hidden, base_pos + k, attend, w, on,
+                                           self.activation_checkpointing)
             yield normed
 
     # ------------------------------------------------------------------------------ inference
     def forward_cached(
         self,
         input_ids: torch.Tensor,  # int64 [B, S]: the token each new entry reads
-        hidden: torch.Tensor,  # [B, S, H]: fuse(aux) or a previous out_hidden
+        hidden: torch.Tensor,  # [B, S, H]: fuse(aux) or a previous step's next hidden
         positions: torch.Tensor,  # int64 [B, S] or [S]: rope positions
         cache: DraftCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append S entries to ``cache``; each attends to every earlier entry and itself.
 
-        Returns (normed [B, S, H] for ``logits``, out_hidden [B, S, H] to feed the next step)."""
+        Returns (normed [B, S, H] for ``logits``, the next step's hidden [B, S, H])."""
         attn = self.midlayer.self_attn
         past = len(cache)
 
@@ -329,12 +429,14 @@ class LlamaEagle3Draft(nn.Module):
             return F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible, scale=attn.scale,
                                                   enable_gqa=attn.n_heads != attn.n_kv)
 
-        cast = fused.Cast(hidden.dtype)
-        cos, sin = self._rope(positions, hidden.dtype)
-        out_hidden = self.midlayer(self.embed_tokens(input_ids), hidden, cos, sin, attend, cast)
-        return self.norm(out_hidden, cast), out_hidden
+        return self.step(input_ids, hidden, positions, attend)
 
     # ------------------------------------------------------------------------------ export
+    @property
+    def export_keys(self) -> tuple[str, ...]:
+        extra = tuple(f"fc_norm.{i}.weight" for i in range(len(self.fc_norm))) if self.fc_norm is not None else ()
+        return EXPORT_KEYS + extra
+
     def export_config(self) -> dict[str, Any]:
         # aux ids for both engines, each in its own numbering (config.aux_layer_keys)
         return self.config.export_dict(self.aux_layer_ids, self.target_num_layers)

@@ -22,7 +22,6 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from specforge_llama_eagle3 import fused
 from specforge_llama_eagle3.config import hf_aux_layer_ids
 from specforge_llama_eagle3.model import LlamaEagle3Draft
 
@@ -127,10 +126,7 @@ class Eagle3ChainProposer:
             return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask[:, None], scale=attn.scale,
                                                   enable_gqa=attn.n_heads != attn.n_kv)
 
-        cast = fused.Cast(hidden.dtype)
-        cos, sin = d._rope(pos, hidden.dtype)
-        out_hidden = d.midlayer(d.embed_tokens(ids), hidden, cos, sin, attend, cast)
-        return d.norm(out_hidden, cast), out_hidden
+        return d.step(ids, hidden, pos, attend)  # (normed, the next step's hidden: EAGLE-3.1 norm_output)
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> Eagle3ChainProposer:

@@ -9,7 +9,6 @@ import argparse
 import time
 
 import torch
-
 from specforge_llama_eagle3.attention import (
     causal_attention_with_lse,
     sdpa_causal_attention_with_lse,
