@@ -1,4 +1,4 @@
-"""GPU check + measurement of the TTT unroll: ``python -m specforge_llama_eagle3.bench [--T 2048]``.
+"""GPU check + measurement of the TTT unroll: ``python benchmarks/llama_eagle3_attention.py [--T 2048]``.
 
 Checks the fused (sdpa) causal part against the explicit one on CUDA, then reports time and peak
 memory of ttt_forward + backward for a Llama-3.1-8B-shaped draft with both kernels."""
@@ -6,16 +6,23 @@ memory of ttt_forward + backward for a Llama-3.1-8B-shaped draft with both kerne
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
-from specforge_llama_eagle3.attention import (
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "plugins"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+from specforge_llama_eagle3.attention import (  # noqa: E402
     causal_attention_with_lse,
     sdpa_causal_attention_with_lse,
     ttt_attention,
 )
-from specforge_llama_eagle3.config import DraftConfig
-from specforge_llama_eagle3.model import LlamaEagle3Draft
+from specforge_llama_eagle3.config import DraftConfig  # noqa: E402
+from specforge_llama_eagle3.model import LlamaEagle3Draft  # noqa: E402
 
 
 def check_kernels(device: str, dtype: torch.dtype, T: int = 512) -> dict[str, float]:

@@ -1,22 +1,29 @@
 """Throughput and peak memory of the hf backend vs the naive capture (output_hidden_states=True and
 full [B, T, V] logits), on a random model of a real-ish shape.
 
-    python -m specforge_hf_backend.bench --layers 16 --hidden 2048 --vocab 128256 --batch 8 --seq 2048
+    python benchmarks/hf_backend_capture.py --layers 16 --hidden 2048 --vocab 128256 --batch 8 --seq 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "plugins"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
-from specforge_core.config.schema import SpecforgeConfig
-from specforge_core.testing import make_tiny_model
-from specforge_core.types import Sample
-from specforge_hf_backend.backend import HFTargetBackend
-from specforge_hf_backend.options import HFBackendOptions
+import torch  # noqa: E402
+from specforge_hf_backend.backend import HFTargetBackend  # noqa: E402
+from specforge_hf_backend.options import HFBackendOptions  # noqa: E402
+
+from specforge_core.config.schema import SpecforgeConfig  # noqa: E402
+from specforge_core.testing import make_tiny_model  # noqa: E402
+from specforge_core.types import Sample  # noqa: E402
 
 
 def naive(backend: HFTargetBackend, samples: list[Sample]) -> tuple[list[torch.Tensor], ...]:

@@ -1,6 +1,6 @@
 """Feature throughput of the ``vllm`` backend against ``hf`` on the same target and samples.
 
-    python -m specforge_vllm.bench --target configs/assets/tiny-target --samples 32 --length 512
+    python benchmarks/vllm_backend_capture.py --target configs/assets/tiny-target --samples 32 --length 512
 
 Both backends get the same random samples in batches of ``--batch``; the figure is tokens per
 second of ``generate`` after one warm-up batch (vLLM's start-up is printed apart). The features
@@ -10,12 +10,19 @@ are compared as well, so a fast but wrong backend cannot look good.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "plugins"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
-from specforge_core.config import load_config
-from specforge_core.types import Sample
+import torch  # noqa: E402
+
+from specforge_core.config import load_config  # noqa: E402
+from specforge_core.types import Sample  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +40,6 @@ def main() -> None:
                             "inference": {"batch_size": a.batch, "backend": "vllm"}})
     from specforge_hf_backend.backend import HFTargetBackend
     from specforge_hf_backend.options import HFBackendOptions
-
     from specforge_vllm.backend import VLLMTargetBackend
     from specforge_vllm.options import VLLMBackendOptions
 
