@@ -53,7 +53,7 @@ def check_config(config: Any, inputs: bool = True, registry: Any = None) -> list
     t, src = P.load_target_config(config)
     if t is None:
         # a local config.json that cannot be read is an error (the run reads it); a hub id is not fetched
-        local = bool(config.model.target_config) or Path(config.model.target).is_dir()
+        local = bool(config.model.target_config) or bool(config.model.target) and Path(config.model.target).is_dir()
         (err if local else warn)("model.target_config" if config.model.target_config else "model.target",
                                  f"not checked against the target: {src}")
     else:

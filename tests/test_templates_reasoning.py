@@ -231,5 +231,5 @@ def test_eval_and_regenerate_render_prompts_with_dataset_reasoning(tmp_path, tok
             "dataset.chat_template=qwen3", f"dataset.reasoning={mode}", f"regenerate.output={out}",
             "regenerate.max_new_tokens=2", "logging.progress=false"])
         regenerate(cfg)
-        (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
+        (rec,) = [json.loads(x) for x in out.read_text().splitlines()[1:]]  # after the header line
         assert rec["status"] in ("ok", "truncated"), rec
