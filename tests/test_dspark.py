@@ -116,6 +116,9 @@ def test_export_layout_and_roundtrip(tmp_path):
     assert tensors["confidence_head.proj.weight"].shape == (1, 32 + 6)
     assert tensors["confidence_head.proj.weight"].dtype == torch.float32 and tensors["confidence_head.proj.bias"].shape == (1,)
     write_export(config, tensors, tmp_path / "export")
+    from specforge_vllm.eval_engine import speculative_method
+
+    assert speculative_method(tmp_path / "export") == "dspark"  # not dflash: the config has dflash_config too
     loaded, d2t_ids = load_export(tmp_path / "export")
     assert torch.equal(d2t_ids, vocab.draft_to_target_ids) and loaded.aux_layer_ids == [2, 4, 5]
     for n, t in loaded.state_dict().items():
@@ -182,3 +185,26 @@ def test_eval_acceptance_equals_slow_loop(tmp_path, block_size):
         assert pr.generated == len(out) and pr.mismatch is None
         total += sum(matched)
     assert report.overall.at_least[1] > 0 and total > len(prompts) * 3  # drafts beyond the first are accepted
+
+
+@pytest.mark.slow
+def test_quickstart_dspark_trains_exports_evaluates(tmp_path, monkeypatch):
+    """configs/quickstart-dspark.toml, a few steps: trains, exports vLLM's layout, evaluates."""
+    from safetensors.torch import load_file
+
+    from specforge_core.config import load_config
+    from specforge_core.evaluation.evaluate import evaluate
+    from specforge_core.pipeline import run_pipeline
+
+    root = TINY.parents[2]
+    monkeypatch.chdir(root)
+    cfg = load_config([root / "configs" / "quickstart-dspark.toml"], overrides=[
+        "training.max_steps=4", f"run.output_dir={tmp_path / 'run'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+        "dataset.max_samples=32", "logging.progress=false"])
+    result = run_pipeline(cfg)
+    assert result.steps == 4
+    tensors = load_file(str(result.export_dir / "model.safetensors"))
+    assert {"markov_head.markov_w1.weight", "markov_head.markov_w2.weight", "confidence_head.proj.weight"} <= set(tensors)
+    report = evaluate(str(result.export_dir), str(TINY), [[1, 7, 300, 42, 9, 77]], steps=3, max_new_tokens=8,
+                      eos_ids=(), device="cpu", dtype="fp32")
+    assert report.ok, report.errors

@@ -55,7 +55,7 @@ def vllm_python(option: Optional[str]) -> str:
 
 # vLLM's speculative method for an export, from the keys its loaders read (vLLM keys the method on
 # the config, not on who trained it); anything else is served as an EAGLE-3 draft
-_METHOD_BY_CONFIG_KEY = (("dflash_config", "dflash"),)
+_METHOD_BY_CONFIG_KEY = (("markov_rank", "dspark"), ("dflash_config", "dflash"))  # a dspark config has both
 
 
 def speculative_method(draft_dir: str | Path) -> str:

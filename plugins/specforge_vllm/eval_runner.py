@@ -2,7 +2,7 @@
 
 Self-contained on purpose (stdlib + vLLM only): the vLLM venv does not have specforge installed.
 It serves the target twice at temperature 0 with the same token-id prompts: once with the export
-as its draft (``speculative_config = {"method": "eagle3" | "dflash", ...}`` from the export's
+as its draft (``speculative_config = {"method": "eagle3" | "dflash" | "dspark", ...}`` from the export's
 config, per-request
 ``detailed`` spec-decode metrics), once plainly (the greedy reference). It writes what vLLM
 itself reports: output token ids of both runs, each request's per-step accepted/drafted counts,
