@@ -57,6 +57,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # all of ShareGPT (the first measurement was "all-base" served by vLLM: 1.40 at K=3)
     "all-base": ("sharegpt-all", []),
     "all-lr1e-3": ("sharegpt-all", ["training.lr=1e-3"]),
+    # the other algorithms on the same data (docs/algorithms.md): 2-layer block drafts, blocks
+    # trained at the lengths served for K = 3, 5, 7 (docs/dflash.md: block length)
+    "dflash": ("sharegpt", ["training.lr=1e-3", "model.draft=dflash", "model.dflash.block_size=8",
+                            "model.dflash.train_block_lengths=[4,6,8]"]),
+    "dspark": ("sharegpt", ["training.lr=1e-3", "model.draft=dspark", "model.dspark.block_size=7",
+                            "model.dspark.train_block_lengths=[3,5,7]"]),
 }
 
 
