@@ -50,6 +50,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr1e-3-fcnorm": ("sharegpt", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true"]),
     "lr3e-3-fcnorm": ("sharegpt", ["training.lr=3e-3", "model.llama-eagle3.fc_norm=true"]),
     "lr1e-3-fcnorm-lk": ("sharegpt", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true", "training.loss=lk"]),
+    # full EAGLE-3.1: fc_norm + norm_output (the next draft step reads the normed output)
+    "eagle3.1": ("sharegpt", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true",
+                              "model.llama-eagle3.norm_output=true"]),
     "regen-lr1e-3": ("regen", ["training.lr=1e-3"]),
     "regen-lr1e-3-fcnorm": ("regen", ["training.lr=1e-3", "model.llama-eagle3.fc_norm=true"]),
     # three times the budget (the first conversations of the same ShareGPT order): the curve
