@@ -50,7 +50,15 @@ class PEagleAlgorithm:
         self.options = options or PEagleOptions()
         self.seed = int(getattr(getattr(config, "run", None), "seed", 0) or 0)
         self.features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True,
-                                    block_size=self.options.num_depths)
+                                    block_size=self.options.num_depths, default_aux_layers=self.default_aux_layers,
+                                    min_loss_index=2)  # the entry at p predicts x[p+2]
+
+    @staticmethod
+    def default_aux_layers(num_target_layers: int) -> list[int]:
+        """EAGLE-3's layers (the peers' P-EAGLE keeps them): the residual entering layers 2, L//2
+        and L-3, as HF hidden_states indices."""
+        L = num_target_layers
+        return [2, L // 2, L - 3]
 
     # ------------------------------------------------------------------------------ build
     def draft_config(self, hf: dict, n_aux: int, draft_vocab_size: int) -> PEagleConfig:
@@ -93,6 +101,10 @@ class PEagleAlgorithm:
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         return objective.summarize(totals)
 
+    def display_metrics(self) -> dict[str, list[str]]:
+        """Each depth's accuracy (acc_d: draft token d) and the acceptance length they imply."""
+        return {"acc": [f"acc_{d}" for d in range(1, self.options.num_depths + 1)], "tau": ["accept_len"]}
+
     # ------------------------------------------------------------------------------ export / eval
     def export(self, draft: PEagleDraft, vocab: Any):
         return export_config(draft.config, getattr(draft, "aux_layer_ids", [])), export_tensors(draft, vocab)
@@ -105,7 +117,7 @@ class PEagleAlgorithm:
     # ------------------------------------------------------------------------------ plan
     def plan(self, config: Any, target: dict) -> DraftPlan:
         L_t = int(target["num_hidden_layers"])
-        n_aux = len(config.model.aux_layers or [2, L_t // 2, L_t - 3])
+        n_aux = len(config.model.aux_layers or self.default_aux_layers(L_t))
         vd = min(int(config.model.draft_vocab_size), int(target["vocab_size"]))
         c = self.draft_config(target, n_aux, vd)
         H, inter, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
