@@ -36,11 +36,10 @@ from specforge_core.plugin_api import (
     load_optimizer_state,
     problems,
     read_extra,
+    resolve_dtype,
     write_complete,
     write_extra,
 )
-
-DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @attrs.define
@@ -64,15 +63,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"[training.local] device: {name!r} requested but CUDA is not available")
     return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPE_NAMES[name]
-    except KeyError:
-        raise ValueError(f"training.dtype: {name!r} is not allowed; allowed: auto, {', '.join(DTYPE_NAMES)}") from None
 
 
 def _fsync_file(path: str) -> None:
@@ -107,7 +97,7 @@ class LocalStrategy:
         self.options = options or LocalStrategyOptions()
         self.device = resolve_device(self.options.device)
         dtype_name = config.training.dtype if config is not None else "auto"
-        self.dtype = resolve_dtype(dtype_name, self.device)
+        self.dtype = resolve_dtype(dtype_name, self.device, "training.dtype")
 
     # ------------------------------------------------------------------------------ training
     def param_dtype(self, param: torch.nn.Parameter) -> torch.dtype:

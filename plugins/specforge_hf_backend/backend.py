@@ -15,23 +15,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from specforge_core.plugin_api import target_info_for
+from specforge_core.plugin_api import resolve_dtype, target_info_for
 from specforge_core.types import Sample, TargetFeatures
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``inference.dtype``: 'auto' = bf16 on GPU, fp32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
 
 
 def find_decoder_layers(base_model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -101,7 +92,7 @@ class HFTargetBackend:
 
         self.options = options
         self.device = resolve_device(device or options.device)
-        self.dtype = resolve_dtype(config.inference.dtype, self.device)
+        self.dtype = resolve_dtype(config.inference.dtype, self.device, "inference.dtype")
         self.batch_size = config.inference.batch_size
         m = config.model
         self.info = target_info_for(config)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from specforge_core.plugin_api import target_info_for
+from specforge_core.plugin_api import dtype_from_engine, target_info_for
 from specforge_core.types import Sample, TargetFeatures
 from specforge_sglang_backend.capture import MAX_VOCAB, split_rows
 from specforge_sglang_backend.options import SglangOptions, engine_kwargs, validate
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "specforge_sglang_backend.sgl_models"
 CAPTURE_ENV = "SPECFORGE_SGLANG_CAPTURE"
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ARGMAX_CHUNK = 2048  # tokens per lm_head chunk for the in-engine argmax
 
 
@@ -124,7 +123,7 @@ class SglangTargetBackend:
             port=free_port(), nccl_port=free_port(), dist_init_addr=addr,
         )
         self.engine_kwargs = adapt_to_server_args(kwargs, server_arg_names)
-        self.dtype = TORCH_DTYPES[self.engine_kwargs["dtype"]]
+        self.dtype = dtype_from_engine(self.engine_kwargs["dtype"])
         self._set_capture_env(archs)
         self.engine = self._start(engine_cls)
         self.stats = {"samples": 0, "tokens": 0, "seconds": 0.0}

@@ -13,12 +13,12 @@ from typing import Any, Optional
 import attrs
 
 from specforge_core.config.fields import RangeError, in_range, option, positive
+from specforge_core.plugin_api import engine_dtype
 
 log = logging.getLogger(__name__)
 
 # inference.dtype -> SGLang's --dtype. 'auto' means bf16 on GPU, like the hf backend (SGLang's own
 # 'auto' would follow config.json's torch_dtype, which may be fp32 and then differ from `hf`).
-DTYPE_MAP = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 # Keys the plugin manages itself: dropped (with a warning naming each) when set in extra_args.
 # Grouped by why they are protected; the names are SGLang ServerArgs fields.
@@ -192,7 +192,7 @@ def engine_kwargs(
         # derived from other sections
         model_path=config.model.target,
         trust_remote_code=config.model.trust_remote_code,
-        dtype=DTYPE_MAP[config.inference.dtype],
+        dtype=engine_dtype(config.inference.dtype, "cuda"),  # SGLang runs on GPUs: auto = bf16
         mem_fraction_static=options.mem_fraction_static,
         # topology, ports, networking
         tp_size=options.tp_size,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from specforge_core import dtypes
 from specforge_core.components import ObjectiveContext, TargetHead, capability
 from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.export import ALGORITHM_ATTR
@@ -35,22 +36,12 @@ from specforge_core.types import TargetFeatures, TargetInfo
 
 MicroBatch = Sequence[TargetFeatures] | Batch | StagedBatch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def as_batch(micro: MicroBatch, device: torch.device, dtype: torch.dtype, pack_tokens: int = 0) -> Batch:
     if isinstance(micro, StagedBatch):
         return micro.ready()
     if isinstance(micro, Batch):
         return micro
     return assemble(micro, device, dtype, pack_tokens)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' = bf16 on GPU, fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 class DraftStep(torch.nn.Module):
@@ -86,7 +77,7 @@ class Trainer:
         self.strategy = strategy if strategy is not None else create(config, "training_strategy", config,
                                                                       registry=registry)
         self.device = torch.device(self.strategy.device)
-        self.dtype = resolve_dtype(t.dtype, self.device)
+        self.dtype = dtypes.resolve(t.dtype, self.device, "training.dtype")
 
         self.algorithm = build_algorithm(config, registry)
         if t.pack_tokens and not self.algorithm.features.packed_rows:
@@ -229,7 +220,3 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-# The EAGLE-3-era name, kept for callers written against it.
-Eagle3Trainer = Trainer
