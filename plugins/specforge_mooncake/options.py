@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 
 from specforge_core.config.fields import non_negative, option, positive
+from specforge_core.plugin_api import dtype_bytes
 
 
 @attrs.define
@@ -66,9 +67,8 @@ class MooncakeOptions:
         if "target" not in plan:
             return PlanNotes()
         t = plan["target"]
-        dtype_bytes = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}[config.inference.dtype]
         need = compute_sizes(int(t["hidden_size"]), plan["n_aux"], config.dataset.max_seq_length,
-                             config.transfer.max_pool_bytes, dtype_bytes)
+                             config.transfer.max_pool_bytes, dtype_bytes(config.inference.dtype))
         line = (f"mooncake: sample_bytes {need.sample_bytes:,}, global_segment_size {need.global_segment_size:,} "
                 f"({need.global_segment_size / 1024**3:.2f} GiB), local_buffer_size {need.local_buffer_size:,}")
         problems = []
