@@ -43,7 +43,6 @@ import torch
 
 from specforge_core.data.formats import DataError
 from specforge_core.data.identity import data_sha256, file_sha256
-from specforge_core.training.checkpoint import fsync_path
 from specforge_core.types import FEATURE_KEYS, Sample, TargetFeatures, TargetInfo
 
 INDEX = "index.json"
@@ -102,6 +101,15 @@ def check_fingerprint(cache_dir: Path, stored: dict, wanted: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ index I/O
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "wb") as f:
