@@ -1,5 +1,5 @@
 """DFlash and EAGLE-3.1 exports served by the real vLLM (CPU build, its own venv): DFlash's per-step
-acceptance in vLLM equals ``specforge eval``'s, and an EAGLE-3.1 (``fc_norm``) export loads with its
+acceptance in vLLM equals ``specforge eval``'s (K = block_size - 1, and K < block_size - 1), and an EAGLE-3.1 (``fc_norm``) export loads with its
 norm weights as written."""
 
 from __future__ import annotations
@@ -163,6 +163,50 @@ def test_dflash_acceptance_in_vllm_equals_specforge_eval(tmp_path):
     vl = evaluate(str(export2), str(TINY), prompts, engine="vllm", engine_python=PYTHON, **kw)
     assert hf.ok, hf.errors
     assert vl.ok, vl.errors  # spec output == vLLM's greedy; every draft tensor loaded as exported
+    assert [p.raw for p in vl.prompts] == [p.raw for p in hf.prompts]
+    assert [p.stats for p in vl.prompts] == [p.stats for p in hf.prompts]
+
+
+def test_dflash_short_block_in_vllm_equals_specforge_eval(tmp_path):
+    """K = 3 < block_size - 1 = 7: vLLM drafts with a 1 + K = 4-slot query block, and so must
+    ``specforge eval`` (the 4 extra MASK slots of a whole block change every slot's logits)."""
+    from specforge_dflash.export import load_export
+    from specforge_dflash.plugin import DFlashOptions, make_dflash
+    from specforge_vllm.eval_engine import speculative_method
+    from test_dflash import _overfit_draft, _slow_speculation
+    from transformers import AutoModelForCausalLM
+
+    from specforge_core.evaluation.evaluate import evaluate
+    from specforge_core.export import write_export
+
+    model = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32).eval()
+    prompts = [[1, 7, 300, 42, 9, 77], [1, 5, 600, 601, 33], [1, 12, 800, 14, 15, 16, 17]]
+    K, M = 3, 24
+    with torch.no_grad():
+        seqs = [model.generate(torch.tensor([p]), max_new_tokens=M + K, do_sample=False, eos_token_id=None
+                               )[0].tolist() for p in prompts]
+    greedy = [s[len(p): len(p) + M] for s, p in zip(seqs, prompts, strict=True)]
+    alg = make_dflash(DFlashOptions(block_size=8, num_layers=2, loss_decay=0.0, anchor_stride=1,
+                                    train_block_lengths=[K + 1]))
+    draft, d2t = load_export(_overfit_draft(model, seqs, alg, tmp_path))
+    with torch.no_grad():  # one k_norm for every layer: vLLM 0.32's CPU context-key deviation cannot act
+        for layer in draft.layers[1:]:
+            layer.self_attn.k_norm.weight.copy_(draft.layers[0].self_attn.k_norm.weight)
+    vocab = type("V", (), {"d2t": d2t - torch.arange(d2t.numel()), "t2d": torch.ones(d2t.numel(), dtype=torch.bool)})
+    config, tensors = alg.export(draft, vocab)
+    assert config["block_size"] == 8
+    export = write_export(config, tensors, tmp_path / "export-b8")
+    draft, _ = load_export(export)
+    ours = [_slow_speculation(model, draft, d2t, p, K, M)[0] for p in prompts]  # 1 + K slots
+    served = _serve(tmp_path, draft=str(export), method="dflash", k=K, prompts=prompts, max_new=M)
+    assert served["outputs"] == greedy and served["per_step_accepted"] == ours
+    assert sum(a >= 2 for v in ours for a in v) > 0  # drafts beyond the first are accepted
+
+    assert speculative_method(export) == "dflash"
+    kw = dict(steps=K, max_new_tokens=M, eos_ids=(), dtype="fp32")
+    hf = evaluate(str(export), str(TINY), prompts, device="cpu", **kw)
+    vl = evaluate(str(export), str(TINY), prompts, engine="vllm", engine_python=PYTHON, **kw)
+    assert hf.ok and vl.ok, (hf.errors, vl.errors)
     assert [p.raw for p in vl.prompts] == [p.raw for p in hf.prompts]
     assert [p.stats for p in vl.prompts] == [p.stats for p in hf.prompts]
 
