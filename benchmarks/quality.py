@@ -66,6 +66,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                             "model.dflash.train_block_lengths=[4,6,8]"]),
     "dspark": ("sharegpt", ["training.lr=1e-3", "model.draft=dspark", "model.dspark.block_size=7",
                             "model.dspark.train_block_lengths=[3,5,7]"]),
+    # the block-length choice on the reference target: whole 8-slot blocks only
+    "dflash-whole": ("sharegpt", ["training.lr=1e-3", "model.draft=dflash", "model.dflash.block_size=8"]),
 }
 
 
