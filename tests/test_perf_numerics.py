@@ -58,14 +58,16 @@ def loss_and_grads(fn, model, *args):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attention,merge", [("eager", "loop"), ("sdpa", "loop"), ("flex", "loop"),
-                                             ("eager", "stacked"), ("flex", "stacked")])
-def test_optimized_step_matches_eager_reference_float64(attention, merge):
+@pytest.mark.parametrize("attention,ckpt,merge", [("eager", False, "loop"), ("sdpa", False, "loop"),
+                                                  ("flex", True, "loop"), ("eager", False, "stacked"),
+                                                  ("flex", True, "stacked")])
+def test_optimized_step_matches_eager_reference_float64(attention, ckpt, merge):
     """``stacked`` is the math of the merge that runs torch.compile'd on GPU, here eager."""
     model, batch, head, t2d = setup(0, torch.float64)
     ref_loss, ref_g = loss_and_grads(lambda m, *a: eager_step_loss(m, *a, K)[0], model, batch, head, t2d)
     model.attention = attention
     model.merge = merge
+    model.activation_checkpointing = ckpt  # model.llama-eagle3.activation_checkpointing
     if attention == "sdpa":  # fused CPU kernel assumes right padding: compare only full rows
         batch.attention_mask[:] = True
         batch.lengths[:] = batch.input_ids.shape[1]
