@@ -277,3 +277,33 @@ def test_bf16_model_keeps_fp32_rope_frequencies():
     # what the rounded frequencies would have given: angles off by radians
     bad_cos, _ = cos_sin(want.to(torch.bfloat16).float(), pos, torch.float32)
     assert (bad_cos - ref_cos).abs().max() > 0.1
+
+
+def test_plugin_modules_import_no_circle():
+    """The plugin's modules import each other as a tree (function-local imports included): the
+    algorithm does not reach back into the registration module, nothing imports a benchmark."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(model_mod.__file__).parent
+    graph = {}
+    for f in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n.split(".")[1] for n in names if n.startswith("specforge_llama_eagle3.")}
+        graph[f.stem] = deps & {p.stem for p in pkg.glob("*.py")}
+    assert "plugin" not in set().union(*graph.values())  # only the entry point imports plugin.py
+
+    def visit(node, path):
+        assert node not in path, f"import circle: {' -> '.join([*path, node])}"
+        for dep in graph[node]:
+            visit(dep, [*path, node])
+
+    for name in graph:
+        visit(name, [])
