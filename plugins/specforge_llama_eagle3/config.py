@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import attrs
 
+from specforge_core.plugin_api import text_config
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,7 +46,7 @@ class DraftConfig:
     def from_target(cls, hf_config: dict, draft_vocab_size: int, num_aux: int = 3,
                     source: str = "target config.json") -> DraftConfig:
         """Copy the target's layer shape and rope settings (the EAGLE-3 recipe: one target-shaped layer)."""
-        cfg = _text_config(hf_config)
+        cfg = text_config(hf_config)  # multimodal wrappers keep the language model under text_config
         get = _getter(cfg, source)
         hidden = int(get("hidden_size"))
         heads = int(get("num_attention_heads"))
@@ -148,13 +150,6 @@ class DraftConfig:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _text_config(hf_config: dict) -> dict:
-    # Multimodal wrappers keep the language model's settings under text_config.
-    if "hidden_size" not in hf_config and isinstance(hf_config.get("text_config"), dict):
-        return hf_config["text_config"]
-    return hf_config
-
-
 def _getter(cfg: dict, source: str):
     def get(key: str):
         if cfg.get(key) is None:
