@@ -7,7 +7,9 @@ and a soft cross-entropy with ``log_softmax``. Same weights and same alignment a
 (``align_step``), no fused kernels, no chunking. Memory grows as T^2 * k, so it fits only short
 sequences (on an 80 GB H100: 2048 tokens).
 
-    python benchmarks/eager_reference.py --T 1024   # one step on the GPU, prints time and memory
+    python benchmarks/draft_step.py --T 1024 --variants eager-ref   # time and memory on the GPU
+
+(A leaf module: ``draft_step`` imports it, it imports no benchmark.)
 """
 
 from __future__ import annotations
@@ -77,14 +79,3 @@ def eager_step_loss(model, batch, target_head, t2d, K: int, decay: float = 0.8):
         total = total + decay**k * raw
     return total, torch.stack(raws)
 
-
-if __name__ == "__main__":
-    import argparse
-
-    from draft_step import make_inputs, run_variant  # noqa: E402  (benchmarks/ is on sys.path)
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--T", type=int, default=1024)
-    a = ap.parse_args()
-    model, batch, head, t2d = make_inputs(a.T, "cuda")
-    print(run_variant("eager-reference", model, batch, head, t2d, a.T, iters=3))
