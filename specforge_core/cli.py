@@ -10,10 +10,13 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
+
+import attrs
 
 from specforge_core import __version__
 
@@ -30,7 +33,26 @@ def _load(args: argparse.Namespace):
     from specforge_core.config import load_config
 
     files, overrides = split_config_args(args.config)
+    for name in files:
+        _refuse_override_without_value(name)
     return load_config(files, overrides)
+
+
+_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_][\w-]*)+$")
+
+
+def _refuse_override_without_value(arg: str) -> None:
+    """``training.lr`` (no ``=``) is an override missing its value, not a config file: say so rather
+    than "config file not found"."""
+    from specforge_core.config import ConfigError
+    from specforge_core.config.schema import SpecforgeConfig
+
+    if Path(arg).exists() or not _KEY.match(arg) or arg.endswith(".toml"):
+        return
+    sections = {f.name for f in attrs.fields(SpecforgeConfig)}
+    if arg.split(".", 1)[0] in sections:
+        raise ConfigError(f"{arg!r} is an override without a value (write {arg}=VALUE); "
+                          "arguments without '=' are config files")
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -182,7 +204,7 @@ def _delegate(module: str) -> tuple[Callable, Callable]:
 # Subcommands that live in their own modules (loaded only to build their parser).
 DELEGATED = {
     "eval": ("specforge_core.evaluation.cli", "measure a draft's acceptance length offline"),
-    "plan": ("specforge_core.plan", "print placement, bytes and memory of a config without running"),
+    "plan": ("specforge_core.plan_cli", "print placement, bytes and memory of a config without running"),
     "reference": ("specforge_core.reference", "get the reference target, data and MT-bench prompts (SmolLM2)"),
 }
 
@@ -276,31 +298,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RegistryError) as exc:  # the user's input: one line, exit 2
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # a file, a full disk, a permission: name the path and the cause
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - incl. torch's CheckpointException, a BaseException
         if args.debug:
             raise
+        line, code = _describe_error(_carried(exc), (ConfigError, RegistryError))
+        print(line, file=sys.stderr)
+        return code
+
+
+def _carried(exc: BaseException) -> BaseException:
+    """The error a wrapper carries: torch's ``CheckpointException`` (a ``BaseException`` holding each
+    rank's error in ``failures``); anything else as it is."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, BaseException) and inner is not exc:
+            return _carried(inner)
+    return exc
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _describe_error(exc: BaseException, config_errors: tuple[type, ...]) -> tuple[str, int]:
+    """One stderr line and the exit code for an error that ends a command (docs/guarantees.md)."""
+    if isinstance(exc, config_errors) or isinstance(exc, _input_errors()):
+        # the user's input: the message names the key/file and what to do
+        return f"error: {exc}", 2
+    if isinstance(exc, OSError):  # a file, a full disk, a permission: name the path and the cause
         what = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         where = f" {exc.filename}:" if exc.filename else ""  # no filename: the message names it
-        print(f"error:{where} {what} (--debug shows the traceback)", file=sys.stderr)
-        return 1
-    except Exception as exc:  # anything else: still one line, the traceback on request
-        if args.debug:
-            raise
-        if isinstance(exc, _input_errors()):  # the message names the file/key and what to do
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"error: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
-        return 1
+        return f"error:{where} {_first_line(what)} (--debug shows the traceback)", 1
+    message = _first_line(str(exc))
+    return f"error: {type(exc).__name__}{': ' + message if message else ''} (--debug shows the traceback)", 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import socket
@@ -22,8 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from specforge_core.provenance import RUN_FILE, data_fingerprint, run_id
+
+__all__ = ["RUN_FILE", "RunDirError", "check_resume", "claim", "config_changes", "data_fingerprint", "lock",
+           "run_id"]
+
 LOCK_FILE = ".specforge.lock"
-RUN_FILE = "run.json"
 
 
 class RunDirError(RuntimeError):
@@ -96,14 +99,6 @@ def lock(output_dir: str | Path, warn: Callable[[str], None] = print) -> Iterato
 
 
 # ---------------------------------------------------------------------------------- identity
-def run_id(output_dir: str | Path) -> Optional[str]:
-    """The id of the run that owns ``output_dir`` (None if no run claimed it)."""
-    try:
-        return json.loads((Path(output_dir) / RUN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def claim(output_dir: str | Path, resume: bool, name: str = "specforge") -> str:
     """Make ``output_dir`` this run's: a fresh run refuses a directory holding checkpoints (of
     another run), a resumed run keeps the directory's id. Returns the run id."""
@@ -177,29 +172,6 @@ def _same_paths(old: Any, new: Any) -> bool:
             and os.path.isabs(new) and os.path.abspath(old) == os.path.normpath(new))
 
 
-_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
-
-
-def data_fingerprint(paths: list[str]) -> dict[str, str]:
-    """``path -> sha256`` of the training data files (cached per size and mtime in this process)."""
-    out = {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            out[p] = "missing"
-            continue
-        key = (os.path.abspath(p), st.st_size, st.st_mtime_ns)
-        if key not in _FINGERPRINTS:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _FINGERPRINTS[key] = h.hexdigest()
-        out[p] = _FINGERPRINTS[key]
-    return out
-
-
 def check_resume(config: Any, config_toml: str, warn: Callable[[str], None] = print) -> Optional[Path]:
     """Before a resumed run starts: the checkpoint it will continue from must have been trained with
     a compatible config and the same data. Raises :class:`RunDirError` naming each refused key;
@@ -211,6 +183,10 @@ def check_resume(config: Any, config_toml: str, warn: Callable[[str], None] = pr
     if latest is None:
         return None
     extra = ckpt.read_extra(latest)
+    if (latest / ckpt.DCP_METADATA).is_file():  # a sharded checkpoint: refuse code in it before any work
+        from specforge_core.training import safe_dcp
+
+        safe_dcp.read_metadata(latest)
     refused, allowed = config_changes(extra.get("config_toml", ""), config_toml) if extra.get(
         "config_toml") else ([], [])
     stored = extra.get("data_files")

@@ -10,6 +10,9 @@ Layout of a checkpoint directory ``path`` (must be on a filesystem every rank se
 
 Atomicity: everything goes to ``path.tmp-<id>`` (one id for all ranks, broadcast from rank 0);
 after a barrier rank 0 writes ``COMPLETE`` and renames the directory to ``path``.
+
+Loading never unpickles code: ``.metadata`` and non-tensor items are read as data only
+(``specforge_core.training.safe_dcp``), not by torch's default reader and planner.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from specforge_core.training import safe_dcp
 from specforge_core.training.checkpoint import (
     COMPLETE,
     CheckpointError,
@@ -64,7 +68,15 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: d
     path = os.path.abspath(path.rstrip("/"))
     tmp = f"{path}.tmp-{_shared_id()}"
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective
+    except BaseException as exc:  # torch wraps a write error (a full disk) in a BaseException
+        inner = safe_dcp.unwrap(exc)
+        if inner is exc:
+            raise
+        if isinstance(inner, OSError) and not inner.filename:
+            raise OSError(inner.errno, inner.strerror or str(inner), tmp) from None
+        raise inner from None
     if dist.get_rank() == 0:
         write_extra(tmp, extra)
     barrier()  # every rank's shards are on disk
@@ -100,7 +112,7 @@ def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, barrier:
     extra = read_extra(path)  # first: a refused extra stops the load before anything changes
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)  # fills the (sharded) tensors in place
+    safe_dcp.load(state, path)  # fills the (sharded) tensors in place; reads data only
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_SET
     )

@@ -25,11 +25,14 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from specforge_core import provenance
+
 COMPLETE = "COMPLETE"  # every strategy writes it last into a finished checkpoint directory
 EXTRA_JSON = "extra.json"
 EXTRA_TENSORS = "extra.safetensors"
 LEGACY_EXTRA = "extra.pt"
 OPTIMIZER_FILES = ("optimizer.pt",)  # what export can do without
+DCP_METADATA = ".metadata"  # a sharded (torch.distributed.checkpoint) checkpoint's index
 HASH_LIMIT = 64 << 20  # files up to this size are also pinned by sha256 in the marker
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -118,10 +121,10 @@ def read_extra(directory: str | Path) -> dict[str, Any]:
             return torch.load(d / LEGACY_EXTRA, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
             raise CheckpointError(
-                f"checkpoint {d}: {LEGACY_EXTRA} holds objects other than plain data and was refused "
-                "unread (loading it could run code). Use a checkpoint written by this specforge, or one "
-                "from a source you trust re-saved as data"
-            ) from exc
+                f"checkpoint {d}: {LEGACY_EXTRA} holds objects other than plain data ({refusal_reason(exc)}) "
+                "and was refused unread (loading it could run code). Use a checkpoint written by this "
+                "specforge, or one from a source you trust re-saved as data"
+            ) from None
     raise CheckpointError(f"checkpoint {d} has no {EXTRA_JSON} (nor a legacy {LEGACY_EXTRA})")
 
 
@@ -132,7 +135,24 @@ def load_optimizer_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not plain optimizer state, refused unread ({exc})") from exc
+        raise CheckpointError(
+            f"checkpoint file {path} holds objects other than plain optimizer state ({refusal_reason(exc)}) "
+            "and was refused unread (loading it could run code); use a checkpoint written by specforge, "
+            "or one from a source you trust") from None
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry with
+    ``weights_only=False`` (that would run the code the refusal just stopped)."""
+    text = str(exc)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it refers to {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\.?\s*Please use|\n|$)", text)
+    if m and m.group(1).strip():
+        return m.group(1).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def load_model_weights(model: torch.nn.Module, file: str | Path) -> None:
@@ -245,19 +265,22 @@ def _complete_checkpoints(output_dir: str | Path, ignore: Iterable[str] = ()) ->
 
 def latest_checkpoint(output_dir: str | Path, ignore: Iterable[str] = (),
                       report: Optional[Callable[[str], None]] = None) -> Optional[Path]:
-    """The newest complete, intact checkpoint directory, or None. A newer one that has a marker but
-    fails verification is skipped with a warning (``report``, default ``warnings.warn``)."""
+    """The newest complete, intact checkpoint directory, or None. Each newer one that is skipped
+    (damaged, or without its marker) is named in one line (``report``, default ``warnings.warn``)."""
     ignore = tuple(ignore)
     for _, d in reversed(step_dirs(output_dir)):
         bad = problems(d, ignore)
         if not bad:
             return d
-        if (d / COMPLETE).is_file():  # finished once, damaged since: say so
+        if (d / COMPLETE).is_file():  # finished once, damaged since
             msg = f"checkpoint {d} is damaged ({'; '.join(bad)}); falling back to an earlier one"
-            if report is not None:
-                report(msg)
-            else:
-                warnings.warn(msg, CheckpointWarning, stacklevel=2)
+        else:  # a save never finishes under this name (it writes a .tmp dir): copied or edited by hand
+            msg = (f"checkpoint {d} has no {COMPLETE} marker (not a finished checkpoint); skipped, "
+                   "falling back to an earlier one")
+        if report is not None:
+            report(msg)
+        else:
+            warnings.warn(msg, CheckpointWarning, stacklevel=2)
     return None
 
 
@@ -289,12 +312,11 @@ def save(
 ) -> Path:
     """Checkpoint ``trainer`` at its current step; prune this run's checkpoints to the ``keep``
     newest (another run's are never touched: a fresh run refuses a directory that holds them)."""
-    from specforge_core import rundir
     from specforge_core.vocab import VocabMapping
 
     path = checkpoint_dir(output_dir, trainer.step)
     vocab = VocabMapping.load(vocab_path)
-    run_id = rundir.run_id(output_dir)
+    run_id = provenance.run_id(output_dir)
     extra = {
         **trainer.state(),
         "data_position": dict(data_position),
@@ -305,7 +327,7 @@ def save(
         "vocab": {"d2t": vocab.d2t, "t2d": vocab.t2d},
         "run_id": run_id,
         # what resume compares the data files with (cached: hashed once per process)
-        "data_files": rundir.data_fingerprint(_data_paths(config_toml)),
+        "data_files": provenance.data_fingerprint(_data_paths(config_toml)),
     }
     trainer.strategy.save_checkpoint(str(path), trainer.model, trainer.optimizer, extra)
     if trainer.strategy.rank == 0 and keep > 0:
