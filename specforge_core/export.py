@@ -144,18 +144,8 @@ def export_from_checkpoint(
 
 
 def _load_dcp_trainables(path: Path, draft: torch.nn.Module) -> None:
-    """Fill the draft's trainable parameters from a DCP checkpoint's ``model`` entry (keys of the
-    trainer's ``DraftStep`` wrapper: ``draft.<name>``; frozen parameters are not saved)."""
-    import torch.distributed.checkpoint as dcp
+    """Fill the draft's trainable parameters from a DCP checkpoint's ``model`` entry, reading data
+    only (nothing in the checkpoint is unpickled as code)."""
+    from specforge_core.training.safe_dcp import load_trainables
 
-    names = [n for n, p in draft.named_parameters() if p.requires_grad]
-    state = {"model": {f"draft.{n}": draft.get_parameter(n).detach().float().clone() for n in names}}
-    try:
-        with warnings.catch_warnings():  # loading in one process without a group is the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    except Exception as exc:  # a key the checkpoint lacks: name the checkpoint and the draft
-        raise ValueError(f"export: {path} does not hold this draft's weights ({exc})") from exc
-    with torch.no_grad():
-        for n in names:
-            draft.get_parameter(n).copy_(state["model"][f"draft.{n}"])
+    load_trainables(path, draft)
