@@ -68,6 +68,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                             "model.dspark.train_block_lengths=[3,5,7]"]),
     # the block-length choice on the reference target: whole 8-slot blocks only
     "dflash-whole": ("sharegpt", ["training.lr=1e-3", "model.draft=dflash", "model.dflash.block_size=8"]),
+    # the same on all of ShareGPT (beside all-lr1e-3; cap them with --set training.max_steps=...)
+    "all-dflash": ("sharegpt-all", ["training.lr=1e-3", "model.draft=dflash", "model.dflash.block_size=8",
+                                    "model.dflash.train_block_lengths=[4,6,8]"]),
+    "all-dspark": ("sharegpt-all", ["training.lr=1e-3", "model.draft=dspark", "model.dspark.block_size=7",
+                                    "model.dspark.train_block_lengths=[3,5,7]"]),
 }
 
 
