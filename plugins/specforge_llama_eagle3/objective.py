@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from specforge_core.components import LossOutput, TargetHead
+from specforge_core.components import LossOutput, TargetHead, capability
 
 
 def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def learned(batch: Any, k: int) -> torch.Tensor:
     pos = torch.arange(T, device=batch.input_ids.device)
     in_range = (pos[None, :] + k + 2) < batch.lengths[:, None]
     out = in_range & shift_left(batch.loss_mask, k + 2)
-    doc_ids = getattr(batch, "doc_ids", None)
+    doc_ids = batch.doc_ids
     if doc_ids is not None:  # documents are contiguous: same doc at t and t+k+2 covers the span
         out &= shift_left(doc_ids + 1, k + 2) == doc_ids + 1
     return out
@@ -98,7 +98,7 @@ def step_masks(batch: Any, t2d: torch.Tensor, K: int) -> tuple[torch.Tensor, tor
         return x[:, idx.clamp(max=T - 1)].permute(1, 0, 2)
 
     out = (pred[:, None, :] < batch.lengths[None, :, None]) & inside[:, None, :] & at(batch.loss_mask, pred)
-    doc_ids = getattr(batch, "doc_ids", None)
+    doc_ids = batch.doc_ids
     if doc_ids is not None:
         out &= at(doc_ids, pred) == doc_ids[None]
     in_vocab = t2d.to(device)[at(batch.target_argmax, tgt)]  # (where tgt >= T, out is False)
@@ -147,12 +147,12 @@ def micro_step(
     weights = (decay ** torch.arange(K, device=device, dtype=torch.float64)) / denominators.clamp(min=1)
     total = None
     # packed rows (training/packing.py): rope positions and attention inside each document
-    packed = {} if getattr(batch, "doc_ids", None) is None else {
+    packed = {} if batch.doc_ids is None else {
         "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
     # every step's valid rows and weight are known before the forward: a loss that offers the
     # contract's fast path takes them up front (one host sync, not one per step) and returns one
     # differentiable total (components.Loss)
-    make_groups = getattr(loss_fn, "weighted_groups", None)
+    make_groups = capability(loss_fn, "Loss.weighted_groups")
     groups = make_groups(prepared, valid_k.flatten(1), weights) if make_groups is not None else None
     for k, hidden in enumerate(ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K, **packed)):
         rows = target_rows(batch, k)
