@@ -213,13 +213,15 @@ def _shard_number(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _good_shards(cache: Path, index: Optional[dict], groups: Sequence[Sequence[Sample]]
+def _good_shards(cache: Path, index: Optional[dict], groups: Sequence[Sequence[Sample]], tick: Any = None
                  ) -> tuple[dict[int, dict], list[str]]:
     """The shards the index lists that hold exactly the samples (ids and token counts) shard i must
     hold, with the listed size and sha256; and why each other listed shard is written again."""
     good: dict[int, dict] = {}
     redo: list[str] = []
     for entry in index["shards"] if index else []:
+        if tick is not None:
+            tick()
         i = _shard_number(entry["file"])
         if i is None or i >= len(groups) or i in good:
             redo.append(f"{entry['file']} (not a shard of this data)")
@@ -294,9 +296,16 @@ def write_features(config: Any, *, backend: Any = None, provider: Any = None, co
     total_tokens = sum(s.num_tokens for s in usable)
 
     # keep the listed shards that are whole and right (re-hashed); drop everything else
-    if index and index["shards"]:
-        log(f"features: checking the {len(index['shards'])} shards {INDEX} lists (sizes, sha256)")
-    good, redo = _good_shards(cache, index, groups)
+    listed = len(index["shards"]) if index else 0
+    if listed:
+        log(f"features: checking the {listed} shards {INDEX} lists (sizes, sha256)")
+    check_bar = (_Progress(console, listed, 0, "verify") if listed and console is not None and config.logging.progress
+                 else None)
+    try:
+        good, redo = _good_shards(cache, index, groups, (lambda: check_bar.update(1, "")) if check_bar else None)
+    finally:
+        if check_bar:
+            check_bar.close()
     for why in redo:
         log(f"features: {why}: writing it again")
     keep = {INDEX} | {e["file"] for e in good.values()}
@@ -373,10 +382,10 @@ class _Quiet:
 class _Progress:
     """A rich progress bar: samples done of all, time left, samples/s and bytes written."""
 
-    def __init__(self, console: Any, total: int, done: int):
+    def __init__(self, console: Any, total: int, done: int, label: str = "features"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.p = Progress(TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        self.p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           TextColumn("{task.fields[rate]}"), console=console)
         self.task = self.p.add_task("features", total=total, completed=done, rate="")
         self.p.start()
