@@ -207,6 +207,9 @@ def build_samples(
                 return _limit(samples, stats, cfg.max_samples)
             except Exception as e:  # a corrupt cache is rebuilt, not fatal
                 log.warning("ignoring unreadable cache %s: %s", cache_file, e)
+    # a large dataset takes minutes: say what starts (the bar, when on, shows how far it is)
+    log.info("tokenizing %s (%.1f MB)%s", ", ".join(str(f) for f in files), sum(f.stat().st_size for f in files) / 1e6,
+             f"; the result is cached in {cache_file}" if cache_file is not None else "")
     samples, stats = tokenize_all(cfg, tokenizer, files, progress=progress)
     log.info("tokenized %s: %s", ", ".join(str(f) for f in files), stats.summary())
     if cache_file is not None:
