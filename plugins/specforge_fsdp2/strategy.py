@@ -31,7 +31,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from specforge_core.config.fields import option
-from specforge_core.distributed import local_rank
+from specforge_core.plugin_api import local_rank
 from specforge_fsdp2 import checkpoint as ckpt
 
 SHARDING = ("full", "replicate")
