@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     """A target, one prompt + its greedy continuation, and a draft trained to memorise it."""
     from specforge_core.export import export_draft
     from specforge_core.training.components import create
-    from specforge_core.training.trainer import Eagle3Trainer
+    from specforge_core.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("evalspec")
     target = make_target(root / "target")
@@ -49,9 +49,8 @@ def setup(tmp_path_factory):
 
     cfg = load_config(data={
         "run": {"name": "evalspec", "output_dir": str(root / "run"), "seed": 0},
-        "model": {"target": str(target), "draft_vocab_size": 128},
-        "training": {"scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "lr": 2e-2,
-                     "ttt_length": K_TRAIN},
+        "model": {"target": str(target), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": K_TRAIN}},
+        "training": {"scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "lr": 2e-2},
     })
     backend = create(cfg, "target_backend", cfg, "cpu")
     feats = backend.generate([sample])
@@ -60,7 +59,7 @@ def setup(tmp_path_factory):
     rest = torch.tensor([i for i in range(VOCAB) if i not in set(used.tolist())])[: 128 - used.numel()]
     vocab = VocabMapping.from_target_ids(torch.cat([used, rest]), VOCAB)
 
-    trainer = Eagle3Trainer(cfg, backend.info, vocab, total_steps=300)
+    trainer = Trainer(cfg, backend.info, vocab, total_steps=300)
     untrained = export_draft(trainer.draft, vocab, root / "untrained")
     perfect = 0
     for _ in range(300):  # many steps at a high lr on one sample, until every TTT step is exact
@@ -133,12 +132,12 @@ def test_guard_reports_a_wrong_verifier(setup):
     tm = TargetModel(setup["target"], [2, 4, 5])
     forward_rows = tm.forward_rows
 
-    def corrupt(ids, positions, mask, cache):
-        nxt, aux = forward_rows(ids, positions, mask, cache)
+    def corrupt(ids, positions, mask, cache, logits=False):
+        out, aux = forward_rows(ids, positions, mask, cache, logits=logits)
         if ids.shape[1] > 1 and mask.shape[2] > ids.shape[1]:  # a verification, not the prefill
-            nxt = nxt.clone()
-            nxt[0, 0] = (nxt[0, 0] + 1) % VOCAB
-        return nxt, aux
+            out = out.clone()
+            out[0, 0] = (out[0, 0] + 1) % VOCAB
+        return out, aux
 
     tm.forward_rows = corrupt
     res = speculate_batch([setup["prompt"]], make_proposer(setup["trained"], tm, tm.device), tm, 2, 9, ())[0]

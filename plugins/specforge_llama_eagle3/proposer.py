@@ -108,9 +108,12 @@ class Eagle3ChainProposer:
         return torch.stack(rows)
 
     # ------------------------------------------------------------------------------ one layer
-    def _forward(self, ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, live: torch.Tensor):
-        """Append S entries per row (``live`` False = padding); each new entry attends to its row's
-        valid entries, the new ones up to itself, and itself. Returns (normed, out_hidden) [B, S, H]."""
+    def _forward(self, ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, live: torch.Tensor,
+                 see: Optional[torch.Tensor] = None, inner: Optional[torch.Tensor] = None):
+        """Append S entries per row (``live`` False = padding, or tree nodes no later entry sees);
+        each new entry attends to its row's valid entries (plus the cached columns ``see`` [B, S, L0]
+        marks: a tree node's ancestors), the new ones up to itself (or ``inner`` [B, S, S]), and
+        itself. Returns (normed, out_hidden) [B, S, H]."""
         d = self.draft
         attn = d.midlayer.self_attn
         B, S = ids.shape
@@ -119,14 +122,80 @@ class Eagle3ChainProposer:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
             self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-            causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
-            mask = torch.cat([self.valid[:, None, :].expand(B, S, L0), causal[None] & live[:, None, :]], dim=2)
+            base = self.valid[:, None, :].expand(B, S, L0)
+            if see is not None:
+                base = base | see
+            new = inner if inner is not None else (torch.ones(S, S, dtype=torch.bool, device=self.device).tril()[None]
+                                                   & live[:, None, :])
+            mask = torch.cat([base, new], dim=2)
             mask[:, torch.arange(S), L0 + torch.arange(S)] = True
             self.valid = torch.cat([self.valid, live], dim=1)
             return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask[:, None], scale=attn.scale,
                                                   enable_gqa=attn.n_heads != attn.n_kv)
 
         return d.step(ids, hidden, pos, attend)  # (normed, the next step's hidden: EAGLE-3.1 norm_output)
+
+    # ------------------------------------------------------------------------------ trees
+    @torch.no_grad()
+    def propose_tree(self, topk: int, depth: int, tokens: int) -> list[tuple[list[int], list[int]]]:
+        """The dynamic draft tree of EAGLE-2/3 (SafeAILab/EAGLE ``Model.topK_genrate``, SGLang
+        ``topk > 1``), per row: the ``topk`` best tokens of the last real entry are layer 1; each
+        further layer expands the ``topk`` nodes of the layer above with their ``topk`` best tokens
+        each and keeps the ``topk`` best of those ``topk**2`` by cumulative draft log-probability;
+        ``depth`` layers (``depth - 1`` cached forwards). Of all scored candidates the
+        ``tokens - 1`` best form the tree, in candidate order (layer by layer). Returns per row
+        ``(tokens, parents)``: node i+1's target token and its parent node (0 = the root x[n])."""
+        B, k = len(self.entries), topk
+        self.chain_from = self.valid.shape[1]
+        base = torch.tensor(self.entries, dtype=torch.int64, device=self.device)  # = n per row
+        rows = torch.arange(B, device=self.device)[:, None]
+        logp = torch.log_softmax(self.draft.logits(self._normed)[:, -1].float(), dim=-1)  # [B, Vd]
+        top = torch.topk(logp, k, dim=-1)
+        scores = top.values  # [B, k]: cumulative log-prob of the current layer's nodes
+        layer_tok = self.draft_to_target[top.indices]  # [B, k]
+        hidden = self._out.expand(B, k, -1)  # every layer-1 node reads the last real entry's output
+        all_scores, all_tokens, all_parents = [scores], [layer_tok], [torch.full((B, k), -1, device=self.device)]
+        sel_global = torch.arange(k, device=self.device).expand(B, k)  # candidate index of each node
+        offset = k
+        see = torch.zeros(B, k, self.valid.shape[1], dtype=torch.bool, device=self.device)
+        live = torch.zeros(B, k, dtype=torch.bool, device=self.device)
+        eye = torch.eye(k, dtype=torch.bool, device=self.device)[None].expand(B, k, k)
+        for level in range(1, depth):
+            L0 = self.valid.shape[1]
+            pos = (base - 1 + level)[:, None].expand(B, k)
+            normed, out = self._forward(layer_tok, hidden, pos, live, see=see, inner=eye)
+            # columns each expanded node's children see: its ancestors and its own new entry
+            own = torch.cat([see, eye], dim=2)
+            step = torch.log_softmax(self.draft.logits(normed).float(), dim=-1)  # [B, k, Vd]
+            top = torch.topk(step, k, dim=-1)
+            cu = (top.values + scores[:, :, None]).reshape(B, k * k)
+            best = torch.topk(cu, k, dim=-1)
+            parent = best.indices // k  # [B, k] node of the layer above
+            all_scores.append(cu)
+            all_tokens.append(self.draft_to_target[top.indices].reshape(B, k * k))
+            all_parents.append(sel_global[:, :, None].expand(B, k, k).reshape(B, k * k))
+            scores = best.values
+            layer_tok = all_tokens[-1][rows, best.indices]
+            hidden = out[rows, parent]
+            see = own[rows, parent]
+            sel_global = offset + best.indices
+            offset += k * k
+            assert see.shape[2] == L0 + k
+        cand_scores = torch.cat(all_scores, dim=1)
+        cand_tokens = torch.cat(all_tokens, dim=1).tolist()
+        cand_parents = torch.cat(all_parents, dim=1).tolist()
+        chosen = torch.topk(cand_scores, tokens - 1, dim=-1).indices.sort(dim=-1).values.tolist()
+        trees = []
+        for b in range(B):
+            node_of = {c: i + 1 for i, c in enumerate(chosen[b])}
+            parents = []
+            for c in chosen[b]:
+                p = cand_parents[b][c]
+                if p != -1 and p not in node_of:
+                    raise RuntimeError(f"draft tree: candidate {c} was chosen without its parent {p} (a score tie)")
+                parents.append(0 if p == -1 else node_of[p])
+            trees.append(([cand_tokens[b][c] for c in chosen[b]], parents))
+        return trees
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> Eagle3ChainProposer:

@@ -9,15 +9,21 @@ if it ran alone; only the cache layout is shared.
 ``valid`` [B, L] marks the entries that belong to a row's committed sequence; the attention mask
 of a new token is "valid entries before it, plus the new tokens of its row up to itself". A padded
 token still attends to itself (a query with no key would give NaN, and NaN * 0 still poisons).
+
+A draft *tree* is appended the same way with a tree mask (a node sees its ancestors) and rope
+position = committed length + depth; after verification the accepted path's entries stay valid
+and every other node becomes a hole, so the row again holds exactly its committed sequence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
 from specforge_core.evaluation.target import TargetModel
+from specforge_core.evaluation.tree import DraftTree, ancestor_mask
 
 
 class TargetBatch:
@@ -31,43 +37,51 @@ class TargetBatch:
     def rows(self) -> int:
         return len(self.lengths)
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[torch.Tensor]]:
-        """Run the prompts (left-padded). Returns each row's first generated token and its
-        features f[0..P-1]."""
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the prompts (left-padded). Returns each row's logits at its last prompt token [B, V]
+        (its first generated token comes from them) and its features f[0..P-1]."""
         self.cache = self.target.new_cache()
         self.valid = torch.zeros(len(prompts), 0, dtype=torch.bool, device=self.target.device)
         self.lengths = [0] * len(prompts)
-        nxt, aux, width = self.append(prompts, left=True)
-        firsts = [int(nxt[b, -1]) for b in range(len(prompts))]
+        logits, aux, width = self.append(prompts, left=True, logits=True)
         feats = [aux[b, width - len(p):] for b, p in enumerate(prompts)]
         self.commit([len(p) for p in prompts], width, left=True)
-        return firsts, feats
+        return logits[:, -1], feats
 
-    def append(self, tokens: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def append(self, tokens: Sequence[Sequence[int]], left: bool = False,
+               parents: Optional[Sequence[Sequence[int]]] = None, logits: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One forward appending row b's ``tokens[b]`` (right-padded, or left-padded for a
-        prefill) after its committed entries. Returns (greedy tokens [B, S], features [B, S, F], S);
-        follow with ``commit`` to say how many of them each row keeps."""
+        prefill) after its committed entries. Without ``parents`` the new tokens are a sequence
+        (causal); with ``parents[b]`` they are a tree (``tree.DraftTree``: ``tokens[b][0]`` the root,
+        node i+1's parent ``parents[b][i]``): a node attends to its ancestors and sits at rope
+        position ``committed + depth``. Returns (greedy tokens [B, S] or, with ``logits``, the
+        logits [B, S, V]; features [B, S, F]; S); follow with ``commit`` / ``commit_nodes`` to say
+        which entries each row keeps."""
         dev = self.target.device
         B, S = len(tokens), max(len(t) for t in tokens)
         ids = torch.zeros(B, S, dtype=torch.int64)
         new_valid = torch.zeros(B, S, dtype=torch.bool)
         pos = torch.zeros(B, S, dtype=torch.int64)
+        inner = torch.ones(S, S, dtype=torch.bool).tril()[None].repeat(B, 1, 1)
         for b, t in enumerate(tokens):
             lo = S - len(t) if left else 0
             ids[b, lo:lo + len(t)] = torch.as_tensor(list(t), dtype=torch.int64)
             new_valid[b, lo:lo + len(t)] = True
-            pos[b, lo:lo + len(t)] = torch.arange(self.lengths[b], self.lengths[b] + len(t))
-        ids, new_valid, pos = ids.to(dev), new_valid.to(dev), pos.to(dev)
+            if parents is None:
+                pos[b, lo:lo + len(t)] = torch.arange(self.lengths[b], self.lengths[b] + len(t))
+            else:
+                tree = DraftTree(list(t[1:]), list(parents[b]))
+                pos[b, : len(t)] = self.lengths[b] + torch.tensor(tree.depths())
+                inner[b] = ancestor_mask(tree, S)
+        ids, new_valid, pos, inner = ids.to(dev), new_valid.to(dev), pos.to(dev), inner.to(dev)
         L0 = self.valid.shape[1]
         keys = torch.cat([self.valid, new_valid], dim=1)  # [B, L0 + S]
-        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-        mask = torch.cat([self.valid[:, None, :].expand(B, S, L0),
-                          causal[None] & new_valid[:, None, :]], dim=2)
+        mask = torch.cat([self.valid[:, None, :].expand(B, S, L0), inner & new_valid[:, None, :]], dim=2)
         mask[:, torch.arange(S), L0 + torch.arange(S)] = True  # every query sees itself
-        nxt, aux = self.target.forward_rows(ids, pos, mask, self.cache)
-        self._pending = (new_valid, left)
+        out, aux = self.target.forward_rows(ids, pos, mask, self.cache, logits=logits)
         self.valid = keys
-        return nxt, aux, S
+        return out, aux, S
 
     def commit(self, keep: Sequence[int], width: int, left: bool = False) -> None:
         """Row b keeps the first ``keep[b]`` of the tokens it appended last (all of a prefill's);
@@ -77,6 +91,16 @@ class TargetBatch:
             if not left:
                 self.valid[b, L - width + k:] = False
             self.lengths[b] += k
+
+    def commit_nodes(self, nodes: Sequence[Sequence[int]], width: int) -> None:
+        """Row b keeps the entries ``nodes[b]`` (indices into the tokens it appended last: a tree's
+        root and accepted path, in depth order); the rest of the ``width`` new entries become holes."""
+        L = self.valid.shape[1]
+        for b, kept in enumerate(nodes):
+            live = torch.zeros(width, dtype=torch.bool, device=self.valid.device)
+            live[list(kept)] = True
+            self.valid[b, L - width:] &= live
+            self.lengths[b] += len(kept)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these rows (finished prompts leave the batch)."""

@@ -30,37 +30,34 @@ class EvalRequest:
     engine_python: Optional[str] = None  # interpreter of the engine's own environment, if it has one
     trust_remote_code: bool = False
     progress: bool = False
+    temperature: float = 0.0  # 0 = greedy; > 0 = the engine's speculative sampling
+    seed: int = 0
+    tree: Optional[Any] = None  # a tree.TreeSpec, for engines that verify trees
+    speedup: bool = False  # also report the engine's wall-clock with and without speculation
 
 
 EngineRun = Callable[[EvalRequest], Any]
 
 
-def eval_engines(registry: Any = None) -> dict[str, tuple[EngineRun, str]]:
-    """name -> (run, description), the core's ``hf`` first."""
+def eval_engines(registry: Any = None) -> dict[str, tuple[Optional[EngineRun], str]]:
+    """name -> (run, description), the core's ``hf`` first (its run is None: ``evaluate`` runs it
+    in-process)."""
     from specforge_core.registry import get_registry
 
     registry = registry or get_registry()
-    found: dict[str, tuple[EngineRun, str]] = {"hf": (_run_hf, "in-process transformers target (default)")}
-
-    def register(name: str, run: EngineRun, description: str = "") -> None:
+    found: dict[str, tuple[Optional[EngineRun], str]] = {"hf": (None, "in-process transformers target (default)")}
+    # collected by the registry, plugin by plugin (a plugin whose hook raises is left out, named)
+    for name, engine in registry.eval_engines().items():
         if name in found:
-            raise ValueError(f"eval engine '{name}' is registered twice")
-        found[name] = (run, description)
-
-    registry.pm.hook.register_eval_engines(register=register)
+            raise ValueError(f"eval engine '{name}' (plugin {engine.plugin.name!r}) clashes with the core's own")
+        found[name] = (engine.run, engine.description)
     return found
 
 
 def get_engine(name: str, registry: Any = None) -> EngineRun:
+    """The run of a plugin engine (``hf`` is not one: ``evaluate`` runs it itself)."""
     engines = eval_engines(registry)
-    if name not in engines:
-        raise ValueError(f"eval engine '{name}' is not installed; installed: {', '.join(engines)}")
+    if name not in engines or engines[name][0] is None:
+        plugins = [n for n, (run, _) in engines.items() if run is not None]
+        raise ValueError(f"eval engine '{name}' is not installed; installed: hf, {', '.join(plugins) or '(no plugin engine)'}")
     return engines[name][0]
-
-
-def _run_hf(request: EvalRequest):
-    from specforge_core.evaluation.evaluate import evaluate
-
-    return evaluate(request.draft, request.target, request.prompts, request.steps, request.max_new_tokens,
-                    check=request.check, aux_layers=request.aux_layers, eos_ids=request.eos_ids,
-                    dtype=request.dtype, trust_remote_code=request.trust_remote_code, progress=request.progress)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,39 +9,16 @@ from typing import Any, Optional
 
 import torch
 
+from specforge_core.components import has_capability
 from specforge_core.evaluation.accounting import AcceptStats, stats_from_cycles
+from specforge_core.evaluation.engines import EvalRequest, get_engine
 from specforge_core.evaluation.fast import fast_speculate
 from specforge_core.evaluation.proposers import load_proposer
 from specforge_core.evaluation.report import EvalReport, PromptReport
-from specforge_core.evaluation.speculate import greedy_batch, speculate_batch
+from specforge_core.evaluation.settings import EvalSettings
+from specforge_core.evaluation.speculate import Sampling, greedy_batch, speculate_batch
 from specforge_core.evaluation.target import TargetModel, eos_token_ids
 from specforge_core.target import resolve_aux_layers
-
-
-def export_aux_layers(draft_dir: str | Path, num_layers: int, convention: str = "sglang") -> Optional[list[int]]:
-    """HF hidden_states indices named by an export's config.json (None = the default layers).
-
-    The top-level ``eagle_aux_hidden_state_layer_ids`` is in HF numbering (vLLM's). Exports made
-    before it was written hold the ids only under ``eagle_config``, in the numbering their
-    ``aux_ids_convention`` chose: SGLang's (HF index - 1) by default, ``convention`` says which."""
-    if convention not in ("sglang", "vllm"):
-        raise ValueError(f"aux ids convention '{convention}' is not known; allowed: sglang, vllm")
-    path = Path(draft_dir) / "config.json"
-    raw = json.loads(path.read_text())
-    top = raw.get("eagle_aux_hidden_state_layer_ids")
-    eagle = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
-    if top:
-        hf, where = [int(i) for i in top], "eagle_aux_hidden_state_layer_ids (HF numbering)"
-    elif eagle.get("eagle_aux_hidden_state_layer_ids"):
-        ids = eagle["eagle_aux_hidden_state_layer_ids"]
-        hf = [int(i) + (1 if convention == "sglang" else 0) for i in ids]
-        where = f"eagle_config.eagle_aux_hidden_state_layer_ids {ids} ({convention} convention)"
-    else:
-        return None
-    bad = [i for i in hf if not 1 <= i <= num_layers - 1]
-    if bad:
-        raise ValueError(f"{path}: {where} name HF layers {hf}, outside 1..{num_layers - 1} of this target")
-    return hf
 
 
 def resolve_prompts(prompts: Any, target: str, tokenizer=None, chat_template: str = "auto",
@@ -74,115 +50,107 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[str]:
     return None
 
 
-def evaluate(
-    draft_dir: str | Path,
-    target: str,
-    prompts: Any,
-    steps: int = 3,
-    max_new_tokens: int = 128,
-    *,
-    fast: bool = False,
-    check: bool = True,
-    aux_layers: Optional[Sequence[int]] = None,
-    aux_ids_convention: Optional[str] = None,
-    eos_ids: Optional[Sequence[int]] = None,
-    device: Optional[str] = None,
-    dtype: str = "fp32",
-    tokenizer=None,
-    chat_template: str = "auto",
-    max_seq_length: int = 2048,
-    reasoning: str = "keep",
-    max_prompts: Optional[int] = None,
-    trust_remote_code: bool = False,
-    progress: bool = False,
-    batch_size: int = 16,
-    algorithm: Optional[str] = None,
-    proposer: Any = None,
-    engine: str = "hf",
-    engine_python: Optional[str] = None,
-    registry: Any = None,
-) -> EvalReport:
-    """Greedy speculation with ``steps`` draft tokens per cycle on every prompt.
+def evaluate(draft_dir: str | Path, target: str, prompts: Any, steps: int = 3, max_new_tokens: int = 128, *,
+             tokenizer=None, proposer: Any = None, registry: Any = None, **fields: Any) -> EvalReport:
+    """Speculation with the exported draft on every prompt; ``fields`` are ``EvalSettings``'s
+    (``tree``, ``temperature``, ``fast``, ``check``, ``engine``, ``batch_size``, ...).
 
     ``prompts``: conversation files (their last assistant turn is dropped), ``Prompt`` objects, or
-    token-id lists. ``fast``: teacher-forced counts (same numbers, no guard). ``check``: also run
-    plain greedy decoding and record any token difference as an error (``report.ok``).
-    ``eos_ids``: stop tokens (default: the target's eos ids); ``()`` disables EOS.
-    ``batch_size``: prompts per target forward (hf engine). ``algorithm``: the draft algorithm
-    whose proposer drafts (default: found from the export's architecture); ``proposer``: a
-    ``components.Proposer`` or ``factory(draft_dir, target, device)`` instead.
-    ``engine``: ``hf`` (in-process) or an engine a plugin registers (``--engine vllm``).
-    ``aux_ids_convention``: numbering of an *old* export's ``eagle_config`` ids (sglang/vllm).
-    ``reasoning``: ``keep`` | ``drop``, as ``dataset.reasoning`` renders the prompts (docs/data.md)."""
-    from specforge_core.evaluation.engines import EvalRequest, get_engine
+    token-id lists. ``proposer``: a ``components.Proposer`` or ``factory(draft_dir, target, device)``
+    instead of the draft algorithm's."""
+    settings = EvalSettings(draft=str(draft_dir), target=target, prompts=prompts, steps=steps,
+                            max_new_tokens=max_new_tokens, **fields)
+    return run_eval(settings, tokenizer=tokenizer, proposer=proposer, registry=registry)
+
+
+def run_eval(s: EvalSettings, *, tokenizer=None, proposer: Any = None, registry: Any = None) -> EvalReport:
+    """Run one evaluation: chain or tree (``s.tree``), greedy or sampled (``s.temperature``), in
+    process (``hf``) or in a plugin's engine. Greedy runs are guarded: speculative output must equal
+    plain greedy decoding (``s.check``); sampled runs are not (their output is random by design)."""
     from specforge_core.target import load_target_config
 
-    if steps < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"steps ({steps}), max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) "
-                         "must be >= 1")
     t0 = time.perf_counter()
-    num_layers = int(load_target_config(target, trust_remote_code)["num_hidden_layers"])
-    if aux_layers is None and aux_ids_convention is not None:
-        aux_layers = export_aux_layers(draft_dir, num_layers, aux_ids_convention)
-    items = resolve_prompts(prompts, target, tokenizer, chat_template, max_seq_length, reasoning)
-    if max_prompts is not None:
-        items = items[:max_prompts]
+    num_layers = int(load_target_config(s.target, s.trust_remote_code)["num_hidden_layers"])
+    items = resolve_prompts(s.prompts, s.target, tokenizer, s.chat_template, s.max_seq_length, s.reasoning)
+    if s.max_prompts is not None:
+        items = items[: s.max_prompts]
     if not items:
-        raise ValueError(f"no prompts to evaluate (from {prompts!r})")
-    if eos_ids is None:
-        eos_ids = eos_token_ids(target, tokenizer)
-    if engine != "hf":
-        if fast:
-            raise ValueError(f"--fast is a shortcut of the hf engine; engine '{engine}' runs the real loop")
-        run = get_engine(engine, registry)
-        return run(EvalRequest(str(draft_dir), target, items, steps, max_new_tokens, list(eos_ids), check, dtype,
-                               list(aux_layers) if aux_layers else None, engine_python, trust_remote_code,
-                               progress))
+        raise ValueError(f"no prompts to evaluate (from {s.prompts!r})")
+    eos_ids = list(s.eos_ids) if s.eos_ids is not None else eos_token_ids(s.target, tokenizer)
+    check = s.check and not s.sampling
+    if s.engine != "hf":
+        if s.fast:
+            raise ValueError(f"--fast is a shortcut of the hf engine; engine '{s.engine}' runs the real loop")
+        run = get_engine(s.engine, registry)
+        return run(EvalRequest(s.draft, s.target, items, s.steps, s.max_new_tokens, eos_ids, check, s.dtype,
+                               list(s.aux_layers) if s.aux_layers else None, s.engine_python, s.trust_remote_code,
+                               s.progress, temperature=s.temperature, seed=s.seed, tree=s.tree, speedup=s.speedup))
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tm = TargetModel(target, [], device, dtype, trust_remote_code)
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tm = TargetModel(s.target, [], device, s.dtype, s.trust_remote_code)
     if proposer is None:
-        proposer = load_proposer(draft_dir, tm, tm.device, algorithm, registry)
+        proposer = load_proposer(s.draft, tm, tm.device, s.algorithm, registry)
     elif not hasattr(proposer, "propose"):
-        proposer = proposer(draft_dir, tm, tm.device)
-    if fast and not callable(getattr(proposer, "teacher_forced", None)):
+        proposer = proposer(s.draft, tm, tm.device)
+    if s.fast and not has_capability(proposer, "Proposer.teacher_forced"):
         raise ValueError("--fast needs a proposer with teacher_forced(); this draft algorithm has none")
-    tm.aux_layer_ids = resolve_aux_layers(aux_layers or proposer.aux_layers or (), num_layers)
+    tm.aux_layer_ids = resolve_aux_layers(s.aux_layers or proposer.aux_layers or (), num_layers)
 
-    overall, raw_all = AcceptStats(steps), AcceptStats(steps)
+    K = s.depth
+    sampling = Sampling(s.temperature, s.seed)
+    overall, raw_all = AcceptStats(K), AcceptStats(K)
     categories: dict[str, AcceptStats] = {}
     reports: list[PromptReport] = []
     timings = {"speculate_s": 0.0, "greedy_s": 0.0}
-    bar = _Progress(len(items), progress)
-    for lo in range(0, len(items), batch_size):
-        chunk = items[lo: lo + batch_size]
+    expected_sum, expected_cycles = 0.0, 0
+    bar = _Progress(len(items), s.progress)
+    for lo in range(0, len(items), s.batch_size):
+        chunk = items[lo: lo + s.batch_size]
         ids = [p.input_ids.tolist() for p in chunk]
         t1 = time.perf_counter()
-        reference = greedy_batch(ids, tm, max_new_tokens, eos_ids) if (fast or check) else None
+        reference = greedy_batch(ids, tm, s.max_new_tokens, eos_ids) if (s.fast or check) else None
         t2 = time.perf_counter()
-        if fast:
-            results = [fast_speculate(x, out, proposer, tm, steps) for x, out in zip(ids, reference, strict=True)]
+        if s.fast:
+            results = [fast_speculate(x, out, proposer, tm, K) for x, out in zip(ids, reference, strict=True)]
         else:
-            results = speculate_batch(ids, proposer, tm, steps, max_new_tokens, eos_ids)
+            # each chunk its own seed: a prompt's sampled run does not depend on the batch size's split
+            results = speculate_batch(ids, proposer, tm, s.steps, s.max_new_tokens, eos_ids, s.tree,
+                                      Sampling(sampling.temperature, sampling.seed + lo))
         timings["greedy_s"] += t2 - t1
         timings["speculate_s"] += time.perf_counter() - t2
         for p, x, res, i in zip(chunk, ids, results, range(len(chunk)), strict=True):
-            mismatch = first_difference(res.output, reference[i]) if (check and not fast) else None
-            stats = AcceptStats(steps)
+            mismatch = first_difference(res.output, reference[i]) if (check and not s.fast) else None
+            stats = AcceptStats(K)
             for accepted, committed in res.cycles:
                 stats.add_cycle(accepted, committed)
-            raw = None if fast else stats_from_cycles(res.matched, steps)
+            raw = None if s.fast else stats_from_cycles(res.matched, K)
             overall.merge(stats)
             if raw is not None:
                 raw_all.merge(raw)
             if p.category:
-                categories.setdefault(p.category, AcceptStats(steps)).merge(stats)
-            reports.append(PromptReport(p.sample_id, p.category, len(x), len(res.output), stats, mismatch, raw))
+                categories.setdefault(p.category, AcceptStats(K)).merge(stats)
+            expected = (1.0 + sum(res.expected) / len(res.expected)) if res.expected else None
+            expected_sum += sum(res.expected)
+            expected_cycles += len(res.expected)
+            reports.append(PromptReport(p.sample_id, p.category, len(x), len(res.output), stats, mismatch, raw,
+                                        expected))
         bar.advance(len(chunk))
     bar.close()
-    return EvalReport(str(draft_dir), target, steps, max_new_tokens, "fast" if fast else "exact",
-                      overall, categories, reports, time.perf_counter() - t0, engine="hf",
-                      raw=None if fast else raw_all, extra={"timings": timings, "batch_size": batch_size})
+    extra: dict[str, Any] = {"timings": timings, "batch_size": s.batch_size, "shape": s.shape,
+                             "temperature": s.temperature}
+    if s.tree is not None:
+        extra["tree"] = {"topk": s.tree.topk, "depth": s.tree.depth, "tokens": s.tree.tokens}
+    if expected_cycles:
+        extra["expected_tau"] = 1.0 + expected_sum / expected_cycles
+        extra["seed"] = s.seed
+    report = EvalReport(s.draft, s.target, K, s.max_new_tokens, "fast" if s.fast else "exact",
+                        overall, categories, reports, time.perf_counter() - t0, engine="hf",
+                        raw=None if s.fast else raw_all, extra=extra)
+    if s.speedup:
+        from specforge_core.evaluation.speedup import attach_speedup
+
+        attach_speedup(report, s, proposer, tm, items)
+    return report
 
 
 class _Progress:

@@ -23,6 +23,9 @@ class PromptReport:
     # untruncated: the last cycle's drafts accepted past EOS / max_new_tokens still count, as
     # vLLM's counters do (None: not known, e.g. the fast path)
     raw: Optional[AcceptStats] = None
+    # sampling: 1 + the exact expected accepted drafts per cycle (from the target's and the
+    # draft's distributions at every verified node), averaged over the prompt's cycles
+    expected_tau: Optional[float] = None
 
 
 @attrs.define
@@ -68,7 +71,7 @@ class EvalReport:
             "prompts": [
                 {"sample_id": p.sample_id, "category": p.category, "prompt_tokens": p.prompt_tokens,
                  "generated": p.generated, **p.stats.to_dict(), "mismatch": p.mismatch,
-                 "raw": p.raw.to_dict() if p.raw else None}
+                 "raw": p.raw.to_dict() if p.raw else None, "expected_tau": p.expected_tau}
                 for p in self.prompts
             ],
             "errors": self.errors,
@@ -88,7 +91,10 @@ class EvalReport:
         from rich.table import Table
 
         K = self.steps
-        t = Table(title=f"acceptance ({self.engine}): K={K} draft steps, greedy, {self.mode} "
+        shape = self.extra.get("shape", f"chain K={K}")
+        temp = self.extra.get("temperature", 0.0)
+        how = "greedy" if not temp else f"temperature {temp:g}"
+        t = Table(title=f"acceptance ({self.engine}): {shape}, {how}, {self.mode} "
                         f"({len(self.prompts)} prompts, max_new_tokens {self.max_new_tokens})")
         for col in ("group", "prompts", "cycles", "tokens", "tau"):
             t.add_column(col, justify="right" if col != "group" else "left")
@@ -110,12 +116,19 @@ class EvalReport:
         console = console or Console()
         console.print(self.table())
         console.print(f"tau = {_f(self.tau)} tokens per target verification forward "
-                      f"(K+1 = {self.steps + 1} is the ceiling); {self.wall_s:.1f} s")
+                      f"(depth+1 = {self.steps + 1} is the ceiling); {self.wall_s:.1f} s")
+        if "expected_tau" in self.extra:
+            console.print(f"expected tau (exact per cycle from the target's distributions, untruncated): "
+                          f"{_f(self.extra['expected_tau'])} (sampled, seed {self.extra.get('seed', 0)})")
         if self.raw is not None:
             console.print(f"untruncated (engine-comparable, vLLM's 1 + accepted/drafts): {_f(self.raw.tau)}, "
                           f"per position {' '.join(_f(r) for r in self.raw.rates)}")
         for key, value in self.extra.get("summary", {}).items():
             console.print(f"{key}: {value}")
+        if "speedup" in self.extra:
+            from specforge_core.evaluation.speedup import speedup_table
+
+            console.print(speedup_table(self.extra["speedup"]))
         for e in self.errors:
             console.print(f"[bold red]error[/]: {e}")
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+from specforge_core.dtypes import TORCH as DTYPES  # the one table of dtype names
 
 
 def _cache_arg(model, cache) -> dict:
@@ -70,15 +70,16 @@ class TargetModel:
         return out.logits[0].argmax(-1), aux
 
     @torch.no_grad()
-    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
+                     logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched forward of ``ids`` [B, S] at rope ``positions`` [B, S], appended to ``cache``;
         ``mask`` bool [B, S, L] says which of the L = cached + S entries each new token attends
-        to. Returns (greedy token [B, S], aux features [B, S, n_aux * H])."""
+        to. Returns (greedy token [B, S], or with ``logits`` the logits [B, S, V]; aux features
+        [B, S, n_aux * H])."""
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                          **_cache_arg(self.model, cache), use_cache=True, output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i] for i in self.aux_layer_ids], dim=-1)
-        return out.logits.argmax(-1), aux
+        return (out.logits if logits else out.logits.argmax(-1)), aux
 
     @torch.no_grad()
     def greedy(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
