@@ -206,7 +206,7 @@ def test_export_layout_and_roundtrip(tmp_path):
 
     alg, draft, vocab = build(PEagleOptions(num_depths=4, num_layers=2))
     config, tensors = alg.export(draft, vocab)
-    assert config["architectures"] == ["PeagleLlamaForCausalLM"] and config["num_hidden_layers"] == 2
+    assert config["architectures"] == ["Eagle3LlamaForCausalLM"] and config["num_hidden_layers"] == 2
     assert config["mask_token_id"] == 0 and config["parallel_drafting"] is True
     assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5] and config["num_aux_hidden_states"] == 3
     assert config["vocab_size"] == 40 and config["draft_vocab_size"] == 24 and config["rope_theta"] == 1000.0

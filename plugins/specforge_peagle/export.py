@@ -3,8 +3,8 @@
 ``Eagle3LlamaForCausalLM`` in ``vllm/model_executor/models/llama_eagle3.py``, drafting in
 ``vllm/v1/spec_decode/llm_base_proposer.py``):
 
-config.json: a Llama config of the draft (``architectures`` = ["PeagleLlamaForCausalLM"], which
-vLLM's registry maps to ``Eagle3LlamaForCausalLM`` and no EAGLE-3 chain proposer claims;
+config.json: a Llama config of the draft (``architectures`` = ["Eagle3LlamaForCausalLM"], which no
+EAGLE-3 chain export writes;
 ``num_hidden_layers`` = draft layers: vLLM gives layer 0 the 2H q/k/v input, the others H),
 ``vocab_size`` (the target's), ``draft_vocab_size``, ``target_hidden_size``, the aux layers
 (``eagle_aux_hidden_state_layer_ids``, HF hidden_states indices, what vLLM V1 captures, and
@@ -29,7 +29,10 @@ import torch
 
 from specforge_peagle.model import PEagleConfig, PEagleDraft
 
-ARCHITECTURE = "PeagleLlamaForCausalLM"  # vLLM maps it to Eagle3LlamaForCausalLM
+# vLLM's eagle3 method accepts only architectures named Eagle3* / *Eagle3 (transformers_utils/configs/
+# eagle.py); this one is its class's own name, distinct from the EAGLE-3 chain export's
+# LlamaForCausalLMEagle3 so that `specforge eval --draft DIR` finds the P-EAGLE proposer.
+ARCHITECTURE = "Eagle3LlamaForCausalLM"
 MARKER = "parallel_drafting"
 
 

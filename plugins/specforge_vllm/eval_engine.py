@@ -71,8 +71,16 @@ def speculative_method(draft_dir: str | Path) -> str:
     return "eagle3"
 
 
+def parallel_drafting(draft_dir: str | Path) -> bool:
+    """Whether vLLM drafts this export's K tokens in one forward: an EAGLE-3-layout export whose
+    config.json says ``parallel_drafting`` (P-EAGLE; vLLM takes the flag from the speculative config)."""
+    return bool(json.loads((Path(draft_dir) / "config.json").read_text()).get("parallel_drafting"))
+
+
 def run_vllm_eval(request: Any):
     """``register_eval_engines`` entry: an ``EvalRequest`` in, an ``EvalReport`` out."""
+    from specforge_core.plugin_api import engine_dtype
+
     t0 = time.perf_counter()
     if request.aux_layers:
         raise ValueError("--engine vllm reads the aux layers from the export's config.json; re-export with "
@@ -80,10 +88,9 @@ def run_vllm_eval(request: Any):
     python = vllm_python(request.engine_python)
     payload = {
         "draft": str(Path(request.draft).resolve()), "target": _model_path(request.target),
-        "method": speculative_method(request.draft),
+        "method": speculative_method(request.draft), "parallel_drafting": parallel_drafting(request.draft),
         "steps": request.steps, "max_new_tokens": request.max_new_tokens, "eos_ids": list(request.eos_ids),
-        "check": request.check, "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
-            request.dtype, request.dtype), "trust_remote_code": request.trust_remote_code,
+        "check": request.check, "dtype": engine_dtype(request.dtype, key="eval.dtype"), "trust_remote_code": request.trust_remote_code,
         "prompts": [{"sample_id": p.sample_id, "input_ids": p.input_ids.tolist()} for p in request.prompts],
     }
     with tempfile.TemporaryDirectory(prefix="specforge-vllm-eval-") as tmp:
@@ -100,9 +107,14 @@ def run_vllm_eval(request: Any):
 
 
 def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
-    from specforge_core.evaluation.accounting import AcceptStats, stats_from_cycles, truncate_cycle
-    from specforge_core.evaluation.evaluate import first_difference
-    from specforge_core.evaluation.report import EvalReport, PromptReport
+    from specforge_core.plugin_api import (
+        AcceptStats,
+        EvalReport,
+        PromptReport,
+        first_difference,
+        stats_from_cycles,
+        truncate_cycle,
+    )
 
     K = request.steps
     overall, raw_all = AcceptStats(K), AcceptStats(K)

@@ -38,6 +38,8 @@ def _engine(req: dict, speculative: bool):
     if speculative:
         kw["speculative_config"] = {"method": req.get("method", "eagle3"), "model": req["draft"],
                                     "num_speculative_tokens": req["steps"]}
+        if req.get("parallel_drafting"):  # P-EAGLE: all K drafts from one forward (mask slots)
+            kw["speculative_config"]["parallel_drafting"] = True
         kw["per_request_spec_decode_metrics"] = "detailed"
     return LLM(**kw)
 
@@ -82,13 +84,14 @@ def _draft_weight_check(llm, draft_dir: str) -> dict:
         return {"checked": False, "why": f"{type(exc).__name__}: {exc}"}
     tensors = load_file(os.path.join(draft_dir, "model.safetensors"))
     params = dict(model.named_parameters())
+    params.update(model.named_buffers())  # P-EAGLE's mask_hidden is a buffer of the top-level model
     mismatched, unused = [], []
     for key, t in tensors.items():
         if key in ("d2t", "t2d"):
             continue
         name = key.replace("midlayer.", "layers.0.")
         name = name if name.startswith("lm_head") else "model." + name
-        candidates = [name, name.replace("layers.0.", "midlayer.")]
+        candidates = [name, name.replace("layers.0.", "midlayer."), key]
         # vLLM fuses q/k/v and gate/up: compare those by slicing is engine-internal; check presence
         found = [c for c in candidates if c in params]
         if not found:
