@@ -336,7 +336,9 @@ def _describe_error(exc: BaseException, config_errors: tuple[type, ...]) -> tupl
         # the user's input: the message names the key/file and what to do
         return f"error: {exc}", 2
     if isinstance(exc, OSError):  # a file, a full disk, a permission: name the path and the cause
-        what = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        what = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC and not what.startswith("no space left on the device"):
+            what = "no space left on the device"  # the OS's words vary; a checkpoint save says more
         where = f" {exc.filename}:" if exc.filename else ""  # no filename: the message names it
         return f"error:{where} {_first_line(what)} (--debug shows the traceback)", 1
     message = _first_line(str(exc))

@@ -33,12 +33,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from specforge_core.training import safe_dcp
-from specforge_core.training.checkpoint import (
+from specforge_core.plugin_api import (
     COMPLETE,
     CheckpointError,
     problems,
     read_extra,
+    safe_dcp,
     write_complete,
     write_extra,
 )
@@ -69,21 +69,39 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: d
     tmp = f"{path}.tmp-{_shared_id()}"
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_SHARDED)
     try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective
-    except BaseException as exc:  # torch wraps a write error (a full disk) in a BaseException
-        inner = safe_dcp.unwrap(exc)
-        if inner is exc:
-            raise
-        if isinstance(inner, OSError) and not inner.filename:
-            raise OSError(inner.errno, inner.strerror or str(inner), tmp) from None
-        raise inner from None
-    if dist.get_rank() == 0:
-        write_extra(tmp, extra)
-    barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
-        write_complete(tmp)  # lists every rank's shard files (a filesystem every rank sees)
-        _replace_dir(tmp, path)
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective
+        except BaseException as exc:  # torch wraps a write error (a full disk) in a BaseException
+            inner = safe_dcp.unwrap(exc)
+            if inner is exc:
+                raise
+            if isinstance(inner, OSError) and not inner.filename:
+                raise OSError(inner.errno, inner.strerror or str(inner), tmp) from exc
+            raise inner from exc
+        # every rank's shards are on disk; rank 0 writes the rest (every rank learns if that failed)
+        _on_rank0(lambda: write_extra(tmp, extra), path)
+        _on_rank0(lambda: (write_complete(tmp), _replace_dir(tmp, path)), path)
+    except BaseException:
+        if dist.get_rank() == 0:  # no rank writes any more: each one saw the failure
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()  # nobody returns (or starts the next save) before `path` is in place
+
+
+def _on_rank0(fn: Callable[[], object], path: str) -> None:
+    """Run ``fn`` on rank 0; a failure raises on every rank (none is left waiting in a barrier)."""
+    failed: list = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error, failed[0] = exc, f"{type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0] is not None:
+        raise CheckpointError(f"checkpoint {path}: rank 0 failed to write it ({failed[0]})")
 
 
 def _replace_dir(src: str, dst: str) -> None:

@@ -329,13 +329,129 @@ def save(
         # what resume compares the data files with (cached: hashed once per process)
         "data_files": provenance.data_fingerprint(_data_paths(config_toml)),
     }
-    trainer.strategy.save_checkpoint(str(path), trainer.model, trainer.optimizer, extra)
+    write_checkpoint(trainer.strategy, path, trainer.model, trainer.optimizer, extra)
     if trainer.strategy.rank == 0 and keep > 0:
         mine = [d for _, d in _complete_checkpoints(output_dir) if _run_id_of(d) == run_id]
         for old in mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     trainer.strategy.barrier()
     return path
+
+
+def write_checkpoint(strategy: Any, path: str | Path, model: torch.nn.Module, optimizer: Any,
+                     extra: dict[str, Any]) -> None:
+    """``strategy.save_checkpoint`` with a failed write reported as an ``OSError`` that names the
+    checkpoint and the cause (a full disk: ``no space left on the device``) and says that the
+    previous checkpoint is intact. Strategies write into a temp dir and rename, so it is."""
+    path = Path(path)
+    try:
+        strategy.save_checkpoint(str(path), model, optimizer, extra)
+    except (KeyboardInterrupt, SystemExit, CheckpointError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - torch wraps write errors in a BaseException
+        failure = save_failure(exc, path, model, optimizer)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+# How writers that do not raise OSError report a failed write (torch's zip writer, safetensors)
+_WRITE_FAILURE = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed|I/O error|"
+                            r"No space left|os error \d+", re.IGNORECASE)
+
+
+def save_failure(exc: BaseException, path: Path, model: Any = None, optimizer: Any = None) -> Optional[OSError]:
+    """The ``OSError`` to raise for ``exc``, a failure while saving checkpoint ``path`` (None: not
+    a write failure, re-raise ``exc`` as it is)."""
+    import errno as errno_mod
+
+    inner = _carried(exc)
+    code, cause = None, None
+    for e in _chain(inner):
+        if isinstance(e, OSError) and e.errno:
+            code, cause = e.errno, e
+            break
+        m = re.search(r"os error (\d+)", str(e))
+        if m:
+            code, cause = int(m.group(1)), e
+            break
+        if "No space left" in str(e):
+            code, cause = errno_mod.ENOSPC, e
+            break
+        if _WRITE_FAILURE.search(str(e)) and cause is None:
+            cause = e
+    if cause is None:
+        return None
+    previous = _previous_checkpoint(path)
+    needed = _checkpoint_bytes(previous, model, optimizer)
+    free = _free_bytes(path)
+    if code is None and needed and free is not None and free < needed:
+        code = errno_mod.ENOSPC  # torch's writer says only "unexpected pos": the space says why
+    if code == errno_mod.ENOSPC:
+        what = "no space left on the device"
+        if free is not None and needed:
+            what += f" ({_mib(free)} free there, a checkpoint takes about {_mib(needed)})"
+    else:
+        what = (os.strerror(code) if code else "writing failed") + f" ({_first_line(cause)})"
+    kept = f"; the previous checkpoint {previous.name} is intact" if previous is not None else ""
+    return OSError(code or errno_mod.EIO, f"{what} while saving the checkpoint{kept}", str(path))
+
+
+def _carried(exc: BaseException) -> BaseException:
+    failures = getattr(exc, "failures", None)  # torch's CheckpointException: each rank's error
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, BaseException) and inner is not exc:
+            return _carried(inner)
+    return exc
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _previous_checkpoint(path: Path) -> Optional[Path]:
+    older = [d for s, d in step_dirs(path.parent.parent) if d != path and is_complete(d)]
+    return older[-1] if older else None
+
+
+def _checkpoint_bytes(previous: Optional[Path], model: Any, optimizer: Any) -> int:
+    """About how many bytes a checkpoint takes: the previous one's files, else the state's tensors."""
+    if previous is not None:
+        return sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    total = 0
+    try:
+        tensors = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if optimizer is not None:
+            tensors += [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+    except Exception:  # noqa: BLE001 - only an estimate for the message
+        return 0
+    return total
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    for d in (path.parent, *path.parents):
+        if d.exists():
+            try:
+                return shutil.disk_usage(d).free
+            except OSError:
+                return None
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _data_paths(config_toml: str) -> list[str]:
