@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from specforge_core.components import capability, has_capability
+from specforge_core.components import capability, conformance_problems, has_capability
 
 
 def find_algorithm(draft_dir: str | Path, name: Optional[str] = None, registry: Any = None) -> tuple[str, Any]:
@@ -37,8 +37,7 @@ def find_algorithm(draft_dir: str | Path, name: Optional[str] = None, registry: 
 
 
 def _create(registry: Any, kind: str, name: str) -> Any:
-    comp = registry.get(kind, name)
-    return comp.factory(registry.default_options(kind, name), None)
+    return registry.create(kind, name, None, None)  # checked against its contract
 
 
 def load_proposer(draft_dir: str | Path, target: Any, device: Any, name: Optional[str] = None,
@@ -47,6 +46,9 @@ def load_proposer(draft_dir: str | Path, target: Any, device: Any, name: Optiona
     if not has_capability(alg, "DraftAlgorithm.proposer"):
         raise ValueError(f"draft algorithm '{alg_name}' has no proposer: it cannot be evaluated by specforge eval")
     proposer = alg.proposer(draft_dir, target, device)
+    problems = conformance_problems(proposer, "Proposer")
+    if problems:
+        raise ValueError(f"draft algorithm '{alg_name}': its proposer ({type(proposer).__name__}) {'; '.join(problems)}")
     default = alg.features.default_aux_layers
     if proposer.aux_layers is None and default is not None:
         # the export names no layers: the algorithm's default for this target, as in training
