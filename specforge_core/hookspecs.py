@@ -1,5 +1,7 @@
 """pluggy hook specifications: one hook per component kind. The whole extension surface is this
-file plus the contracts in ``components.py`` (its ``KINDS`` table is the one list of kinds).
+file plus the contracts in ``components.py`` (every member a component may implement, required or
+optional, is declared there; ``KINDS`` here is the one list of kinds). Plugins import only the
+public modules ``plugin_api`` lists (docs/writing-plugins.md).
 
 A plugin module (the target of an entry point in the ``specforge`` group) implements any of these::
 
