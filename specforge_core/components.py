@@ -22,6 +22,7 @@ declared but is close to a declared one the component lacks (``weighted_group`` 
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ContextManager, Optional, Protocol
 
@@ -74,7 +75,11 @@ class Member:
 
 def members(contract: str | type) -> dict[str, Member]:
     """Every member ``contract`` declares (a name in ``CONTRACTS`` or the class), by name."""
-    cls = CONTRACTS[contract] if isinstance(contract, str) else contract
+    return dict(_members(CONTRACTS[contract] if isinstance(contract, str) else contract))
+
+
+@functools.cache  # contracts are fixed once imported; capability() runs on hot paths (staging)
+def _members(cls: type) -> dict[str, Member]:
     out: dict[str, Member] = {}
     for base in reversed(cls.__mro__):
         if not base.__dict__.get("_is_protocol") or base is Protocol:
@@ -108,7 +113,7 @@ def capability(obj: Any, member: str) -> Any:
     contract, _, name = member.partition(".")
     if contract not in CONTRACTS:
         raise UndeclaredMember(f"no contract {contract!r}; contracts: {', '.join(CONTRACTS)}")
-    declared = members(contract)
+    declared = _members(CONTRACTS[contract])
     if name not in declared:
         hint = difflib.get_close_matches(name, declared, n=1)
         raise UndeclaredMember(f"{contract} declares no member {name!r}"
@@ -268,6 +273,9 @@ class DraftPlan:
     activation_bytes_per_token: int
     activation_bytes_fixed: int = 0
     frozen_bytes: int = 0  # device bytes of frozen weights (embedding, target head rows...)
+    # what the activation memory scales with besides the micro-batch, for the plan's memory line
+    # (e.g. "ttt 7": EAGLE-3 keeps every TTT step's activations)
+    memory_note: str = ""
     # config problems: (level "error"|"warning", dotted config key, message)
     problems: list[tuple[str, str, str]] = attrs.Factory(list)
 
