@@ -256,3 +256,15 @@ def test_tree_counts_equal_eagle_eagenerate(pair, tmp_path):
     for r, o in zip(ref, ours, strict=True):
         assert o.matched == r["accepted"][: len(o.matched)]
         assert o.output == r["output"][: len(o.output)]
+
+
+def test_speedup_estimate_combines_measured_costs(pair):
+    target, draft, prompts = pair
+    r = evaluate(draft, target, prompts, max_new_tokens=12, eos_ids=[], tree="topk=2,depth=2,tokens=4",
+                 speedup=True, concurrency=[1, 2])
+    rows = r.extra["speedup"]["rows"]
+    assert [x["concurrency"] for x in rows] == [1, 2] and rows[0]["verify_tokens"] == 4
+    for x in rows:
+        assert x["target_1"] > 0 and x["draft"] > 0 and x["target_verify"] > 0
+        plain = x["concurrency"] / x["target_1"]
+        assert x["speedup"] == pytest.approx(x["concurrency"] * r.tau / (x["draft"] + x["target_verify"]) / plain)
