@@ -15,12 +15,22 @@ from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.registry import Registry, RegistryError, registry_from
 
 
+class MyLoss:
+    """The smallest object the ``Loss`` contract accepts (the registry checks what it builds)."""
+
+    def prepare(self, final_hidden, head):
+        return final_hidden
+
+    def __call__(self, draft_hidden, draft_head, prepared, target_rows, valid):
+        raise AssertionError("not called here")
+
+
 class MyLossPlugin:
     """An outside plugin: one loss, declared the default loss."""
 
     @hookimpl
     def register_losses(self, register):
-        register("my-loss", lambda options: "my-loss-instance", description="test loss")
+        register("my-loss", lambda options: MyLoss(), description="test loss")
 
     @hookimpl
     def register_defaults(self, default):
@@ -60,7 +70,7 @@ def test_an_outside_plugin_can_supply_the_default():
     reg = Registry()  # no entry points: only this plugin
     reg.register_plugin(MyLossPlugin(), "mine")
     assert reg.default_name("loss") == "my-loss"
-    assert reg.create_for(SpecforgeConfig(), "loss") == "my-loss-instance"  # unset selector
+    assert isinstance(reg.create_for(SpecforgeConfig(), "loss"), MyLoss)  # unset selector
     assert reg.get("loss", "").name == "my-loss"
     from specforge_core.config.reference import render_reference
 
@@ -94,8 +104,9 @@ def test_no_declaration_and_an_unregistered_declaration_are_errors():
         reg.default_name("loss")
     bad = Registry()
     bad.register_plugin(Declares("widget", "w"), "bad")
-    with pytest.raises(RegistryError, match="unknown kind 'widget'"):
-        bad.names("loss")
+    assert bad.names("loss") == []  # the plugin is left out, named, with the reason
+    [(info, why)] = bad.broken
+    assert info.name == "bad" and "unknown kind 'widget'" in why
 
 
 def test_plugins_command_marks_the_declared_defaults():
