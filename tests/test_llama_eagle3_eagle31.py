@@ -198,3 +198,21 @@ def test_eagle31_export_keys_and_roundtrip(tmp_path):
     plain, _ = make_llama_eagle3(None).export(_draft(False, False), vocab)
     assert "norm_output" not in plain and "fc_norm" not in plain  # EAGLE-3 exports are unchanged
     assert json.loads((tmp_path / "e31" / "config.json").read_text())["norm_output"] is True
+
+
+def test_plan_counts_the_fc_norm_weights(monkeypatch):
+    from pathlib import Path
+
+    from specforge_core import plan as P
+    from specforge_core.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipe names its target relative to the repo root
+
+    def trainable(*overrides):
+        cfg = load_config([root / "configs/qwen3-8b-hf-1node-3gpu.toml"], list(overrides))
+        return P.build_plan(cfg)["draft_trainable"]
+
+    plain = trainable()
+    assert trainable("model.llama-eagle3.fc_norm=true") == plain + 3 * 4096  # one [H_t] weight per aux layer
+    assert trainable("model.llama-eagle3.norm_output=true") == plain  # no weights

@@ -77,6 +77,8 @@ class LlamaEagle3Algorithm:
         d, src = draft_shape(config, self.options, target)
         n_aux = len(config.model.aux_layers) or 3
         trainable, frozen = draft_params(d, n_aux)
+        if self.options.fc_norm:  # EAGLE-3.1: one RMSNorm weight per aux layer
+            trainable += n_aux * d["target_hidden_size"]
         c = DTYPE_BYTES[config.training.dtype]
         K = self.ttt_length
         H, Vd, Ht = d["hidden_size"], d["draft_vocab_size"], d["target_hidden_size"]
