@@ -133,8 +133,9 @@ class PEagleAlgorithm:
         slots = 1.0 + sum(max(r ** d, rmin) for d in range(1, c.num_depths))
         per_el = L * (6 * H + 2 * qd + 2 * kvd + 3 * inter) + 2 * H
         T = int(config.dataset.max_seq_length)
-        # plain attention over the row's elements keeps fp32 scores and probabilities per head
-        per_token = cb * (n_aux * H + H) + int(slots * (cb * per_el + L * c.num_attention_heads * slots * T * 4 * 2))
+        # SDPA's memory-efficient kernel keeps no scores; the row's [N, N] attention mask (bool, its
+        # construction temporaries and the kernel's additive copy) is what grows with T
+        per_token = cb * (n_aux * H + H) + int(slots * cb * per_el + 8 * slots * slots * T)
         problems = []
         if int(config.eval.steps) > c.num_depths:
             problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but the draft is "
@@ -143,7 +144,8 @@ class PEagleAlgorithm:
             shape={"hidden_size": H, "num_layers": L, "num_depths": c.num_depths, "draft_vocab_size": vd,
                    "mask_token_id": c.mask_token_id}, source="generated from the target",
             trainable_params=trainable, frozen_params=0 if self.options.train_embedding else embed,
-            activation_bytes_per_token=per_token, frozen_bytes=cb * vd * H, problems=problems)
+            activation_bytes_per_token=per_token, frozen_bytes=cb * vd * H, problems=problems,
+            memory_note=f"{slots:.1f} elements per token (COD)")
 
 
 def make_peagle(options: PEagleOptions | None, config: Any = None) -> PEagleAlgorithm:
