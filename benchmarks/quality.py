@@ -66,6 +66,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                             "model.dflash.train_block_lengths=[4,6,8]"]),
     "dspark": ("sharegpt", ["training.lr=1e-3", "model.draft=dspark", "model.dspark.block_size=7",
                             "model.dspark.train_block_lengths=[3,5,7]"]),
+    # P-EAGLE (docs/peagle.md): the peers' recipe (4 layers, 8 depths, COD 0.7 / 0.2), and at the block
+    # drafts' size (2 layers)
+    "peagle": ("sharegpt", ["training.lr=1e-3", "model.draft=peagle", "model.peagle.num_layers=4",
+                            "model.peagle.num_depths=8"]),
+    "peagle-2l": ("sharegpt", ["training.lr=1e-3", "model.draft=peagle", "model.peagle.num_layers=2",
+                               "model.peagle.num_depths=8"]),
     # the block-length choice on the reference target: whole 8-slot blocks only
     "dflash-whole": ("sharegpt", ["training.lr=1e-3", "model.draft=dflash", "model.dflash.block_size=8"]),
     # the same on all of ShareGPT (beside all-lr1e-3; cap them with --set training.max_steps=...)
