@@ -52,6 +52,17 @@ def test_plan_sizes_dflash_with_its_own_layers():
     assert plan["n_aux"] == 2 and explicit["n_aux"] == 3
 
 
+class StubProposer:
+    """Meets the Proposer contract (eval checks it); never asked to draft here."""
+
+    aux_layers = None
+
+    def begin(self, prompts): ...
+    def observe(self, tokens, features): ...
+    def propose(self, k): ...
+    def keep(self, rows): ...
+
+
 class Stub:
     """A draft algorithm whose default layers are invalid for small targets, with a proposer whose
     export names no layers."""
@@ -59,7 +70,13 @@ class Stub:
     features = FeatureSpec(default_aux_layers=lambda L: [1, L + 1])
 
     def proposer(self, export_dir, target, device):
-        return SimpleNamespace(aux_layers=None)
+        return StubProposer()
+
+    # the rest of the contract (the registry checks it): never called here
+    def build(self, target, vocab, weights=None):
+        raise NotImplementedError
+
+    count_targets = objective = summarize = export = plan = build
 
 
 class StubPlugin:
