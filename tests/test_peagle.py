@@ -359,3 +359,17 @@ def test_quickstart_trains_evaluates_and_exports(tmp_path, capsys):
     assert report.ok, report.errors
     assert report.overall.tau > 1.8  # 1.97 measured (an untrained draft: ~1.0)
     assert report.overall.at_least[2] > 0  # the last masked slot's drafts are accepted too
+
+
+@pytest.mark.parametrize("layers,train_embedding", [(4, True), (1, False)])
+def test_plan_counts_the_parameters_the_draft_has(layers, train_embedding):
+    from types import SimpleNamespace as NS
+
+    alg, draft, vocab = build(PEagleOptions(num_layers=layers, train_embedding=train_embedding))
+    config = NS(model=NS(aux_layers=[2, 4, 5], draft_vocab_size=24), training=NS(dtype="bf16"),
+                dataset=NS(max_seq_length=64), eval=NS(steps=9))
+    plan = alg.plan(config, HF)
+    trainable = sum(p.numel() for p in draft.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in draft.parameters() if not p.requires_grad)
+    assert (plan.trainable_params, plan.frozen_params) == (trainable, frozen)
+    assert [p[1] for p in plan.problems] == ["eval.steps"]  # 9 drafts asked, 8 trained

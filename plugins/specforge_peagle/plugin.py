@@ -122,9 +122,10 @@ class PEagleAlgorithm:
         c = self.draft_config(target, n_aux, vd)
         H, inter, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
         qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        first = 2 * H * (qd + 2 * kvd) + qd * H + 3 * H * inter + 4 * H
+        first = 2 * H * (qd + 2 * kvd) + qd * H + 3 * H * inter + 3 * H  # 3 norms: + hidden_norm
         rest = H * (qd + 2 * kvd) + qd * H + 3 * H * inter + 2 * H
         embed = c.vocab_size * H
+        # fc, mask_hidden, the layers, the final norm, lm_head
         trainable = n_aux * H * H + n_aux * H + first + (L - 1) * rest + H + vd * H
         trainable += embed if self.options.train_embedding else 0
         cb = 4 if config.training.dtype == "fp32" else 2
