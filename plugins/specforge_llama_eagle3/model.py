@@ -3,13 +3,13 @@ lm_head, its training-time-test (TTT) unroll, cached incremental inference and t
 
 Reading it against the paper (Li et al., EAGLE-3, 2025; docs/draft-model.md has the full map):
 
-    g_t   = fc([l_t; m_t; h_t])                      fuse()           low/mid/high target features
-    x     = [RMSNorm(e_{t+1}); RMSNorm(g_t)]        attn_input()     token embedding beside the feature (2H)
-    q,k,v = x W_q, x W_k, x W_v  (+ rope)           qkv()
-    o     = attention(q, k, v)                      ttt_attention() training, the KV cache in inference
-    h     = g_t + o W_o                             residual_mlp()   residual from the *un-normed* g
-    a_t   = h + MLP(RMSNorm(h))                     residual_mlp()
-    p     = softmax(lm_head(RMSNorm(a_t)))          norm + logits()
+    g_t   = fc([l_t; m_t; h_t])                 fuse()            low/mid/high target features
+    x     = [RMSNorm(e_{t+1}); RMSNorm(g_t)]    attn_input()      token embedding beside the feature (2H)
+    q,k,v = x W_q, x W_k, x W_v  (+ rope)       qkv()
+    o     = attention(q, k, v)                  attend()          TTT mask in training, KV cache in inference
+    h     = g_t + o W_o                         residual_mlp()    residual from the *un-normed* g
+    a_t   = h + MLP(RMSNorm(h))                 residual_mlp()
+    p     = softmax(lm_head(RMSNorm(a_t)))      norm, logits()
     next step's g = a_t (EAGLE-3), or RMSNorm(a_t) (EAGLE-3.1 ``norm_output``)
 
 ``Eagle3DecoderLayer.forward`` is that list in order. Its three dense blocks are the pure functions
