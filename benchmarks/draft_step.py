@@ -114,7 +114,7 @@ class PerGroupForwardKL(ForwardKLLoss):
 
 
 def amp(variant: str) -> bool:
-    """Variants run like Eagle3Trainer + the local strategy's default: fp32 master weights, bf16
+    """Variants run like Trainer + the local strategy's default: fp32 master weights, bf16
     autocast over the forward."""
     return variant.startswith(("v3", "v4")) and "bf16w" not in variant or variant == "sdpa-amp"
 
@@ -154,7 +154,7 @@ def target_head(rows: torch.Tensor, t2d: torch.Tensor) -> TargetHead:
 
 
 def master_copy(model):
-    """The model as Eagle3Trainer's local strategy prepares it (master_weights = fp32)."""
+    """The model as Trainer's local strategy prepares it (master_weights = fp32)."""
     return LocalStrategy(LocalStrategyOptions(device="cuda"), None).prepare(copy.deepcopy(model))
 
 
