@@ -66,9 +66,9 @@ def make_config(target: Path, data: Path, out: Path, steps: int, mbs: int, pipel
 
     return load_config(data={
         "run": {"name": "pipebench", "output_dir": str(out), "pipeline": pipeline},
-        "model": {"target": str(target), "draft_vocab_size": 4096},
+        "model": {"target": str(target), "draft_vocab_size": 4096, "llama-eagle3": {"ttt_length": 7}},
         "dataset": {"path": [str(data)], "cache_dir": "", "max_seq_length": 4096},
-        "training": {"max_steps": steps, "micro_batch_size": mbs, "ttt_length": 7, "num_gpus": 1,
+        "training": {"max_steps": steps, "micro_batch_size": mbs, "num_gpus": 1,
                      "scheduler": "constant", "save_every": 0},
         "inference": {"num_gpus": 1, "batch_size": mbs},
         # ~30 samples of 33.5 MB at the default sizes: inference runs at most ~7 steps ahead
@@ -122,21 +122,21 @@ def training_alone(config, steps: int) -> float:
     import torch
 
     from specforge_core.data import build_samples, load_tokenizer
-    from specforge_core.target import target_info
+    from specforge_core.target import target_info, with_aux_layers
     from specforge_core.training.batch import collate
     from specforge_core.training.components import create
-    from specforge_core.training.trainer import Eagle3Trainer
+    from specforge_core.training.trainer import Trainer
     from specforge_core.vocab import build_vocab_mapping
 
     samples, _ = build_samples(config.dataset, load_tokenizer(config.model.target))
-    info = target_info(config.model.target)
+    info = target_info(config.model.target, with_aux_layers(config).model.aux_layers)
     mbs = config.training.micro_batch_size
     backend = create(config, "target_backend", config, "cuda:0")
     feats = [f for s in range(0, 4 * mbs, mbs) for f in backend.generate(samples[s : s + mbs])]
     backend.close()
     torch.cuda.set_device(1)
     vocab = build_vocab_mapping(samples, info.vocab_size, min(config.model.draft_vocab_size, info.vocab_size))
-    trainer = Eagle3Trainer(config, info, vocab, steps + 2)
+    trainer = Trainer(config, info, vocab, steps + 2)
     batches = [collate(feats[i : i + mbs], trainer.device, trainer.dtype) for i in range(0, len(feats), mbs)]
     for b in batches:  # warm-up: compiles for each batch length (they go dynamic after the first change)
         trainer.train_step([b])

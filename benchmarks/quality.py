@@ -42,7 +42,7 @@ KS = (3, 5, 7)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("sharegpt", []),
     "lr1e-3": ("sharegpt", ["training.lr=1e-3"]),
-    "lr1e-3-ttt3": ("sharegpt", ["training.lr=1e-3", "training.ttt_length=3"]),
+    "lr1e-3-ttt3": ("sharegpt", ["training.lr=1e-3", "model.llama-eagle3.ttt_length=3"]),
     "lr1e-3-v32k": ("sharegpt", ["training.lr=1e-3", "model.draft_vocab_size=32000"]),
     "lr1e-3-noclip": ("sharegpt", ["training.lr=1e-3", "training.max_grad_norm=0"]),
     "lr1e-3-lk": ("sharegpt", ["training.lr=1e-3", "training.loss=lk"]),

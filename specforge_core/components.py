@@ -733,6 +733,14 @@ class Proposer(Protocol, metaclass=_ContractMeta):
         draft j+1 after x[0..t+1] with features f[0..t]); enables ``specforge eval --fast``."""
         ...
 
+    @optional
+    def propose_tree(self, topk: int, depth: int, tokens: int) -> list[tuple[list[int], list[int]]]:
+        """A draft tree per row (``specforge eval --tree``): ``(tokens, parents)`` with node i+1's
+        target token and its parent node (0 = x[n]; parents come before their children), at most
+        ``depth`` levels and ``tokens - 1`` nodes (EAGLE-2/3: the dynamic top-``topk`` tree). The
+        next ``observe`` drops the tree's entries as it drops a chain's."""
+        ...
+
 
 # ================================================================================== the table
 # Contract name -> class: what ``capability`` and the registry's checks read. ``KINDS`` names each

@@ -19,6 +19,12 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from specforge_core.build import algorithm as build_algorithm
+from specforge_core.run.vocab import vocab_mapping_path
+from specforge_core.target import target_info, with_aux_layers
+from specforge_core.training import checkpoint as ckpt
+from specforge_core.vocab import VocabMapping
+
 
 def _host() -> str:
     import socket
@@ -101,13 +107,6 @@ def export_from_checkpoint(
 ) -> Path:
     """``specforge export``: load a training checkpoint (default: the newest complete one in
     ``config.output_dir``) and export it (default: ``<output_dir>/export``)."""
-    from specforge_core.pipeline.local import vocab_mapping_path
-    from specforge_core.plan import with_aux_layers
-    from specforge_core.target import target_info
-    from specforge_core.training import checkpoint as ckpt
-    from specforge_core.training.components import algorithm as build_algorithm
-    from specforge_core.vocab import VocabMapping
-
     if checkpoint_dir is None:
         checkpoint_dir = ckpt.latest_checkpoint(config.output_dir, ignore=ckpt.OPTIMIZER_FILES)
         if checkpoint_dir is None:

@@ -9,35 +9,32 @@ weights), so ``config validate`` (specforge_core.checks) reuses them.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import attrs
 
+from specforge_core.build import algorithm, create
+from specforge_core.components import KINDS, capability
+from specforge_core.dtypes import nbytes as dtype_bytes
+from specforge_core.hfconfig import read_config_json
+from specforge_core.hookspecs import selected
+from specforge_core.target import aux_layers, with_aux_layers  # noqa: F401  (plan and checks size with them)
+
 GiB = 1024**3
 MiB = 1024**2
-DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}  # 'auto' = bf16 on GPU
 # Per token besides the hidden states: input_ids int64, target_argmax int64, loss_mask uint8.
 TOKEN_EXTRA_BYTES = 8 + 8 + 1
 LOGIT_BYTES = 4  # draft logits, log-softmax and target probabilities are kept in fp32
 
 
 # ------------------------------------------------------------------------------------ target
-def text_config(cfg: dict) -> dict:
-    """Multimodal configs keep the language model under ``text_config``; its keys win."""
-    text = cfg.get("text_config")
-    if not isinstance(text, dict):
-        return cfg
-    return {**{k: v for k, v in cfg.items() if k != "text_config"}, **text}
-
-
-def load_target_config(config: Any) -> tuple[Optional[dict], str]:
+def find_target_config(config: Any) -> tuple[Optional[dict], str]:
     """(target config dict or None, where it came from / why it is missing).
 
     ``model.target_config`` (a file or a directory with config.json) wins; otherwise a local
-    ``model.target`` directory. A hub id is not fetched (planning must work offline).
+    ``model.target`` directory. A hub id is not fetched (planning must work offline; the runs read
+    it with ``target.load_target_config``).
     """
     candidates = [config.model.target_config, config.model.target]
     for i, raw in enumerate(candidates):
@@ -48,46 +45,15 @@ def load_target_config(config: Any) -> tuple[Optional[dict], str]:
             path = path / "config.json"
         if path.is_file():
             try:
-                return text_config(json.loads(path.read_text())), str(path)
-            except json.JSONDecodeError as exc:
-                return None, f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})"
+                return read_config_json(path), str(path)
+            except ValueError as exc:
+                return None, str(exc)
         if i == 0:
             return None, f"model.target_config = {raw!r}: no such file or directory"
     if config.model.target:
         return None, (f"model.target = {config.model.target!r} is not a local directory; set "
                       "model.target_config to a local copy of its config.json to check against it")
     return None, "model.target is empty"
-
-
-def aux_layers(config: Any, num_layers: int, registry: Any = None) -> list[int]:
-    """``model.aux_layers``, else the draft algorithm's default for the target (``FeatureSpec``),
-    else the core's (2, L//2, L-3)."""
-    if config.model.aux_layers:
-        return list(config.model.aux_layers)
-    from specforge_core.target import default_aux_layers
-
-    default = getattr(getattr(draft_algorithm(config, registry), "features", None), "default_aux_layers", None)
-    return [int(i) for i in default(num_layers)] if default is not None else default_aux_layers(num_layers)
-
-
-def with_aux_layers(config: Any, registry: Any = None, num_layers: Optional[int] = None) -> Any:
-    """``config`` with ``model.aux_layers`` filled in when unset: unset means the draft algorithm's
-    default for this target (``aux_layers``). The pipelines, export and plan run on the result, so
-    the backends, the trainer, the export and the algorithm's sizing all see one list."""
-    if config.model.aux_layers:
-        return config
-    from specforge_core.target import load_target_config, resolve_aux_layers
-
-    if num_layers is None:
-        hf = load_target_config(config.model.target, config.model.trust_remote_code)
-        num_layers = int(hf["num_hidden_layers"])
-    layers = aux_layers(config, num_layers, registry)
-    try:
-        resolve_aux_layers(layers, num_layers)
-    except ValueError as exc:
-        raise ValueError(f"model.aux_layers is unset and the default of draft '{config.model.draft}' for this "
-                         f"{num_layers}-layer target is invalid ({exc}); set model.aux_layers explicitly") from None
-    return attrs.evolve(config, model=attrs.evolve(config.model, aux_layers=layers))
 
 
 def target_params(t: dict) -> dict[str, int]:
@@ -160,23 +126,18 @@ def kv_bytes_per_token(t: dict, tp: int, dtype_bytes: int = 2) -> int:
 # ------------------------------------------------------------------------------------- draft
 def draft_algorithm(config: Any, registry: Any = None) -> Any:
     """The configured draft algorithm (cheap to build: no weights)."""
-    from specforge_core.training.components import algorithm
-
     return algorithm(config, registry)
 
 
 def component_options(config: Any, kind: str) -> Any:
     """The options object of the component ``config`` selects for ``kind`` (None if it has none)."""
-    from specforge_core.components import KINDS
-
-    section, selector = KINDS[kind]
-    return config.options(section, getattr(getattr(config, section), selector))
+    return config.options(KINDS[kind].section, selected(config, kind))
 
 
 def train_state_split(config: Any) -> tuple[int, bool]:
     """(ranks the fp32 trainable state is sharded over, whether it lives in CPU memory), from the
     strategy's options (``train_state_split``; default: replicated, on the GPU)."""
-    split = getattr(component_options(config, "training_strategy"), "train_state_split", None)
+    split = capability(component_options(config, "training_strategy"), "ComponentOptions.train_state_split")
     return split(config.training.num_gpus) if split is not None else (1, False)
 
 
@@ -200,13 +161,13 @@ def train_memory(config: Any, draft: Any, loss: Any = None) -> TrainMemory:
     """Memory per training GPU from the algorithm's ``DraftPlan`` and the loss's workspace."""
     tr = config.training
     trainable = draft.trainable_params
-    c = DTYPE_BYTES[tr.dtype]
+    c = dtype_bytes(tr.dtype)
     n, offloaded = train_state_split(config)
     state = 0 if offloaded else 1  # sharded fp32 state in CPU memory
     compute_copy = trainable * c if c != 4 else 0  # bf16 params all-gathered for forward/backward
     tokens = tr.micro_batch_size * (tr.pack_tokens or config.dataset.max_seq_length)  # packed rows: pack_tokens
     vd = int(draft.shape.get("draft_vocab_size", config.model.draft_vocab_size))
-    workspace = getattr(loss, "workspace_bytes", None)
+    workspace = capability(loss, "Loss.workspace_bytes")
     return TrainMemory(
         weights=4 * trainable // n * state + compute_copy,
         grads=4 * trainable // n * state,
@@ -228,7 +189,7 @@ def engine_shape(config: Any) -> tuple[int, int, int]:
     """(nodes one engine spans, GPUs it uses on each, TP size); the nodes from the backend's
     options (``engine_nodes``, default 1)."""
     inf = config.inference
-    nodes = getattr(component_options(config, "target_backend"), "engine_nodes", None)
+    nodes = capability(component_options(config, "target_backend"), "ComponentOptions.engine_nodes")
     nnodes = nodes() if nodes is not None else 1
     return nnodes, inf.gpus_per_engine, nnodes * inf.gpus_per_engine
 
@@ -291,14 +252,14 @@ def build_plan(config: Any, registry: Any = None) -> dict[str, Any]:
     """Every number ``specforge plan`` prints, as a dict (also used by tests and checks); ``registry``:
     the one a ``Pipeline(registry=...)`` runs with (None: the installed entry points)."""
     plan: dict[str, Any] = {"placement": place(config)}
-    t, src = load_target_config(config)
+    t, src = find_target_config(config)
     plan["target_source"] = src
     if t is None:
         return plan
     H, L = int(t["hidden_size"]), int(t["num_hidden_layers"])
     n_aux = len(aux_layers(config, L, registry))
     T = config.dataset.max_seq_length
-    hb = DTYPE_BYTES[config.inference.dtype]
+    hb = dtype_bytes(config.inference.dtype)
     per_token = hidden_bytes_per_token(H, n_aux, hb)
     plan.update(target=t, n_aux=n_aux, aux_layers=aux_layers(config, L, registry), bytes_per_token=per_token,
                 bytes_per_sample=per_token * T)
@@ -308,7 +269,6 @@ def build_plan(config: Any, registry: Any = None) -> dict[str, Any]:
     dp = algo.plan(attrs.evolve(config, model=attrs.evolve(config.model, aux_layers=plan["aux_layers"])), t)
     plan.update(draft=dp.shape, draft_source=dp.source, draft_plan=dp,
                 draft_trainable=dp.trainable_params, draft_frozen=dp.frozen_params)
-    from specforge_core.training.components import create
 
     plan["train_memory"] = train_memory(config, dp, create(config, "loss", registry=registry))
     nnodes, per_node, tp = engine_shape(config)
@@ -317,12 +277,9 @@ def build_plan(config: Any, registry: Any = None) -> dict[str, Any]:
                 kv_per_token=kv_bytes_per_token(t, tp, hb))
     # components' own notes (facts stored under their name, printed lines, config problems)
     plan["notes"] = {}
-    from specforge_core.components import KINDS
-
     for kind in KINDS:
-        section, selector = KINDS[kind]
-        name = getattr(getattr(config, section), selector)
-        notes_fn = getattr(config.options(section, name), "plan_notes", None)
+        name = selected(config, kind)
+        notes_fn = capability(config.options(KINDS[kind].section, name), "ComponentOptions.plan_notes")
         if notes_fn is not None:
             notes = notes_fn(config, plan)
             plan["notes"][name] = notes
@@ -388,8 +345,8 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
             f"KV cache {plan['kv_per_token'] / 1024:.1f} KiB/token per GPU")
         add("")
         dt = "auto: bf16 on GPU" if inf.dtype == "auto" else inf.dtype
-        add(f"hidden states ({dt} = {DTYPE_BYTES[inf.dtype]} B): {plan['bytes_per_token']:,} B/token "
-            f"= ({plan['n_aux']}+1) x {t['hidden_size']} x {DTYPE_BYTES[inf.dtype]} + {TOKEN_EXTRA_BYTES}")
+        add(f"hidden states ({dt} = {dtype_bytes(inf.dtype)} B): {plan['bytes_per_token']:,} B/token "
+            f"= ({plan['n_aux']}+1) x {t['hidden_size']} x {dtype_bytes(inf.dtype)} + {TOKEN_EXTRA_BYTES}")
         if inf.dtype == "auto" and not _has_cuda():
             add("  this machine has no GPU: a run here keeps hidden states in fp32 ('auto' on CPU), twice these bytes")
         add(f"  per sample at max_seq_length {T}: {plan['bytes_per_sample']:,} B ({plan['bytes_per_sample'] / MiB:.1f} MiB)")
@@ -410,7 +367,9 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
         add(f"  parameters: {plan['draft_trainable']:,} trainable ({_human(plan['draft_trainable'])}), "
             f"{plan['draft_frozen']:,} frozen embedding ({_human(plan['draft_frozen'])})")
         m: TrainMemory = plan["train_memory"]
-        add(f"  memory per training GPU at max_seq_length {T}, micro_batch {tr.micro_batch_size}, ttt {tr.ttt_length}:")
+        note = plan["draft_plan"].memory_note
+        add(f"  memory per training GPU at max_seq_length {T}, micro_batch {tr.micro_batch_size}"
+            + (f", {note}" if note else "") + ":")
         for name in ("weights", "grads", "optimizer", "frozen", "activations", "workspace"):
             add(f"    {name:<12}{_gib(getattr(m, name)):>12}")
         add(f"    {'total':<12}{_gib(m.total):>12}" + (f" of {run.gpu_memory_gib:g} GiB" if run.gpu_memory_gib else ""))
@@ -419,20 +378,3 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
         for p in problems:
             add(f"{p.level}: {p}")
     return "\n".join(out) + "\n"
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="*", help="config files and section.field=value overrides")
-
-
-def main(args: argparse.Namespace) -> int:
-    from specforge_core.checks import check_config
-    from specforge_core.config import load_config
-
-    files = [i for i in args.config if "=" not in i]
-    overrides = [i for i in args.config if "=" in i]
-    config = load_config(files, overrides)
-    problems = check_config(config, inputs=False)  # sizing: the data may live on the cluster only
-    print(format_plan(config, build_plan(config), problems), end="")
-    return 2 if any(p.level == "error" for p in problems) else 0

@@ -15,31 +15,57 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import attrs
 import torch
 
+from specforge_core.build import algorithm
+from specforge_core.hfconfig import text_config
 from specforge_core.types import TargetInfo
 
 # ------------------------------------------------------------------------------------ aux layers
 
 
-def default_aux_layers(num_hidden_layers: int) -> list[int]:
-    """EAGLE-3 default: the residual stream entering layers 2, L//2 and L-3 (low -> high)."""
-    L = num_hidden_layers
-    return [2, L // 2, L - 3]
+def aux_layers(config: Any, num_layers: int, registry: Any = None) -> list[int]:
+    """``model.aux_layers``, else the draft algorithm's default for an ``num_layers``-layer target
+    (``FeatureSpec.default_aux_layers``); the core has no default of its own."""
+    if config.model.aux_layers:
+        return list(config.model.aux_layers)
+    default = algorithm(config, registry).features.default_aux_layers
+    if default is None:
+        raise ValueError(f"model.aux_layers is unset and draft '{config.model.draft}' declares no default "
+                         "(FeatureSpec.default_aux_layers); set model.aux_layers")
+    return [int(i) for i in default(num_layers)]
+
+
+def with_aux_layers(config: Any, registry: Any = None, num_layers: Optional[int] = None) -> Any:
+    """``config`` with ``model.aux_layers`` filled in when unset: unset means the draft algorithm's
+    default for this target (``aux_layers``). The pipelines, export and plan run on the result, so
+    the backends, the trainer, the export and the algorithm's sizing all see one list."""
+    if config.model.aux_layers:
+        return config
+    if num_layers is None:
+        hf = load_target_config(config.model.target, config.model.trust_remote_code)
+        num_layers = int(hf["num_hidden_layers"])
+    layers = aux_layers(config, num_layers, registry)
+    try:
+        resolve_aux_layers(layers, num_layers)
+    except ValueError as exc:
+        raise ValueError(f"model.aux_layers is unset and the default of draft '{config.model.draft}' for this "
+                         f"{num_layers}-layer target is invalid ({exc}); set model.aux_layers explicitly") from None
+    return attrs.evolve(config, model=attrs.evolve(config.model, aux_layers=layers))
 
 
 def resolve_aux_layers(configured: Sequence[int], num_hidden_layers: int) -> list[int]:
-    """Validate ``model.aux_layers`` (empty = the EAGLE-3 default) against an L-layer target."""
+    """Validate aux layer ids (HF hidden_states indices, low -> high) against an L-layer target.
+    Empty is an error: the draft algorithm's default is filled in first (``with_aux_layers``)."""
     L = num_hidden_layers
-    explicit = bool(configured)
-    layers = [int(i) for i in configured] if explicit else default_aux_layers(L)
-    where = (
-        f"model.aux_layers = {list(configured)}"
-        if explicit
-        else f"the default model.aux_layers {layers} (2, L//2, L-3) for this {L}-layer target"
-    )
+    layers = [int(i) for i in configured]
+    if not layers:
+        raise ValueError(f"no aux layers given for this {L}-layer target: set model.aux_layers, or let the "
+                         "draft algorithm's default fill it in (target.with_aux_layers)")
+    where = f"model.aux_layers = {layers}"
     bad = [i for i in layers if not 1 <= i <= L - 1]
     if bad:
         raise ValueError(
@@ -48,11 +74,7 @@ def resolve_aux_layers(configured: Sequence[int], num_hidden_layers: int) -> lis
             f"the final norm)"
         )
     if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
-        hint = "" if explicit else "; set model.aux_layers explicitly for such a small target"
-        raise ValueError(
-            f"{where}: layer ids must be distinct and increasing (low -> high), e.g. "
-            f"{default_aux_layers(max(L, 8))}{hint}"
-        )
+        raise ValueError(f"{where}: layer ids must be distinct and increasing (low -> high), e.g. [1, 3, 5]")
     return layers
 
 
@@ -61,17 +83,6 @@ def resolve_aux_layers(configured: Sequence[int], num_hidden_layers: int) -> lis
 
 def _is_local(model_path: str) -> bool:
     return os.path.isdir(model_path)
-
-
-def _flatten_text_config(cfg: dict) -> dict:
-    """Multimodal configs nest the language model under ``text_config``: lift its keys to the top
-    (they win over top-level keys) so callers read ``hidden_size`` etc. uniformly."""
-    text = cfg.get("text_config")
-    if not isinstance(text, dict):
-        return cfg
-    flat = {k: v for k, v in cfg.items() if k != "text_config"}
-    flat.update(text)
-    return flat
 
 
 def load_target_config(model_path: str, trust_remote_code: bool = False) -> dict:
@@ -100,7 +111,7 @@ def load_target_config(model_path: str, trust_remote_code: bool = False) -> dict
                 f"model.target = {model_path!r} is not a local directory and could not be loaded as a "
                 f"hub id (offline mode needs it in the HF cache): {e}"
             ) from e
-    return _flatten_text_config(cfg)
+    return text_config(cfg)
 
 
 def _required(cfg: dict, key: str, model_path: str) -> int:
@@ -109,8 +120,15 @@ def _required(cfg: dict, key: str, model_path: str) -> int:
     return int(cfg[key])
 
 
-def target_info(model_path: str, aux_layers: Sequence[int] = (), trust_remote_code: bool = False) -> TargetInfo:
-    """Static facts about the target (no weights); ``aux_layers`` empty = the EAGLE-3 default."""
+def target_info_for(config: Any, registry: Any = None) -> TargetInfo:
+    """``target_info`` of ``config``'s target with the run's aux layers (``model.aux_layers``, else
+    the draft algorithm's default): what a target backend captures."""
+    m = with_aux_layers(config, registry).model
+    return target_info(m.target, m.aux_layers, m.trust_remote_code)
+
+
+def target_info(model_path: str, aux_layers: Sequence[int], trust_remote_code: bool = False) -> TargetInfo:
+    """Static facts about the target (no weights); ``aux_layers``: the run's (``with_aux_layers``)."""
     cfg = load_target_config(model_path, trust_remote_code)
     L = _required(cfg, "num_hidden_layers", model_path)
     return TargetInfo(

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _data(tmp_path):
     return {
         "run": {"name": "api", "output_dir": str(tmp_path / "run")},
-        "model": {"target": "configs/assets/tiny-target", "draft": "llama-eagle3", "draft_vocab_size": 256},
+        "model": {"target": "configs/assets/tiny-target", "draft": "llama-eagle3", "draft_vocab_size": 256, "llama-eagle3": {"ttt_length": 2}},
         "dataset": {"path": ["configs/assets/data/sample_chat.jsonl"], "max_samples": 8,
                     "cache_dir": str(tmp_path / "cache")},
-        "training": {"loss": "forward-kl", "scheduler": "linear", "max_steps": 2, "ttt_length": 2,
+        "training": {"loss": "forward-kl", "scheduler": "linear", "max_steps": 2,
                      "micro_batch_size": 2, "gradient_accumulation": 2},
         "logging": {"progress": False},
     }

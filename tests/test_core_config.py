@@ -15,16 +15,16 @@ def write(path, text):
 
 
 def test_defaults_then_files_then_overrides(tmp_path):
-    base = write(tmp_path / "base.toml", '[training]\nlr = 1e-4\nttt_length = 5\n[model]\ntarget = "base-model"\n')
+    base = write(tmp_path / "base.toml", '[training]\nlr = 1e-4\nlog_every = 5\n[model]\ntarget = "base-model"\n')
     child = write(tmp_path / "child.toml", 'extends = "base.toml"\n[training]\nlr = 3e-4\n')
-    cfg = load_config([child], overrides=["training.ttt_length=6"])
+    cfg = load_config([child], overrides=["training.log_every=6"])
     assert cfg.training.lr == 3e-4  # child beats base
-    assert cfg.training.ttt_length == 6  # command line beats files
+    assert cfg.training.log_every == 6  # command line beats files
     assert cfg.model.target == "base-model"  # inherited from base
     assert cfg.training.micro_batch_size == 1  # built-in default
     assert cfg.sources["training.lr"] == str(child)
     assert cfg.sources["model.target"] == str(base)
-    assert cfg.sources["training.ttt_length"] == "command line"
+    assert cfg.sources["training.log_every"] == "command line"
     # two files given directly: later wins
     other = write(tmp_path / "other.toml", "[training]\nlr = 9e-4\n")
     assert load_config([child, other]).training.lr == 9e-4
@@ -49,8 +49,8 @@ def test_unknown_key_names_path_file_and_suggestion(tmp_path):
     f2 = write(tmp_path / "bad2.toml", "[trainig]\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"trainig: unknown key; did you mean 'training'\?"):
         load_config([f2])
-    f3 = write(tmp_path / "bad3.toml", "[training]\nttt_lenght = 3\n")
-    with pytest.raises(ConfigError, match=r"did you mean 'training.ttt_length'\?"):
+    f3 = write(tmp_path / "bad3.toml", "[training]\nwarmup_ratoi = 0.1\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'training.warmup_ratio'\?"):
         load_config([f3])
     with pytest.raises(ConfigError, match=r"command line: model.targte: unknown key; did you mean 'model.target'"):
         load_config(overrides=["model.targte=x"])
@@ -62,8 +62,8 @@ def test_bad_type_and_range_name_field_and_allowed(tmp_path):
         load_config([f])
     assert str(f) in str(err.value) and "training.micro_batch_size" in str(err.value)
     assert "expected an integer" in str(err.value)
-    with pytest.raises(ConfigError, match=r"training.ttt_length: 0 is out of range; allowed: \[1, 64\]"):
-        load_config(overrides=["training.ttt_length=0"])
+    with pytest.raises(ConfigError, match=r"training.warmup_ratio: 2.0 is out of range; allowed: \[0, 1\]"):
+        load_config(overrides=["training.warmup_ratio=2.0"])
     with pytest.raises(ConfigError, match=r"dataset.chat_template: 'vicuna' is not allowed; allowed: 'auto', 'llama3'"):
         load_config(overrides=["dataset.chat_template='vicuna'"])
     with pytest.raises(ConfigError, match=r"training.resume: expected true or false"):

@@ -49,10 +49,10 @@ def test_in_process_loss_is_used_by_run(tmp_path, monkeypatch):
 
     pipe = Pipeline.from_dict({
         "run": {"name": "reg", "output_dir": str(tmp_path / "run")},
-        "model": {"target": "configs/assets/tiny-target", "draft_vocab_size": 256},
+        "model": {"target": "configs/assets/tiny-target", "draft_vocab_size": 256, "llama-eagle3": {"ttt_length": 2}},
         "dataset": {"path": ["configs/assets/data/sample_chat.jsonl"], "max_samples": 2,
                     "cache_dir": str(tmp_path / "cache")},
-        "training": {"loss": "counting-kl", "max_steps": 1, "ttt_length": 2},
+        "training": {"loss": "counting-kl", "max_steps": 1},
         "logging": {"progress": False},
     }, registry=registry)
     result = pipe.run()

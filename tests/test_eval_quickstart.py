@@ -26,9 +26,9 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs")
     cfg = load_config(data={
         "run": {"name": "qs", "output_dir": str(out / "run"), "seed": 0},
-        "model": {"target": str(TARGET), "draft_vocab_size": 2048},
+        "model": {"target": str(TARGET), "draft_vocab_size": 2048, "llama-eagle3": {"ttt_length": 3}},
         "dataset": {"path": [str(DATA / "sample_chat.jsonl")], "max_samples": 96, "cache_dir": str(out / "cache")},
-        "training": {"max_steps": 36, "micro_batch_size": 4, "gradient_accumulation": 1, "ttt_length": 3,
+        "training": {"max_steps": 36, "micro_batch_size": 4, "gradient_accumulation": 1,
                      "lr": 3e-3, "warmup_ratio": 0.05},
         "inference": {"batch_size": 8},
         "eval": {"data": [str(DATA / "eval_prompts.jsonl")], "steps": 3, "max_new_tokens": 24, "max_prompts": 6},
@@ -41,13 +41,13 @@ def run(tmp_path_factory):
 def untrained_export(cfg, out: Path) -> Path:
     """The same draft, freshly initialised (the trainer's seeded init), exported with the run's vocab."""
     from specforge_core.export import export_draft
-    from specforge_core.pipeline.local import vocab_mapping_path
-    from specforge_core.target import target_info
-    from specforge_core.training.trainer import Eagle3Trainer
+    from specforge_core.run.vocab import vocab_mapping_path
+    from specforge_core.target import target_info, with_aux_layers
+    from specforge_core.training.trainer import Trainer
     from specforge_core.vocab import VocabMapping
 
     vocab = VocabMapping.load(str(vocab_mapping_path(cfg)))
-    trainer = Eagle3Trainer(cfg, target_info(cfg.model.target), vocab, total_steps=1)
+    trainer = Trainer(cfg, target_info(cfg.model.target, with_aux_layers(cfg).model.aux_layers), vocab, total_steps=1)
     return export_draft(trainer.draft, vocab, out)
 
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from specforge_core.config import load_config
 from specforge_core.export import export_draft
-from specforge_core.target import target_info
+from specforge_core.target import target_info, with_aux_layers
 from specforge_core.training.components import create
 from specforge_core.vocab import VocabMapping
 
@@ -29,7 +29,7 @@ def target_dir(tmp_path_factory):
 @pytest.fixture
 def draft_and_vocab(target_dir):
     cfg = load_config(data={"model": {"target": str(target_dir), "draft_vocab_size": VD}})
-    info = target_info(str(target_dir))
+    info = target_info(str(target_dir), with_aux_layers(cfg).model.aux_layers)
     used = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:VD]
     vocab = VocabMapping.from_target_ids(used, V)
     torch.manual_seed(0)

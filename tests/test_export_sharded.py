@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from specforge_core import distributed
 from specforge_core.config import load_config
 from specforge_core.export import export_from_checkpoint
-from specforge_core.pipeline.local import vocab_mapping_path
 from specforge_core.registry import get_registry
-from specforge_core.target import target_info
+from specforge_core.run.vocab import vocab_mapping_path
+from specforge_core.target import target_info, with_aux_layers
 from specforge_core.testing import make_tiny_model
 from specforge_core.training import checkpoint as ckpt
-from specforge_core.training.trainer import Eagle3Trainer
+from specforge_core.training.trainer import Trainer
 from specforge_core.types import Sample
 from specforge_core.vocab import VocabMapping, build_vocab_mapping
 
@@ -41,8 +41,8 @@ def test_export_reads_fsdp2_checkpoint_without_process_group(tmp_path):
     make_tiny_model(target, vocab_size=256)
     cfg = load_config(data={
         "run": {"output_dir": str(tmp_path / "run")},
-        "model": {"target": str(target), "draft_vocab_size": 64},
-        "training": {"strategy": "fsdp2", "ttt_length": 2, "lr": 1e-2},
+        "model": {"target": str(target), "draft_vocab_size": 64, "llama-eagle3": {"ttt_length": 2}},
+        "training": {"strategy": "fsdp2", "lr": 1e-2},
     })
     samples = _samples(4, 256)
     vocab = build_vocab_mapping(samples, 256, 64)
@@ -53,7 +53,7 @@ def test_export_reads_fsdp2_checkpoint_without_process_group(tmp_path):
 
     distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
-        trainer = Eagle3Trainer(cfg, target_info(str(target)), vocab, total_steps=2)
+        trainer = Trainer(cfg, target_info(str(target), with_aux_layers(cfg).model.aux_layers), vocab, total_steps=2)
         trainer.train_step([feats[:2], feats[2:]])
         path = ckpt.save(trainer, cfg.output_dir, data_position={"epoch": 0, "index": 4},
                          config_toml="", vocab_path=str(vocab_mapping_path(cfg)), keep=2)

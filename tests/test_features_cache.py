@@ -57,7 +57,7 @@ def test_training_from_bf16_cache_equals_the_online_run(tmp_path):
 def test_run_from_cache_does_not_build_the_target_backend(tmp_path, monkeypatch):
     cfg = _config(tmp_path, "disk", n=8)
     write_features(cfg)
-    from specforge_core.training import components
+    from specforge_core.pipeline import local as components  # where the local pipeline builds components
 
     real = components.create
 

@@ -114,16 +114,18 @@ def test_trainer_waits_on_a_dead_prefetch_thread_with_an_error_not_a_hang():
     import queue
     import threading
 
-    from specforge_core.pipeline.ray.trainer_actor import TrainerActor
+    from specforge_core.pipeline.ray.trainer_actor import ControllerFeed
 
-    ready: queue.Queue = queue.Queue(maxsize=2)
+    feed = ControllerFeed(0, controller=None, store=None, stager=None, prefetch_steps=2)
+    ready: queue.Queue = feed.ready
     dead = threading.Thread(target=lambda: None)  # ends without putting anything (e.g. it crashed)
     dead.start()
     dead.join()
+    feed.thread = dead
     with pytest.raises(RuntimeError, match="prefetch thread ended without a result"):
-        TrainerActor._next(ready, dead)
+        feed._next()
     ready.put("last")  # an item put just before the thread ended is still returned
-    assert TrainerActor._next(ready, dead) == "last"
+    assert feed._next() == "last"
 
 
 def test_plan_rows_step_gives_each_rank_its_planned_rows():
@@ -142,3 +144,16 @@ def test_plan_rows_step_gives_each_rank_its_planned_rows():
     # an epoch's tail: one sample for two ranks is dropped; an all-empty micro-step is left out
     micro, dropped = plan_rows_step(res, [[3], [], [], []], 1, 2)
     assert micro == [] and [r.index for r in dropped] == [3]
+
+
+def test_all_cached_pools_every_prompt_without_inference_or_backpressure():
+    # a run from the feature cache: every sample is ready at once, keyed by its dataset index, and
+    # holds no store bytes (a 1-byte pool limit must not hold anything back)
+    prompts = [Prompt(seq, 10 + seq, 5 + seq, seq // 2) for seq in range(6)]
+    positions = {s: {"epoch": 0, "index": 2 * (s + 1)} for s in range(3)}
+    st = ControllerState(prompts, positions, num_ranks=2, micro_batch_size=1, max_pool_bytes=1)
+    assert st.all_cached() == 6
+    assert not st.buffer and not st.inflight and st.pool_bytes == 0
+    assert [len(q) for q in st.queues] == [3, 3]  # every step dispatched, one sample per rank
+    keys = sorted(r.key for q in st.queues for a in q for mb in a.micro for r in mb)
+    assert keys == sorted(str(10 + seq) for seq in range(6))

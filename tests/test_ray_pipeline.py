@@ -82,15 +82,14 @@ def ray_cluster():
 
 def make_config(assets, out: Path, *, pipeline: str = "ray", name: str = "t", store: str = "shm",
                 transfer: dict | None = None, inference: dict | None = None, dataset: dict | None = None,
-                **training):
+                ttt_length: int = 2, **training):
     target, data = assets
-    training = {"scheduler": "constant", "warmup_ratio": 0.0, "lr": 3e-3, "ttt_length": 2,
-                "num_epochs": 1, **training}
+    training = {"scheduler": "constant", "warmup_ratio": 0.0, "lr": 3e-3, "num_epochs": 1, **training}
     if training.get("strategy") == "fsdp2":
         training["fsdp2"] = {"mixed_precision": False}  # fp32, comparable with the local run
     cfg = {
         "run": {"name": name, "output_dir": str(out), "seed": 0, "pipeline": pipeline},
-        "model": {"target": str(target), "draft_vocab_size": 128},
+        "model": {"target": str(target), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": ttt_length}},
         "dataset": {"path": [str(data)], "cache_dir": "", **(dataset or {})},
         "training": training,
         "inference": inference or {},

@@ -122,7 +122,7 @@ def _sample(tok, n: int = 0, max_len: int = 160):
 def test_capture_equals_output_hidden_states_on_the_real_target(real):
     from specforge_hf_backend.backend import capture_hidden_states, find_decoder_layers
 
-    from specforge_core.target import default_aux_layers
+    from specforge_llama_eagle3.config import default_aux_layer_ids as default_aux_layers
 
     tok, model = real
     _, ids, _ = _sample(tok, 1)
@@ -176,7 +176,7 @@ def test_a_few_training_steps_on_real_sharegpt(tmp_path):
         [sys.executable, "-m", "specforge_core.cli", "run", "configs/smollm2-sharegpt-cpu.toml",
          f"model.target={REF.model}", f'dataset.path=["{REF.sharegpt_small}"]', f"run.output_dir={out}",
          f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.max_samples=8", "dataset.max_seq_length=160",
-         "training.micro_batch_size=4", "training.ttt_length=2", "model.draft_vocab_size=1024",
+         "training.micro_batch_size=4", "model.llama-eagle3.ttt_length=2", "model.draft_vocab_size=1024",
          "logging.progress=false", "training.log_every=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )

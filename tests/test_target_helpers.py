@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from specforge_llama_eagle3.config import default_aux_layer_ids as default_aux_layers
 
 import specforge_core.target as target
 from specforge_core.target import (
-    default_aux_layers,
     load_target_config,
     load_target_head_and_embedding,
     resolve_aux_layers,
@@ -24,14 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # ------------------------------------------------------------------------------------ aux layers
-def test_default_aux_layers():
+def test_eagle3_default_aux_layers():  # llama-eagle3's FeatureSpec.default_aux_layers
     assert default_aux_layers(32) == [2, 16, 29]
     assert default_aux_layers(36) == [2, 18, 33]
     assert default_aux_layers(8) == [2, 4, 5]
 
 
-def test_resolve_aux_layers_default_and_explicit():
-    assert resolve_aux_layers([], 8) == [2, 4, 5]
+def test_resolve_aux_layers_explicit():
     assert resolve_aux_layers([1, 3, 7], 8) == [1, 3, 7]
     assert resolve_aux_layers([1, 2, 3, 4], 8) == [1, 2, 3, 4]
 
@@ -50,10 +49,19 @@ def test_resolve_aux_layers_errors(layers, match):
         resolve_aux_layers(layers, 8)
 
 
-def test_default_aux_layers_too_small_target():
-    # L=5: default would be [2, 2, 2]; the error must say it is the default and how to fix it.
-    with pytest.raises(ValueError, match=r"default model\.aux_layers.*set model\.aux_layers explicitly"):
-        resolve_aux_layers([], 5)
+def test_no_core_default():
+    # the core has no default: the draft algorithm's fills model.aux_layers in first (with_aux_layers)
+    with pytest.raises(ValueError, match=r"no aux layers given.*set model\.aux_layers"):
+        resolve_aux_layers([], 8)
+
+
+def test_algorithm_default_too_small_target(tmp_path):
+    # L=5: llama-eagle3's default would be [2, 2, 2]; the error names the draft and the fix
+    from specforge_core.config import load_config
+
+    cfg = load_config(data={"model": {"target": str(tmp_path), "draft": "llama-eagle3"}})
+    with pytest.raises(ValueError, match=r"default of draft 'llama-eagle3'.*set model\.aux_layers explicitly"):
+        target.with_aux_layers(cfg, num_layers=5)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -87,7 +95,7 @@ def test_load_target_config_and_info(models):
     path, model = models[("qwen3", False, False)]
     cfg = load_target_config(path)
     assert cfg["model_type"] == "qwen3" and cfg["num_hidden_layers"] == 8
-    info = target_info(path, [])
+    info = target_info(path, [2, 4, 5])
     assert info.aux_layer_ids == [2, 4, 5]
     assert (info.hidden_size, info.vocab_size, info.num_hidden_layers) == (64, 512, 8)
     assert info.hf_config == cfg
@@ -105,7 +113,7 @@ def test_load_target_config_text_config(tmp_path):
     flat = load_target_config(str(tmp_path))
     assert flat["hidden_size"] == 32 and flat["model_type"] == "qwen2" and flat["architectures"] == ["SomeVLM"]
     assert "text_config" not in flat
-    info = target_info(str(tmp_path))
+    info = target_info(str(tmp_path), [2, 6, 9])
     assert (info.hidden_size, info.num_hidden_layers, info.aux_layer_ids) == (32, 12, [2, 6, 9])
 
 

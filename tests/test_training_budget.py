@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from specforge_core.config import load_config
-from specforge_core.pipeline.local import BudgetPlan, SampleOrder, run_local
+from specforge_core.pipeline.local import run_local
+from specforge_core.run.order import BudgetPlan, SampleOrder
 from specforge_core.training.packing import budget_schedule
 
 ASSETS = Path(__file__).resolve().parents[1] / "configs" / "assets"
@@ -54,11 +55,11 @@ def target_dir(tiny_chat_target):
 def config(tmp_path, target, out, *overrides):
     data = {
         "run": {"name": "budget", "output_dir": str(out), "seed": 5},
-        "model": {"target": str(target), "draft_vocab_size": 256},
+        "model": {"target": str(target), "draft_vocab_size": 256, "llama-eagle3": {"ttt_length": 2}},
         "dataset": {"path": [str(ASSETS / "data" / "sample_chat.jsonl")], "max_samples": 24,
                     "max_seq_length": 256, "cache_dir": str(tmp_path / "cache")},
         "training": {"num_epochs": 1, "micro_batch_size": 1, "gradient_accumulation": 2, "pack_tokens": 256,
-                     "token_budget": True, "ttt_length": 2, "lr": 3e-3, "save_every": 2, "keep_checkpoints": 1},
+                     "token_budget": True, "lr": 3e-3, "save_every": 2, "keep_checkpoints": 1},
         "logging": {"progress": False},
     }
     return load_config(data=data, overrides=list(overrides))
@@ -93,7 +94,7 @@ def test_token_budget_run_trains_every_sample_and_resumes_exactly(tmp_path, targ
 def test_resume_with_a_different_plan_is_refused(tmp_path):
     """A checkpoint whose data position is not this config's plan after the same step (the data
     changed; the run dir's config check catches changed settings first) is refused by name."""
-    from specforge_core.pipeline.local import _check_budget_position
+    from specforge_core.run.order import check_budget_position as _check_budget_position
 
     plan = BudgetPlan.build([50, 120, 30, 200], SampleOrder(4, 0, True), 256, 1, num_epochs=1, max_steps=0)
     _check_budget_position(plan, 1, plan.positions[0], tmp_path / "step-000001")  # the same plan: fine

@@ -23,10 +23,10 @@ def target_dir(tiny_chat_target):
 def config(tmp_path, target, out, *overrides):
     data = {
         "run": {"name": "resume", "output_dir": str(out), "seed": 3},
-        "model": {"target": str(target), "draft_vocab_size": 256},
+        "model": {"target": str(target), "draft_vocab_size": 256, "llama-eagle3": {"ttt_length": 2}},
         "dataset": {"path": [str(ASSETS / "data" / "sample_chat.jsonl")], "max_samples": 6,
                     "cache_dir": str(tmp_path / "cache")},
-        "training": {"max_steps": 4, "micro_batch_size": 2, "gradient_accumulation": 1, "ttt_length": 2,
+        "training": {"max_steps": 4, "micro_batch_size": 2, "gradient_accumulation": 1,
                      "lr": 3e-3, "save_every": 2, "keep_checkpoints": 1, "scheduler": "cosine",
                      "warmup_ratio": 0.25},
         "logging": {"progress": False},

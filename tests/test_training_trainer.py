@@ -8,7 +8,7 @@ from specforge_llama_eagle3.objective import acceptance_length
 
 from specforge_core.config import load_config
 from specforge_core.training.components import create
-from specforge_core.training.trainer import Eagle3Trainer
+from specforge_core.training.trainer import Trainer
 from specforge_core.types import Sample
 from specforge_core.vocab import VocabMapping
 
@@ -27,14 +27,13 @@ def target_dir(tmp_path_factory):
     return path
 
 
-def make_config(tmp_path, target, **training):
+def make_config(tmp_path, target, ttt_length=3, **training):
     training = {
-        "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "lr": 3e-3,
-        "ttt_length": 3, **training,
+        "scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "lr": 3e-3, **training,
     }
     data = {
         "run": {"name": "t", "output_dir": str(tmp_path / "run"), "seed": 0},
-        "model": {"target": str(target), "draft_vocab_size": 128},
+        "model": {"target": str(target), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": ttt_length}},
         "training": training,
     }
     return load_config(data=data)
@@ -71,8 +70,8 @@ def test_one_sample_overfit_every_ttt_step(tmp_path, target_dir):
     backend = create(cfg, "target_backend", cfg, "cpu")
     feats = backend.generate([sample])
     vocab = vocab_covering(feats)
-    trainer = Eagle3Trainer(cfg, backend.info, vocab, total_steps=300)
-    K = cfg.training.ttt_length
+    trainer = Trainer(cfg, backend.info, vocab, total_steps=300)
+    K = cfg.options("model", "llama-eagle3").ttt_length
     first = None
     for _ in range(300):
         m = trainer.train_step([feats])
@@ -97,8 +96,8 @@ def test_gradient_accumulation_matches_token_weighted_reference(tmp_path, target
     feats = backend.generate(samples)
     vocab = vocab_covering(feats)
 
-    a = Eagle3Trainer(cfg, backend.info, vocab, total_steps=10)
-    b = Eagle3Trainer(cfg, backend.info, vocab, total_steps=10)
+    a = Trainer(cfg, backend.info, vocab, total_steps=10)
+    b = Trainer(cfg, backend.info, vocab, total_steps=10)
     ma = a.train_step([[feats[0]], [feats[1]]])
     # train_step leaves the accumulated gradients in place (computed at the initial weights);
     # rebuild them by hand on the identically initialised b.
@@ -109,7 +108,7 @@ def test_gradient_accumulation_matches_token_weighted_reference(tmp_path, target
     from specforge_core.training.batch import collate
 
     b.optimizer.zero_grad()
-    K = cfg.training.ttt_length
+    K = cfg.options("model", "llama-eagle3").ttt_length
     sums = [0.0] * K
     counts = [0] * K
     for f in feats:

@@ -49,9 +49,9 @@ def make_config(env, out, *overrides, data=None):
     target, data_file, cache, _ = env
     cfg = {
         "run": {"name": "trust", "output_dir": str(out), "seed": 5},
-        "model": {"target": str(target), "draft_vocab_size": 128},
+        "model": {"target": str(target), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": 2}},
         "dataset": {"path": [str(data or data_file)], "max_samples": 8, "cache_dir": str(cache)},
-        "training": {"max_steps": 2, "micro_batch_size": 2, "ttt_length": 2, "lr": 3e-3, "save_every": 1,
+        "training": {"max_steps": 2, "micro_batch_size": 2, "lr": 3e-3, "save_every": 1,
                      "keep_checkpoints": 2},
         "logging": {"progress": False},
     }
@@ -189,8 +189,8 @@ def test_resume_refuses_changed_data_and_warns_on_changed_lr(env, tmp_path, caps
         data.write_text(original)
     with pytest.raises(rundir.RunDirError, match=r"model\.draft_vocab_size: 128 -> 64"):
         run_local(make_config(env, out, "training.resume=true", "model.draft_vocab_size=64"))
-    with pytest.raises(rundir.RunDirError, match=r"training\.ttt_length"):
-        run_local(make_config(env, out, "training.resume=true", "training.ttt_length=3"))
+    with pytest.raises(rundir.RunDirError, match=r"model\.llama-eagle3\.ttt_length"):
+        run_local(make_config(env, out, "training.resume=true", "model.llama-eagle3.ttt_length=3"))
     assert ckpt.latest_checkpoint(out).name == "step-000002"  # refused before any work
     capsys.readouterr()
     r = run_local(make_config(env, out, "training.resume=true", "training.max_steps=3", "training.lr=1e-3"))
@@ -227,12 +227,12 @@ def test_damaged_newest_checkpoint_falls_back(env, tmp_path, capsys):
 
 
 def test_checkpoints_hold_no_frozen_params(env):
-    from specforge_core.target import target_info
+    from specforge_core.target import target_info, with_aux_layers
     from specforge_core.training.components import algorithm
     from specforge_core.vocab import VocabMapping
 
     cfg = make_config(env, env[3])
-    draft = algorithm(cfg).build(target_info(cfg.model.target, cfg.model.aux_layers),
+    draft = algorithm(cfg).build(target_info(cfg.model.target, with_aux_layers(cfg).model.aux_layers),
                                  VocabMapping.load(env[3] / "vocab_mapping.safetensors"))
     frozen = {n for n, p in draft.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in draft.named_parameters() if p.requires_grad}
@@ -248,8 +248,8 @@ def test_ray_pipeline_applies_the_same_directory_and_resume_checks(env, tmp_path
     out = copy_base(env, tmp_path)
     with pytest.raises(rundir.RunDirError, match="already holds checkpoints"):
         run_ray(make_config(env, out, "run.pipeline=ray"))
-    with pytest.raises(rundir.RunDirError, match=r"training\.ttt_length: 2 -> 3"):
-        run_ray(make_config(env, out, "run.pipeline=ray", "training.resume=true", "training.ttt_length=3"))
+    with pytest.raises(rundir.RunDirError, match=r"model\.llama-eagle3\.ttt_length: 2 -> 3"):
+        run_ray(make_config(env, out, "run.pipeline=ray", "training.resume=true", "model.llama-eagle3.ttt_length=3"))
     with rundir.lock(out):
         with pytest.raises(rundir.RunDirError, match="in use by another specforge run"):
             run_ray(make_config(env, out, "run.pipeline=ray", "training.resume=true"))

@@ -45,9 +45,6 @@ class DiskOptions:
             n = config.dataset.max_samples
             lines.append(f"  at most {n} samples x {T} tokens: {per_tok * T * n / 2**30:.2f} GiB")
         problems = [] if self.dir else [("error", "transfer.disk.dir", "the disk store needs its cache directory")]
-        if config.run.pipeline != "local":  # what connect() would refuse after Ray started: say it up front
-            problems.append(("error", "run.pipeline", f"{config.run.pipeline!r} with transfer.store = 'disk': training "
-                             "from the feature cache runs in the one-process pipeline (run.pipeline = 'local')"))
         return PlanNotes(facts={"bytes_per_token": per_tok}, lines=lines, problems=problems)
 
 
@@ -71,8 +68,8 @@ class DiskStoreProvider(LocalStoreProvider):
         try:
             return super().connect(handle)
         except RuntimeError:
-            raise RuntimeError("transfer store 'disk': training from the feature cache runs in the one-process "
-                               "pipeline (run.pipeline = 'local'); the Ray pipeline does not read it yet") from None
+            raise RuntimeError("transfer store 'disk': its in-process hand-off lives in one process; other processes "
+                               "read the cache through feature_source (the Ray trainers do)") from None
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return fp8.encode(tensors, self.format)

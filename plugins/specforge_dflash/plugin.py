@@ -106,6 +106,10 @@ class DFlashAlgorithm:
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         return objective.summarize(totals)
 
+    def display_metrics(self) -> dict[str, list[str]]:
+        """Every block slot's accuracy (slot j: the j-th token after the anchor) and tau."""
+        return {"acc": [f"acc_{j}" for j in range(1, self.options.block_size)], "tau": ["accept_len"]}
+
     # ------------------------------------------------------------------------------ export / eval
     def export(self, draft: DFlashDraft, vocab: Any):
         return export_config(draft.config, getattr(draft, "aux_layer_ids", [])), export_tensors(draft, vocab)

@@ -11,22 +11,22 @@ from typing import Any, Optional
 import torch
 
 from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
+from specforge_core.plugin_api import dtype_bytes
 from specforge_core.types import TargetInfo
 from specforge_llama_eagle3 import objective
 from specforge_llama_eagle3.config import DraftConfig, DraftConfigError, default_aux_layer_ids
 from specforge_llama_eagle3.model import LlamaEagle3Draft
 from specforge_llama_eagle3.options import LlamaEagle3Options
 
-DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}  # 'auto' = bf16 on GPU
-
 
 class LlamaEagle3Algorithm:
     features = FeatureSpec(aux_hidden=True, final_hidden=True, target_argmax=True, block_size=1,
-                           default_aux_layers=default_aux_layer_ids, packed_rows=True)
+                           default_aux_layers=default_aux_layer_ids, packed_rows=True,
+                           min_loss_index=2)  # step 0 at position t predicts t+2
 
     def __init__(self, options: Any, config: Any = None):
         self.options = options or LlamaEagle3Options()
-        self.ttt_length = int(config.training.ttt_length) if config is not None else 7
+        self.ttt_length = int(self.options.ttt_length)
 
     # ------------------------------------------------------------------------------ build
     def build(self, target: TargetInfo, vocab: Any, weights: Any = None) -> LlamaEagle3Draft:
@@ -46,6 +46,10 @@ class LlamaEagle3Algorithm:
 
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         return objective.summarize(totals)
+
+    def display_metrics(self) -> dict[str, list[str]]:
+        """Each TTT step's accuracy and the acceptance length they imply (tau)."""
+        return {"acc": [f"acc_{k}" for k in range(self.ttt_length)], "tau": ["accept_len"]}
 
     # ------------------------------------------------------------------------------ export
     # ------------------------------------------------------------------------------ eval
@@ -79,7 +83,7 @@ class LlamaEagle3Algorithm:
         trainable, frozen = draft_params(d, n_aux)
         if self.options.fc_norm:  # EAGLE-3.1: one RMSNorm weight per aux layer
             trainable += n_aux * d["target_hidden_size"]
-        c = DTYPE_BYTES[config.training.dtype]
+        c = dtype_bytes(config.training.dtype)
         K = self.ttt_length
         H, Vd, Ht = d["hidden_size"], d["draft_vocab_size"], d["target_hidden_size"]
         # per token: K steps of saved tensors + the batch's aux/final hidden states and the fc output
@@ -89,6 +93,7 @@ class LlamaEagle3Algorithm:
             activation_bytes_per_token=per_token,
             activation_bytes_fixed=K * c * Vd * H,  # the fused loss's saved draft-head gradient per step
             frozen_bytes=c * (frozen + Vd * Ht),  # embedding + the target lm_head rows of the draft vocab
+            memory_note=f"ttt {K}",
             problems=draft_file_problems(config, self.options, target),
         )
 

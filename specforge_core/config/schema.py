@@ -113,7 +113,6 @@ class TrainingSection:
     weight_decay: float = option(0.0, "AdamW weight decay", validator=non_negative)
     max_grad_norm: float = option(0.5, "Gradient clipping norm (0 = off)", validator=non_negative)
     warmup_ratio: float = option(0.02, "Fraction of steps spent in linear warmup", validator=in_range(0, 1))
-    ttt_length: int = option(7, "Training-time-test unroll length", validator=in_range(1, 64))
     dtype: str = option("auto", "'auto' = bf16 on GPU, fp32 on CPU", choices=DTYPES)
     save_every: int = option(0, "Checkpoint every N optimizer steps (0 = only at the end)", validator=non_negative)
     keep_checkpoints: int = option(2, "How many step checkpoints to keep", validator=positive)
@@ -175,6 +174,11 @@ class EvalSection:
     engine_python: str = option("", "Python of the engine's own environment (empty: the engine's discovery)",
                                 path="path-or-command")
     batch_size: int = option(16, "Prompts per target forward (hf engine)", validator=positive)
+    tree: str = option("", "Draft tree instead of a chain, 'topk=8,depth=6,tokens=64' (SGLang --speculative-eagle-topk, "
+                       "--speculative-num-steps, --speculative-num-draft-tokens); empty = a chain of eval.steps")
+    temperature: float = option(0.0, "Sampling temperature (0 = greedy and guarded; > 0 = speculative sampling)",
+                                validator=non_negative)
+    seed: int = option(0, "Seed of sampled evaluation (temperature > 0)")
 
 
 @attrs.define
@@ -199,6 +203,11 @@ class RegenerateSection:
     batch_size: int = option(8, "Conversations generated together", validator=positive)
     seed: int = option(0, "Seed of sampled generation (per batch: reruns give the same records)")
 
+
+# Keys that left the core schema, and where they live now (the loader names the new place).
+MOVED_KEYS: dict[str, str] = {
+    "training.ttt_length": "model.llama-eagle3.ttt_length (an option of the llama-eagle3 draft, default 7)",
+}
 
 CORE_SECTIONS: dict[str, type] = {
     "run": RunSection,

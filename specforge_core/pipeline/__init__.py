@@ -1,6 +1,8 @@
-"""Pipelines compose the components of one run: data -> target -> transfer store -> trainer.
+"""Pipelines drive one ``run.recipe.Run``: data -> target -> transfer store -> trainer.
 
-``run.pipeline`` picks one; each loads lazily (the Ray pipeline imports ray only when chosen).
+``run.pipeline`` picks one; each loads lazily (the Ray pipeline imports ray only when chosen):
+``local.py`` runs the step loop in this process, ``ray_pipeline.py`` in Ray trainer actors fed by
+a controller (``ray/``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
 
     The semantic checks ``specforge config validate`` prints run first: an error stops the run
     before any work (``ConfigError``, one line per problem); warnings are logged."""
+    from specforge_core.run.recipe import check_before_run  # lazy: this package's import stays light
+
     check_before_run(config, registry)
     if config.run.pipeline == "ray":
         from specforge_core.pipeline.ray_pipeline import run_ray
@@ -28,19 +32,3 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
     from specforge_core.pipeline.local import run_local
 
     return run_local(config, registry=registry, **components)
-
-
-def check_before_run(config: SpecforgeConfig, registry: Any = None) -> None:
-    """``checks.check_config``, the same checks as ``config validate``: errors raise, warnings log."""
-    import logging
-
-    from specforge_core.checks import check_config
-    from specforge_core.config import ConfigError
-
-    problems = check_config(config, registry=registry)
-    for p in problems:
-        if p.level != "error":
-            logging.getLogger(__name__).warning("%s", p)
-    errors = [p for p in problems if p.level == "error"]
-    if errors:
-        raise ConfigError("; ".join(str(p) for p in errors) + " (specforge config validate lists every problem)")

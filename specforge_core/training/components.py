@@ -1,29 +1,5 @@
-"""The one place the training path builds components (through an explicit plugin registry).
+"""Component builders, kept at this path for plugins that import them from here (``specforge_core.build``)."""
 
-Every builder takes the registry to use; ``None`` means the process-wide one (entry points), so a
-``Pipeline(registry=...)`` builds and runs with the same registry it was given.
-"""
+from specforge_core.build import algorithm, create, resolve
 
-from __future__ import annotations
-
-from typing import Any
-
-from specforge_core.config.schema import SpecforgeConfig
-
-
-def resolve(registry: Any = None) -> Any:
-    if registry is not None:
-        return registry
-    from specforge_core.registry import get_registry
-
-    return get_registry()
-
-
-def create(config: SpecforgeConfig, kind: str, *args: Any, registry: Any = None, **kwargs: Any) -> Any:
-    """Build the component of ``kind`` that ``config`` selects, with its options table."""
-    return resolve(registry).create_for(config, kind, *args, **kwargs)
-
-
-def algorithm(config: SpecforgeConfig, registry: Any = None) -> Any:
-    """The configured draft algorithm (``model.draft``); cheap to build."""
-    return create(config, "draft_algorithm", config, registry=registry)
+__all__ = ["algorithm", "create", "resolve"]

@@ -179,6 +179,18 @@ class ControllerState:
         self.max_pool_bytes_seen = max(self.max_pool_bytes_seen, self.pool_bytes)
         self._dispatch()
 
+    def all_cached(self) -> int:
+        """Every buffered prompt's features are already on disk (the feature cache: no inference):
+        each becomes a result at once, keyed by its dataset index, holding no store bytes (so no
+        backpressure). Returns how many."""
+        prompts = list(self.buffer)
+        self.buffer.clear()
+        for p in prompts:
+            self.inflight[p.seq] = p
+            self.inflight_tokens += p.num_tokens
+        self.push_results([Result(p.seq, p.index, str(p.index), p.num_tokens, 0) for p in prompts])
+        return len(prompts)
+
     def skip_prompts(self, seqs: Sequence[int], reason: str) -> None:
         """Prompts inference could not process (e.g. the backend raised): skipped, with reason."""
         for s in _ints(seqs):
@@ -308,6 +320,11 @@ class ControllerActor:
 
     async def return_prompts(self, seqs: Sequence[int]) -> int:
         return self.state.return_prompts(seqs)
+
+    async def all_cached(self) -> int:
+        n = self.state.all_cached()
+        await self._notify()
+        return n
 
     async def push_results(self, results: Sequence[Result]) -> None:
         self.state.push_results(results)

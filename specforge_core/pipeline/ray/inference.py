@@ -39,7 +39,7 @@ class EngineActor:
     def __init__(self, config: Any, samples: list, store_handle: Any, run_id: str):
         import torch
 
-        from specforge_core.training.components import create
+        from specforge_core.build import create  # lazy: the manager process never loads torch
 
         self.samples = samples  # the dataset (Ray resolved the object-store reference)
         self.run_id = run_id
