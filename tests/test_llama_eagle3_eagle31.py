@@ -216,3 +216,76 @@ def test_plan_counts_the_fc_norm_weights(monkeypatch):
     plain = trainable()
     assert trainable("model.llama-eagle3.fc_norm=true") == plain + 3 * 4096  # one [H_t] weight per aux layer
     assert trainable("model.llama-eagle3.norm_output=true") == plain  # no weights
+
+
+def _slow_speculation(model, draft, prompt, aux_layers, k, max_new):
+    """Greedy speculation recomputed from scratch every cycle: the target's features of the whole
+    sequence, the draft's chain without a cache (``_qkv``/``_finish``), the target's verdict on the
+    sequence + drafts. Returns the matched drafts per cycle and the output."""
+    d2t = torch.arange(draft.config.draft_vocab_size) + draft.d2t
+    with torch.no_grad():
+        out = [int(model(torch.tensor([prompt])).logits[0, -1].argmax())]
+        matched = []
+        while len(out) < max_new:
+            seq = prompt + out
+            n = len(seq) - 1
+            hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            aux = torch.cat([hs[i][0] for i in aux_layers], -1)
+            ids, hid = seq[1:], list(_fc(draft, aux[:n]))  # entry p reads x[p+1] beside fc(f[p])
+            drafts = []
+            for _ in range(k):
+                S = len(ids)
+                g = torch.stack(hid)[None]
+                q, kk, vv = _qkv(draft, torch.tensor([ids]), g, torch.arange(S))
+                normed, nxt_h = _finish(draft, g, q, kk, vv, torch.ones(S, S, dtype=torch.bool).tril()[None])
+                tok = int(d2t[(normed[0, -1] @ draft.lm_head.weight.T).argmax()])
+                drafts.append(tok)
+                ids.append(tok)
+                hid.append(nxt_h[0, -1])
+            verdict = model(torch.tensor([seq + drafts])).logits[0, n:].argmax(-1).tolist()
+            m = 0
+            while m < k and drafts[m] == verdict[m]:
+                m += 1
+            matched.append(m)
+            out += verdict[: m + 1]
+    return matched, out[:max_new]
+
+
+@pytest.mark.slow
+def test_eagle31_eval_counts_equal_a_slow_speculation_loop(tmp_path):
+    """``specforge eval`` of a trained EAGLE-3.1 draft (fc_norm + norm_output): per-prompt counts
+    equal the slow loop's."""
+    from pathlib import Path
+
+    from specforge_llama_eagle3.config import default_aux_layer_ids
+    from transformers import AutoModelForCausalLM
+
+    from specforge_core.config import load_config
+    from specforge_core.evaluation.accounting import stats_from_cycles
+    from specforge_core.evaluation.evaluate import evaluate
+    from specforge_core.pipeline.local import run_local
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = root / "configs" / "assets" / "tiny-target"
+    cfg = load_config([root / "configs" / "quickstart.toml"], overrides=[
+        f"run.output_dir={tmp_path / 'run'}", "training.max_steps=40", "logging.progress=false",
+        f"dataset.cache_dir={tmp_path / 'cache'}", "model.llama-eagle3.fc_norm=true",
+        "model.llama-eagle3.norm_output=true"])
+    export = Path(run_local(cfg).export_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    draft = LlamaEagle3Draft.from_export(export, embed_weight=model.get_input_embeddings().weight.detach())
+    assert draft.config.norm_output and draft.fc_norm is not None
+    aux_layers = default_aux_layer_ids(model.config.num_hidden_layers)
+    prompts = [[1, 7, 300, 42, 9, 77], [1, 5, 600, 601, 33], [1, 12, 800, 14, 15, 16, 17]]
+    K, M = 3, 24
+    report = evaluate(str(export), str(tiny), prompts, steps=K, max_new_tokens=M, eos_ids=(), check=True,
+                      batch_size=2, device="cpu", dtype="fp32")
+    assert report.ok, report.errors
+    total = 0
+    for p, pr in zip(prompts, report.prompts, strict=True):
+        matched, out = _slow_speculation(model, draft, p, aux_layers, K, M)
+        want = stats_from_cycles(matched, K)
+        assert (pr.raw.cycles, pr.raw.tokens, pr.raw.at_least) == (want.cycles, want.tokens, want.at_least)
+        assert pr.generated == len(out)
+        total += sum(matched)
+    assert total > 0  # some drafts accepted: not a degenerate comparison
