@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from specforge_core import cli
-from specforge_core.config import load_config
+from specforge_core.config import ConfigError, load_config
 from specforge_core.data.features import FeatureCacheError, read_index, write_features
 from specforge_core.pipeline.local import run_local
 
@@ -50,10 +50,12 @@ def _think(tmp_path: Path, reasoning: str) -> list[str]:
 
 def test_cache_of_another_reasoning_mode_is_refused(tmp_path):
     write_features(_config(tmp_path, *_think(tmp_path, "keep")))
-    with pytest.raises(FeatureCacheError, match=r"reasoning: cache 'keep', config 'drop'"):
+    # the run's checks refuse it before any work (ConfigError carrying the cache's one line)
+    with pytest.raises((FeatureCacheError, ConfigError), match=r"reasoning: cache 'keep', config 'drop'"):
         run_local(_config(tmp_path, *_think(tmp_path, "drop"), run="run-drop"))
     for setting, value in (("format", "openai"), ("on_error", "stop")):  # every tokenization input
-        with pytest.raises(FeatureCacheError, match=rf"{'data_format' if setting == 'format' else setting}: "):
+        with pytest.raises((FeatureCacheError, ConfigError),
+                           match=rf"{'data_format' if setting == 'format' else setting}: "):
             run_local(_config(tmp_path, *_think(tmp_path, "keep"), f"dataset.{setting}={value}", run="r2"))
 
 

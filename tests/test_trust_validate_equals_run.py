@@ -42,9 +42,9 @@ CASES = {
     "invalid-target-config": (["model.target={bad_config}"], "config.json: line 1: not valid JSON"),
     "feature-cache-missing": (["transfer.store=disk", "transfer.disk.dir={tmp}/no-cache"],
                               "no-cache: no index.json"),
-    # (the Ray pipeline does not read the cache: refused at once, not by a RayTaskError after Ray started)
-    "ray-with-disk-store": (["run.pipeline=ray", "transfer.store=disk", "transfer.disk.dir={tmp}/no-cache"],
-                            "run.pipeline: 'ray' with transfer.store = 'disk'"),
+    # the Ray pipeline reads the cache too: its checks are the same
+    "ray-feature-cache-missing": (["run.pipeline=ray", "transfer.store=disk", "transfer.disk.dir={tmp}/no-cache"],
+                                  "no-cache: no index.json"),
 }
 
 
@@ -64,3 +64,20 @@ def test_validate_and_run_refuse_alike_before_any_work(case, tmp_path, capsys, m
         assert code == 2 and len(lines) == 1 and expected in lines[0], (argv[0], code, err)
         assert "Traceback" not in err
         assert not (tmp_path / "out").exists() and not (tmp_path / "tok").exists()  # no work started
+
+
+def test_ray_with_the_disk_store_is_accepted_by_both(tmp_path, capsys, monkeypatch):
+    """`run.pipeline = "ray"` with a complete disk cache: validate accepts it, and so does the check
+    list `run` runs first (was refused only after Ray started, by a RayTaskError). The Ray run itself
+    trains from the cache in tests/test_run_pipelines.py."""
+    from specforge_core.checks import check_config
+    from specforge_core.config import load_config
+    from specforge_core.data.features import write_features
+
+    monkeypatch.chdir(ROOT)
+    args = [f"run.output_dir={tmp_path / 'out'}", f"dataset.cache_dir={tmp_path / 'tok'}", "dataset.max_samples=8",
+            "transfer.store=disk", f"transfer.disk.dir={tmp_path / 'cache'}", "logging.progress=false"]
+    write_features(load_config([QUICKSTART], overrides=args))
+    ray = [*args, "run.pipeline=ray"]
+    assert cli.main(["config", "validate", QUICKSTART, *ray]) == 0, capsys.readouterr().err
+    assert [p for p in check_config(load_config([QUICKSTART], overrides=ray)) if p.level == "error"] == []

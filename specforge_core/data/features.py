@@ -41,8 +41,10 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from specforge_core.components import capability
 from specforge_core.data.formats import DataError
 from specforge_core.data.identity import data_sha256, file_sha256
+from specforge_core.dtypes import resolve as resolve_dtype
 from specforge_core.types import FEATURE_KEYS, Sample, TargetFeatures, TargetInfo
 
 INDEX = "index.json"
@@ -253,10 +255,10 @@ class FeaturesSummary:
 
 
 def store_provider(config: Any, registry: Any = None) -> Any:
-    from specforge_core.training.components import create
+    from specforge_core.build import create
 
     provider = create(config, "transfer_store", registry=registry)
-    if not getattr(provider, "supplies_features", False):
+    if not capability(provider, "TransferStoreProvider.supplies_features"):
         raise FeatureCacheError(
             f"transfer.store = {config.transfer.store!r} does not supply features (it keeps none in files); "
             "`specforge data features` writes the cache of a store that supplies features (`specforge plugins` "
@@ -268,10 +270,10 @@ def store_provider(config: Any, registry: Any = None) -> Any:
 def write_features(config: Any, *, backend: Any = None, provider: Any = None, console: Any = None,
                    registry: Any = None, stop_after_shards: Optional[int] = None) -> FeaturesSummary:
     """Write (or complete) the feature cache of ``config``'s transfer store; see the module doc."""
+    from specforge_core.build import algorithm, create
     from specforge_core.data.build import load_tokenizer
-    from specforge_core.pipeline.local import load_training_samples
-    from specforge_core.plan import with_aux_layers
-    from specforge_core.training.components import algorithm, create
+    from specforge_core.data.usable import load_training_samples
+    from specforge_core.target import with_aux_layers
 
     t0 = time.perf_counter()
     log = console.print if console is not None else (lambda *a, **k: None)
@@ -466,7 +468,7 @@ def check_sample(cache_dir: Path, sample: Sample, stored: dict[str, torch.Tensor
 def check_cache(config: Any, provider: Any, registry: Any = None) -> None:
     """What a run from ``provider``'s cache checks before it starts (``config validate`` too): the
     index, every shard's presence and size, and the fingerprint. Raises ``FeatureCacheError``."""
-    from specforge_core.plan import with_aux_layers
+    from specforge_core.target import with_aux_layers
 
     cache = FeatureCache(provider.dir)
     config = with_aux_layers(config, registry)
@@ -505,7 +507,4 @@ class CacheBackend:
 
 def _float_dtype(config: Any) -> torch.dtype:
     """The dtype the online target would have produced (``inference.dtype``; auto: bf16 on GPU)."""
-    d = config.inference.dtype
-    if d == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
+    return resolve_dtype(config.inference.dtype, None, "inference.dtype")

@@ -155,9 +155,9 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
                restart: bool = False) -> dict[str, int]:
     """Regenerate ``dataset.path`` into ``output_path(config)``; returns the status counts.
     ``restart``: an output file written with other inputs or settings is moved aside (else refused)."""
+    from specforge_core.build import create
     from specforge_core.components import GenerationParams
     from specforge_core.data import load_tokenizer
-    from specforge_core.training.components import create
 
     r, ds = config.regenerate, config.dataset
     convs, _stats = load_conversations(ds.path, ds.format, ds.on_error, require_assistant=False,
@@ -174,7 +174,7 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
     tokenizer = load_tokenizer(config.model.target)
     own = backend is None
     if own:  # the backend is built as a run builds it (aux layers resolved), though only its text is used
-        from specforge_core.plan import with_aux_layers
+        from specforge_core.target import with_aux_layers
 
         full = with_aux_layers(config)
         backend = create(full, "target_backend", full, None)
