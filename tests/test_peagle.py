@@ -373,3 +373,11 @@ def test_plan_counts_the_parameters_the_draft_has(layers, train_embedding):
     frozen = sum(p.numel() for p in draft.parameters() if not p.requires_grad)
     assert (plan.trainable_params, plan.frozen_params) == (trainable, frozen)
     assert [p[1] for p in plan.problems] == ["eval.steps"]  # 9 drafts asked, 8 trained
+
+
+def test_registered_with_a_one_line_description():
+    from specforge_core.registry import get_registry
+
+    comp = get_registry().get("draft_algorithm", "peagle")
+    assert comp.description.startswith("P-EAGLE") and "\n" not in comp.description
+    assert comp.config_class is PEagleOptions
