@@ -50,7 +50,7 @@ def check_config(config: Any, inputs: bool = True, registry: Any = None) -> list
     store = _transfer_store(config, registry) if inputs else None
     _check_inputs(config, err, warn, inputs, store)
     _check_hardware(config, err, warn)
-    t, src = P.load_target_config(config)
+    t, src = P.find_target_config(config)
     if t is None:
         # a local config.json that cannot be read is an error (the run reads it); a hub id is not fetched
         local = bool(config.model.target_config) or bool(config.model.target) and Path(config.model.target).is_dir()
