@@ -278,7 +278,7 @@ class RayRun:
         if finished and summary["samples_in"] != summary["trained"] + sum(ctrl_skipped.values()):
             raise RuntimeError(f"controller accounting does not add up: {summary}")
         run.console.print(
-            f"controller: {summary['samples_in']} samples in = {summary['trained']} trained + "
+            f"controller: {summary['samples_in']} sample visits in (one per sample per epoch) = {summary['trained']} trained + "
             f"{sum(ctrl_skipped.values())} skipped ({', '.join(f'{v} {k}' for k, v in ctrl_skipped.items()) or 'none'})"
             f"; {stats['restarts']} engine restart(s); max pool {summary['max_pool_bytes_seen']} bytes")
         if run.recorder.history:
