@@ -57,6 +57,8 @@ class DSparkAlgorithm(DFlashAlgorithm):
 
     def __init__(self, options: DSparkOptions | None, config: Any = None):
         super().__init__(options or DSparkOptions(), config)  # DFlash's features, aux layers, draft config
+        # the first block (anchor 1) predicts x[2] from its anchor slot
+        self.features = attrs.evolve(self.features, min_loss_index=2)
 
     def _heads(self) -> DSparkHeads:
         o = self.options
@@ -84,6 +86,12 @@ class DSparkAlgorithm(DFlashAlgorithm):
 
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         return objective.summarize(totals)
+
+    def display_metrics(self) -> dict[str, list[str]]:
+        """Every slot's accuracy (slot k drafts the (k+1)-th token after the anchor), tau, and the
+        confidence head's error against the analytical acceptance."""
+        return {"acc": [f"acc_{k}" for k in range(1, self.options.block_size + 1)], "tau": ["accept_len"],
+                "conf_err": ["conf_abs_err"]}
 
     def export(self, draft: DSparkDraft, vocab: Any):
         return dspark_config(draft, getattr(draft, "aux_layer_ids", [])), dspark_tensors(draft, vocab)
