@@ -81,3 +81,15 @@ def test_ray_with_the_disk_store_is_accepted_by_both(tmp_path, capsys, monkeypat
     ray = [*args, "run.pipeline=ray"]
     assert cli.main(["config", "validate", QUICKSTART, *ray]) == 0, capsys.readouterr().err
     assert [p for p in check_config(load_config([QUICKSTART], overrides=ray)) if p.level == "error"] == []
+
+
+def test_data_with_nothing_to_learn_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """What only tokenizing can tell (here: every reply cut off by max_seq_length) is still the
+    user's input: one line naming dataset.path and the counts, exit 2, no traceback."""
+    monkeypatch.chdir(ROOT)
+    code = cli.main(["run", QUICKSTART, f"run.output_dir={tmp_path / 'out'}", f"dataset.cache_dir={tmp_path / 'tok'}",
+                     "dataset.max_seq_length=8", "dataset.max_samples=4", "logging.progress=false"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and "no sample has anything to learn" in lines[0], err
+    assert "empty after truncation" in lines[0] and "Traceback" not in err

@@ -11,6 +11,7 @@ from typing import Any
 
 from specforge_core.build import algorithm
 from specforge_core.data.build import build_samples, load_tokenizer
+from specforge_core.data.formats import DataError
 from specforge_core.types import Sample
 
 
@@ -33,5 +34,7 @@ def load_training_samples(config: Any, console: Any, features: Any = None, regis
     skipped: Counter[str] = Counter()
     skipped[f"no loss token at index >= {first}"] = len(samples) - len(usable)
     if not usable:
-        raise ValueError(f"dataset.path = {config.dataset.path}: no sample has anything to learn")
+        raise DataError(f"dataset.path = {config.dataset.path}: no sample has anything to learn ({data_stats.summary()}; "
+                        f"{len(samples) - len(usable)} without a loss token at index >= {first}); check the data, "
+                        "dataset.max_seq_length and dataset.chat_template")
     return samples, usable, data_stats, skipped
