@@ -74,7 +74,7 @@ def target_params(t: dict) -> dict[str, int]:
         attn = q + H * (kr + rope) + kr + kr * nh * (nope + vd) + nh * vd * H
     else:
         attn = H * nh * hd + 2 * H * nkv * hd + nh * hd * H
-        if str(t.get("model_type", "")).startswith("qwen3"):
+        if str(t.get("model_type", "")).startswith(("qwen3", "gemma3")):
             attn += 2 * hd  # per-head RMSNorm on q and k
         if t.get("attention_bias") or t.get("model_type") == "qwen2":
             attn += (nh + 2 * nkv) * hd + (H if t.get("model_type") != "qwen2" else 0)  # q/k/v(/o) biases
@@ -91,7 +91,8 @@ def target_params(t: dict) -> dict[str, int]:
         dense = L * (attn + 2 * H) + n_dense * dense_mlp + n_moe * (shared + H * n_experts) + H
     else:
         experts = 0
-        dense = L * (attn + dense_mlp + 2 * H) + H
+        norms = 4 if str(t.get("model_type", "")).startswith(("gemma2", "gemma3")) else 2  # + pre/post-feedforward
+        dense = L * (attn + dense_mlp + norms * H) + H
     return {"embed": embed, "dense": dense, "experts": experts}
 
 

@@ -68,7 +68,9 @@ class PEagleAlgorithm:
         if mask < 0:
             pad = hf.get("pad_token_id")
             mask = int(pad) if isinstance(pad, int) else int(hf["vocab_size"]) - 1
-        rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        rp = hf.get("rope_parameters") or {}
+        rp = rp.get("full_attention", rp)  # per-layer-type rope (Gemma 3): the draft attends like a global layer
+        rope = hf.get("rope_theta") or rp.get("rope_theta") or 10000.0
         return PEagleConfig(
             hidden_size=H, intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=self.options.num_layers,
             num_attention_heads=nh, num_key_value_heads=int(hf.get("num_key_value_heads") or nh),

@@ -72,7 +72,7 @@ class DatasetSection:
     format: str = option("auto", "Conversation format", choices=("auto", "sharegpt", "openai"))
     chat_template: str = option(
         "auto", "'auto' = the target tokenizer's own template, or a named one",
-        choices=("auto", "llama3", "chatml", "qwen", "qwen3"),
+        choices=("auto", "llama3", "chatml", "qwen", "qwen3", "gemma"),
     )
     reasoning: str = option(
         "keep", "Assistant reasoning (reasoning_content / thinking / <think> blocks): 'keep' renders it as "

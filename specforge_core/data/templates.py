@@ -13,7 +13,7 @@ import attrs
 
 from specforge_core.data.formats import Conversation, DataError
 
-TEMPLATES = ("auto", "llama3", "chatml", "qwen", "qwen3")
+TEMPLATES = ("auto", "llama3", "chatml", "qwen", "qwen3", "gemma")
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 
 
@@ -29,15 +29,22 @@ class NamedTemplate:
     # Renders reasoning the Qwen3 way: "<think>\n{reasoning}\n</think>\n\n{answer}" on the
     # assistant turns after the last user message only (earlier turns' reasoning is not shown).
     thinks: bool = False
+    # Role names the header uses instead of the message roles (Gemma says "model" for assistant).
+    role_names: tuple[tuple[str, str], ...] = ()
+    # No system turn: the system text + "\n\n" opens the first user turn (what Gemma's template does).
+    system_in_first_user: bool = False
+
+    def role(self, role: str) -> str:
+        return dict(self.role_names).get(role, role)
 
     def generation_prompt(self, reasoning_mode: str = "keep") -> str:
         # Qwen3 with enable_thinking=False (what "drop" trains for) pre-fills an empty think block.
         empty = THINK_OPEN + THINK_CLOSE if self.thinks and reasoning_mode == "drop" else ""
-        return self.header.format(role="assistant") + empty
+        return self.header.format(role=self.role("assistant")) + empty
 
     def special_tokens(self) -> list[str]:
         return [t for t in (self.bos, self.end_of_turn) if t] + [
-            p for p in ("<|start_header_id|>", "<|end_header_id|>", "<|im_start|>") if p in self.header
+            p for p in ("<|start_header_id|>", "<|end_header_id|>", "<|im_start|>", "<start_of_turn>") if p in self.header
         ]
 
 
@@ -64,7 +71,20 @@ QWEN = attrs.evolve(CHATML, name="qwen", default_system="You are a helpful assis
 # Qwen3 (and QwQ-style thinking ChatML models): no default system prompt, <think> blocks.
 QWEN3 = attrs.evolve(CHATML, name="qwen3", thinks=True)
 
-NAMED_TEMPLATES = {t.name: t for t in (LLAMA3, CHATML, QWEN, QWEN3)}
+# Gemma 2/3 instruct: "model" is the assistant's role, contents trimmed, a system prompt is folded
+# into the first user turn. Base Gemma checkpoints ship no template (the GGUF of 3 270M has none).
+GEMMA = NamedTemplate(
+    name="gemma",
+    bos="<bos>",
+    header="<start_of_turn>{role}\n",
+    end_of_turn="<end_of_turn>",
+    after_turn="\n",
+    trim=True,
+    role_names=(("assistant", "model"),),
+    system_in_first_user=True,
+)
+
+NAMED_TEMPLATES = {t.name: t for t in (LLAMA3, CHATML, QWEN, QWEN3, GEMMA)}
 
 
 def get_template(name: str) -> NamedTemplate:
@@ -91,6 +111,9 @@ def render_segments(
     segs: list[tuple[str, bool]] = []
     if tpl.bos:
         segs.append((tpl.bos, False))
+    prefix = ""  # system text folded into the first user turn (system_in_first_user)
+    if tpl.system_in_first_user and turns and turns[0].role == "system":
+        prefix, turns, last_query = turns[0].content + "\n\n", turns[1:], last_query - 1
     if tpl.default_system is not None and not any(t.role == "system" for t in turns):
         segs.append((tpl.header.format(role="system") + tpl.default_system + tpl.end_of_turn + tpl.after_turn, False))
     for i, t in enumerate(turns):
@@ -101,12 +124,12 @@ def render_segments(
             content = content.lstrip("\n")
             if reasoning or conv.reasoning_mode == "keep":
                 # the target writes the think block itself: it is in the loss
-                segs.append((tpl.header.format(role=t.role), False))
+                segs.append((tpl.header.format(role=tpl.role(t.role)), False))
                 content = THINK_OPEN + reasoning + THINK_CLOSE + content
             else:  # "drop": the empty block is the generation prompt's (enable_thinking=False)
                 segs.append((tpl.generation_prompt("drop"), False))
         else:
-            segs.append((tpl.header.format(role=t.role), False))
+            segs.append((tpl.header.format(role=tpl.role(t.role)) + (prefix if i == 0 else ""), False))
         segs.append((content, is_loss))
         segs.append((tpl.end_of_turn, is_loss))
         if tpl.after_turn:
