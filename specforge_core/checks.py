@@ -92,6 +92,8 @@ def _check_feature_cache(config: Any, provider: Any, err, registry: Any = None) 
         check_cache(config, provider, registry)
     except FeatureCacheError as exc:
         err("transfer.store", str(exc))
+    except (ValueError, OSError) as exc:  # the tokenizer or the data the fingerprint needs cannot be read
+        err("transfer.store", f"cannot check the feature cache {getattr(provider, 'dir', '')}: {exc}")
 
 
 # ------------------------------------------------------------------------------------- inputs
