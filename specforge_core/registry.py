@@ -66,12 +66,6 @@ class EvalEngine:
     plugin: PluginInfo
 
 
-def _section_fields(section: str) -> set[str]:
-    from specforge_core.config.schema import CORE_SECTIONS
-
-    return {a.name for a in attrs.fields(CORE_SECTIONS[section])}
-
-
 class Registry:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -203,7 +197,6 @@ class Registry:
         return dict(self._engines)
 
     def _registrar(self, kind: str, info: PluginInfo, components: dict) -> Callable[..., None]:
-        section, _selector = KINDS[kind]
 
         def register(
             name: str, factory: Callable[..., Any], config: Optional[type] = None, description: str = ""
@@ -213,11 +206,6 @@ class Registry:
             if config is not None and not attrs.has(config):
                 raise RegistryError(
                     f"plugin {info.name!r}: config of {kind} {name!r} must be an attrs class, got {config!r}"
-                )
-            if name in _section_fields(section):
-                raise RegistryError(
-                    f"plugin {info.name!r}: {kind} name {name!r} clashes with the core field "
-                    f"[{section}].{name}; choose another name"
                 )
             if not callable(factory):
                 raise RegistryError(f"plugin {info.name!r}: the factory of {kind} {name!r} is not callable "

@@ -2,11 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from specforge_core.config import ConfigError, dump_toml, load_config
 from specforge_core.config.loader import parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path, text):
@@ -118,7 +121,8 @@ def test_cli_validate_reports_error_exit_code(tmp_path):
     )
     assert res.returncode == 2
     assert "training.lr" in res.stderr and str(f) in res.stderr
-    ok = subprocess.run(
-        [sys.executable, "-m", "specforge_core.cli", "config", "validate"], capture_output=True, text=True
+    ok = subprocess.run(  # the defaults name no data, which validate (like run) refuses: the quickstart
+        [sys.executable, "-m", "specforge_core.cli", "config", "validate", "configs/quickstart.toml"],
+        capture_output=True, text=True, cwd=ROOT,
     )
     assert ok.returncode == 0 and ok.stdout.startswith("ok")

@@ -87,14 +87,15 @@ def test_duplicate_names_name_both_plugins():
     assert "first-plugin" in str(err.value) and "second-plugin" in str(err.value) and "'dup'" in str(err.value)
 
 
-def test_component_name_may_not_shadow_core_field():
-    # the plugin is left out (one line, in ``broken``), the others still load
-    reg = registry_from([("bad", _plugin("lr")), ("good", _plugin("halving"))], with_entry_points=False)
-    assert reg.names("lr_scheduler") == ["halving"]
-    [(info, why)] = reg.broken
-    assert info.name == "bad" and "clashes with the core field [training].lr" in why
-    with pytest.raises(RegistryError, match=r"Not loaded: plugin 'bad'.*clashes with the core field"):
-        reg.get("lr_scheduler", "lr")
+def test_component_name_may_not_shadow_core_field(tmp_path):
+    # [training.lr] would be ambiguous: a config selecting it is refused, naming the plugin
+    reg = registry_from([("bad", _plugin("lr"))])
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[training]\nscheduler = "lr"\n')
+    with pytest.raises(ConfigError, match=r"plugin 'bad': lr_scheduler name 'lr' clashes with the core field "
+                                          r"\[training\].lr"):
+        load_config([cfg_file], registry=reg)
+    assert load_config(registry=reg).training.scheduler != "lr"  # unselected, it harms no one
 
 
 def test_broken_plugin_names_itself(monkeypatch):

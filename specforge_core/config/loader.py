@@ -16,10 +16,11 @@ from typing import Any, Optional
 import attrs
 import cattrs
 
-from specforge_core.components import KINDS
+from specforge_core.components import KINDS, capability
 from specforge_core.config.fields import RangeError, path_kind
 from specforge_core.config.paths import resolve_value
-from specforge_core.config.schema import CORE_SECTIONS, SpecforgeConfig
+from specforge_core.config.schema import CORE_SECTIONS, MOVED_KEYS, SpecforgeConfig
+from specforge_core.hookspecs import selected
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -251,6 +252,8 @@ def _leaf_message(exc: BaseException) -> str:
 
 
 def unknown_key(dotted: str, allowed: Sequence[str], sources: Mapping[str, str]) -> ConfigError:
+    if dotted in MOVED_KEYS:
+        return ConfigError(f"moved to {MOVED_KEYS[dotted]}", key=dotted, source=sources.get(dotted, ""))
     leaf = dotted.rsplit(".", 1)[-1]
     hint = difflib.get_close_matches(leaf, list(allowed), n=1, cutoff=0.6)
     parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
@@ -296,7 +299,7 @@ def _check_selected_components(cfg: SpecforgeConfig, registry: Any) -> None:
     from specforge_core.registry import RegistryError
 
     for kind, (section, selector) in KINDS.items():
-        name = getattr(getattr(cfg, section), selector)
+        name = selected(cfg, kind)
         dotted = f"{section}.{selector}"
         try:
             if not name:  # unset: the component a plugin declares the default (config show prints it)
@@ -305,12 +308,16 @@ def _check_selected_components(cfg: SpecforgeConfig, registry: Any) -> None:
             comp = registry.get(kind, name)
         except RegistryError as exc:
             raise ConfigError(str(exc), key=dotted, source=cfg.sources.get(dotted, DEFAULTS)) from None
+        if name in attrs.fields_dict(CORE_SECTIONS[section]):  # [section.name] would be ambiguous
+            raise ConfigError(f"plugin {comp.plugin.name!r}: {kind} name {name!r} clashes with the core field "
+                              f"[{section}].{name}; the plugin must choose another name", key=dotted,
+                              source=cfg.sources.get(dotted, DEFAULTS))
         if (section, name) not in cfg.plugin_options and comp.config_class is not None:
             cfg.plugin_options[(section, name)] = comp.config_class()
     # Cross-section checks a plugin options class may define: ``validate_with(config)``.
     for (section, name), options in cfg.plugin_options.items():
-        check = getattr(options, "validate_with", None)
-        if callable(check):
+        check = capability(options, "ComponentOptions.validate_with")
+        if check is not None:
             try:
                 check(cfg)
             except (ValueError, RangeError) as exc:

@@ -22,6 +22,7 @@ from typing import Optional
 import attrs
 import torch
 
+from specforge_core.components import has_capability
 from specforge_core.evaluation.accounting import truncate_cycle
 from specforge_core.evaluation.batch import TargetBatch
 from specforge_core.evaluation.target import TargetModel
@@ -71,7 +72,7 @@ def draft_trees(proposer, steps: int, tree: Optional[TreeSpec]) -> list[DraftTre
     """This cycle's drafts of every row, as trees (a chain of ``steps`` when ``tree`` is None)."""
     if tree is None:
         return [DraftTree.chain(d) for d in proposer.propose(steps)]
-    if not callable(getattr(proposer, "propose_tree", None)):
+    if not has_capability(proposer, "Proposer.propose_tree"):
         raise ValueError(f"{type(proposer).__name__} drafts chains only (no propose_tree): this draft "
                          "algorithm cannot be evaluated with a tree")
     return [DraftTree(list(t), list(p)) for t, p in proposer.propose_tree(tree.topk, tree.depth, tree.tokens)]
