@@ -79,6 +79,10 @@ def test_a_file_without_header_is_refused_through_the_cli(tmp_path, capsys):
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "has no regenerate header" in lines[0] and "--restart" in lines[0], err
+    code = cli.main(["data", "regenerate", "--restart", str(ROOT / "configs" / "quickstart.toml"),
+                     *_args(tmp_path, out, n=2)])
+    assert code == 0 and sorted(read_done(out)) == [0, 1] and read_header(out)["max_samples"] == 2
+    assert len(list(tmp_path.glob("regen.jsonl.replaced-*"))) == 1
 
 
 def test_a_moved_input_resumes_and_says_so(tmp_path, caplog):
