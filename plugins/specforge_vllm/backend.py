@@ -24,12 +24,11 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 
-from specforge_core.target import target_info
+from specforge_core.plugin_api import dtype_from_engine, engine_dtype, target_info_for
 from specforge_core.types import Sample, TargetFeatures
-from specforge_vllm.options import DTYPE_MAP, VLLMBackendOptions, split_extra_args
+from specforge_vllm.options import VLLMBackendOptions, split_extra_args
 
 RUNNER = Path(__file__).with_name("capture_runner.py")
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class VLLMError(RuntimeError):
@@ -37,11 +36,9 @@ class VLLMError(RuntimeError):
 
 
 def resolve_dtype(dtype: str, device: Optional[str]) -> str:
-    """``inference.dtype`` as vLLM's dtype string; 'auto' = bf16 on GPU, fp32 on CPU (as ``hf``)."""
-    if dtype == "auto":
-        on_gpu = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
-        return "bfloat16" if on_gpu else "float32"
-    return DTYPE_MAP[dtype]
+    """``inference.dtype`` as vLLM's dtype string; 'auto' = bf16 on GPU, fp32 on CPU (as ``hf``),
+    resolved here, not by vLLM (whose 'auto' follows config.json and may differ from hf)."""
+    return engine_dtype(dtype, device, "inference.dtype")
 
 
 def find_python(option: str) -> str:
@@ -153,11 +150,11 @@ class VLLMTargetBackend:
     def __init__(self, options: VLLMBackendOptions, config, device: Optional[str] = None):
         self.options = options
         m = config.model
-        self.info = target_info(m.target, m.aux_layers, m.trust_remote_code)
+        self.info = target_info_for(config)
         self.max_positions = self.info.hf_config.get("max_position_embeddings")
         self.batch_size = config.inference.batch_size
         self.vllm_dtype = resolve_dtype(config.inference.dtype, device)
-        self.dtype = _TORCH_DTYPES[self.vllm_dtype]
+        self.dtype = dtype_from_engine(self.vllm_dtype)
         self.max_model_len = options.max_model_len or default_max_model_len(config, self.info)
         python = find_python(options.python)
 

@@ -14,10 +14,6 @@ from specforge_core.config.fields import RangeError, in_range, option, positive
 
 log = logging.getLogger(__name__)
 
-# inference.dtype -> vLLM's dtype; 'auto' follows the hf backend (bf16 on GPU, fp32 on CPU) and is
-# resolved by the backend, not by vLLM (whose 'auto' follows config.json and may differ from hf).
-DTYPE_MAP = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
 # LLM(...) keywords the backend sets itself; dropped (with a warning) from extra_args.
 PROTECTED = frozenset({
     "model", "tokenizer", "dtype", "trust_remote_code", "max_model_len", "tensor_parallel_size",
