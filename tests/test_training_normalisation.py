@@ -211,4 +211,3 @@ def assert_same_step(one: dict, two: dict) -> None:
         off = (two["state"][k] - w1).abs() > tol
         assert not off.any(), (f"{k}: {int(off.sum())} of {off.numel()} weights differ by more than Adam's "
                                f"first update allows, max {float(((two['state'][k] - w1).abs() - tol).max()):.3g} over")
-
