@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import attrs
 import torch
+from rich.console import Console
 
 from specforge_core import rundir
 from specforge_core.build import algorithm as build_algorithm
@@ -75,8 +76,6 @@ class Run:
     (the output_dir lock, observers), also when a step raises."""
 
     def __init__(self, config: SpecforgeConfig, *, registry: Any = None, console: Any = None):
-        from rich.console import Console
-
         self.t0 = time.perf_counter()
         self.config = config
         self.registry = registry
