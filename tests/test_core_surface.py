@@ -228,3 +228,8 @@ def test_eval_checks_the_proposer_an_algorithm_returns(tmp_path):
                         with_entry_points=False)
     with pytest.raises(ValueError, match=r"'stub-draft': its proposer \(_BadProposer\) lacks 'keep'.*it has 'kep'"):
         load_proposer(tmp_path, types.SimpleNamespace(num_layers=8), "cpu", name="stub-draft", registry=reg)
+
+
+def test_every_kind_names_a_declared_contract():
+    for kind, row in C.KINDS.items():
+        assert row.contract in C.CONTRACTS or row.contract == "LRLambda", kind
