@@ -34,8 +34,8 @@ def _eval(config: str, overrides: list[str], out: Path, args: argparse.Namespace
 
 def _read_speed(config) -> float:
     """Tokens/s of reading and decoding every cached sample once (what a training epoch reads)."""
+    from specforge_core.build import create
     from specforge_core.data.features import FeatureCache
-    from specforge_core.training.components import create
 
     provider = create(config, "transfer_store")
     cache = FeatureCache(provider.dir)

@@ -84,11 +84,11 @@ def inference_alone(config, n: int) -> float:
     import numpy as np
     import torch
 
+    from specforge_core.build import create
     from specforge_core.data import build_samples, load_tokenizer
     from specforge_core.pipeline.ray.controller import PromptBatch
     from specforge_core.pipeline.ray.dispatch import ResultBatch
     from specforge_core.pipeline.ray.inference import EngineActor
-    from specforge_core.training.components import create
 
     samples, _ = build_samples(config.dataset, load_tokenizer(config.model.target))
     cfg = attrs.evolve(config, transfer=attrs.evolve(config.transfer, store="shm"))
@@ -121,10 +121,10 @@ def training_alone(config, steps: int) -> float:
     (no store, no host-to-device copy, no inference in the loop)."""
     import torch
 
+    from specforge_core.build import create
     from specforge_core.data import build_samples, load_tokenizer
     from specforge_core.target import target_info, with_aux_layers
     from specforge_core.training.batch import collate
-    from specforge_core.training.components import create
     from specforge_core.training.trainer import Trainer
     from specforge_core.vocab import build_vocab_mapping
 

@@ -93,7 +93,7 @@ def _check_feature_cache(config: Any, provider: Any, err, registry: Any = None) 
     except FeatureCacheError as exc:
         err("transfer.store", str(exc))
     except (ValueError, OSError) as exc:  # the tokenizer or the data the fingerprint needs cannot be read
-        err("transfer.store", f"cannot check the feature cache {getattr(provider, 'dir', '')}: {exc}")
+        err("transfer.store", f"cannot check the feature cache {capability(provider, 'TransferStoreProvider.dir') or ''}: {exc}")
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -154,7 +154,7 @@ def _has_weights(path: Path) -> bool:
 def _transfer_store(config: Any, registry: Any = None) -> Any:
     """The run's transfer store provider (cheap to build: it starts nothing); None if it cannot be
     built (the loader or the plugin's own check reports why)."""
-    from specforge_core.training.components import create
+    from specforge_core.build import create
 
     try:
         return create(config, "transfer_store", registry=registry)
