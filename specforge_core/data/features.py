@@ -467,13 +467,15 @@ def check_sample(cache_dir: Path, sample: Sample, stored: dict[str, torch.Tensor
 
 def check_cache(config: Any, provider: Any, registry: Any = None) -> None:
     """What a run from ``provider``'s cache checks before it starts (``config validate`` too): the
-    index, every shard's presence and size, and the fingerprint. Raises ``FeatureCacheError``."""
+    index, every shard's presence and size, and the fingerprint, including the features the
+    configured draft algorithm reads (another algorithm may need others). Raises ``FeatureCacheError``."""
+    from specforge_core.build import algorithm
     from specforge_core.target import with_aux_layers
 
     cache = FeatureCache(provider.dir)
     config = with_aux_layers(config, registry)
-    check_fingerprint(cache.dir, cache.index["fingerprint"],
-                      fingerprint(config, cache.index["features"], provider.format))
+    names = feature_names(algorithm(config, registry).features)
+    check_fingerprint(cache.dir, cache.index["fingerprint"], fingerprint(config, names, provider.format))
 
 
 class CacheBackend:
