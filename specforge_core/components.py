@@ -734,6 +734,13 @@ class Proposer(Protocol, metaclass=_ContractMeta):
         ...
 
     @optional
+    def serving_flags(self, draft: str, steps: int, tree: Any) -> Optional[dict[str, Optional[str]]]:
+        """The serving engines' command-line flags for this export at this setting (``steps`` drafts
+        per cycle, or ``tree``: an ``evaluation.tree.TreeSpec`` with topk, depth, tokens), by engine
+        name; None for an engine that cannot serve it (``specforge eval --advise`` prints them)."""
+        ...
+
+    @optional
     def propose_tree(self, topk: int, depth: int, tokens: int) -> list[tuple[list[int], list[int]]]:
         """A draft tree per row (``specforge eval --tree``): ``(tokens, parents)`` with node i+1's
         target token and its parent node (0 = x[n]; parents come before their children), at most
