@@ -293,9 +293,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from specforge_core.registry import RegistryError
 
     args = build_parser().parse_args(argv)
+    before = list(logging.getLogger().handlers)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        if handler not in before:
+            handler.addFilter(_printed_below)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -311,6 +315,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line, code = _describe_error(_carried(exc), (ConfigError, RegistryError))
         print(line, file=sys.stderr)
         return code
+
+
+def _printed_below(record: logging.LogRecord) -> bool:
+    """False for a record a library's own handler printed already: huggingface_hub gives its logger a
+    stream handler and lets records propagate too, so each retry warning came out twice."""
+    logger: Optional[logging.Logger] = logging.getLogger(record.name)
+    while logger is not None and logger is not logging.getLogger():
+        if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+            return False
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return True
 
 
 def _carried(exc: BaseException) -> BaseException:
