@@ -120,3 +120,29 @@ def test_raising_eval_engine_hook_leaves_its_plugin_out():
     assert "half-engine" not in eval_engines(reg) and "hf" in eval_engines(reg)
     [(info, why)] = reg.broken
     assert info.name == "engine-demo" and "register_eval_engines raised ValueError: engine binary missing" in why
+
+
+def test_sys_exit_plugin_in_a_fresh_cli_process(tmp_path):
+    """As a user meets it: a fresh ``specforge`` process finds the plugin through its entry point."""
+    import os
+    import subprocess
+
+    (tmp_path / "specforge_exits_demo.py").write_text(EXITS_AT_IMPORT)
+    info = tmp_path / "specforge_exits_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: specforge-exits-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[specforge]\nexits-demo = specforge_exits_demo\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "COLUMNS": "400"}
+
+    def cli_run(*args):
+        return subprocess.run([sys.executable, "-m", "specforge_core.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    plugins = cli_run("plugins")
+    assert plugins.returncode == 0, plugins.stderr
+    [row] = [line for line in plugins.stdout.splitlines() if "exits-demo" in line]
+    assert "BROKEN" in row and "called sys.exit(3)" in row
+    show = cli_run("config", "show")
+    assert show.returncode == 0 and "[training]" in show.stdout
+    assert "plugin 'exits-demo'" in show.stderr and len(show.stderr.strip().splitlines()) == 1  # one warning
