@@ -244,7 +244,7 @@ def train_all(args: argparse.Namespace, names: list[str], data: Path, work: Path
 
     def launch(name: str, path: Path) -> None:
         _, overrides = VARIANTS[name]
-        cmd = [sys.executable, "-m", "specforge_core.cli", "run", str(RECIPE), f"model.target={model}",
+        cmd = [sys.executable, "-m", "specforge_core.cli", "run", str(args.recipe), f"model.target={model}",
                f"dataset.path=[\"{path}\"]", f"run.output_dir={work / name}", f"run.name=q-{name}",
                f"dataset.cache_dir={work / 'cache' / name}", "logging.progress=false", "training.log_every=25",
                *overrides, *args.set]
@@ -320,6 +320,7 @@ def eval_all(args: argparse.Namespace, names: list[str], data: Path, work: Path,
                    "--target", str(model), "--data", str(data / "mtbench.jsonl"), "--steps", str(k),
                    "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size),
                    "--device", args.device, "--dtype", args.eval_dtype, "--no-check",
+                   "--chat-template", args.chat_template,
                    *(["--max-prompts", str(args.max_prompts)] if args.max_prompts else []),
                    "--json", str(work / f"{n}.k{k}.json")]
             log = open(work / f"{n}.k{k}.eval.log", "w")
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "meta": meta,
         "regen": regen_info, "ks": list(KS),
-        "max_new_tokens": args.max_new_tokens, "recipe": str(RECIPE.relative_to(ROOT)), "extra_overrides": args.set,
+        "max_new_tokens": args.max_new_tokens, "recipe": str(Path(args.recipe).resolve().relative_to(ROOT)), "extra_overrides": args.set,
         "train_wall_s": st.get("train_wall_s"), "stage_wall_s": None, "variants": {},
     }
     regen_names = [n for n in names if VARIANTS[n][0] == "regen"]
@@ -445,6 +446,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--model", default="reference/smollm2-135m-instruct",
                    help="target HF folder (converted from the data folder's GGUF parts when absent)")
     r.add_argument("--work", default="/tmp/quality", help="run dirs, logs and eval reports")
+    r.add_argument("--recipe", default=str(RECIPE), help="the config every variant overrides (the target's "
+                   "recipe: configs/gemma3-270m-sharegpt.toml for Gemma 3 270M)")
+    r.add_argument("--chat-template", default="auto", help="MT-bench prompts' template for eval ('gemma' for "
+                   "Gemma 3 270M base, whose tokenizer has none)")
     r.add_argument("--out", default="benchmarks/results/quality_h200.json")
     r.add_argument("--variants", default=",".join(VARIANTS))
     r.add_argument("--set", nargs="*", default=[], help="extra overrides for every variant")
