@@ -142,3 +142,25 @@ def test_readme_runs_of_different_targets_use_different_output_dirs():
         by_dir.setdefault(str(cfg.output_dir), set()).add(cfg.model.target)
     shared = {d: t for d, t in by_dir.items() if len(t) > 1}
     assert not shared, f"README runs of different targets share an output dir: {shared}"
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, also inside functions (``from a import b`` gives a and a.b)."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_checkpoints_do_not_import_the_run_dir_module():
+    """rundir reads checkpoints (claim, resume checks); checkpoint.py takes what it records about the
+    run from provenance.py, so the two modules do not import each other."""
+    core = ROOT / "specforge_core"
+    assert "specforge_core.rundir" not in _imported(core / "training" / "checkpoint.py")
+    assert "specforge_core.rundir" not in _imported(core / "provenance.py")
+    assert "specforge_core.training.checkpoint" in _imported(core / "rundir.py")
