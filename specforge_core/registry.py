@@ -114,10 +114,23 @@ class Registry:
             self.pm.unregister(name=info.name)
 
     def register_plugin(self, module_or_object: Any, name: str) -> None:
-        """Register an in-process plugin (tests, notebooks) as if it came from an entry point."""
-        self._add(module_or_object, PluginInfo(name=name, module=repr(module_or_object), distribution="", version=""))
+        """Register an in-process plugin (tests, notebooks) as if it came from an entry point; one
+        that breaks the rules is left out, named in ``broken``, as an installed one would be."""
+        info = PluginInfo(name=name, module=repr(module_or_object), distribution="", version="")
+        try:
+            self._add(module_or_object, info)
+        except RegistryError as exc:
+            self._leave_out(info, str(exc))
 
     def _add(self, plugin: Any, info: PluginInfo) -> None:
+        # a @hookimpl whose name is no hook would be ignored by pluggy: the plugin's components would
+        # silently be missing (register_loss for register_losses)
+        hooks = sorted(n for n, caller in vars(self.pm.hook).items() if getattr(caller, "spec", None))
+        for attr in dir(plugin):
+            if not attr.startswith("_") and attr not in hooks and self.pm.parse_hookimpl_opts(plugin, attr):
+                hint = difflib.get_close_matches(attr, hooks, n=1)
+                raise RegistryError(f"plugin {info.name!r}: {attr!r} is marked @hookimpl but is no specforge hook"
+                                    + (f"; did you mean {hint[0]!r}?" if hint else f"; hooks: {', '.join(hooks)}"))
         try:
             self.pm.register(plugin, name=info.name)
         except pluggy.PluginValidationError as exc:  # a hook implementation with wrong arguments

@@ -233,3 +233,14 @@ def test_eval_checks_the_proposer_an_algorithm_returns(tmp_path):
 def test_every_kind_names_a_declared_contract():
     for kind, row in C.KINDS.items():
         assert row.contract in C.CONTRACTS or row.contract == "LRLambda", kind
+
+
+def test_misspelled_hook_name_leaves_the_plugin_out_with_did_you_mean():
+    @hookimpl
+    def register_loss(register):  # the hook is register_losses
+        register("lost", lambda options: GoodLoss())
+
+    reg = registry_from([("hook-typo", types.SimpleNamespace(register_loss=register_loss))], with_entry_points=False)
+    [(info, why)] = reg.broken
+    assert info.name == "hook-typo" and "'register_loss' is marked @hookimpl but is no specforge hook" in why
+    assert "did you mean 'register_losses'" in why and reg.names("loss") == []
