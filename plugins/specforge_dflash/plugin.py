@@ -143,6 +143,10 @@ class DFlashAlgorithm:
         if int(config.eval.steps) > c.block_size - 1:
             problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but a dflash "
                              f"block proposes {c.block_size - 1} (model.dflash.block_size - 1)"))
+        elif self._lengths() and int(config.eval.steps) + 1 > max(self._lengths()):
+            problems.append(("warning", "model.dflash.train_block_lengths", f"eval.steps = {config.eval.steps} "
+                             f"serves {int(config.eval.steps) + 1}-slot blocks, longer than any trained "
+                             f"({max(self._lengths())}): acceptance falls at the untrained slots (docs/dflash.md)"))
         return DraftPlan(
             shape={"hidden_size": H, "num_layers": L, "block_size": B, "draft_vocab_size": vd,
                    "mask_token_id": c.mask_token_id}, source="generated from the target",

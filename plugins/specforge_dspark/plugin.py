@@ -110,10 +110,14 @@ class DSparkAlgorithm(DFlashAlgorithm):
             extra += H + (o.markov_rank if o.confidence_head_with_markov else 0) + 1
         p.trainable_params += extra
         p.shape["markov_rank"] = o.markov_rank
-        p.problems = [pr for pr in p.problems if pr[1] != "eval.steps"]
+        p.problems = [pr for pr in p.problems if pr[1] not in ("eval.steps", "model.dflash.train_block_lengths")]
         if int(config.eval.steps) > o.block_size:
             p.problems.append(("warning", "eval.steps", f"{config.eval.steps} draft tokens per cycle but a dspark "
                                f"block proposes {o.block_size} (model.dspark.block_size)"))
+        elif self._lengths() and int(config.eval.steps) > max(self._lengths()):
+            p.problems.append(("warning", "model.dspark.train_block_lengths", f"eval.steps = {config.eval.steps} "
+                               f"serves {config.eval.steps}-slot blocks, longer than any trained "
+                               f"({max(self._lengths())}): acceptance falls at the untrained slots (docs/dflash.md)"))
         return p
 
 
