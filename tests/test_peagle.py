@@ -62,10 +62,11 @@ def slow_forward(draft, elements, visible):
             wq = sd[p + "self_attn.q_proj.weight"][hh * d:(hh + 1) * d]
             wk = sd[p + "self_attn.k_proj.weight"][g * d:(g + 1) * d]
             wv = sd[p + "self_attn.v_proj.weight"][g * d:(g + 1) * d]
+            all_keys = [rope_one(inp[j] @ wk.T, pos, c.rope_theta) for j, (_, _, pos) in enumerate(elements)]
             rows = []
             for i, (_, _, pos) in enumerate(elements):
                 q = rope_one(inp[i] @ wq.T, pos, c.rope_theta)
-                keys = torch.stack([rope_one(inp[j] @ wk.T, elements[j][2], c.rope_theta) for j in visible(i)])
+                keys = torch.stack([all_keys[j] for j in visible(i)])
                 vals = torch.stack([inp[j] @ wv.T for j in visible(i)])
                 rows.append(torch.softmax(keys @ q / math.sqrt(d), 0) @ vals)
             heads.append(torch.stack(rows))
