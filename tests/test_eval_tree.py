@@ -268,3 +268,19 @@ def test_speedup_estimate_combines_measured_costs(pair):
         assert x["target_1"] > 0 and x["draft"] > 0 and x["target_verify"] > 0
         plain = x["concurrency"] / x["target_1"]
         assert x["speedup"] == pytest.approx(x["concurrency"] * r.tau / (x["draft"] + x["target_verify"]) / plain)
+
+
+def test_advice_ranks_settings_with_serving_flags(pair):
+    from specforge_core.evaluation.advice import advise
+    from specforge_core.evaluation.settings import EvalSettings
+
+    target, draft, prompts = pair
+    base = EvalSettings(draft=draft, target=target, prompts=prompts, max_new_tokens=10, eos_ids=[], concurrency=[1, 2])
+    rows = advise(base, [(2, None), (0, "topk=2,depth=2,tokens=4")])
+    assert [r["speedup"][1] for r in rows] == sorted((r["speedup"][1] for r in rows), reverse=True)
+    by = {r["setting"]: r for r in rows}
+    assert by["chain K=2"]["sglang"].endswith("--speculative-num-steps 2 --speculative-eagle-topk 1 "
+                                              "--speculative-num-draft-tokens 3")
+    assert '"num_speculative_tokens": 2' in by["chain K=2"]["vllm"]
+    assert "--speculative-eagle-topk 2" in by["tree topk=2,depth=2,tokens=4"]["sglang"]
+    assert by["tree topk=2,depth=2,tokens=4"]["vllm"] is None  # vLLM serves EAGLE-3 chains only

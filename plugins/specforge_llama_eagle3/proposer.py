@@ -88,6 +88,9 @@ class Eagle3ChainProposer:
             normed, out = self._forward(tok[:, None], out, (base - 1 + j)[:, None], live)
         return torch.stack(drafts, dim=1).tolist()
 
+    def serving_flags(self, draft: str, steps: int, tree: Any) -> dict:
+        return serving_flags(draft, steps, tree)
+
     def keep(self, rows: Sequence[int]) -> None:
         idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
         self.k, self.v = self.k.index_select(0, idx), self.v.index_select(0, idx)
@@ -196,6 +199,19 @@ class Eagle3ChainProposer:
                 parents.append(0 if p == -1 else node_of[p])
             trees.append(([cand_tokens[b][c] for c in chosen[b]], parents))
         return trees
+
+
+def serving_flags(draft: str, steps: int, tree: Any) -> dict:
+    """The engines' flags for this setting (``tree``: a TreeSpec with topk, depth, tokens, or None)."""
+    if tree is None:
+        topk, depth, tokens = 1, steps, steps + 1
+    else:
+        topk, depth, tokens = tree.topk, tree.depth, tree.tokens
+    sglang = (f"--speculative-algorithm EAGLE3 --speculative-draft-model-path {draft} --speculative-num-steps {depth} "
+              f"--speculative-eagle-topk {topk} --speculative-num-draft-tokens {tokens}")
+    vllm = (None if tree is not None else  # vLLM drafts EAGLE-3 chains (no dynamic tree)
+            f"--speculative-config '{{\"method\": \"eagle3\", \"model\": \"{draft}\", \"num_speculative_tokens\": {steps}}}'")
+    return {"sglang": sglang, "vllm": vllm}
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> Eagle3ChainProposer:

@@ -85,6 +85,8 @@ def run_vllm_eval(request: Any):
     if request.aux_layers:
         raise ValueError("--engine vllm reads the aux layers from the export's config.json; re-export with "
                          "model.aux_layers instead of overriding them at eval time")
+    if getattr(request, "tree", None) is not None:
+        raise ValueError("--engine vllm verifies chains (num_speculative_tokens); evaluate trees with the hf engine")
     python = vllm_python(request.engine_python)
     payload = {
         "draft": str(Path(request.draft).resolve()), "target": _model_path(request.target),
@@ -92,6 +94,8 @@ def run_vllm_eval(request: Any):
         "steps": request.steps, "max_new_tokens": request.max_new_tokens, "eos_ids": list(request.eos_ids),
         "check": request.check, "dtype": engine_dtype(request.dtype, key="eval.dtype"), "trust_remote_code": request.trust_remote_code,
         "prompts": [{"sample_id": p.sample_id, "input_ids": p.input_ids.tolist()} for p in request.prompts],
+        "temperature": float(getattr(request, "temperature", 0.0)), "seed": int(getattr(request, "seed", 0)),
+        "speedup": bool(getattr(request, "speedup", False)),
     }
     with tempfile.TemporaryDirectory(prefix="specforge-vllm-eval-") as tmp:
         req_path, res_path = Path(tmp, "request.json"), Path(tmp, "result.json")
@@ -128,7 +132,7 @@ def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
             acc, committed = truncate_cycle(a, len(out) - g)
             stats.add_cycle(acc, committed)
             g += committed
-        mismatch = first_difference(out, r["reference"]) if "reference" in r else None
+        mismatch = first_difference(out, r["reference"]) if ("reference" in r and request.check) else None
         if g != len(out) and mismatch is None:
             mismatch = f"vLLM's per-step counts commit {g} tokens but it returned {len(out)}"
         raw = stats_from_cycles(accepted, K)
@@ -162,6 +166,11 @@ def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
     }
     extra = {"python": python, "counters": c, "timings": t, "load_log": result.get("load_log", []),
              "draft_weights": w, "engine_raw_tau": engine_raw, "errors": errors, "summary": summary}
+    extra["temperature"] = float(getattr(request, "temperature", 0.0))
+    extra["shape"] = f"chain K={K}"
+    if "greedy_generate_s" in t and "spec_generate_s" in t:
+        extra["wall_speedup"] = t["greedy_generate_s"] / t["spec_generate_s"]
+        summary["vLLM measured speed-up (plain generate / speculative generate, wall clock)"] = f"{extra['wall_speedup']:.2f}x"
     return EvalReport(request.draft, request.target, K, request.max_new_tokens, "exact", overall, categories,
                       reports, wall_s, engine="vllm", raw=raw_all, extra=extra)
 

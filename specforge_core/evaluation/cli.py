@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speedup", action="store_true", default=None,
                    help="also measure the draft's and target's forward costs on this device and estimate tokens/s "
                    "per concurrency level (and rank settings)")
+    p.add_argument("--advise", action="store_true",
+                   help="evaluate and time several chain and tree settings and rank them (with SGLang / vLLM flags)")
     p.add_argument("--concurrency", help="comma-separated concurrency levels for --speedup (default 1,8,32)")
 
 
@@ -102,6 +104,12 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=False)
     try:
         s = attrs.evolve(_settings(args), progress=True)
+        if args.advise:
+            from specforge_core.evaluation.advice import advice_table, advise
+
+            rows = advise(s)
+            console.print(advice_table(rows, s.device or "the default device"))
+            return 0
         report = run_eval(s)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
