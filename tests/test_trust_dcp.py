@@ -164,6 +164,10 @@ def test_planted_metadata_is_refused_on_resume(base, tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", str(cfg_file), "training.resume=true", "training.max_steps=2"]) == 2
     assert str(step / ".metadata") in one_line(capsys.readouterr().err)
+    # the Ray pipeline's driver refuses it before it starts Ray (the trainer actors never load it)
+    ray = ["run.pipeline=ray", "transfer.store=shm", "training.num_gpus=1", "inference.num_gpus=1"]
+    assert main(["run", str(cfg_file), "training.resume=true", "training.max_steps=2", *ray]) == 2
+    assert str(step / ".metadata") in one_line(capsys.readouterr().err)
     # the trainer's load itself, on a real FSDP2 model (each rank reads and refuses it)
     distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
