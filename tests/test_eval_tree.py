@@ -279,8 +279,8 @@ def test_advice_ranks_settings_with_serving_flags(pair):
     rows = advise(base, [(2, None), (0, "topk=2,depth=2,tokens=4")])
     assert [r["speedup"][1] for r in rows] == sorted((r["speedup"][1] for r in rows), reverse=True)
     by = {r["setting"]: r for r in rows}
-    assert by["chain K=2"]["sglang"].endswith("--speculative-num-steps 2 --speculative-eagle-topk 1 "
+    assert by["chain K=2"]["flags"]["sglang"].endswith("--speculative-num-steps 2 --speculative-eagle-topk 1 "
                                               "--speculative-num-draft-tokens 3")
-    assert '"num_speculative_tokens": 2' in by["chain K=2"]["vllm"]
-    assert "--speculative-eagle-topk 2" in by["tree topk=2,depth=2,tokens=4"]["sglang"]
-    assert by["tree topk=2,depth=2,tokens=4"]["vllm"] is None  # vLLM serves EAGLE-3 chains only
+    assert '"num_speculative_tokens": 2' in by["chain K=2"]["flags"]["vllm"]
+    assert "--speculative-eagle-topk 2" in by["tree topk=2,depth=2,tokens=4"]["flags"]["sglang"]
+    assert by["tree topk=2,depth=2,tokens=4"]["flags"]["vllm"] is None  # vLLM serves EAGLE-3 chains only

@@ -3,8 +3,8 @@
 Every candidate setting (chains of several K, a few trees) is evaluated on the same prompts
 (acceptance) and timed (``speedup.py``); the table ranks them by the estimated speed-up at each
 concurrency level and gives the serving flags the draft algorithm's proposer names
-(``Proposer.serving_flags``, optional: ``{"sglang": "...", "vllm": "..."}`` or None where an engine
-cannot serve the setting). The ranking inherits the speed-up estimate's limits (docs/evaluation.md).
+(``Proposer.serving_flags``, optional: ``{engine: flags}``, flags None where that engine cannot
+serve the setting). The ranking inherits the speed-up estimate's limits (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 import attrs
 
-from specforge_core.components import capability
-from specforge_core.evaluation.tree import TreeSpec
+from specforge_core.evaluation.evaluate import run_eval
 
 DEFAULT_CANDIDATES: tuple[tuple[int, Optional[str]], ...] = (
     (1, None), (2, None), (3, None), (5, None),
@@ -24,11 +23,9 @@ DEFAULT_CANDIDATES: tuple[tuple[int, Optional[str]], ...] = (
 
 
 def advise(base: Any, candidates: Sequence[tuple[int, Optional[str]]] = DEFAULT_CANDIDATES, *,
-           run_eval: Any = None, proposer: Any = None) -> list[dict]:
+           proposer: Any = None) -> list[dict]:
     """One row per candidate ``(K, tree)``: tau, speed-up per concurrency, serving flags; best first
     (by the speed-up at the lowest concurrency)."""
-    if run_eval is None:
-        from specforge_core.evaluation.evaluate import run_eval
     rows = []
     for steps, tree in candidates:
         s = attrs.evolve(base, steps=steps or base.steps, tree=tree, speedup=True, fast=False, progress=False)
@@ -36,26 +33,23 @@ def advise(base: Any, candidates: Sequence[tuple[int, Optional[str]]] = DEFAULT_
         sp = report.extra["speedup"]["rows"]
         flags = report.extra.get("serving_flags") or {}
         rows.append({"setting": s.shape, "tau": report.tau,
-                     "speedup": {r["concurrency"]: r["speedup"] for r in sp},
-                     "sglang": flags.get("sglang"), "vllm": flags.get("vllm")})
+                     "speedup": {r["concurrency"]: r["speedup"] for r in sp}, "flags": dict(flags)})
     first = min(base.concurrency)
     rows.sort(key=lambda r: -r["speedup"][first])
     return rows
-
-
-def serving_flags(proposer: Any, draft: str, steps: int, tree: Optional[TreeSpec]) -> Optional[dict]:
-    fn = capability(proposer, "Proposer.serving_flags")
-    return fn(draft, steps, tree) if fn is not None else None
 
 
 def advice_table(rows: list[dict], device: str):
     from rich.table import Table
 
     levels = list(rows[0]["speedup"]) if rows else []
+    engines = list(dict.fromkeys(e for r in rows for e in r["flags"]))
     t = Table(title=f"settings for this draft and target on {device}, best first (estimated speed-up)")
-    for col in ("setting", "tau", *[f"c={c}" for c in levels], "SGLang flags", "vLLM flags"):
-        t.add_column(col, justify="left" if col in ("setting", "SGLang flags", "vLLM flags") else "right")
+    for col in ("setting", "tau", *[f"c={c}" for c in levels]):
+        t.add_column(col, justify="left" if col == "setting" else "right")
+    for e in engines:
+        t.add_column(f"{e} flags", justify="left")
     for r in rows:
         t.add_row(r["setting"], f"{r['tau']:.3f}", *[f"{r['speedup'][c]:.2f}x" for c in levels],
-                  r["sglang"] or "-", r["vllm"] or "-")
+                  *[r["flags"].get(e) or "-" for e in engines])
     return t

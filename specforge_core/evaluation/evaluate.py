@@ -146,11 +146,9 @@ def run_eval(s: EvalSettings, *, tokenizer=None, proposer: Any = None, registry:
     report = EvalReport(s.draft, s.target, K, s.max_new_tokens, "fast" if s.fast else "exact",
                         overall, categories, reports, time.perf_counter() - t0, engine="hf",
                         raw=None if s.fast else raw_all, extra=extra)
-    from specforge_core.evaluation.advice import serving_flags
-
-    flags = serving_flags(proposer, s.draft, s.steps, s.tree)
-    if flags:
-        report.extra["serving_flags"] = flags
+    flags_of = getattr(proposer, "serving_flags", None)  # optional: the engines' flags for this setting
+    if callable(flags_of):
+        report.extra["serving_flags"] = flags_of(s.draft, s.steps, s.tree)
     if s.speedup:
         from specforge_core.evaluation.speedup import attach_speedup
 
