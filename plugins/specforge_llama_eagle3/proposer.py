@@ -10,6 +10,12 @@ next ``observe`` turns them into holes and appends the real entries of the commi
 Rows share one [B, Hkv, L, D] cache; ``valid`` [B, L] marks each row's live entries (padding and
 dropped chain entries are holes no query attends to), the same scheme as the target's
 ``TargetBatch``.
+
+Trees (``propose_tree``, SGLang ``topk > 1``): the dynamic tree of SafeAILab/EAGLE's
+``topK_genrate``, layer by layer; a layer's entries are appended with ``live`` False (no later
+real entry sees them) and attend to the committed entries plus their own ancestors (``see``).
+The next ``observe`` drops them like chain entries. Counts equal EAGLE's ``eagenerate`` per cycle
+(tests/test_eval_tree.py).
 """
 
 from __future__ import annotations
