@@ -30,11 +30,35 @@ class _Collect(logging.Handler):
         self.lines.append(f"{record.levelname}: {record.getMessage()}")
 
 
+def _model_impl(req: dict):
+    """None (vLLM's own class), or "transformers" when the target's native vLLM class lacks the
+    EAGLE-3 interface (aux hidden states: EAGLE-3, DFlash, DSpark) and vLLM's Transformers backend,
+    which has it, must serve the target (Gemma 3). Both runs use it, so greedy compares like with like."""
+    if os.environ.get("SPECFORGE_VLLM_MODEL_IMPL"):
+        return os.environ["SPECFORGE_VLLM_MODEL_IMPL"]
+    if req.get("method", "eagle3") not in ("eagle3", "dflash", "dspark"):
+        return None
+    try:
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        with open(os.path.join(req["target"], "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+        classes = [ModelRegistry._try_load_model_cls(a) for a in archs]
+    except (OSError, ValueError, ImportError, AttributeError):
+        return None  # a hub id or another vLLM: let vLLM decide
+    native = [c for c in classes if c is not None]
+    return "transformers" if native and not any(supports_eagle3(c) for c in native) else None
+
+
 def _engine(req: dict, speculative: bool):
     from vllm import LLM
 
     kw = dict(model=req["target"], dtype=req.get("dtype", "float32"), max_model_len=req.get("max_model_len", 2048),
               enforce_eager=True, seed=0, disable_log_stats=False, trust_remote_code=req.get("trust_remote_code", False))
+    impl = _model_impl(req)
+    if impl:
+        kw["model_impl"] = impl
     if speculative:
         kw["speculative_config"] = {"method": req.get("method", "eagle3"), "model": req["draft"],
                                     "num_speculative_tokens": req["steps"]}
