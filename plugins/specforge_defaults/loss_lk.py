@@ -59,10 +59,14 @@ def target_log_probs(final_hidden: torch.Tensor, rows: torch.Tensor, full: torch
     [V, H] (the whole head)."""
     f32 = torch.promote_types(final_hidden.dtype, torch.float32)  # fp64 in tests, fp32 otherwise
     logp = torch.empty(final_hidden.shape[0], rows.shape[0], dtype=f32, device=final_hidden.device)
-    for s in range(0, final_hidden.shape[0], chunk):
-        h = final_hidden[s : s + chunk]
-        lse = torch.logsumexp((h @ full.to(h.dtype).T).to(f32), dim=-1)
-        logp[s : s + chunk] = (h @ rows.to(h.dtype).T).to(f32) - lse[:, None]
+    full, rows = full.to(final_hidden.dtype), rows.to(final_hidden.dtype)  # once, not per chunk
+    # the full-vocab logits are [step, V]: keep them within chunk x draft_vocab values too (a
+    # 262k-token head at 4096 rows would be 4 GiB of fp32 at once)
+    step = max(1, min(chunk, chunk * rows.shape[0] // max(1, full.shape[0])))
+    for s in range(0, final_hidden.shape[0], step):
+        h = final_hidden[s : s + step]
+        lse = torch.logsumexp((h @ full.T).to(f32), dim=-1)
+        logp[s : s + step] = (h @ rows.T).to(f32) - lse[:, None]
     return TargetLogProbs(logp=logp, argmax=logp.argmax(dim=-1))
 
 
