@@ -229,3 +229,18 @@ def test_a_clean_checkpoint_still_exports_and_resumes(base, tmp_path):
         distributed.destroy()
     assert extra["step"] == 1 and lr == base[4] != 1e-2  # param_groups read back (as data)
     assert torch.equal(exported["fc.weight"], state["draft.fc.weight"].to(torch.bfloat16))
+
+
+def test_metadata_that_would_change_a_class_is_refused(base, tmp_path):
+    """Only allowed classes resolve, but BUILD on a class itself would set its attributes for the
+    whole process: state is set only on instances."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    out = copy_run(base, tmp_path)
+    step = ckpt.latest_checkpoint(out)
+    (step / ckpt.DCP_METADATA).write_bytes(  # Metadata class, BUILD (None, {"planted": 1}), STOP
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nN}X\x07\x00\x00\x00plantedK\x01s\x86b.")
+    ckpt.write_complete(step)
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata holds state set on Metadata"):
+        export_from_checkpoint(make_config(out))
+    assert not hasattr(Metadata, "planted")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
+import types
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +43,8 @@ _ALLOWED = {
         "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    # where older torch versions defined TensorProperties (same dataclass)
+    "torch.distributed._shard.sharded_tensor.metadata": {"TensorProperties", "MEM_FORMAT_ENCODING"},
     "torch.serialization": {"_get_layout"},  # maps "torch.strided" to the layout object
     "torch": {"Size"},
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
@@ -49,13 +52,26 @@ _ALLOWED = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):  # the Python one: its opcodes can be guarded
+    """Resolves only ``_ALLOWED`` globals, and sets state (BUILD) only on instances: not on a class
+    or function, which would change them for the whole process."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
             return getattr(torch, name)  # a value, not a callable
         raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def load_build(self) -> None:
+        target = self.stack[-2]
+        if isinstance(target, (type, types.ModuleType)) or callable(target):
+            raise pickle.UnpicklingError(f"state set on {getattr(target, '__qualname__', type(target).__name__)}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _refused(file: Path, what: str) -> CheckpointError:
@@ -74,7 +90,8 @@ def read_metadata(directory: str | Path) -> Metadata:
         with open(file, "rb") as fh:
             md = _MetadataUnpickler(fh).load()
     except pickle.UnpicklingError as exc:
-        raise _refused(file, f"a reference to {exc}") from None
+        what = str(exc) if str(exc).startswith("state set on") else f"a reference to {exc}"
+        raise _refused(file, what) from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {d} has no {METADATA} (not a distributed checkpoint)") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError) as exc:
