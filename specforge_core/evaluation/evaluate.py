@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from specforge_core.components import has_capability
+from specforge_core.components import capability, has_capability
 from specforge_core.evaluation.accounting import AcceptStats, stats_from_cycles
 from specforge_core.evaluation.engines import EvalRequest, get_engine
 from specforge_core.evaluation.fast import fast_speculate
@@ -113,7 +113,7 @@ def run_eval(s: EvalSettings, *, tokenizer=None, proposer: Any = None, registry:
         if s.fast:
             results = [fast_speculate(x, out, proposer, tm, K) for x, out in zip(ids, reference, strict=True)]
         else:
-            # each chunk its own seed: a prompt's sampled run does not depend on the batch size's split
+            # each chunk its own seed: reruns with the same prompts and batch size draw the same numbers
             results = speculate_batch(ids, proposer, tm, s.steps, s.max_new_tokens, eos_ids, s.tree,
                                       Sampling(sampling.temperature, sampling.seed + lo))
         timings["greedy_s"] += t2 - t1
@@ -146,8 +146,8 @@ def run_eval(s: EvalSettings, *, tokenizer=None, proposer: Any = None, registry:
     report = EvalReport(s.draft, s.target, K, s.max_new_tokens, "fast" if s.fast else "exact",
                         overall, categories, reports, time.perf_counter() - t0, engine="hf",
                         raw=None if s.fast else raw_all, extra=extra)
-    flags_of = getattr(proposer, "serving_flags", None)  # optional: the engines' flags for this setting
-    if callable(flags_of):
+    flags_of = capability(proposer, "Proposer.serving_flags")  # optional: the engines' flags for this setting
+    if flags_of is not None:
         report.extra["serving_flags"] = flags_of(s.draft, s.steps, s.tree)
     if s.speedup:
         from specforge_core.evaluation.speedup import attach_speedup
