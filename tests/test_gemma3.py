@@ -186,3 +186,176 @@ def test_auto_template_refuses_a_tokenizer_without_one(tmp_path):
         tokenize_all(cfg, tokenizer(), [path])
     msg = str(e.value)
     assert "\n" not in msg and "no chat_template" in msg and "gemma" in msg
+
+
+# ----------------------------------------------------------------------------------- capture
+@pytest.mark.slow
+@needs_gemma
+def test_capture_equals_transformers_forward_on_sliding_and_global_layers():
+    """The hf backend's aux/final states and argmax on the real Gemma equal transformers' own
+    ``output_hidden_states`` and logits, batched with right padding, one sample longer than the
+    sliding window (512) so the sliding layers' masks matter."""
+    from specforge_hf_backend.backend import HFTargetBackend
+    from specforge_hf_backend.options import HFBackendOptions
+
+    cfg = gemma_config()
+    backend = HFTargetBackend(HFBackendOptions(argmax_chunk_size=128), cfg, device="cpu")
+    assert backend.info.aux_layer_ids == [2, 9, 15]  # the EAGLE-3 default for 18 layers
+    model = reference_model()
+    types = model.config.layer_types
+    # aux id i is the residual entering layer i = the output of layer i-1: here all sliding layers;
+    # the global layers (5, 11, 17) are checked through the final state and the custom ids below
+    assert [types[i - 1] for i in (2, 9, 15)] == ["sliding_attention"] * 3
+    samples = [text_sample("long", 600), text_sample("short", 37)]
+    feats = backend.generate(samples)
+    custom = HFTargetBackend(HFBackendOptions(), gemma_config(aux_layers=[6, 12, 17]), device="cpu")
+    feats_custom = custom.generate(samples[1:])
+    # Gemma's residual stream runs to hundreds: padding changes the kernels' summation order, so the
+    # tolerance is relative (a wrong layer or a missed norm is off by O(1) and more)
+    close = functools.partial(torch.testing.assert_close, atol=1e-2, rtol=2e-3)
+    for s, f in zip(samples, feats, strict=True):
+        with torch.no_grad():
+            out = model(s.input_ids[None], output_hidden_states=True)
+        hs = [h[0] for h in out.hidden_states]
+        assert len(hs) == 19
+        close(f.aux_hidden, torch.cat([hs[2], hs[9], hs[15]], -1))
+        # final_hidden is what the head reads: lm_head(final) are transformers' logits
+        close(model.lm_head(f.final_hidden), out.logits[0])
+        close(f.final_hidden, hs[18])
+        assert torch.equal(f.target_argmax, out.logits[0].argmax(-1))
+    close(feats_custom[0].aux_hidden, torch.cat([hs[6], hs[12], hs[17]], -1))
+    backend.close()
+    custom.close()
+
+
+# ---------------------------------------------------------------------------------- embedding
+@pytest.mark.slow
+@needs_gemma
+def test_the_draft_reads_the_raw_embedding_table_as_every_engine_hands_it():
+    """Gemma's layers see ``embed_tokens(ids) * sqrt(640)`` (the scale lives in the target's forward:
+    HF ``Gemma3TextScaledWordEmbedding``, vLLM ``Gemma3Model.embed_input_ids``). The engines give an
+    EAGLE-3/DFlash draft the *module's table* (vLLM ``_maybe_share_embeddings`` shares
+    ``model.embed_tokens``; SGLang ``get_embed_and_head`` returns its weight), unscaled: training and
+    ``specforge eval`` must read the same unscaled table, and do."""
+    from specforge_core.target import load_target_head_and_embedding
+
+    model = reference_model()
+    embed, head = load_target_head_and_embedding(str(GEMMA), row_ids=torch.tensor([5, 106, 262143]),
+                                                 dtype=torch.float32)
+    raw = model.model.embed_tokens.weight
+    assert torch.equal(embed, raw) and torch.equal(head, raw[[5, 106, 262143]])  # tied head
+    scale = float(model.model.embed_tokens.embed_scale)
+    assert scale == pytest.approx(640 ** 0.5)
+    s = text_sample("e", 12)
+    with torch.no_grad():
+        hs0 = model(s.input_ids[None], output_hidden_states=True).hidden_states[0][0]
+    torch.testing.assert_close(hs0, raw[s.input_ids] * scale)  # the target's layers see the scaled rows
+    # EAGLE-3 normalises the embedding before its layer (RMSNorm, eps 1e-6): the scale changes its
+    # input by this much (measured, not assumed) -- DFlash adds the raw rows to its residual stream.
+    e = raw[s.input_ids]
+
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
+
+    rel = ((rms(e) - rms(e * scale)).norm(dim=-1) / rms(e * scale).norm(dim=-1)).max()
+    assert rel < 1e-3, float(rel)
+
+
+# ---------------------------------------------------------------------------------------- head
+@pytest.mark.slow
+@needs_gemma
+def test_full_vocab_argmax_and_log_probs_in_chunks_over_262k_rows():
+    """``target_argmax`` and the LK loss's full-vocab log-probs over Gemma's 262,144-row tied head,
+    chunked, equal one unchunked pass (the chunk bounds the [tokens x 262144] logits held at once)."""
+    from specforge_defaults.loss_lk import target_log_probs
+    from specforge_hf_backend.backend import chunked_argmax
+
+    from specforge_core.target import load_target_head_and_embedding
+
+    model = reference_model()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(96, 640, generator=g) * 3
+    full_logits = model.lm_head(hidden)
+    assert full_logits.shape == (96, 262144)
+    assert torch.equal(chunked_argmax(hidden, model.lm_head, 40), full_logits.argmax(-1))
+    draft_ids = torch.arange(0, 262144, 64)  # a 4096-token draft vocabulary, in draft order
+    _, full = load_target_head_and_embedding(str(GEMMA), dtype=torch.float32)
+    _, rows = load_target_head_and_embedding(str(GEMMA), row_ids=draft_ids, dtype=torch.float32)
+    got = target_log_probs(hidden, rows, full, chunk=32)
+    want = torch.log_softmax(full_logits, -1)[:, draft_ids]
+    torch.testing.assert_close(got.logp, want, atol=1e-4, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+@needs_gemma
+def test_cpu_recipe_trains_exports_and_evaluates_a_gemma_draft(tmp_path):
+    """The clean-clone path on 2 cores: the CPU recipe (shrunk further) trains and exports an
+    EAGLE-3 draft, ``specforge export`` writes it again from the checkpoint, and ``specforge eval``
+    drafts with it on the real target (greedy, checked equal to the target's own greedy text)."""
+    import subprocess
+    import sys
+
+    sharegpt = REF / "data" / "sharegpt-256.jsonl"
+    mtbench = REF / "data" / "mtbench.jsonl"
+    if not (sharegpt.is_file() and mtbench.is_file()):
+        pytest.skip("ShareGPT/MT-bench absent: run `specforge reference fetch`")
+    out = tmp_path / "run"
+    common = ["configs/gemma3-270m-sharegpt-cpu.toml", f"model.target={GEMMA}", f"run.output_dir={out}",
+              f'dataset.path=["{sharegpt}"]', f'eval.data=["{mtbench}"]', f"dataset.cache_dir={tmp_path / 'cache'}"]
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "specforge_core.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    stdout = cli("run", *common, "dataset.max_samples=8", "dataset.max_seq_length=192",
+                 "model.llama-eagle3.ttt_length=2", "model.draft_vocab_size=1024", "logging.progress=false",
+                 "training.log_every=1")
+    steps = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert steps and all(0 < float(s.split("| loss ")[1].split()[0]) < 1e3 for s in steps), stdout
+    cfg = json.loads((out / "export" / "config.json").read_text())
+    assert (cfg["head_dim"], cfg["rope_theta"], cfg["vocab_size"], cfg["draft_vocab_size"]) == (256, 1e6, 262144, 1024)
+    again = tmp_path / "again"
+    cli("export", *common, "--output", str(again))
+    assert (again / "model.safetensors").read_bytes() == (out / "export" / "model.safetensors").read_bytes()
+    result = tmp_path / "eval.json"
+    cli("eval", *common, "--max-prompts", "2", "--max-new-tokens", "12", "--steps", "2", "--json", str(result))
+    report = json.loads(result.read_text())
+    assert report, report
+
+
+# ----------------------------------------------------------------------------------- evaluator
+@pytest.mark.slow
+@needs_gemma
+def test_the_evaluators_target_equals_gemma_past_the_sliding_window():
+    """``specforge eval``'s batched target (one shared cache, explicit masks, holes) on sequences
+    longer than Gemma's 512-token window equals transformers' own forward: its sliding layers get
+    their own mask (a single 4D mask reached every layer as is: logits off by ~43 once a sequence
+    crossed 512 tokens, and a shape error once the sliding layers' cache dropped old entries)."""
+    from specforge_core.evaluation.batch import TargetBatch
+    from specforge_core.evaluation.target import TargetModel
+
+    tm = TargetModel(str(GEMMA), [2, 9, 15], "cpu", "fp32")
+    assert tm.sliding_window == 512
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(10, 20000, (700,), generator=g).tolist()
+    with torch.no_grad():
+        full = tm.model(torch.tensor([seq])).logits[0]
+    for split in (500, 690):  # a verification that crosses the window; one far past it
+        batch = TargetBatch(tm)
+        batch.prefill([seq[:split], seq[:40]])  # a second, shorter row shares the cache (left padding)
+        rest = seq[split:]
+        decoy = [7] * 5  # row 1 appends tokens it then rejects: holes in its cache
+        logits, _, width = batch.append([rest, decoy], logits=True)
+        torch.testing.assert_close(logits[0, : len(rest)], full[split:], atol=1e-3, rtol=1e-4)
+        batch.commit([len(rest), 0], width)
+    # and greedy decoding, the reference speculation must equal, with the same cache
+    out = tm.greedy(seq[:505], 12)
+    ref, cur = [], list(seq[:505])
+    for _ in range(12):
+        with torch.no_grad():
+            ref.append(int(tm.model(torch.tensor([cur])).logits[0, -1].argmax()))
+        cur.append(ref[-1])
+    assert out == ref

@@ -31,6 +31,7 @@ class TargetBatch:
         self.target = target
         self.cache = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=target.device)  # [B, L]
+        self.kpos = torch.zeros(0, 0, dtype=torch.int64, device=target.device)  # [B, L] entries' rope positions
         self.lengths: list[int] = []  # committed entries per row = next rope position
 
     @property
@@ -42,6 +43,7 @@ class TargetBatch:
         (its first generated token comes from them) and its features f[0..P-1]."""
         self.cache = self.target.new_cache()
         self.valid = torch.zeros(len(prompts), 0, dtype=torch.bool, device=self.target.device)
+        self.kpos = torch.zeros(len(prompts), 0, dtype=torch.int64, device=self.target.device)
         self.lengths = [0] * len(prompts)
         logits, aux, width = self.append(prompts, left=True, logits=True)
         feats = [aux[b, width - len(p):] for b, p in enumerate(prompts)]
@@ -79,8 +81,11 @@ class TargetBatch:
         keys = torch.cat([self.valid, new_valid], dim=1)  # [B, L0 + S]
         mask = torch.cat([self.valid[:, None, :].expand(B, S, L0), inner & new_valid[:, None, :]], dim=2)
         mask[:, torch.arange(S), L0 + torch.arange(S)] = True  # every query sees itself
-        out, aux = self.target.forward_rows(ids, pos, mask, self.cache, logits=logits)
-        self.valid = keys
+        kpos = torch.cat([self.kpos, pos], dim=1)
+        # sliding-window layers (Gemma) mask by rope distance, so they need every entry's position
+        extra = {"key_positions": kpos} if getattr(self.target, "sliding_window", 0) else {}
+        out, aux = self.target.forward_rows(ids, pos, mask, self.cache, logits=logits, **extra)
+        self.valid, self.kpos = keys, kpos
         return out, aux, S
 
     def commit(self, keep: Sequence[int], width: int, left: bool = False) -> None:
@@ -109,4 +114,5 @@ class TargetBatch:
         idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.target.device)
         self.cache.batch_select_indices(idx)
         self.valid = self.valid.index_select(0, idx)
+        self.kpos = self.kpos.index_select(0, idx)
         self.lengths = [self.lengths[r] for r in rows]

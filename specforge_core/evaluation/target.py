@@ -38,6 +38,10 @@ class TargetModel:
             model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
         ).to(self.device).eval().requires_grad_(False)
         self.aux_layer_ids = list(aux_layer_ids)
+        # Sliding-window layers (Gemma 2/3): the batched path masks them itself (forward_rows)
+        cfg = self.model.config
+        sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+        self.sliding_window = int(getattr(cfg, "sliding_window", None) or 0) if sliding else 0
 
     # ---- EvalTarget (components.py): what a proposer may read
     @property
@@ -57,6 +61,10 @@ class TargetModel:
     def new_cache(self):
         from transformers import DynamicCache
 
+        if self.sliding_window:
+            # every layer keeps every entry: forward_rows' masks index the whole cache (a sliding
+            # layer's own cache keeps only the last window - 1 entries, holes included)
+            return DynamicCache()
         return DynamicCache(config=self.model.config)
 
     @torch.no_grad()
@@ -71,12 +79,21 @@ class TargetModel:
 
     @torch.no_grad()
     def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
-                     logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     logits: bool = False, key_positions: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched forward of ``ids`` [B, S] at rope ``positions`` [B, S], appended to ``cache``;
         ``mask`` bool [B, S, L] says which of the L = cached + S entries each new token attends
         to. Returns (greedy token [B, S], or with ``logits`` the logits [B, S, V]; aux features
-        [B, S, n_aux * H])."""
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+        [B, S, n_aux * H]). A target with sliding-window layers also needs ``key_positions`` [B, L],
+        the rope position of every cache entry: its sliding layers see only keys less than the
+        window behind the query (a given 4D mask would otherwise reach every layer as is)."""
+        attn = mask[:, None]
+        if self.sliding_window:
+            if key_positions is None:
+                raise ValueError("this target has sliding-window layers: forward_rows needs key_positions")
+            near = positions[:, :, None] - key_positions[:, None, :] < self.sliding_window
+            attn = {"full_attention": attn, "sliding_attention": (mask & near)[:, None]}
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=attn,
                          **_cache_arg(self.model, cache), use_cache=True, output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i] for i in self.aux_layer_ids], dim=-1)
         return (out.logits if logits else out.logits.argmax(-1)), aux
