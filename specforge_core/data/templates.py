@@ -144,9 +144,10 @@ def render_segments(
 
 def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool, reasoning_mode: str = "keep") -> str:
     if not getattr(tokenizer, "chat_template", None):
+        where = getattr(tokenizer, "name_or_path", "") or "the target"
         raise DataError(
-            "chat_template='auto' but the tokenizer has no chat_template; "
-            f"pick one of: {', '.join(TEMPLATES[1:])}"
+            f"dataset.chat_template = 'auto' but the tokenizer of {where} has no chat_template (a base "
+            f"model?); set a named one: {', '.join(TEMPLATES[1:])}"
         )
     # "drop" trains for the target's non-thinking mode: Qwen3's template then pre-fills an empty
     # think block in the generation prompt; templates without the switch ignore the variable.
