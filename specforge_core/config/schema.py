@@ -118,6 +118,15 @@ class TrainingSection:
     keep_checkpoints: int = option(2, "How many step checkpoints to keep", validator=positive)
     resume: bool = option(False, "Continue from the newest complete checkpoint in output_dir")
     log_every: int = option(1, "Log metrics every N optimizer steps", validator=positive)
+    eval_every: int = option(
+        0, "Held-out acceptance estimate every N optimizer steps (and at the last): the algorithm's teacher-forced "
+        "per-depth accuracies and simulated tau on training.eval_samples samples held out of training (local "
+        "pipeline; 0 = off)", validator=non_negative,
+    )
+    eval_samples: int = option(
+        32, "Samples held out of training for training.eval_every (a fixed, seeded slice of the dataset)",
+        validator=positive,
+    )
 
 
 @attrs.define
@@ -202,6 +211,11 @@ class RegenerateSection:
     stop: list[str] = option(factory=list, help="Stop strings (besides the target's end of turn)")
     batch_size: int = option(8, "Conversations generated together", validator=positive)
     seed: int = option(0, "Seed of sampled generation (per batch: reruns give the same records)")
+    loop_tokens: int = option(
+        64, "A reply that ends in a loop (its last loop_tokens or more tokens repeat one period of at most 64 "
+        "tokens, at least 3 times: a greedy target's degenerate answer) drops its conversation with status "
+        "'degenerate' (counted in the summary); 0 = keep every reply", validator=non_negative,
+    )
 
 
 # Keys that left the core schema, and where they live now (the loader names the new place).

@@ -14,6 +14,9 @@ order, each with its input ``index`` and a ``status``:
   its end of turn is missing);
 - ``skipped: <why>``: nothing to regenerate (no user turn, the first prompt is longer than
   ``dataset.max_seq_length``), written with no turns so training skips it;
+- ``degenerate: <loop>``: a reply ends in a loop (its last ``regenerate.loop_tokens`` or more tokens
+  repeat one short period, ``loop_length``: a greedy target's answers do this on some prompts),
+  written with no turns so training skips it;
 - ``failed: <error>``: the backend raised on its batch.
 
 The file's first line is a header (``{"specforge_regenerate_header": {...}}``, skipped by the
@@ -66,8 +69,29 @@ def header(config: Any) -> dict[str, Any]:
         "chat_template": ds.chat_template, "max_seq_length": ds.max_seq_length,
         "target": str(config.model.target), "backend": inf.backend, "dtype": inf.dtype,
         "temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens, "stop": list(r.stop),
-        "seed": r.seed, "batch_size": r.batch_size,
+        "seed": r.seed, "batch_size": r.batch_size, "loop_tokens": r.loop_tokens,
     }
+
+
+MAX_LOOP_PERIOD = 64  # longest repeated unit looked for (a sentence or two of a looping answer)
+
+
+def loop_length(ids: Sequence[int], max_period: int = MAX_LOOP_PERIOD) -> tuple[int, int]:
+    """``(period, tokens)``: the longest tail of ``ids`` that repeats one period (every token equals
+    the one ``period`` before it), over periods 1..``max_period`` whose tail holds at least 3 of
+    them; ``(0, 0)`` if none. A greedy loop ("I am sorry. I am sorry. ...") has a long tail."""
+    best = (0, 0)
+    n = len(ids)
+    for p in range(1, min(max_period, n // 3) + 1):
+        run = 0
+        j = n - 1
+        while j - p >= 0 and ids[j] == ids[j - p]:
+            run += 1
+            j -= 1
+        tail = run + p  # the first period of the tail is not counted by the comparisons
+        if run and tail >= 3 * p and tail > best[1]:
+            best = (p, tail)
+    return best
 
 
 def header_changes(stored: dict, wanted: dict) -> list[str]:
@@ -193,7 +217,7 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
                 if stop_after_batches is not None and b >= stop_after_batches:
                     break
                 batch = todo[start : start + r.batch_size]
-                records, n_tok = _regenerate_batch(batch, convs, backend, tokenizer, params, ds)
+                records, n_tok = _regenerate_batch(batch, convs, backend, tokenizer, params, ds, r.loop_tokens)
                 for rec in records:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     counts[rec["status"].split(":")[0]] += 1
@@ -217,7 +241,7 @@ def regenerate(config: Any, backend: Any = None, console: Any = None, stop_after
 
 
 def _regenerate_batch(batch: Sequence[int], convs: Sequence[Conversation], backend: Any, tokenizer: Any,
-                      params: Any, ds: Any) -> tuple[list[dict], int]:
+                      params: Any, ds: Any, loop_tokens: int = 0) -> tuple[list[dict], int]:
     """Turn by turn over the batch's conversations: every conversation still going contributes its
     next prompt to one ``generate_text`` call."""
     # history: the turns kept so far; pending: the user/system turns before the next reply
@@ -251,13 +275,22 @@ def _regenerate_batch(batch: Sequence[int], convs: Sequence[Conversation], backe
                 st = state[i]
                 st["history"].append(Turn("assistant", g.text))
                 n_tok += len(g.token_ids)
+                ids = list(g.token_ids)[: -1 if g.finish_reason == "stop" and g.token_ids else None]  # no EOS
+                period, tail = loop_length(ids) if loop_tokens else (0, 0)
+                if loop_tokens and tail >= loop_tokens:  # no further turns: the conversation is dropped
+                    st["rest"], st["loop"] = [], (period, tail)
+                    continue
                 if g.finish_reason == "length":
                     st["status"] = "truncated"
     except Exception as exc:  # the backend failed this batch: record it, go on with the next
         return [_record(i, convs[i], [], f"failed: {type(exc).__name__}: {exc}") for i in batch], n_tok
     records = []
     for i, st in state.items():
-        if not any(t.role == "assistant" for t in st["history"]):
+        if "loop" in st:
+            p, tail = st["loop"]
+            records.append(_record(i, convs[i], [], f"degenerate: a reply ends in {tail} tokens repeating a "
+                                                   f"{p}-token period"))
+        elif not any(t.role == "assistant" for t in st["history"]):
             why = ("the first prompt is longer than dataset.max_seq_length" if st["too_long"]
                    else "no user turn before an assistant turn")
             records.append(_record(i, convs[i], [], f"skipped: {why}"))

@@ -17,6 +17,7 @@ import torch
 from specforge_core.build import create
 from specforge_core.components import capability
 from specforge_core.config.schema import SpecforgeConfig
+from specforge_core.run.held_out import observers_for
 from specforge_core.run.loop import StepBatch, StepLoop
 from specforge_core.run.order import StepPlan
 from specforge_core.run.recipe import Run, RunResult, TrainerObservers, export_trained
@@ -111,7 +112,8 @@ def run_local(
         source = InProcessFeatures(run, backend, store, run_id, trainer)
         near = TrainerObservers.build(config, trainer, save, run.plan.position_at(trainer.step),
                                       stop_after_steps=stop_after_steps)
-        finished = StepLoop(trainer, source, [*run.observers(), *near.all()]).run()
+        held_out = observers_for(run, trainer, backend)  # before the observers that read the metrics
+        finished = StepLoop(trainer, source, [*held_out, *run.observers(), *near.all()]).run()
 
         # ---- wrap up
         leftover = store.count()

@@ -35,6 +35,7 @@ from specforge_core.data.usable import load_training_samples
 from specforge_core.export import export_draft
 from specforge_core.run import observers as obs
 from specforge_core.run.accounting import account, print_run_end
+from specforge_core.run.held_out import split_held_out
 from specforge_core.run.order import StepPlan
 from specforge_core.run.vocab import load_or_build_vocab
 from specforge_core.target import with_aux_layers
@@ -120,6 +121,11 @@ class Run:
         torch.manual_seed(self.config.run.seed)
         self.samples, self.usable, self.data_stats, self.skipped = load_training_samples(
             self.config, self.console, self.algorithm.features)
+        self.held_out: list = []  # training.eval_every: samples never trained (run.held_out)
+        if self.config.training.eval_every:
+            self.usable, self.held_out = split_held_out(self.usable, self.config.training.eval_samples,
+                                                        self.config.run.seed)
+            self.skipped["held out for evaluation (training.eval_every)"] = len(self.held_out)
 
     def plan_steps(self, target_vocab_size: int, ranks: int = 1) -> None:
         """The vocab mapping (``vocab_path``: trainer processes load it) and the step plan."""

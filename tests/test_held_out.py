@@ -1,0 +1,158 @@
+"""Held-out acceptance during training (``training.eval_every``, ``specforge_core.run.held_out``):
+the estimate equals a per-sample recomputation by hand (draft argmax vs target argmax of every
+TTT step), it leaves the weights alone, and the held-out samples never reach a training step."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from specforge_llama_eagle3.objective import acceptance_length, learned
+
+from specforge_core.config import ConfigError, load_config
+from specforge_core.pipeline import run_pipeline
+from specforge_core.run import held_out
+from specforge_core.training.batch import collate
+from specforge_core.training.components import create
+from specforge_core.training.trainer import Trainer
+from specforge_core.types import Sample
+from specforge_core.vocab import VocabMapping
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, K = 512, 3
+
+
+def test_split_is_seeded_disjoint_and_keeps_one_for_training():
+    samples = [Sample(f"s{i}", torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1], dtype=torch.uint8))
+               for i in range(20)]
+    train, held = held_out.split_held_out(samples, 5, seed=3)
+    again, held2 = held_out.split_held_out(samples, 5, seed=3)
+    ids = lambda xs: [s.sample_id for s in xs]  # noqa: E731
+    assert ids(held) == ids(held2) and ids(train) == ids(again)
+    assert len(held) == 5 and not set(ids(held)) & set(ids(train)) and len(train) + len(held) == 20
+    assert ids(train) == sorted(ids(train), key=lambda s: int(s[1:]))  # training order untouched
+    assert ids(held_out.split_held_out(samples, 5, seed=4)[1]) != ids(held)
+    train, held = held_out.split_held_out(samples[:3], 10, seed=0)
+    assert len(train) == 1 and len(held) == 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from specforge_core.testing import make_tiny_model
+
+    path = tmp_path_factory.mktemp("target")
+    model = make_tiny_model(vocab_size=VOCAB)
+    with torch.no_grad():  # peaked next-token distributions, like a trained LM's
+        model.lm_head.weight.mul_(5.0)
+    model.save_pretrained(str(path))
+    cfg = load_config(data={
+        "run": {"name": "h", "output_dir": str(tmp_path_factory.mktemp("run")), "seed": 0},
+        "model": {"target": str(path), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": K}},
+        "training": {"scheduler": "constant", "warmup_ratio": 0.0, "lr": 3e-3},
+    })
+    backend = create(cfg, "target_backend", cfg, "cpu")
+    samples = []
+    for i, T in enumerate((9, 23, 14, 30, 18, 26)):
+        g = torch.Generator().manual_seed(i)
+        mask = torch.zeros(T, dtype=torch.uint8)
+        mask[3:] = 1
+        samples.append(Sample(f"s{i}", torch.randint(3, VOCAB, (T,), generator=g), mask))
+    feats = backend.generate(samples)
+    # a draft vocab missing some target top tokens: out-of-vocab positions count as misses
+    used = torch.unique(torch.cat([f.target_argmax for f in feats]))
+    keep = used[: max(1, int(0.7 * used.numel()))]
+    rest = torch.tensor([i for i in range(VOCAB) if i not in set(used.tolist())])[: 128 - keep.numel()]
+    vocab = VocabMapping.from_target_ids(torch.cat([keep, rest]), VOCAB)
+    return cfg, backend.info, feats, vocab
+
+
+def slow_accuracies(trainer: Trainer, feats, vocab) -> list[float]:
+    """Per sample, alone: the draft's TTT steps, its argmax over the draft vocab mapped to target
+    ids, compared with the target's argmax of the token each step predicts, over the learned rows."""
+    correct, base = [0] * K, [0] * K
+    with torch.no_grad():
+        for f in feats:
+            batch = collate([f], "cpu", torch.float32)
+            steps = trainer.draft.ttt_forward(batch.input_ids, batch.aux_hidden, batch.attention_mask, K)
+            T = batch.input_ids.shape[1]
+            for k, h in enumerate(steps):
+                guess = vocab.draft_to_target_ids[(h @ trainer.draft.lm_head.weight.T).argmax(-1)][0]
+                rows = learned(batch, k)[0]
+                for t in range(T):
+                    if rows[t]:
+                        base[k] += 1
+                        correct[k] += int(guess[t] == batch.target_argmax[0, t + k + 1])
+    return [c / b for c, b in zip(correct, base, strict=True)]
+
+
+def test_estimate_equals_per_sample_recomputation_and_leaves_weights_alone(setup):
+    cfg, info, feats, vocab = setup
+    trainer = Trainer(cfg, info, vocab, total_steps=10)
+    for _ in range(3):  # trained weights, not the initial ones
+        trainer.train_step([feats[:2]])
+    before = {n: p.detach().clone() for n, p in trainer.draft.named_parameters()}
+    held = feats[2:]
+    m = held_out.held_out_metrics(trainer, held, micro_batch_size=3)  # two micro-batches of unequal lengths
+    want = slow_accuracies(trainer, held, vocab)
+    assert [m[f"acc_{k}"] for k in range(K)] == pytest.approx(want, abs=1e-9)
+    assert m["accept_len"] == pytest.approx(acceptance_length(want), abs=1e-9)
+    assert 0 < want[0] < 1  # neither trivially right nor trivially wrong: the comparison bites
+    assert trainer.model.training and trainer.step == 3
+    for n, p in trainer.draft.named_parameters():
+        assert torch.equal(p, before[n]), n
+    # the micro-batch split does not change the estimate (statistics are summed, not averaged)
+    one = held_out.held_out_metrics(trainer, held, micro_batch_size=1)
+    assert one["accept_len"] == pytest.approx(m["accept_len"], abs=1e-9)
+
+
+def _config(tmp_path, **training):
+    over = [f"run.output_dir={tmp_path / 'run'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+            "dataset.max_samples=24", "logging.progress=false", "training.max_steps=4",
+            "training.num_epochs=1", "training.save_every=0"]
+    over += [f"training.{k}={v}" for k, v in training.items()]
+    return load_config([ROOT / "configs" / "quickstart.toml"], overrides=over)
+
+
+@pytest.mark.slow
+def test_run_logs_held_out_estimate_and_never_trains_on_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    trained: list[str] = []
+    evaluated: list[list[str]] = []
+    step = Trainer.train_step
+
+    def spy_step(self, micro):
+        trained.extend(f.sample_id for m in micro for f in m)
+        return step(self, micro)
+
+    metrics = held_out.held_out_metrics
+
+    def spy_eval(trainer, feats, micro_batch_size):
+        evaluated.append([f.sample_id for f in feats])
+        return metrics(trainer, feats, micro_batch_size)
+
+    monkeypatch.setattr(Trainer, "train_step", spy_step)
+    monkeypatch.setattr(held_out, "held_out_metrics", spy_eval)
+    out = io.StringIO()
+    cfg = _config(tmp_path, eval_every=3, eval_samples=5)
+    result = run_pipeline(cfg, console=Console(file=out, width=300))
+
+    assert len(evaluated) == 2  # step 3 and the last (4)
+    assert len(set(evaluated[0])) == 5 and evaluated[0] == evaluated[1]
+    assert trained and not set(trained) & set(evaluated[0])
+    assert result.accounting["skipped: held out for evaluation (training.eval_every)"] == 5
+    h = result.history
+    assert "held_out/accept_len" not in h[0] and "held_out/accept_len" not in h[1]
+    assert h[2]["held_out/accept_len"] >= 1.0 and "held_out/acc_0" in h[3]
+    text = out.getvalue()
+    assert "held-out step 3: acc " in text and "held-out step 4: " in text and "since step 3)" in text
+
+
+def test_ray_pipeline_refuses_eval_every(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config([ROOT / "configs" / "quickstart.toml"],
+                      overrides=[f"run.output_dir={tmp_path / 'run'}", "run.pipeline='ray'", "training.eval_every=2"])
+    with pytest.raises(ConfigError, match="training.eval_every"):
+        run_pipeline(cfg)
