@@ -136,12 +136,21 @@ def prepare(assets: Path, out: Path, budget: int, regen_prompts: int, max_prompt
 
 
 def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_new_tokens: int,
-               batch_size: int, deadline_s: float = float("inf")) -> dict[str, Any]:
+               batch_size: int, deadline_s: float = float("inf"), cache: str = "static",
+               loop_tokens: int = 64) -> dict[str, Any]:
     """The target's own greedy answers to ShareGPT first turns until they hold ``budget`` tokens
-    (or ``deadline_s`` seconds have passed: HF ``generate`` is slow, measured on an H200 at over
-    3 minutes for 1M tokens at batch 1024, so a time-boxed run stops early and says so)."""
+    (or ``deadline_s`` seconds have passed: HF ``generate`` with its dynamic cache was measured on
+    an H200 at 282 s for 612k tokens at batch 1024, so a time-boxed run stops early and says so).
+    ``cache``: a path of ``benchmarks/regen_speed.py`` ('static': static KV cache, compiled decode;
+    'dynamic': the old path). Answers whose tail loops for ``loop_tokens`` tokens or more are
+    dropped and counted (``degenerate``)."""
     import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # regen_speed, also when this module is imported
+    from regen_speed import generate_kwargs
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specforge_core.data.regenerate import loop_length
 
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -155,16 +164,22 @@ def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_ne
     texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
                                      add_generation_prompt=True) for r in recs]
     order = sorted(range(len(recs)), key=lambda i: len(texts[i]))
-    n_tokens, written = 0, 0
+    n_tokens, written, degenerate = 0, 0, 0
+    kwargs = generate_kwargs(cache)
     with open(out, "w", encoding="utf-8") as f, torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False,
+                      pad_to_multiple_of=128).to("cuda")  # few prompt shapes: few compiled graphs
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
+                                 **kwargs)
             for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:], strict=True):
                 ids = row.tolist()
                 if tok.eos_token_id in ids:
                     ids = ids[: ids.index(tok.eos_token_id)]
+                if loop_tokens and loop_length(ids)[1] >= loop_tokens:
+                    degenerate += 1
+                    continue
                 answer = tok.decode(ids, skip_special_tokens=True).strip()
                 if not answer:
                     continue
@@ -173,12 +188,14 @@ def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_ne
                     {"role": "assistant", "content": answer}]}) + "\n")
                 n_tokens += len(ids)
                 written += 1
-            print(f"regen: {written} answers, {n_tokens} tokens, {time.time() - t0:.0f}s", flush=True)
+            print(f"regen: {written} answers, {n_tokens} tokens, {degenerate} degenerate dropped, "
+                  f"{time.time() - t0:.0f}s", flush=True)
             if n_tokens >= budget or time.time() - t0 > deadline_s:
                 break
     del model
     torch.cuda.empty_cache()
-    return {"conversations": written, "assistant_tokens": n_tokens, "wall_s": time.time() - t0}
+    return {"conversations": written, "assistant_tokens": n_tokens, "degenerate": degenerate, "cache": cache,
+            "wall_s": time.time() - t0}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -267,7 +284,7 @@ def train_all(args: argparse.Namespace, names: list[str], data: Path, work: Path
         def _regen() -> None:
             regen_box["info"] = regenerate(model, data / "prompts.jsonl.gz", regen_path,
                                            meta["sharegpt_assistant_tokens"], args.regen_max_new_tokens,
-                                           args.regen_batch_size, args.regen_deadline)
+                                           args.regen_batch_size, args.regen_deadline, args.regen_cache)
 
         regen_thread = threading.Thread(target=_regen, daemon=True)
         regen_thread.start()
@@ -462,6 +479,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--regen-max-new-tokens", type=int, default=512)
     r.add_argument("--regen-batch-size", type=int, default=512)
     r.add_argument("--regen-deadline", type=float, default=90, help="seconds of generation at most")
+    r.add_argument("--regen-cache", default="static", choices=("dynamic", "static", "static-eager"),
+                   help="generate's KV cache (benchmarks/regen_speed.py compares them)")
     r.add_argument("--train-deadline", type=float, default=330, help="seconds from start; later runs are killed")
     r.add_argument("--eval-deadline", type=float, default=150, help="seconds for all evaluations")
     r.add_argument("--stage", choices=("all", "train", "eval"), default="all",
