@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))  # regen_speed, also when this module is imported
 from specforge_core.reference import jsonl_line  # noqa: E402
 
 RECIPE = ROOT / "configs" / "smollm2-sharegpt.toml"
@@ -145,8 +146,6 @@ def regenerate(model_dir: Path, prompts_gz: Path, out: Path, budget: int, max_ne
     'dynamic': the old path). Answers whose tail loops for ``loop_tokens`` tokens or more are
     dropped and counted (``degenerate``)."""
     import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # regen_speed, also when this module is imported
     from regen_speed import generate_kwargs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,20 +228,10 @@ def _last_metrics(log_path: Path) -> dict[str, Any]:
 
 
 def _convert_target(data: Path, model: Path) -> None:
-    """The HF folder from the data folder's GGUF (or its ``gguf.part*`` pieces), when not there yet."""
-    if (model / "config.json").is_file():
-        return
-    t0 = time.time()
-    gguf = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    parts = sorted(data.glob("gguf.part*"))
-    if parts and not gguf.is_file():
-        with open(gguf, "wb") as f:
-            for p in parts:
-                f.write(p.read_bytes())
-    from specforge_core.reference import convert_gguf
+    """The HF folder from the data folder's GGUF parts, when not there yet (regen_speed's)."""
+    from regen_speed import convert_target
 
-    convert_gguf(gguf, model)
-    print(f"converted {gguf.name} -> {model} in {time.time() - t0:.0f}s", flush=True)
+    convert_target(data, model)
 
 
 def train_all(args: argparse.Namespace, names: list[str], data: Path, work: Path, model: Path,

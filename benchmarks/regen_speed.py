@@ -126,6 +126,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def convert_target(data: Path, model: Path) -> None:
+    """The HF folder from the data folder's GGUF (or its ``gguf.part*`` pieces), when not there yet
+    (``quality.py run`` uses this too)."""
+    if (model / "config.json").is_file():
+        return
+    t0 = time.time()
+    gguf = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    parts = sorted(data.glob("gguf.part*"))
+    if parts and not gguf.is_file():
+        with open(gguf, "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+    from specforge_core.reference import convert_gguf
+
+    convert_gguf(gguf, model)
+    print(f"converted {gguf.name} -> {model} in {time.time() - t0:.0f}s", flush=True)
+
+
 def load(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,10 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     if args.data:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from quality import _convert_target
-
-        _convert_target(Path(args.data), Path(args.model))
+        convert_target(Path(args.data), Path(args.model))
     model, tok = load(Path(args.model), device, dtype)
     prompts = read_prompts(Path(args.prompts), args.n)
     print(f"regen_speed: {len(prompts)} prompts, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
