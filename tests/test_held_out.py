@@ -156,3 +156,31 @@ def test_ray_pipeline_refuses_eval_every(tmp_path, monkeypatch):
                       overrides=[f"run.output_dir={tmp_path / 'run'}", "run.pipeline='ray'", "training.eval_every=2"])
     with pytest.raises(ConfigError, match="training.eval_every"):
         run_pipeline(cfg)
+
+
+@pytest.mark.slow
+def test_greedy_chain_estimate_equals_specforge_eval_of_the_final_export(tmp_path, monkeypatch):
+    """``training.eval_chain_prompts``: the chain tau logged at the last step equals ``evaluate``
+    (greedy-guarded) of the run's own final export on the same held-out prompts."""
+    from specforge_core.evaluation.evaluate import evaluate
+
+    monkeypatch.chdir(ROOT)
+    seen: list[list[list[int]]] = []
+    call = held_out.Chain.__call__
+
+    def spy(self):
+        seen.append(self.prompts)
+        return call(self)
+
+    monkeypatch.setattr(held_out.Chain, "__call__", spy)
+    cfg = load_config([ROOT / "configs" / "quickstart.toml"], overrides=[
+        f"run.output_dir={tmp_path / 'run'}", f"dataset.cache_dir={tmp_path / 'cache'}", "dataset.max_samples=24",
+        "logging.progress=false", "training.max_steps=4", "training.eval_every=4", "training.eval_samples=3",
+        "training.eval_chain_prompts=2", "eval.steps=3", "eval.max_new_tokens=16"])
+    result = run_pipeline(cfg, console=Console(file=io.StringIO(), width=300))
+    assert len(seen) == 1 and len(seen[0]) == 2 and all(len(p) > 0 for p in seen[0])
+    logged = result.history[-1]["held_out/chain_accept_len"]
+    report = evaluate(result.export_dir, str(cfg.model.target), seen[0], steps=3, max_new_tokens=16, check=True)
+    assert all(r.mismatch is None for r in report.prompts)
+    assert logged == pytest.approx(report.overall.tau, abs=1e-12)
+    assert logged > 1.0, logged  # some drafts accepted: the comparison is not 1.0 == 1.0

@@ -127,6 +127,11 @@ class TrainingSection:
         32, "Samples held out of training for training.eval_every (a fixed, seeded slice of the dataset)",
         validator=positive,
     )
+    eval_chain_prompts: int = option(
+        0, "Also a real greedy chain at each training.eval_every estimate: the exported draft's proposer on this "
+        "many held-out prompts (their turns before the first reply), eval.steps drafts per cycle, "
+        "eval.max_new_tokens tokens, in process (slower: the target generates; 0 = off)", validator=non_negative,
+    )
 
 
 @attrs.define

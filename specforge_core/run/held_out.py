@@ -63,14 +63,42 @@ def held_out_metrics(trainer: Any, feats: Sequence[TargetFeatures], micro_batch_
     return trainer.algorithm.summarize(totals)
 
 
+def prompt_ids(sample: Sample) -> list[int]:
+    """A held-out conversation's tokens before its first learned token (the prompt of its first reply)."""
+    learned = sample.loss_mask.nonzero()
+    end = int(learned[0]) if learned.numel() else sample.num_tokens
+    return sample.input_ids[:end].tolist()
+
+
+class Chain:
+    """The real greedy chain: the draft exported to ``export_dir`` (the trainer's current weights),
+    then ``evaluate`` (the hf engine, the algorithm's proposer) on ``prompts``; returns the chain's
+    acceptance length (tokens per target forward)."""
+
+    def __init__(self, trainer: Any, vocab: Any, export_dir: Any, target: str, prompts: list[list[int]],
+                 steps: int, max_new_tokens: int):
+        self.trainer, self.vocab, self.export_dir, self.target = trainer, vocab, export_dir, target
+        self.prompts, self.steps, self.max_new_tokens = prompts, steps, max_new_tokens
+
+    def __call__(self) -> float:
+        from specforge_core.evaluation.evaluate import evaluate
+        from specforge_core.export import export_draft
+
+        export_draft(self.trainer.draft, self.vocab, self.export_dir, self.trainer.algorithm)
+        report = evaluate(self.export_dir, self.target, self.prompts, steps=self.steps,
+                          max_new_tokens=self.max_new_tokens, check=False, device=str(self.trainer.device),
+                          batch_size=len(self.prompts))
+        return float(report.overall.tau)
+
+
 class HeldOut(Observer):
     """Runs ``held_out_metrics`` every ``every`` steps and at the last; ``features()`` gives the
     held-out samples' target features (called once, at the first evaluation). Put it before the
     observers that read the record's metrics (recorder, console, W&B)."""
 
     def __init__(self, trainer: Any, features: Callable[[], list[TargetFeatures]], every: int,
-                 micro_batch_size: int, display: MetricDisplay, console: Any):
-        self.trainer, self.features, self.every = trainer, features, every
+                 micro_batch_size: int, display: MetricDisplay, console: Any, chain: Optional[Chain] = None):
+        self.trainer, self.features, self.every, self.chain = trainer, features, every, chain
         self.micro_batch_size, self.display, self.console = micro_batch_size, display, console
         self.feats: Optional[list[TargetFeatures]] = None
         self.last: Optional[tuple[int, float]] = None  # (step, headline value) of the previous estimate
@@ -81,6 +109,8 @@ class HeldOut(Observer):
         if self.feats is None:
             self.feats = self.features()
         m = held_out_metrics(self.trainer, self.feats, self.micro_batch_size)
+        if self.chain is not None:
+            m["chain_accept_len"] = self.chain()
         record.metrics.update({PREFIX + k: v for k, v in m.items()})
         self.console.print(self.line(record.step, m))
 
@@ -95,7 +125,9 @@ class HeldOut(Observer):
             if self.last is not None:
                 change = f" ({value - self.last[1]:+.3f} since step {self.last[0]})"
             self.last = (step, value)
-        return (f"held-out step {step}: " + " | ".join(shown) + change
+        chain = (f" | greedy chain tau {m['chain_accept_len']:.3f} on {len(self.chain.prompts)} prompts"
+                 if self.chain is not None and "chain_accept_len" in m else "")
+        return (f"held-out step {step}: " + " | ".join(shown) + change + chain
                 + f" | {len(self.feats or [])} samples never trained on")
 
 
@@ -115,4 +147,10 @@ def observers_for(run: Any, trainer: Any, backend: Any) -> list[Observer]:
 
     named = capability(run.algorithm, "DraftAlgorithm.display_metrics")
     display = MetricDisplay(dict(named()) if named is not None else {})
-    return [HeldOut(trainer, features, tr.eval_every, tr.micro_batch_size, display, run.console)]
+    chain = None
+    if tr.eval_chain_prompts:
+        c = run.config
+        chain = Chain(trainer, run.vocab, run.out_dir / "held_out_export", str(c.model.target),
+                      [prompt_ids(s) for s in run.held_out[: tr.eval_chain_prompts]], c.eval.steps,
+                      c.eval.max_new_tokens)
+    return [HeldOut(trainer, features, tr.eval_every, tr.micro_batch_size, display, run.console, chain)]
