@@ -85,9 +85,11 @@ class Chain:
         from specforge_core.export import export_draft
 
         export_draft(self.trainer.draft, self.vocab, self.export_dir, self.trainer.algorithm)
+        # the target in the training dtype (fp32 on CPU, bf16 on GPU by default), loaded for each estimate
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.trainer.dtype, "fp32")
         report = evaluate(self.export_dir, self.target, self.prompts, steps=self.steps,
                           max_new_tokens=self.max_new_tokens, check=False, device=str(self.trainer.device),
-                          batch_size=len(self.prompts))
+                          batch_size=len(self.prompts), dtype=dtype)
         return float(report.overall.tau)
 
 
