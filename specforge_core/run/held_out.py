@@ -137,7 +137,10 @@ def observers_for(run: Any, trainer: Any, backend: Any) -> list[Observer]:
     """The local pipeline's held-out observer (none when ``training.eval_every`` is 0): the
     held-out samples' features come from the run's target backend (or feature cache)."""
     tr = run.config.training
-    if not tr.eval_every or not run.held_out:
+    if not tr.eval_every:
+        return []
+    if not run.held_out:  # a one-sample dataset: nothing can be held out
+        run.console.print("training.eval_every: the dataset has one usable sample; no held-out estimate")
         return []
     bs = run.config.inference.batch_size
 
