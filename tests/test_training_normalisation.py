@@ -54,9 +54,9 @@ def setup(tmp_path_factory):
 def make_config(out, target, strategy="local"):
     data = {
         "run": {"name": "n", "output_dir": str(out), "seed": 0},
-        "model": {"target": str(target), "draft_vocab_size": 128},
+        "model": {"target": str(target), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": K}},
         "training": {"scheduler": "constant", "warmup_ratio": 0.0, "max_grad_norm": 0.0, "lr": 1e-3,
-                     "ttt_length": K, "strategy": strategy},
+                     "strategy": strategy},
     }
     if strategy == "fsdp2":
         data["training"]["fsdp2"] = {"mixed_precision": False}
@@ -78,7 +78,7 @@ def run_split(setup, tmp_path, split):
 def _info(target):
     from specforge_core.target import target_info
 
-    return target_info(str(target))
+    return target_info(str(target), [2, 4, 5])  # llama-eagle3's default for the 8-layer target
 
 
 def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(setup, tmp_path):
