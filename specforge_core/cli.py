@@ -71,23 +71,23 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         except RegistryError:  # none or two declared: only a config leaving the selector empty fails
             pass
     table = Table(title="specforge plugins", caption="(default): what an empty selector means (register_defaults)")
-    for col in ("plugin", "distribution", "version", "kind", "components"):
+    for col in ("plugin", "distribution", "version", "kind", "component", "description"):
         table.add_column(col)
+    order = list(reg._components)
     for plugin in reg.plugins:
-        comps = [c for c in reg.components() if c.plugin.name == plugin.name]
-        kinds = sorted({c.kind for c in comps}, key=lambda k: list(reg._components).index(k))
-        if not kinds:
-            table.add_row(plugin.name, plugin.distribution, plugin.version, "-", "-")
-        for i, kind in enumerate(kinds):
-            names = ", ".join(c.name + (" (default)" if defaults.get(kind) == c.name else "")
-                              for c in comps if c.kind == kind)
+        comps = sorted((c for c in reg.components() if c.plugin.name == plugin.name),
+                       key=lambda c: order.index(c.kind))
+        if not comps:
+            table.add_row(plugin.name, plugin.distribution, plugin.version, "-", "-", "")
+        for i, c in enumerate(comps):  # one row per component: its one-line description beside it
             first = i == 0
             table.add_row(
                 plugin.name if first else "", plugin.distribution if first else "",
-                plugin.version if first else "", kind, names,
+                plugin.version if first else "", c.kind,
+                c.name + (" (default)" if defaults.get(c.kind) == c.name else ""), c.description,
             )
     for plugin, why in reg.broken:
-        table.add_row(plugin.name, plugin.distribution, plugin.version, "BROKEN", why)
+        table.add_row(plugin.name, plugin.distribution, plugin.version, "BROKEN", "", why)
     Console(width=int(os.environ.get("COLUMNS", "120"))).print(table)
     return 0
 
