@@ -119,8 +119,9 @@ def test_missing_target_config_is_an_error_and_hub_id_alone_a_warning():
 
 # ------------------------------------------------------------------------------- target files
 def test_target_configs_load_with_the_core_loader():
-    from specforge_core.target import load_target_config
     from specforge_llama_eagle3.config import default_aux_layer_ids as default_aux_layers
+
+    from specforge_core.target import load_target_config
 
     qwen = load_target_config(str(CONFIGS / "targets/Qwen3-8B"))
     assert (qwen["num_hidden_layers"], qwen["hidden_size"], qwen["vocab_size"]) == (36, 4096, 151936)

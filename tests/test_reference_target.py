@@ -121,7 +121,6 @@ def _sample(tok, n: int = 0, max_len: int = 160):
 @needs_assets
 def test_capture_equals_output_hidden_states_on_the_real_target(real):
     from specforge_hf_backend.backend import capture_hidden_states, find_decoder_layers
-
     from specforge_llama_eagle3.config import default_aux_layer_ids as default_aux_layers
 
     tok, model = real
