@@ -19,6 +19,7 @@ from typing import Optional
 import attrs
 
 from specforge_core import __version__
+from specforge_core.files import carried_error
 
 log = logging.getLogger("specforge")
 
@@ -312,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - incl. torch's CheckpointException, a BaseException
         if args.debug:
             raise
-        line, code = _describe_error(_carried(exc), (ConfigError, RegistryError))
+        line, code = _describe_error(carried_error(exc), (ConfigError, RegistryError))
         print(line, file=sys.stderr)
         return code
 
@@ -328,18 +329,6 @@ def _printed_below(record: logging.LogRecord) -> bool:
             break
         logger = logger.parent
     return True
-
-
-def _carried(exc: BaseException) -> BaseException:
-    """The error a wrapper carries: torch's ``CheckpointException`` (a ``BaseException`` holding each
-    rank's error in ``failures``); anything else as it is."""
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = first[0] if isinstance(first, tuple) and first else first
-        if isinstance(inner, BaseException) and inner is not exc:
-            return _carried(inner)
-    return exc
 
 
 def _first_line(text: str) -> str:

@@ -1,14 +1,15 @@
 """What a checkpoint records about where it came from: the run that wrote it and the data it was
 trained on. Read by :mod:`specforge_core.rundir` (claim, resume checks) and written into every
-checkpoint by :mod:`specforge_core.training.checkpoint`; it imports neither."""
+checkpoint by :mod:`specforge_core.training.checkpoint`; it imports neither (only the dependency-free files module)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Optional
+
+from specforge_core.files import file_sha256
 
 RUN_FILE = "run.json"
 
@@ -35,10 +36,6 @@ def data_fingerprint(paths: list[str]) -> dict[str, str]:
             continue
         key = (os.path.abspath(p), st.st_size, st.st_mtime_ns)
         if key not in _FINGERPRINTS:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _FINGERPRINTS[key] = h.hexdigest()
+            _FINGERPRINTS[key] = file_sha256(p)
         out[p] = _FINGERPRINTS[key]
     return out

@@ -132,14 +132,6 @@ class Paths:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # json.dumps(ensure_ascii=False) leaves these raw, and str.splitlines() (which JSONL readers use) breaks
 # a line at each of them: escape them so one record stays one line for every reader.
 _LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}

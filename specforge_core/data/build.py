@@ -16,6 +16,7 @@ from specforge_core.config.schema import DatasetSection
 from specforge_core.data import tokenize as tok
 from specforge_core.data.formats import DataError, DataStats, load_conversations
 from specforge_core.data.templates import TEMPLATES, get_template
+from specforge_core.files import file_sha256
 from specforge_core.types import Sample
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,6 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
 # ---- cache keys --------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_identity(tokenizer) -> str:
     """A hash of everything in the tokenizer that changes token ids or the template."""
     h = hashlib.sha256()
@@ -61,7 +54,7 @@ def tokenizer_identity(tokenizer) -> str:
 def cache_key(cfg: DatasetSection, tokenizer, paths: Sequence[Path]) -> str:
     parts = {
         "version": CACHE_VERSION,
-        "files": [_file_digest(p) for p in paths],
+        "files": [file_sha256(p) for p in paths],
         "tokenizer": tokenizer_identity(tokenizer),
         "format": cfg.format,
         "chat_template": cfg.chat_template,

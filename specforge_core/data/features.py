@@ -43,8 +43,9 @@ import torch
 
 from specforge_core.components import capability
 from specforge_core.data.formats import DataError
-from specforge_core.data.identity import data_sha256, file_sha256
+from specforge_core.data.identity import data_sha256
 from specforge_core.dtypes import resolve as resolve_dtype
+from specforge_core.files import file_sha256, fsync_path
 from specforge_core.types import FEATURE_KEYS, Sample, TargetFeatures, TargetInfo
 
 INDEX = "index.json"
@@ -103,15 +104,6 @@ def check_fingerprint(cache_dir: Path, stored: dict, wanted: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ index I/O
-def fsync_path(path: str | Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "wb") as f:

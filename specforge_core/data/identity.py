@@ -7,34 +7,17 @@ each file once however often it asks.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of the file's bytes (uncached: for files that are written and checked, not data)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from specforge_core.provenance import data_fingerprint
 
 
 def data_sha256(path: str | Path) -> str:
     """sha256 of a data file, cached per path, size and mtime; "missing" for a file not there."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "missing"
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(path)
-    return _HASHES[key]
+    return data_fingerprint([str(path)])[str(path)]
 
 
 def dataset_change(stored: Mapping[str, str], paths: Sequence[str]) -> tuple[Optional[str], Optional[str]]:

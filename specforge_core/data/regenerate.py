@@ -45,6 +45,7 @@ from typing import Any, Optional
 from specforge_core.components import has_capability
 from specforge_core.data.formats import REGENERATE_HEADER, Conversation, DataError, Turn, load_conversations
 from specforge_core.data.tokenize import encode_prompt
+from specforge_core.files import file_sha256
 
 log = logging.getLogger(__name__)
 ROLE_OUT = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -58,8 +59,6 @@ def output_path(config: Any) -> Path:
 def header(config: Any) -> dict[str, Any]:
     """What the output's records depend on: the input files' bytes (not their paths: a moved input
     is the same input) and every setting that changes a record."""
-    from specforge_core.data.identity import file_sha256
-
     r, ds, inf = config.regenerate, config.dataset, config.inference
     return {
         "version": HEADER_VERSION,

@@ -13,7 +13,6 @@ for its tensors. Old checkpoints with a pickled ``extra.pt`` are read with ``wei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from specforge_core import provenance
+from specforge_core.files import carried_error, file_sha256, fsync_path
 
 COMPLETE = "COMPLETE"  # every strategy writes it last into a finished checkpoint directory
 EXTRA_JSON = "extra.json"
@@ -172,23 +172,6 @@ def load_model_weights(model: torch.nn.Module, file: str | Path) -> None:
 
 
 # -------------------------------------------------------------------------- complete / verify
-def fsync_path(path: str | Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_complete(directory: str | Path) -> None:
     """Write the ``COMPLETE`` marker listing every file under ``directory`` (call it last)."""
     import time
@@ -198,7 +181,7 @@ def write_complete(directory: str | Path) -> None:
     for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != COMPLETE):
         entry: dict[str, Any] = {"size": f.stat().st_size}
         if entry["size"] <= HASH_LIMIT:
-            entry["sha256"] = _sha256(f)
+            entry["sha256"] = file_sha256(f)
         files[f.relative_to(d).as_posix()] = entry
     with open(d / COMPLETE, "w") as fh:
         json.dump({"files": files, "time": time.time()}, fh)
@@ -228,7 +211,7 @@ def problems(path: str | Path, ignore: Iterable[str] = ()) -> list[str]:
             out.append(f"{name} is missing")
         elif "size" in want and f.stat().st_size != want["size"]:
             out.append(f"{name} has {f.stat().st_size} bytes, the marker says {want['size']}")
-        elif "sha256" in want and _sha256(f) != want["sha256"]:
+        elif "sha256" in want and file_sha256(f) != want["sha256"]:
             out.append(f"{name} does not match its sha256 in the marker")
     return out
 
@@ -365,7 +348,7 @@ def save_failure(exc: BaseException, path: Path, model: Any = None, optimizer: A
     a write failure, re-raise ``exc`` as it is)."""
     import errno as errno_mod
 
-    inner = _carried(exc)
+    inner = carried_error(exc)
     code, cause = None, None
     for e in _chain(inner):
         if isinstance(e, OSError) and e.errno:
@@ -395,16 +378,6 @@ def save_failure(exc: BaseException, path: Path, model: Any = None, optimizer: A
         what = (os.strerror(code) if code else "writing failed") + f" ({_first_line(cause)})"
     kept = f"; the previous checkpoint {previous.name} is intact" if previous is not None else ""
     return OSError(code or errno_mod.EIO, f"{what} while saving the checkpoint{kept}", str(path))
-
-
-def _carried(exc: BaseException) -> BaseException:
-    failures = getattr(exc, "failures", None)  # torch's CheckpointException: each rank's error
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = first[0] if isinstance(first, tuple) and first else first
-        if isinstance(inner, BaseException) and inner is not exc:
-            return _carried(inner)
-    return exc
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
