@@ -18,6 +18,16 @@ def text_config(cfg: dict) -> dict:
     return {**{k: v for k, v in cfg.items() if k != "text_config"}, **text}
 
 
+def draft_rope_parameters(cfg: dict) -> dict | None:
+    """The target's ``rope_parameters`` a draft layer should use. A per-layer-type table (Gemma 3:
+    sliding layers theta 1e4, global layers 1e6) gives its global entry: a draft layer attends over the
+    whole context like a global layer. None when the config has no ``rope_parameters``."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" not in params and isinstance(params.get("full_attention"), dict):
+        return params["full_attention"]
+    return params
+
+
 def read_config_json(path: str | Path) -> dict:
     """``path`` (a config.json, or a directory holding one) as a flattened dict. Errors are one
     line naming the file: FileNotFoundError, or ValueError for bad JSON / not an object."""

@@ -45,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "target_info_for": ("specforge_core.target", "target_info_for"),  # the run's aux layers resolved
     "text_config": ("specforge_core.hfconfig", "text_config"),
     "read_config_json": ("specforge_core.hfconfig", "read_config_json"),
+    "draft_rope_parameters": ("specforge_core.hfconfig", "draft_rope_parameters"),
     # checkpoint I/O (training strategies): the COMPLETE marker, extra state without pickle, weights
     "COMPLETE": ("specforge_core.training.checkpoint", "COMPLETE"),
     "CheckpointError": ("specforge_core.training.checkpoint", "CheckpointError"),

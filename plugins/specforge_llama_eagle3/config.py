@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import attrs
 
-from specforge_core.plugin_api import text_config
+from specforge_core.plugin_api import draft_rope_parameters, text_config
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -161,11 +161,7 @@ def _getter(cfg: dict, source: str):
 
 def rope_settings(cfg: dict, source: str = "config") -> tuple[float, Optional[dict]]:
     """(rope_theta, rope_scaling) from either the legacy or the transformers-5 layout."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" not in params and isinstance(params.get("full_attention"), dict):
-        # Per-layer-type rope (Gemma 3: sliding layers theta 1e4, global layers 1e6). The draft's one
-        # layer attends over the whole context like a global layer, so it takes the global settings.
-        params = params["full_attention"]
+    params = draft_rope_parameters(cfg)  # per-layer-type rope (Gemma 3): the global layers' settings
     if isinstance(params, dict) and "rope_theta" in params:
         theta = float(params["rope_theta"])
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}

@@ -15,6 +15,7 @@ import torch
 from specforge_core import hookimpl
 from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
 from specforge_core.config.fields import in_range, option, positive
+from specforge_core.plugin_api import draft_rope_parameters
 from specforge_peagle import objective
 from specforge_peagle.export import ARCHITECTURE, export_config, export_tensors
 from specforge_peagle.model import PEagleConfig, PEagleDraft
@@ -68,8 +69,7 @@ class PEagleAlgorithm:
         if mask < 0:
             pad = hf.get("pad_token_id")
             mask = int(pad) if isinstance(pad, int) else int(hf["vocab_size"]) - 1
-        rp = hf.get("rope_parameters") or {}
-        rp = rp.get("full_attention", rp)  # per-layer-type rope (Gemma 3): the draft attends like a global layer
+        rp = draft_rope_parameters(hf) or {}
         rope = hf.get("rope_theta") or rp.get("rope_theta") or 10000.0
         return PEagleConfig(
             hidden_size=H, intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=self.options.num_layers,
