@@ -16,20 +16,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from vllm_env import vllm_python_or_skip  # noqa: E402
+
 TINY = Path(__file__).resolve().parent.parent / "configs" / "assets" / "tiny-target"
 
 
-def _vllm_python():
-    from specforge_vllm.eval_engine import vllm_python
-
-    try:
-        return vllm_python(None)
-    except ValueError as exc:
-        return pytest.skip(f"no vLLM environment: {exc}", allow_module_level=True)
-
-
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-PYTHON = _vllm_python()
+PYTHON = vllm_python_or_skip()
 
 RUNNER = r'''
 import sys

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from vllm_env import vllm_python_or_skip
 
 from specforge_core.reference import Paths, default_dir
 
@@ -22,15 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REF = Paths(default_dir())
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-
-def _vllm_python():
-    from specforge_vllm.eval_engine import vllm_python
-
-    try:
-        return vllm_python(None)
-    except ValueError as exc:
-        return pytest.skip(f"no vLLM environment: {exc}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def export(tmp_path_factory) -> Path:
 def test_vllm_serves_a_gemma3_eagle3_draft_with_equal_per_prompt_acceptance(export):
     from specforge_core.evaluation import evaluate
 
-    python = _vllm_python()
+    python = vllm_python_or_skip()
     kw = dict(steps=3, max_new_tokens=24, max_prompts=4, chat_template="gemma")
     hf = evaluate(export, str(REF.gemma3), [str(REF.mtbench)], **kw)
     vllm = evaluate(export, str(REF.gemma3), [str(REF.mtbench)], engine="vllm", engine_python=python, **kw)

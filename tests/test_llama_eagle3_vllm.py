@@ -13,23 +13,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from vllm_env import vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
 DATA = ROOT / "configs" / "assets" / "data"
 
 
-def _vllm_python():
-    from specforge_vllm.eval_engine import vllm_python
-
-    try:
-        return vllm_python(None)
-    except ValueError as exc:
-        return pytest.skip(f"no vLLM environment: {exc}", allow_module_level=True)
-
-
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-PYTHON = _vllm_python()
+PYTHON = vllm_python_or_skip()
 EVAL = dict(steps=3, max_new_tokens=32, max_prompts=12)
 PROMPTS = [str(DATA / "eval_prompts.jsonl")]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from vllm_env import vllm_python_or_skip
 
 from specforge_core.reference import Paths, default_dir
 
@@ -19,15 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REF = Paths(default_dir())
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-
-def _vllm_python():
-    from specforge_vllm.eval_engine import vllm_python
-
-    try:
-        return vllm_python(None)
-    except ValueError as exc:
-        return pytest.skip(f"no vLLM environment: {exc}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def export(tmp_path_factory) -> Path:
 def test_vllm_serves_the_real_target_draft_with_equal_per_prompt_acceptance(export):
     from specforge_core.evaluation import evaluate
 
-    python = _vllm_python()
+    python = vllm_python_or_skip()
     prompts = [str(REF.mtbench)]
     kw = dict(steps=3, max_new_tokens=24, max_prompts=6)
     hf = evaluate(export, str(REF.model), prompts, **kw)
