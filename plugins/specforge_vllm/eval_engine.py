@@ -161,10 +161,12 @@ def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
         "vLLM raw acceptance length (1 + accepted/drafts, engine counters)": _f(engine_raw),
         "vLLM time": f"start {t.get('spec_start_s', 0):.1f} s, speculative generate {t.get('spec_generate_s', 0):.1f} s"
                      + (f", greedy generate {t['greedy_generate_s']:.1f} s" if "greedy_generate_s" in t else ""),
+        "vLLM CPU workarounds applied": "; ".join(result.get("workarounds", [])) or "none",
         "draft weights vs export": ("checked, all equal" if w.get("checked") and not errors
                                     else w.get("why", "see errors")),
     }
     extra = {"python": python, "counters": c, "timings": t, "load_log": result.get("load_log", []),
+             "workarounds": result.get("workarounds", []),
              "draft_weights": w, "engine_raw_tau": engine_raw, "errors": errors, "summary": summary}
     extra["temperature"] = float(getattr(request, "temperature", 0.0))
     extra["shape"] = f"chain K={K}"

@@ -1,7 +1,8 @@
 """Runs inside the vLLM environment (its own venv): ``python eval_runner.py REQUEST.json RESULT.json``.
 
 Self-contained on purpose (stdlib + vLLM only): the vLLM venv does not have specforge installed.
-It serves the target twice at temperature 0 with the same token-id prompts: once with the export
+It serves the target twice with the same token-id prompts (temperature 0, or the request's
+temperature with one seed per request): once with the export
 as its draft (``speculative_config = {"method": "eagle3" | "dflash" | "dspark", ...}`` from the export's
 config, per-request
 ``detailed`` spec-decode metrics), once plainly (the greedy reference). It writes what vLLM
@@ -144,6 +145,11 @@ def main(request_path: str, result_path: str) -> int:
     t0 = time.perf_counter()
     llm = _engine(req, speculative=True)
     result["timings"]["spec_start_s"] = time.perf_counter() - t0
+    # known CPU-build defects that change what vLLM computes (T > 0 sampling), patched only when present
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cpu_workarounds
+
+    result["workarounds"] = cpu_workarounds.apply()
     result["load_log"] = [line for line in collect.lines if "weight" in line.lower() or "ERROR" in line]
     result["draft_weights"] = _draft_weight_check(llm, req["draft"])
     outs, result["timings"]["spec_generate_s"] = _generate(llm, req)
