@@ -114,14 +114,43 @@ def target_weight_bytes(t: dict, dtype_bytes: int = 2) -> int:
 
 
 def kv_bytes_per_token(t: dict, tp: int, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one token needs on one TP rank (MLA's latent cache is replicated per rank)."""
-    L = int(t["num_hidden_layers"])
+    """KV-cache bytes one token needs on one TP rank on *every* layer (MLA's latent cache is
+    replicated per rank): what a sequence holds while its whole prompt is prefilled, sliding layers
+    included (see ``kv_bytes``)."""
+    return len(kv_layer_windows(t)) * _kv_layer_bytes_per_token(t, tp, dtype_bytes)
+
+
+def _kv_layer_bytes_per_token(t: dict, tp: int, dtype_bytes: int) -> int:
     if t.get("kv_lora_rank"):
-        return L * (int(t["kv_lora_rank"]) + int(t["qk_rope_head_dim"])) * dtype_bytes
+        return (int(t["kv_lora_rank"]) + int(t["qk_rope_head_dim"])) * dtype_bytes
     nh = int(t["num_attention_heads"])
     nkv = int(t.get("num_key_value_heads") or nh)
     hd = int(t.get("head_dim") or int(t["hidden_size"]) // nh)
-    return L * 2 * max(1, nkv // tp) * hd * dtype_bytes
+    return 2 * max(1, nkv // tp) * hd * dtype_bytes
+
+
+def kv_layer_windows(t: dict) -> list[Optional[int]]:
+    """Per target layer, its attention window: ``sliding_window`` for a ``sliding_attention`` entry of
+    ``layer_types`` (Gemma 2/3, Qwen with use_sliding_window, GPT-OSS, Cohere 2), None for a layer that
+    attends to every token."""
+    L = int(t["num_hidden_layers"])
+    types, window = t.get("layer_types"), t.get("sliding_window")
+    if not isinstance(types, list) or len(types) != L or not isinstance(window, int) or window <= 0:
+        return [None] * L
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def kv_bytes(t: dict, tp: int, tokens: int, dtype_bytes: int = 2, in_flight: Optional[int] = None) -> int:
+    """KV-cache bytes one sequence of ``tokens`` tokens holds on one TP rank. A sliding layer keeps the
+    last ``window - 1`` computed tokens plus the ``in_flight`` ones being computed (vLLM's
+    ``SlidingWindowSpec``: "the last sliding_window-1 computed tokens plus the in-flight tokens";
+    transformers' ``DynamicSlidingWindowLayer`` keeps window - 1 between forwards, in_flight 0), at
+    most ``tokens``. ``in_flight`` None = all of them: a prompt prefilled in one chunk (a capture)
+    holds every token on every layer; decoding holds window - 1 + 1 per sliding layer."""
+    per_layer = _kv_layer_bytes_per_token(t, tp, dtype_bytes)
+    in_flight = tokens if in_flight is None else in_flight
+    held = [tokens if w is None else min(tokens, w - 1 + in_flight) for w in kv_layer_windows(t)]
+    return sum(held) * per_layer
 
 
 # ------------------------------------------------------------------------------------- draft
@@ -275,7 +304,9 @@ def build_plan(config: Any, registry: Any = None) -> dict[str, Any]:
     nnodes, per_node, tp = engine_shape(config)
     weights = target_weight_bytes(t, hb)
     plan.update(tp=tp, target_weights=weights, target_weights_per_gpu=weights // tp,
-                kv_per_token=kv_bytes_per_token(t, tp, hb))
+                kv_per_token=kv_bytes_per_token(t, tp, hb),
+                kv_sliding_layers=sum(w is not None for w in kv_layer_windows(t)),
+                kv_decode_bytes=kv_bytes(t, tp, T, hb, in_flight=1))
     # components' own notes (facts stored under their name, printed lines, config problems)
     plan["notes"] = {}
     for kind in KINDS:
@@ -344,6 +375,12 @@ def format_plan(config: Any, plan: dict[str, Any], problems: list) -> str:
             f"vocab {t['vocab_size']}, aux layers {plan['aux_layers']}")
         add(f"  weights {_gib(plan['target_weights'])} -> {_gib(plan['target_weights_per_gpu'])} per GPU at TP {tp}; "
             f"KV cache {plan['kv_per_token'] / 1024:.1f} KiB/token per GPU")
+        if plan.get("kv_sliding_layers"):
+            full = plan["kv_per_token"] * T
+            add(f"  {plan['kv_sliding_layers']} of {t['num_hidden_layers']} layers slide (window "
+                f"{t['sliding_window']}): a {T}-token prompt holds every token while it is prefilled "
+                f"({full / MiB:.1f} MiB, what a capture needs), a decoding sequence of {T} tokens "
+                f"{plan['kv_decode_bytes'] / MiB:.1f} MiB")
         add("")
         dt = "auto: bf16 on GPU" if inf.dtype == "auto" else inf.dtype
         add(f"hidden states ({dt} = {dtype_bytes(inf.dtype)} B): {plan['bytes_per_token']:,} B/token "
