@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The quality measurements of docs/quality.md and docs/gemma3.md in one GPU session on the lent
+# device machine (benchmarks/README.md): started in the background by the first call whose chunks
+# hold the SmolLM2 GGUF (tools/carry.py), it waits for each input as later calls bring it.
+#
+#   1. regeneration speed, HF generate dynamic vs static cache (same prompts, one process)
+#   2. the target's answers regenerated for 90 s with the faster path
+#   3. the SmolLM2 curve run: regenerated answers + all of ShareGPT, checkpoints timed
+#   4. Gemma 3 270M: EAGLE-3 and DFlash at the SmolLM2 reference budget (quality.py), while 5 runs
+#   5. exports of the curve checkpoints nearest 3, 6 and 10 GPU-minutes, MT-bench at K = 3, 7
+#
+# Usage (on the device, repo root): setsid bash benchmarks/gpu_session_quality.sh STAGE RESULTS &
+set -u
+STAGE=${1:-/tmp/stage}
+RESULTS=${2:-/tmp/results}
+CURVE_STEPS=${CURVE_STEPS:-2400}
+GEMMA_STEPS=${GEMMA_STEPS:-600}
+F=$STAGE/files
+Q=/tmp/q/quality
+mkdir -p "$RESULTS" /tmp/q
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+wait_for() { while [ ! -f "$1" ]; do sleep 2; done; }
+stamp() { echo "=== $(date +%T) $*"; }
+
+wait_for "$F/quality.tar"
+wait_for "$F/SmolLM2-135M-Instruct.Q4_1.gguf"
+tar -xf "$F/quality.tar" -C /tmp/q
+ln -sf "$F/SmolLM2-135M-Instruct.Q4_1.gguf" "$Q/"
+curve() { python3 benchmarks/quality_curve.py "$@" --data "$Q" --model /tmp/smollm2 --work /tmp/curve \
+  --sharegpt /tmp/curve/sharegpt-all.jsonl --runs best --steps "$CURVE_STEPS" --save-every 200; }
+
+stamp bench; curve bench --bench-prompts 1024 --bench-batch 512
+cp /tmp/curve/bench.json "$RESULTS/regen_speed.json"
+stamp regen; curve regen --regen-seconds 90 --regen-batch 512
+wait_for "$F/sharegpt.jsonl.xz"
+python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$F/sharegpt.jsonl.xz'), open('/tmp/curve/sharegpt-all.jsonl', 'wb'))"
+# Gemma's target, converted on the CPU while the curve trains
+( wait_for "$F/gemma-3-270m-q4_k_m.gguf"
+  nice -n 19 python3 -c "from pathlib import Path; from specforge_core.reference import convert_gguf; \
+convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/gemma-convert.log 2>&1
+  gzip -1 -c /tmp/curve/sharegpt-all.jsonl > "$Q/sharegpt-all.jsonl.gz"
+  touch /tmp/gemma.ready ) &
+stamp train; curve train --train-deadline 840
+stamp gemma; wait_for /tmp/gemma.ready
+( python3 benchmarks/quality.py run --data "$Q" --model /tmp/gemma --recipe configs/gemma3-270m-sharegpt.toml \
+    --chat-template gemma --work /tmp/qgemma --variants all-lr1e-3,all-dflash \
+    --set training.max_steps="$GEMMA_STEPS" --eval-parallel 4 --ks 3,7 --train-deadline 480 --eval-deadline 300 \
+    --out "$RESULTS/quality_gemma3.json" > /tmp/gemma.log 2>&1; stamp gemma done >> /tmp/gemma.log ) &
+stamp eval; curve eval --minutes 3,6,10 --ks 3,7 --eval-parallel 6 --eval-deadline 400 --out "$RESULTS/quality_curve.json"
+wait
+stamp all done
