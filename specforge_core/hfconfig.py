@@ -28,6 +28,28 @@ def draft_rope_parameters(cfg: dict) -> dict | None:
     return params
 
 
+def input_embedding_scale(cfg: dict) -> float:
+    """The factor a target's decoder layers apply to its embedding rows: layer 0 reads
+    ``embed_tokens.weight[ids] * scale``. Gemma (every generation) scales by sqrt(hidden_size) inside
+    its embedding module; Granite/Falcon-H1 multiply by ``embedding_multiplier``, MiniCPM by
+    ``scale_emb``; 1.0 for everything else (Llama, Qwen...). Tests check it against transformers'
+    own forward (the input of layer 0 over the table's rows)."""
+    cfg = text_config(cfg)
+    if "gemma" in str(cfg.get("model_type", "")):
+        return float(cfg["hidden_size"]) ** 0.5
+    for key in ("embedding_multiplier", "scale_emb"):
+        if isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool):
+            return float(cfg[key])
+    return 1.0
+
+
+def final_logit_softcap(cfg: dict) -> float | None:
+    """The target's ``final_logit_softcapping`` (Gemma 2: logits = cap * tanh(logits / cap) after the
+    head), None when it has none (Gemma 3 sets null)."""
+    cap = text_config(cfg).get("final_logit_softcapping")
+    return float(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0 else None
+
+
 def read_config_json(path: str | Path) -> dict:
     """``path`` (a config.json, or a directory holding one) as a flattened dict. Errors are one
     line naming the file: FileNotFoundError, or ValueError for bad JSON / not an object."""

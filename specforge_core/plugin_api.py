@@ -46,6 +46,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "text_config": ("specforge_core.hfconfig", "text_config"),
     "read_config_json": ("specforge_core.hfconfig", "read_config_json"),
     "draft_rope_parameters": ("specforge_core.hfconfig", "draft_rope_parameters"),
+    "input_embedding_scale": ("specforge_core.hfconfig", "input_embedding_scale"),
     # checkpoint I/O (training strategies): the COMPLETE marker, extra state without pickle, weights
     "COMPLETE": ("specforge_core.training.checkpoint", "COMPLETE"),
     "CheckpointError": ("specforge_core.training.checkpoint", "CheckpointError"),

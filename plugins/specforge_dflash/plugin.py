@@ -13,7 +13,7 @@ import torch
 from specforge_core import hookimpl
 from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
 from specforge_core.config.fields import non_negative, option, positive
-from specforge_core.plugin_api import draft_rope_parameters
+from specforge_core.plugin_api import draft_rope_parameters, input_embedding_scale
 from specforge_dflash import objective
 from specforge_dflash.export import ARCHITECTURE, export_config, export_tensors
 from specforge_dflash.model import DFlashConfig, DFlashDraft
@@ -89,7 +89,9 @@ class DFlashAlgorithm:
         draft.aux_layer_ids = list(target.aux_layer_ids)
         if weights is not None:
             with torch.no_grad():
-                draft.embed_tokens.weight.copy_(weights.embedding())
+                # what the target's layers read (Gemma: rows x sqrt(hidden)); the export ships this
+                # table, so an engine keeps it instead of sharing the target's (docs/gemma3.md)
+                draft.embed_tokens.weight.copy_(weights.embedding() * input_embedding_scale(target.hf_config))
                 draft.lm_head.weight.copy_(weights.head_rows())  # start from the target's head
         return draft
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from specforge_core.plugin_api import input_embedding_scale
 from specforge_dflash.export import load_export
 from specforge_dflash.model import DFlashDraft
 
@@ -66,7 +67,9 @@ class DFlashProposer:
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> DFlashProposer:
-    draft, d2t = load_export(export_dir, embed_weight=target.embedding().detach().float().cpu(), dtype=target.dtype)
+    # an export without its own table reads the target's rows as its layers do (training's convention)
+    embed = target.embedding().detach().float().cpu() * input_embedding_scale(target.hf_config)
+    draft, d2t = load_export(export_dir, embed_weight=embed, dtype=target.dtype)
     width = draft.fc.weight.shape[1]
     want = len(draft.aux_layer_ids) * int(target.hf_config["hidden_size"])
     if width != want:
