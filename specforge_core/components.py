@@ -233,6 +233,8 @@ class TargetHead:
     dtype), ``t2d`` bool [V] marks target ids in the draft vocab, ``draft_ids`` int64 [Vd] is the
     target id of each draft id. ``full()`` loads the *whole* target lm_head [V, H] on first call
     (cached) for losses that need the target's full-vocab distribution (``Loss.needs_full_vocab``).
+    ``logit_softcap``: the target's ``final_logit_softcapping`` (Gemma 2), None = none; a loss that
+    builds target logits from ``final_hidden @ rows.T`` passes them through ``logits()``.
     """
 
     rows: torch.Tensor
@@ -240,6 +242,7 @@ class TargetHead:
     draft_ids: torch.Tensor
     full_loader: Optional[Callable[[], torch.Tensor]] = None
     _full: Optional[torch.Tensor] = None
+    logit_softcap: Optional[float] = None
 
     def full(self) -> torch.Tensor:
         if self._full is None:
@@ -247,6 +250,16 @@ class TargetHead:
                 raise RuntimeError("the full target lm_head was not made available to this objective")
             self._full = self.full_loader()
         return self._full
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The target's logits from ``final_hidden @ head.T`` (``raw``): softcapped as the target's
+        own forward does (``cap * tanh(raw / cap)``), else unchanged."""
+        return softcap_logits(raw, self.logit_softcap)
+
+
+def softcap_logits(raw: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """``cap * tanh(raw / cap)`` (Gemma 2's ``final_logit_softcapping``); ``raw`` when ``cap`` is None/0."""
+    return raw if not cap else torch.tanh(raw / cap) * cap
 
 
 @attrs.define

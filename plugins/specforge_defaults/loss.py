@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import torch
 
-from specforge_core.components import LossOutput
+from specforge_core.components import LossOutput, softcap_logits
 from specforge_core.config.fields import option, positive
 
 LOGIT_BYTES = 4
@@ -118,9 +118,11 @@ class TargetRows:
 
 
 @torch.no_grad()
-def precompute_target_probs(final_hidden: torch.Tensor, target_head: torch.Tensor, chunk: int) -> TargetProbs:
+def precompute_target_probs(final_hidden: torch.Tensor, target_head: torch.Tensor, chunk: int,
+                            softcap: float | None = None) -> TargetProbs:
     """softmax(final_hidden @ target_head.T) for all rows of ``final_hidden`` [..., H], ``chunk``
-    rows at a time (never more than [chunk, Vd] fp32 logits at once)."""
+    rows at a time (never more than [chunk, Vd] fp32 logits at once); ``softcap``: the target's
+    ``final_logit_softcapping`` (its logits are ``cap * tanh(logits / cap)``)."""
     h = final_hidden.reshape(-1, final_hidden.shape[-1])
     fast = _low_precision_gemms(h)
     acc = torch.float32 if fast else torch.promote_types(target_head.dtype, torch.float32)
@@ -133,7 +135,7 @@ def precompute_target_probs(final_hidden: torch.Tensor, target_head: torch.Tenso
         for s in range(0, h.shape[0], chunk):
             x = h[s : s + chunk]
             t = torch.mm(x, w.T, out_dtype=torch.float32) if fast else x.to(acc) @ w.T
-            probs[s : s + chunk], argmax[s : s + chunk] = fn(t, out_dtype)
+            probs[s : s + chunk], argmax[s : s + chunk] = fn(softcap_logits(t, softcap), out_dtype)
     return TargetProbs(probs, argmax)
 
 
@@ -419,9 +421,13 @@ class ForwardKLLoss:
         """``final_hidden`` [N, H] (or [B, T, H]: flattened), ``head`` a ``TargetHead`` (or the
         [Vd, H] rows themselves)."""
         rows = head.rows if hasattr(head, "rows") else head
+        cap = getattr(head, "logit_softcap", None)
         final_hidden = final_hidden.reshape(-1, final_hidden.shape[-1])
         if self.precompute:
-            return precompute_target_probs(final_hidden, rows, self.options.chunk_size)
+            return precompute_target_probs(final_hidden, rows, self.options.chunk_size, cap)
+        if cap:
+            raise ValueError(f"forward-kl without precomputed targets builds raw target logits; this target "
+                             f"softcaps its logits (final_logit_softcapping = {cap:g}): use precompute")
         return TargetRows(final_hidden.detach(), rows.detach())
 
     def weighted_groups(self, prepared: TargetProbs | TargetRows, valid: torch.Tensor,

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 import torch
 
-from specforge_core.components import LossOutput
+from specforge_core.components import LossOutput, softcap_logits
 from specforge_core.config.fields import in_range, one_of, option, positive
 
 
@@ -54,9 +54,10 @@ class TargetLogProbs:
 
 
 @torch.no_grad()
-def target_log_probs(final_hidden: torch.Tensor, rows: torch.Tensor, full: torch.Tensor, chunk: int) -> TargetLogProbs:
+def target_log_probs(final_hidden: torch.Tensor, rows: torch.Tensor, full: torch.Tensor, chunk: int,
+                     softcap: float | None = None) -> TargetLogProbs:
     """``final_hidden`` [N, H], ``rows`` [Vd, H] (draft-vocab rows of the target head), ``full``
-    [V, H] (the whole head)."""
+    [V, H] (the whole head); ``softcap`` the target's ``final_logit_softcapping`` (None: none)."""
     f32 = torch.promote_types(final_hidden.dtype, torch.float32)  # fp64 in tests, fp32 otherwise
     logp = torch.empty(final_hidden.shape[0], rows.shape[0], dtype=f32, device=final_hidden.device)
     full, rows = full.to(final_hidden.dtype), rows.to(final_hidden.dtype)  # once, not per chunk
@@ -65,8 +66,8 @@ def target_log_probs(final_hidden: torch.Tensor, rows: torch.Tensor, full: torch
     step = max(1, min(chunk, chunk * rows.shape[0] // max(1, full.shape[0])))
     for s in range(0, final_hidden.shape[0], step):
         h = final_hidden[s : s + step]
-        lse = torch.logsumexp((h @ full.T).to(f32), dim=-1)
-        logp[s : s + step] = (h @ rows.T).to(f32) - lse[:, None]
+        lse = torch.logsumexp(softcap_logits((h @ full.T).to(f32), softcap), dim=-1)
+        logp[s : s + step] = softcap_logits((h @ rows.T).to(f32), softcap) - lse[:, None]
     return TargetLogProbs(logp=logp, argmax=logp.argmax(dim=-1))
 
 
@@ -137,7 +138,8 @@ class LKLoss:
 
     def prepare(self, final_hidden: torch.Tensor, head: Any) -> TargetLogProbs:
         final_hidden = final_hidden.reshape(-1, final_hidden.shape[-1]).detach()
-        return target_log_probs(final_hidden, head.rows, head.full(), self.options.chunk_size)
+        return target_log_probs(final_hidden, head.rows, head.full(), self.options.chunk_size,
+                                getattr(head, "logit_softcap", None))
 
     def __call__(self, draft_hidden, draft_head, prepared: TargetLogProbs, target_rows, valid) -> LossOutput:
         if draft_hidden.dim() != 2 or valid.shape != draft_hidden.shape[:1]:

@@ -95,7 +95,7 @@ def micro_step(draft: Any, batch: Any, ctx: Any, stride: int, gamma: float, alph
         if draft.confidence_head is not None:
             hv, mv, r = h[v], m[v], rows[:, k][v]
             with torch.no_grad():
-                t_logits = final[r].float() @ ctx.head.rows.float().T
+                t_logits = ctx.head.logits(final[r].float() @ ctx.head.rows.float().T)  # softcapped as the target's
                 c_star = acceptance_overlap(draft.logits(hv, mv), t_logits)
             c_logit = draft.confidence(hv, mv).float()
             bce = F.binary_cross_entropy_with_logits(c_logit, c_star, reduction="sum")

@@ -26,6 +26,7 @@ from specforge_core import dtypes
 from specforge_core.components import ObjectiveContext, TargetHead, capability
 from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.export import ALGORITHM_ATTR
+from specforge_core.hfconfig import final_logit_softcap
 from specforge_core.training.batch import Batch
 from specforge_core.training.components import algorithm as build_algorithm
 from specforge_core.training.components import create
@@ -104,6 +105,7 @@ class Trainer:
             rows=weights.head_rows().to(device, dtype), t2d=vocab.t2d.to(device),
             draft_ids=vocab.draft_to_target_ids.to(device),
             full_loader=lambda: weights.full_head().to(device, dtype),
+            logit_softcap=final_logit_softcap(target.hf_config),  # Gemma 2's, applied by the losses
         )
         weights.release()
 
