@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from specforge_llama_eagle3.objective import acceptance_length, learned
 
-from specforge_core.config import ConfigError, load_config
+from specforge_core.config import load_config
 from specforge_core.pipeline import run_pipeline
 from specforge_core.run import held_out
 from specforge_core.training.batch import collate
@@ -129,9 +129,9 @@ def test_run_logs_held_out_estimate_and_never_trains_on_it(tmp_path, monkeypatch
 
     metrics = held_out.held_out_metrics
 
-    def spy_eval(trainer, feats, micro_batch_size):
+    def spy_eval(trainer, feats, micro_batch_size, counted=True):
         evaluated.append([f.sample_id for f in feats])
-        return metrics(trainer, feats, micro_batch_size)
+        return metrics(trainer, feats, micro_batch_size, counted)
 
     monkeypatch.setattr(Trainer, "train_step", spy_step)
     monkeypatch.setattr(held_out, "held_out_metrics", spy_eval)
@@ -148,14 +148,6 @@ def test_run_logs_held_out_estimate_and_never_trains_on_it(tmp_path, monkeypatch
     assert h[2]["held_out/accept_len"] >= 1.0 and "held_out/acc_0" in h[3]
     text = out.getvalue()
     assert "held-out step 3: acc " in text and "held-out step 4: " in text and "since step 3)" in text
-
-
-def test_ray_pipeline_refuses_eval_every(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    cfg = load_config([ROOT / "configs" / "quickstart.toml"],
-                      overrides=[f"run.output_dir={tmp_path / 'run'}", "run.pipeline='ray'", "training.eval_every=2"])
-    with pytest.raises(ConfigError, match="training.eval_every"):
-        run_pipeline(cfg)
 
 
 @pytest.mark.slow

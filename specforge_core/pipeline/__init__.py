@@ -26,11 +26,6 @@ def run_pipeline(config: SpecforgeConfig, registry: Any = None, **components: An
 
     check_before_run(config, registry)
     if config.run.pipeline == "ray":
-        if config.training.eval_every:
-            from specforge_core.config import ConfigError
-
-            raise ConfigError("training.eval_every: the held-out estimate runs on the local pipeline only "
-                              "(run.pipeline = 'local'); set training.eval_every = 0 for a Ray run")
         from specforge_core.pipeline.ray_pipeline import run_ray
 
         return run_ray(config, **components)

@@ -35,8 +35,10 @@ from specforge_core.config.schema import SpecforgeConfig
 from specforge_core.pipeline.ray import leftovers
 from specforge_core.pipeline.ray import placement as pl
 from specforge_core.pipeline.ray.controller import ControllerActor, Prompt
+from specforge_core.pipeline.ray.held_out import HeldOutPlan
 from specforge_core.pipeline.ray.inference import EngineActor, InferenceManager
 from specforge_core.pipeline.ray.trainer_actor import TrainerActor
+from specforge_core.run.held_out import chain_prompts, line_observers
 from specforge_core.run.observers import Observer, StepRecord
 from specforge_core.run.order import StepPlan
 from specforge_core.run.recipe import Run, RunResult
@@ -198,7 +200,10 @@ class RayRun:
                     for r, o in enumerate(self.placement.trainer_options)]
         self.actors += trainers
         master = ray.get(trainers[0].address.remote())
-        usable_ref = ray.put(run.usable)
+        # training.eval_every: the held-out samples follow the usable ones in the engines' list
+        held = (HeldOutPlan(run.usable, run.held_out, dp, chain_prompts(run))
+                if tr.eval_every and run.held_out else None)
+        usable_ref = ray.put(held.samples if held is not None else run.usable)
         setups = [t.setup.remote(config, self.info, str(run.vocab_path), run.total_steps, master, self.handle,
                                  usable_ref if self.from_cache else None) for t in trainers]
         engines_ready = None
@@ -225,20 +230,25 @@ class RayRun:
             max_pool_bytes=config.transfer.max_pool_bytes, rows=rows,
         )
         self.actors.insert(0, controller)
+        held_ref = None  # the engines' held-out results (None: none, or read from the cache)
         if self.from_cache:
             ray.get(controller.all_cached.remote())  # no inference: every sample is in the cache
             pending: list = []
         else:
             ray.get(engines_ready)
             pending = [self.manager.run.remote(controller)]
+            if held is not None:  # their features next to the training stream's (the manager is threaded)
+                held_ref = self.manager.held_out.remote(held.prompts().wire())
         manager_ref = pending[0] if pending else None
-        train_refs = [t.run.remote(controller, run.config_toml, stop_after_steps) for t in trainers]
+        shares = [held.rank(r, held_ref) if held is not None else None for r in range(dp)]
+        train_refs = [t.run.remote(controller, run.config_toml, stop_after_steps, shares[r])
+                      for r, t in enumerate(trainers)]
         pending += train_refs
 
         # ---- the driver's observers (console and progress, W&B, the recorder) follow rank 0's
         # steps through the controller
         result: dict[str, Any] = {}
-        follow = Follow(controller, run.observers(), run.total_steps)
+        follow = Follow(controller, [*line_observers(run), *run.observers()], run.total_steps)
         follow.start(run.start_step)
         finished = False
         try:

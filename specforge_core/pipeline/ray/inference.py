@@ -141,6 +141,31 @@ class InferenceManager:
         self.generation[i] += 1
         self.engines[i] = self._start(i)
 
+    def held_out(self, prompts: tuple) -> tuple:
+        """Features of the held-out samples (``training.eval_every``; a ``PromptBatch`` wire, seqs
+        apart from the training stream's) into the store, next to ``run`` (this actor is threaded):
+        batches of ``batch_size`` over the engines, outside the controller and its accounting.
+        A batch whose engine died is tried again on the next engine (``run`` restarts dead
+        ones). Returns their ``ResultBatch`` wire."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        prompts = PromptBatch.from_wire(prompts)
+        batches = [prompts.slice(s, s + self.batch_size) for s in range(0, prompts.n, self.batch_size)]
+        refs = [self.engines[k % len(self.engines)].generate.remote(b.wire()) for k, b in enumerate(batches)]
+        out = []
+        for k, (batch, ref) in enumerate(zip(batches, refs, strict=True)):
+            for attempt in range(1, self.max_restarts + 2):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except RayActorError:
+                    if attempt > self.max_restarts:
+                        raise
+                    time.sleep(1.0)
+                    ref = self.engines[(k + attempt) % len(self.engines)].generate.remote(batch.wire())
+        return _concat(out)
+
     def run(self, controller: Any) -> dict[str, int]:
         """The loop: one ``exchange`` with the controller (returns of dead engines' prompts,
         finished results and the request for new prompts ride on the same call), then batches to

@@ -29,6 +29,7 @@ from specforge_core.build import create
 from specforge_core.components import capability
 from specforge_core.distributed import destroy, free_port, init_process_group
 from specforge_core.pipeline.ray.dispatch import RankWork, Result
+from specforge_core.pipeline.ray.held_out import RankHeldOut, trainer_observer
 from specforge_core.registry import get_registry
 from specforge_core.run.loop import StepBatch, StepLoop
 from specforge_core.run.observers import Observer, StepRecord
@@ -212,8 +213,10 @@ class TrainerActor:
                 out = {"step": self.trainer.step, "data_position": extra["data_position"], "checkpoint": str(latest)}
         return out
 
-    def run(self, controller: Any, config_toml: str, stop_after_steps: Optional[int] = None) -> dict[str, Any]:
-        """The step loop of this rank; rank 0 also reports metrics and writes the export."""
+    def run(self, controller: Any, config_toml: str, stop_after_steps: Optional[int] = None,
+            held_out: Optional[RankHeldOut] = None) -> dict[str, Any]:
+        """The step loop of this rank; rank 0 also reports metrics and writes the export.
+        ``held_out``: this rank's part of the held-out estimate (``training.eval_every``)."""
         config, t = self.config, self.trainer
         out_dir = Path(config.output_dir)
 
@@ -224,6 +227,8 @@ class TrainerActor:
         feed = ControllerFeed(self.rank, controller, self.store, self.stager, config.transfer.prefetch_steps)
         near = TrainerObservers.build(config, t, save, None, self.rank, stop_after_steps)
         observers = ([Report(controller)] if self.rank == 0 else []) + near.all()
+        if held_out is not None:  # before the report: it adds the held-out metrics to the record
+            observers.insert(0, trainer_observer(held_out, t, self.store, self.info, self.vocab, self.rank))
         try:
             StepLoop(t, feed, observers).run()
         finally:
