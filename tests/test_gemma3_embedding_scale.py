@@ -1,6 +1,6 @@
 """``input_embedding_scale``: the factor a target's decoder layers apply to its embedding rows,
 checked against transformers' own forward (the input of layer 0 over the table's rows) on tiny
-in-process models of each family it names, and the DFlash draft built from such a target reads
+in-process models of each family it names, and the DFlash (and DSpark) draft built from such a target reads
 exactly those rows (what vLLM's DFlash draft reads from the export: tests/test_gemma3_dflash_vllm.py)."""
 
 from __future__ import annotations
@@ -71,9 +71,15 @@ def test_a_multimodal_config_reads_its_text_config():
     assert input_embedding_scale({"model_type": "llama", "embedding_multiplier": True}) == 1.0  # not a number
 
 
+@pytest.mark.parametrize("algo", ["dflash", "dspark"])
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])
-def test_the_dflash_draft_reads_the_rows_the_targets_layers_read(family):
-    from specforge_dflash.plugin import DFlashAlgorithm, DFlashOptions
+def test_the_dflash_draft_reads_the_rows_the_targets_layers_read(family, algo):
+    if algo == "dflash":
+        from specforge_dflash.plugin import DFlashAlgorithm as Algorithm
+        from specforge_dflash.plugin import DFlashOptions as Options
+    else:
+        from specforge_dspark.plugin import DSparkAlgorithm as Algorithm
+        from specforge_dspark.plugin import DSparkOptions as Options
 
     model = _tiny(family)
     hf = model.config.to_dict()
@@ -81,6 +87,6 @@ def test_the_dflash_draft_reads_the_rows_the_targets_layers_read(family):
     target = SimpleNamespace(hf_config=hf, aux_layer_ids=[2, 4, 6])
     vocab = SimpleNamespace(d2t=torch.zeros(64, dtype=torch.int64))
     weights = SimpleNamespace(embedding=lambda: table.clone(), head_rows=lambda: table[:64].clone())
-    draft = DFlashAlgorithm(DFlashOptions(block_size=4, num_layers=2)).build(target, vocab, weights)
+    draft = Algorithm(Options(block_size=4, num_layers=2)).build(target, vocab, weights)
     ids = torch.arange(hf["vocab_size"])
     torch.testing.assert_close(draft.embed_tokens.weight.detach(), _layer0_input(model, ids), rtol=1e-6, atol=0)

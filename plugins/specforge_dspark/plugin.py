@@ -15,6 +15,7 @@ from specforge_dflash.plugin import DFlashAlgorithm
 from specforge_core import hookimpl
 from specforge_core.components import DraftPlan, ObjectiveContext, TargetHead
 from specforge_core.config.fields import non_negative, option, positive
+from specforge_core.plugin_api import input_embedding_scale
 from specforge_dspark import objective
 from specforge_dspark.export import dspark_config, dspark_tensors
 from specforge_dspark.model import DSparkDraft, DSparkHeads
@@ -71,7 +72,8 @@ class DSparkAlgorithm(DFlashAlgorithm):
         draft.aux_layer_ids = list(target.aux_layer_ids)
         if weights is not None:
             with torch.no_grad():
-                draft.embed_tokens.weight.copy_(weights.embedding())
+                # the rows the target's layers read (Gemma: x sqrt(hidden)), as dflash (docs/gemma3.md)
+                draft.embed_tokens.weight.copy_(weights.embedding() * input_embedding_scale(target.hf_config))
                 draft.lm_head.weight.copy_(weights.head_rows())
         return draft
 

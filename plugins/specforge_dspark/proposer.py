@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from specforge_dflash.proposer import DFlashProposer
 
+from specforge_core.plugin_api import input_embedding_scale
 from specforge_dspark.export import load_export
 from specforge_dspark.model import DSparkDraft
 
@@ -49,7 +50,8 @@ class DSparkProposer(DFlashProposer):
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> DSparkProposer:
-    draft, d2t = load_export(export_dir, embed_weight=target.embedding().detach().float().cpu(), dtype=target.dtype)
+    embed = target.embedding().detach().float().cpu() * input_embedding_scale(target.hf_config)  # as training
+    draft, d2t = load_export(export_dir, embed_weight=embed, dtype=target.dtype)
     width = draft.fc.weight.shape[1]
     want = len(draft.aux_layer_ids) * int(target.hf_config["hidden_size"])
     if width != want:
