@@ -120,8 +120,8 @@ class TrainingSection:
     log_every: int = option(1, "Log metrics every N optimizer steps", validator=positive)
     eval_every: int = option(
         0, "Held-out acceptance estimate every N optimizer steps (and at the last): the algorithm's teacher-forced "
-        "per-depth accuracies and simulated tau on training.eval_samples samples held out of training (local "
-        "pipeline; 0 = off)", validator=non_negative,
+        "per-depth accuracies and simulated tau on training.eval_samples samples held out of training (both "
+        "pipelines; 0 = off)", validator=non_negative,
     )
     eval_samples: int = option(
         32, "Samples held out of training for training.eval_every (a fixed, seeded slice of the dataset)",
@@ -130,7 +130,7 @@ class TrainingSection:
     eval_chain_prompts: int = option(
         0, "Also a real greedy chain at each training.eval_every estimate: the exported draft's proposer on this "
         "many held-out prompts (their turns before the first reply), eval.steps drafts per cycle, "
-        "eval.max_new_tokens tokens, in process (slower: the target generates; 0 = off)", validator=non_negative,
+        "eval.max_new_tokens tokens, in the trainer's process (rank 0 on Ray; slower: the target generates; 0 = off)", validator=non_negative,
     )
 
 
