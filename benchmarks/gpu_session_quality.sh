@@ -14,7 +14,7 @@ set -u
 STAGE=${1:-/tmp/stage}
 RESULTS=${2:-/tmp/results}
 CURVE_STEPS=${CURVE_STEPS:-2400}
-GEMMA_STEPS=${GEMMA_STEPS:-600}
+GEMMA_STEPS=${GEMMA_STEPS:-500}
 F=$STAGE/files
 Q=/tmp/q/quality
 mkdir -p "$RESULTS" /tmp/q
