@@ -234,9 +234,10 @@ def test_capture_equals_transformers_forward_on_sliding_and_global_layers():
 def test_the_draft_reads_the_raw_embedding_table_as_every_engine_hands_it():
     """Gemma's layers see ``embed_tokens(ids) * sqrt(640)`` (the scale lives in the target's forward:
     HF ``Gemma3TextScaledWordEmbedding``, vLLM ``Gemma3Model.embed_input_ids``). The engines give an
-    EAGLE-3/DFlash draft the *module's table* (vLLM ``_maybe_share_embeddings`` shares
+    EAGLE-3 draft the *module's table* (vLLM ``_maybe_share_embeddings`` shares
     ``model.embed_tokens``; SGLang ``get_embed_and_head`` returns its weight), unscaled: training and
-    ``specforge eval`` must read the same unscaled table, and do."""
+    ``specforge eval`` must read the same unscaled table, and do. (DFlash ships the scaled rows as
+    its own table instead: tests/test_gemma3_dflash_vllm.py.)"""
     from specforge_core.target import load_target_head_and_embedding
 
     model = reference_model()
