@@ -96,6 +96,7 @@ def run_vllm_eval(request: Any):
         "prompts": [{"sample_id": p.sample_id, "input_ids": p.input_ids.tolist()} for p in request.prompts],
         "temperature": float(getattr(request, "temperature", 0.0)), "seed": int(getattr(request, "seed", 0)),
         "speedup": bool(getattr(request, "speedup", False)),
+        "concurrency": [c for c in (getattr(request, "concurrency", None) or []) if c >= 1],
     }
     with tempfile.TemporaryDirectory(prefix="specforge-vllm-eval-") as tmp:
         req_path, res_path = Path(tmp, "request.json"), Path(tmp, "result.json")
@@ -173,8 +174,35 @@ def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
     if "greedy_generate_s" in t and "spec_generate_s" in t:
         extra["wall_speedup"] = t["greedy_generate_s"] / t["spec_generate_s"]
         summary["vLLM measured speed-up (plain generate / speculative generate, wall clock)"] = f"{extra['wall_speedup']:.2f}x"
+    levels = engine_levels(result)
+    if levels:
+        extra["engine_speedup"] = levels
+        for r in levels:
+            summary[f"vLLM measured at concurrency {r['concurrency']}"] = (
+                f"{r['speedup']:.2f}x ({r['plain_tok_s']:.0f} -> {r['spec_tok_s']:.0f} tok/s; step "
+                f"{r['plain_step_ms']:.1f} ms plain, {r['spec_step_ms']:.1f} ms speculative; "
+                f"{r['tokens_per_spec_step']:.2f} tokens per speculative step)")
     return EvalReport(request.draft, request.target, K, request.max_new_tokens, "exact", overall, categories,
                       reports, wall_s, engine="vllm", raw=raw_all, extra=extra)
+
+
+def engine_levels(result: dict) -> list[dict]:
+    """Per concurrency level, from the runner's timed runs of both engines (same prompts, c at a
+    time): tokens/s, time per engine step, and the measured speed-up (speculative / plain tok/s)."""
+    levels = result.get("levels") or {}
+    plain = {r["concurrency"]: r for r in levels.get("plain", [])}
+    rows = []
+    for s in levels.get("speculative", []):
+        p = plain.get(s["concurrency"])
+        if p is None or not (s["seconds"] > 0 and p["seconds"] > 0 and s["steps"] and p["steps"]):
+            continue
+        spec_tok_s, plain_tok_s = s["tokens"] / s["seconds"], p["tokens"] / p["seconds"]
+        rows.append({"concurrency": s["concurrency"], "plain_tok_s": plain_tok_s, "spec_tok_s": spec_tok_s,
+                     "speedup": spec_tok_s / plain_tok_s, "plain_step_ms": 1e3 * p["seconds"] / p["steps"],
+                     "spec_step_ms": 1e3 * s["seconds"] / s["steps"], "plain_steps": p["steps"],
+                     "spec_steps": s["steps"], "tokens_per_spec_step": s["tokens"] / s["steps"],
+                     "tokens_per_plain_step": p["tokens"] / p["steps"]})
+    return rows
 
 
 def _model_path(target: str) -> str:

@@ -7,7 +7,8 @@ as its draft (``speculative_config = {"method": "eagle3" | "dflash" | "dspark", 
 config, per-request
 ``detailed`` spec-decode metrics), once plainly (the greedy reference). It writes what vLLM
 itself reports: output token ids of both runs, each request's per-step accepted/drafted counts,
-the engine-wide ``vllm:spec_decode_*`` counters, the draft-load log lines, and timings.
+the engine-wide ``vllm:spec_decode_*`` counters, the draft-load log lines, and timings (with
+``speedup``: both engines' wall clock and step counts at each ``concurrency`` level).
 The caller (``eval_engine.py``) does the accounting.
 """
 
@@ -69,21 +70,52 @@ def _engine(req: dict, speculative: bool):
     return LLM(**kw)
 
 
-def _generate(llm, req: dict):
+def _generate(llm, req: dict, rows: range | None = None):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     # ignore_eos + explicit stop ids: vLLM stops exactly at the project's stop tokens (kept);
     # temperature > 0: vLLM's speculative sampling, one seed per request (reproducible runs)
     T = float(req.get("temperature", 0.0))
+    rows = range(len(req["prompts"])) if rows is None else rows
     params = [SamplingParams(temperature=T, max_tokens=req["max_new_tokens"], ignore_eos=True,
                              stop_token_ids=req["eos_ids"] or None, detokenize=False,
                              seed=(req.get("seed", 0) * 100003 + i) if T > 0 else None)
-              for i in range(len(req["prompts"]))]
-    prompts = [TokensPrompt(prompt_token_ids=p["input_ids"]) for p in req["prompts"]]
+              for i in rows]
+    prompts = [TokensPrompt(prompt_token_ids=req["prompts"][i]["input_ids"]) for i in rows]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     return outs, time.perf_counter() - t0
+
+
+def _step_counter(llm) -> list[int]:
+    """Counts engine steps (one scheduler iteration: a batch forward, plus the drafter's when
+    speculating) by wrapping this engine object's ``step``; ``[n]``, updated in place."""
+    engine, n = llm.llm_engine, [0]
+    step = engine.step
+
+    def counted(*args, **kwargs):
+        n[0] += 1
+        return step(*args, **kwargs)
+
+    engine.step = counted
+    return n
+
+
+def _timed_levels(llm, req: dict, steps: list[int]) -> list[dict]:
+    """Wall clock at each concurrency level c: all prompts, c at a time (one ``generate`` per wave
+    of c, so at most c requests are in flight), warm engine. Per level: seconds, engine steps and
+    output tokens."""
+    n = len(req["prompts"])
+    out = []
+    for c in req.get("concurrency") or [n]:
+        seconds, tokens, before = 0.0, 0, steps[0]
+        for start in range(0, n, c):
+            outs, dt = _generate(llm, req, range(start, min(n, start + c)))
+            seconds += dt
+            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+        out.append({"concurrency": c, "seconds": seconds, "steps": steps[0] - before, "tokens": tokens})
+    return out
 
 
 def _counters(llm) -> dict:
@@ -152,8 +184,11 @@ def main(request_path: str, result_path: str) -> int:
     result["workarounds"] = cpu_workarounds.apply()
     result["load_log"] = [line for line in collect.lines if "weight" in line.lower() or "ERROR" in line]
     result["draft_weights"] = _draft_weight_check(llm, req["draft"])
+    steps = _step_counter(llm)
     outs, result["timings"]["spec_generate_s"] = _generate(llm, req)
-    result["counters"] = _counters(llm)
+    result["counters"] = _counters(llm)  # before the timed runs add to them
+    if req.get("speedup", False):
+        result["levels"] = {"speculative": _timed_levels(llm, req, steps)}
     for p, o in zip(req["prompts"], outs, strict=True):
         c = o.outputs[0]
         m = getattr(c, "spec_decode_metrics", None) or getattr(o, "spec_decode_metrics", None)
@@ -171,9 +206,12 @@ def main(request_path: str, result_path: str) -> int:
         t0 = time.perf_counter()
         ref = _engine(req, speculative=False)
         result["timings"]["greedy_start_s"] = time.perf_counter() - t0
+        steps = _step_counter(ref)
         outs, result["timings"]["greedy_generate_s"] = _generate(ref, req)
         for entry, o in zip(result["prompts"], outs, strict=True):
             entry["reference"] = list(o.outputs[0].token_ids)
+        if req.get("speedup", False):
+            result["levels"]["plain"] = _timed_levels(ref, req, steps)
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0

@@ -34,6 +34,7 @@ class EvalRequest:
     seed: int = 0
     tree: Optional[Any] = None  # a tree.TreeSpec, for engines that verify trees
     speedup: bool = False  # also report the engine's wall-clock with and without speculation
+    concurrency: Optional[list[int]] = None  # speedup: requests in flight at a time, per level (None: all)
 
 
 EngineRun = Callable[[EvalRequest], Any]

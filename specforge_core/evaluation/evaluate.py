@@ -84,7 +84,8 @@ def run_eval(s: EvalSettings, *, tokenizer=None, proposer: Any = None, registry:
         run = get_engine(s.engine, registry)
         return run(EvalRequest(s.draft, s.target, items, s.steps, s.max_new_tokens, eos_ids, check, s.dtype,
                                list(s.aux_layers) if s.aux_layers else None, s.engine_python, s.trust_remote_code,
-                               s.progress, temperature=s.temperature, seed=s.seed, tree=s.tree, speedup=s.speedup))
+                               s.progress, temperature=s.temperature, seed=s.seed, tree=s.tree, speedup=s.speedup,
+                               concurrency=list(s.concurrency)))
 
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tm = TargetModel(s.target, [], device, s.dtype, s.trust_remote_code)

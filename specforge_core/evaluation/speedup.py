@@ -90,6 +90,23 @@ def attach_speedup(report: Any, settings: Any, proposer, target, items: Sequence
                                "context_tokens": len(context), "rows": rows}
 
 
+def with_engine_overhead(row: dict, tau: float, plain_step_s: float) -> float:
+    """The estimate with an engine's measured per-step overhead added to both sides.
+
+    ``plain_step_s`` is the engine's own time per plain decoding step at this concurrency (e.g.
+    from ``--engine vllm --speedup``). Whatever it spends beyond the HF forward ``target_1`` --
+    scheduling, input preparation, sampling, output processing, or a faster or slower kernel --
+    is taken as a fixed cost O paid once per step by both modes:
+
+        speed-up = tau (t_1 + O) / (t_draft + t_verify + O),   O = plain_step_s - t_1
+
+    What it still leaves out (measured in docs/evaluation.md): the drafter's own per-step engine
+    costs (K draft forwards each with their metadata) and rejection sampling, which only the
+    speculative step pays."""
+    overhead = plain_step_s - row["target_1"]
+    return tau * plain_step_s / (row["draft"] + row["target_verify"] + overhead)
+
+
 def speedup_table(data: dict):
     from rich.table import Table
 
