@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from specforge_core.components import ObjectiveContext, capability
+from specforge_core.export import export_draft
 from specforge_core.run.observers import MetricDisplay, Observer, StepRecord
 from specforge_core.types import Sample, TargetFeatures
 
@@ -101,22 +102,21 @@ def prompt_ids(sample: Sample) -> list[int]:
 
 
 class Chain:
-    """The real greedy chain: the draft exported to ``export_dir`` (the trainer's current weights;
-    several ranks gather them, a collective), then on rank 0 ``evaluate`` (the hf engine, the
-    algorithm's proposer) on ``prompts``; returns the chain's acceptance length (tokens per target
-    forward), None on the other ranks."""
+    """The real greedy chain: the draft exported to ``export_dir`` by ``export(export_dir)`` (the
+    trainer's current weights; on several ranks a gather, every rank calls it, rank 0 writes), then
+    where it wrote ``evaluate`` (the hf engine, the algorithm's proposer) on ``prompts``; returns the
+    chain's acceptance length (tokens per target forward), None where ``export`` wrote nothing."""
 
-    def __init__(self, trainer: Any, info: Any, vocab: Any, export_dir: Path, target: str,
-                 prompts: list[list[int]], steps: int, max_new_tokens: int, rank: int = 0):
-        self.trainer, self.info, self.vocab, self.export_dir, self.target = trainer, info, vocab, export_dir, target
-        self.prompts, self.steps, self.max_new_tokens, self.rank = prompts, steps, max_new_tokens, rank
+    def __init__(self, trainer: Any, export: Callable[[Path], Optional[Path]], export_dir: Path, target: str,
+                 prompts: list[list[int]], steps: int, max_new_tokens: int):
+        self.trainer, self.export, self.export_dir, self.target = trainer, export, export_dir, target
+        self.prompts, self.steps, self.max_new_tokens = prompts, steps, max_new_tokens
 
     def __call__(self) -> Optional[float]:
         from specforge_core.evaluation.evaluate import evaluate
-        from specforge_core.run.recipe import export_trained  # lazy: recipe imports this module
 
-        if export_trained(self.trainer, self.info, self.vocab, self.export_dir, self.rank) is None:
-            return None  # not rank 0
+        if self.export(self.export_dir) is None:
+            return None  # another rank writes and evaluates
         # the target in the training dtype (fp32 on CPU, bf16 on GPU by default), loaded for each estimate
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.trainer.dtype, "fp32")
         report = evaluate(self.export_dir, self.target, self.prompts, steps=self.steps,
@@ -214,6 +214,9 @@ def observers_for(run: Any, trainer: Any, backend: Any) -> list[Observer]:
 
     chain = None
     if c.training.eval_chain_prompts:
-        chain = Chain(trainer, backend.info, run.vocab, run.out_dir / "held_out_export", str(c.model.target),
-                      chain_prompts(run), c.eval.steps, c.eval.max_new_tokens)
+        def export(out: Path) -> Path:
+            return export_draft(trainer.draft, run.vocab, out, trainer.algorithm)
+
+        chain = Chain(trainer, export, run.out_dir / "held_out_export", str(c.model.target), chain_prompts(run),
+                      c.eval.steps, c.eval.max_new_tokens)
     return [HeldOut(trainer, features, c.training.eval_every, c.training.micro_batch_size, chain), *line]

@@ -90,6 +90,11 @@ def trainer_observer(share: RankHeldOut, trainer: Any, store: Any, info: Any, vo
     if c.training.eval_chain_prompts:
         from pathlib import Path
 
-        chain = Chain(trainer, info, vocab, Path(c.output_dir) / "held_out_export", str(c.model.target),
-                      share.chain_prompts, c.eval.steps, c.eval.max_new_tokens, rank)
+        from specforge_core.run.recipe import export_trained
+
+        def export(out: Path) -> Optional[Path]:  # a gather on every rank; rank 0 writes
+            return export_trained(trainer, info, vocab, out, rank)
+
+        chain = Chain(trainer, export, Path(c.output_dir) / "held_out_export", str(c.model.target),
+                      share.chain_prompts, c.eval.steps, c.eval.max_new_tokens)
     return HeldOut(trainer, features, c.training.eval_every, c.training.micro_batch_size, chain, share.counted)
