@@ -273,6 +273,8 @@ class RayRun:
         if self.manager is not None:
             stats = ray.get(self.manager.stats.remote())
             ray.get(self.manager.close.remote())
+        if held_ref is not None:  # held-out features no trainer read (the run ended before an estimate)
+            self.store.delete(held.keys(self.run_id))
         ray.get([t.close.remote() for t in trainers])
         return result, summary, stats, trained, skipped_idx
 

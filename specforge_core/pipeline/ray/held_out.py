@@ -22,6 +22,7 @@ import numpy as np
 
 from specforge_core.pipeline.ray.controller import PromptBatch
 from specforge_core.pipeline.ray.dispatch import ResultBatch
+from specforge_core.pipeline.ray.inference import feature_key
 
 
 @attrs.frozen
@@ -58,6 +59,10 @@ class HeldOutPlan:
         tokens = [self.samples[i].num_tokens for i in index]
         return PromptBatch(*(np.asarray(c, np.int64) for c in (seq, index, tokens)))
 
+    def keys(self, run_id: str) -> list[str]:
+        """The store keys the engines write the held-out features under."""
+        return [feature_key(run_id, s) for _, seqs, _ in self.shares for s in seqs]
+
     def rank(self, r: int, results: Any = None) -> RankHeldOut:
         """Rank ``r``'s part; ``results``: the ref of ``InferenceManager.held_out`` (None: cache)."""
         indices, seqs, counted = self.shares[r]
@@ -69,11 +74,16 @@ def trainer_observer(share: RankHeldOut, trainer: Any, store: Any, info: Any, vo
     """The ``HeldOut`` observer of one trainer rank: its share's features read from the store
     (and deleted there) at the first estimate; rank 0 also runs the greedy chain if configured."""
     import ray
+    import torch
 
     from specforge_core.run.held_out import Chain, HeldOut
+    from specforge_core.training.staging import read_into
     from specforge_core.types import TargetFeatures
 
     c = trainer.config
+
+    def fresh(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def features() -> list[TargetFeatures]:
         if share.results is None:  # the cache reader's keys are the sample indices
@@ -82,8 +92,10 @@ def trainer_observer(share: RankHeldOut, trainer: Any, store: Any, info: Any, vo
             made = ResultBatch.from_wire(ray.get(share.results[0]))
             key_of = dict(zip(made.seq.tolist(), made.keys, strict=True))
             keys = [key_of[s] for s in share.seqs]
-        feats = [TargetFeatures.from_tensors(f"held-out/{i}", store.get(k)) for i, k in zip(share.indices, keys, strict=True)]
-        store.delete(keys)  # read once, kept here for every estimate (the cache keeps its files)
+        # copied into this process (not views of the store's shared memory), kept for every estimate
+        feats = [TargetFeatures.from_tensors(f"held-out/{i}", read_into(store, k, fresh))
+                 for i, k in zip(share.indices, keys, strict=True)]
+        store.delete(keys)  # (the cache keeps its files)
         return feats
 
     chain = None
