@@ -11,10 +11,12 @@ Runs the same prompts (greedy, chain K = --steps) twice:
 * ``vllm`` with ``speedup``: per c, both engines (with the export as EAGLE-3 draft, and plain)
   generate all prompts c at a time; tokens/s, engine steps, time per step, measured speed-up.
 
-The table puts them next to each other and splits the gap: the estimate's cost ratio (a
-speculative cycle / a plain step, from HF forwards) against the engine's (its speculative step /
-its plain step), and tokens per step (tau against vLLM's tokens per speculative step). The last
-column adds vLLM's measured per-step overhead to the estimate (``with_engine_overhead``).
+The table puts them next to each other, each speed-up split into the same two factors, so the gap
+shows where it comes from: tokens per step (the estimate: tau; vLLM: tokens per speculative step /
+tokens per plain step, which also counts prefill steps and requests of a wave that finished
+early) and cost ratio (a speculative cycle / a plain step: HF forwards, or vLLM's measured step
+times). speed-up = tokens ratio / cost ratio. The last column adds vLLM's measured per-step
+overhead to the estimate (``with_engine_overhead``). ``--show out.json`` reprints a saved table.
 Needs a vLLM environment (``SPECFORGE_VLLM_PYTHON`` or ``nox -s vllm``).
 """
 
@@ -26,11 +28,33 @@ import os
 import time
 
 
+def print_table(rows: list[dict], tau: float) -> None:
+    """Markdown: the estimate's factors (tau, cost ratio) next to vLLM's (tokens per step ratio,
+    cost ratio); speed-up = tokens-per-step ratio / cost ratio on both sides."""
+    head = ("| c | HF t_1 / draft / verify (ms) | estimate: tau / cost ratio / speed-up "
+            "| vLLM step plain / spec (ms) | vLLM: tokens per step ratio / cost ratio / speed-up "
+            "| estimate + engine overhead |")
+    print(head)
+    print("|" + "---|" * (head.count(" | ") + 1))
+    for r in rows:
+        line = (f"| {r['concurrency']} | {r['t_1_ms']:.1f} / {r['t_draft_ms']:.1f} / {r['t_verify_ms']:.1f} "
+                f"| {tau:.2f} / {r['est_cost_ratio']:.2f} / **{r['estimate']:.2f}x** ")
+        if "measured" in r:
+            ratio = r["vllm_tokens_per_spec_step"] / r["vllm_tokens_per_plain_step"]
+            drafter = f" (drafter {r['vllm_spec_draft_ms']:.1f})" if "vllm_spec_draft_ms" in r else ""
+            line += (f"| {r['vllm_plain_step_ms']:.1f} / {r['vllm_spec_step_ms']:.1f}{drafter} "
+                     f"| {ratio:.2f} / {r['vllm_cost_ratio']:.2f} / **{r['measured']:.2f}x** "
+                     f"| {r['estimate_with_overhead']:.2f}x |")
+        else:
+            line += "| - | - | - |"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", required=True)
-    ap.add_argument("--target", required=True)
-    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--draft")
+    ap.add_argument("--target")
+    ap.add_argument("--data", nargs="+")
     ap.add_argument("--max-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
@@ -38,7 +62,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="hf engine: prompts per forward (tau only)")
     ap.add_argument("--engine-python", default=os.environ.get("SPECFORGE_VLLM_PYTHON"))
     ap.add_argument("--json", help="write both reports' numbers here")
+    ap.add_argument("--show", metavar="JSON", help="only print the table of an earlier --json")
     args = ap.parse_args()
+    if args.show:
+        with open(args.show) as f:
+            saved = json.load(f)
+        return print_table(saved["rows"], saved["tau_hf"])
+    if not (args.draft and args.target and args.data):
+        ap.error("--draft, --target and --data are required (or --show)")
 
     from specforge_core.evaluation import evaluate
     from specforge_core.evaluation.speedup import with_engine_overhead
@@ -69,23 +100,13 @@ def main() -> None:
                         "vllm_tokens_per_spec_step": m["tokens_per_spec_step"],
                         "vllm_tokens_per_plain_step": m["tokens_per_plain_step"], "measured": m["speedup"],
                         "estimate_with_overhead": with_engine_overhead(e, hf.tau, m["plain_step_ms"] / 1e3)})
+            if "spec_draft_ms" in m:
+                row["vllm_spec_draft_ms"] = m["spec_draft_ms"]
         rows.append(row)
 
     print(f"\ntau: hf {hf.tau:.3f} (vLLM same prompts: {vl.tau:.3f}); K = {args.steps}; "
           f"{len(hf.prompts)} prompts x {args.max_new_tokens} new tokens; hf {t_hf:.0f} s, vllm {t_vl:.0f} s")
-    head = ("| c | HF t_1 / draft / verify (ms) | est. cost ratio | estimate | vLLM step plain / spec (ms) "
-            "| vLLM cost ratio | vLLM tokens/spec step | measured | estimate + engine overhead |")
-    print(head)
-    print("|" + "---|" * head.count(" | "))
-    for r in rows:
-        line = (f"| {r['concurrency']} | {r['t_1_ms']:.1f} / {r['t_draft_ms']:.1f} / {r['t_verify_ms']:.1f} "
-                f"| {r['est_cost_ratio']:.2f} | {r['estimate']:.2f}x ")
-        if "measured" in r:
-            line += (f"| {r['vllm_plain_step_ms']:.1f} / {r['vllm_spec_step_ms']:.1f} | {r['vllm_cost_ratio']:.2f} "
-                     f"| {r['vllm_tokens_per_spec_step']:.2f} | {r['measured']:.2f}x | {r['estimate_with_overhead']:.2f}x |")
-        else:
-            line += "| - | - | - | - | - |"
-        print(line)
+    print_table(rows, hf.tau)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "tau_hf": hf.tau, "tau_vllm": vl.tau, "rows": rows,

@@ -180,7 +180,8 @@ def build_report(request: Any, result: dict, wall_s: float, python: str = ""):
         for r in levels:
             summary[f"vLLM measured at concurrency {r['concurrency']}"] = (
                 f"{r['speedup']:.2f}x ({r['plain_tok_s']:.0f} -> {r['spec_tok_s']:.0f} tok/s; step "
-                f"{r['plain_step_ms']:.1f} ms plain, {r['spec_step_ms']:.1f} ms speculative; "
+                f"{r['plain_step_ms']:.1f} ms plain, {r['spec_step_ms']:.1f} ms speculative"
+                + (f" of which drafter {r['spec_draft_ms']:.1f} ms" if "spec_draft_ms" in r else "") + "; "
                 f"{r['tokens_per_spec_step']:.2f} tokens per speculative step)")
     return EvalReport(request.draft, request.target, K, request.max_new_tokens, "exact", overall, categories,
                       reports, wall_s, engine="vllm", raw=raw_all, extra=extra)
@@ -202,6 +203,8 @@ def engine_levels(result: dict) -> list[dict]:
                      "spec_step_ms": 1e3 * s["seconds"] / s["steps"], "plain_steps": p["steps"],
                      "spec_steps": s["steps"], "tokens_per_spec_step": s["tokens"] / s["steps"],
                      "tokens_per_plain_step": p["tokens"] / p["steps"]})
+        if "drafter_seconds" in s:  # the drafter's share of a speculative step
+            rows[-1]["spec_draft_ms"] = 1e3 * s["drafter_seconds"] / s["steps"]
     return rows
 
 

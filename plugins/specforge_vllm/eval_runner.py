@@ -102,19 +102,43 @@ def _step_counter(llm) -> list[int]:
     return n
 
 
-def _timed_levels(llm, req: dict, steps: list[int]) -> list[dict]:
+def _drafter_clock(llm) -> list[float]:
+    """Seconds spent in the model runner's ``propose_draft_token_ids`` (the drafter's whole step:
+    input preparation, its K forwards, sampling), ``[s]`` updated in place; ``[]`` where the runner
+    is not reachable in this process (vLLM internals, best effort)."""
+    try:
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        propose = runner.propose_draft_token_ids
+    except AttributeError:
+        return []
+    spent = [0.0]
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return propose(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    runner.propose_draft_token_ids = timed
+    return spent
+
+
+def _timed_levels(llm, req: dict, steps: list[int], drafter: list[float] | None = None) -> list[dict]:
     """Wall clock at each concurrency level c: all prompts, c at a time (one ``generate`` per wave
     of c, so at most c requests are in flight), warm engine. Per level: seconds, engine steps and
     output tokens."""
     n = len(req["prompts"])
     out = []
     for c in req.get("concurrency") or [n]:
-        seconds, tokens, before = 0.0, 0, steps[0]
+        seconds, tokens, before, draft_before = 0.0, 0, steps[0], drafter[0] if drafter else 0.0
         for start in range(0, n, c):
             outs, dt = _generate(llm, req, range(start, min(n, start + c)))
             seconds += dt
             tokens += sum(len(o.outputs[0].token_ids) for o in outs)
         out.append({"concurrency": c, "seconds": seconds, "steps": steps[0] - before, "tokens": tokens})
+        if drafter:
+            out[-1]["drafter_seconds"] = drafter[0] - draft_before
     return out
 
 
@@ -184,11 +208,11 @@ def main(request_path: str, result_path: str) -> int:
     result["workarounds"] = cpu_workarounds.apply()
     result["load_log"] = [line for line in collect.lines if "weight" in line.lower() or "ERROR" in line]
     result["draft_weights"] = _draft_weight_check(llm, req["draft"])
-    steps = _step_counter(llm)
+    steps, drafter = _step_counter(llm), _drafter_clock(llm)
     outs, result["timings"]["spec_generate_s"] = _generate(llm, req)
     result["counters"] = _counters(llm)  # before the timed runs add to them
     if req.get("speedup", False):
-        result["levels"] = {"speculative": _timed_levels(llm, req, steps)}
+        result["levels"] = {"speculative": _timed_levels(llm, req, steps, drafter)}
     for p, o in zip(req["prompts"], outs, strict=True):
         c = o.outputs[0]
         m = getattr(c, "spec_decode_metrics", None) or getattr(o, "spec_decode_metrics", None)
