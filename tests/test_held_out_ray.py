@@ -167,3 +167,27 @@ def test_one_held_out_sample_from_the_feature_cache_with_the_greedy_chain(tmp_pa
     assert sorted(r["counted"] for r in held) == sorted([False, True] * len(want))  # a real share, a stand-in
     assert ray_res.accounting == local.accounting
     assert ray_res.accounting["skipped: held out for evaluation (training.eval_every)"] == 1
+
+
+def test_ray_run_stopped_before_its_first_estimate_resumes_to_the_same_estimates(tmp_path, ray_spy):
+    """A Ray run stopped after step 1 (its held-out features made, never read: the driver deletes
+    them) and resumed from its checkpoint logs the uninterrupted local run's estimates."""
+    import io
+
+    from rich.console import Console
+
+    from specforge_core.pipeline import run_pipeline
+
+    extra = ("dataset.max_samples=13", "training.eval_every=2", "training.eval_samples=5", "training.save_every=1")
+    local, _ = run(config(tmp_path / "local", "local", *extra))
+    quiet = Console(file=io.StringIO(), width=200)
+    first = run_pipeline(config(tmp_path / "ray", "ray", *extra), console=quiet, stop_after_steps=1)
+    assert first.steps == 1 and not held_out_metrics(first.history) and first.export_dir is None
+    resumed, text = run(config(tmp_path / "ray", "ray", *extra, "training.resume=true"))
+    assert [int(m["step"]) for m in resumed.history] == [2, 3, 4]
+    want, got = held_out_metrics(local.history), held_out_metrics(resumed.history)
+    assert sorted(got) == sorted(want) == [2, 4]
+    for step in want:
+        for k, v in want[step].items():
+            assert got[step][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (step, k)
+    assert resumed.accounting == local.accounting
