@@ -176,3 +176,29 @@ def test_greedy_chain_estimate_equals_specforge_eval_of_the_final_export(tmp_pat
     assert all(r.mismatch is None for r in report.prompts)
     assert logged == pytest.approx(report.overall.tau, abs=1e-12)
     assert logged > 1.0, logged  # some drafts accepted: the comparison is not 1.0 == 1.0
+
+
+def test_ray_plan_shares_every_held_out_sample_once_over_the_ranks():
+    """``pipeline.ray.held_out.HeldOutPlan``: round robin over the ranks, each held-out sample in
+    exactly one counted share; a rank left without one takes part with an uncounted copy; the
+    engines' prompts point past the usable samples, with seqs apart from the training stream's."""
+    from specforge_core.pipeline.ray.held_out import HeldOutPlan
+
+    def s(i, n):
+        return Sample(f"s{i}", torch.arange(n), torch.ones(n, dtype=torch.uint8))
+
+    usable, held = [s(i, 5 + i) for i in range(7)], [s(100 + j, 3 + j) for j in range(3)]
+    for world in (1, 2, 3, 5):
+        plan = HeldOutPlan(usable, held, world, [[1, 2]])
+        assert plan.samples == usable + held
+        counted = [i for idx, _, c in plan.shares if c for i in idx]
+        assert sorted(counted) == [7, 8, 9]  # each held-out sample once, after the usable ones
+        assert [len(idx) for idx, _, _ in plan.shares] == [max(1, len(range(r, 3, world))) for r in range(world)]
+        assert [c for _, _, c in plan.shares] == [r < 3 for r in range(world)]
+        p = plan.prompts()
+        assert sorted(p.seq.tolist()) == list(range(-p.n, 0))  # unique, negative
+        assert [plan.samples[i].num_tokens for i in p.index.tolist()] == p.num_tokens.tolist()
+        assert len(plan.keys("run")) == p.n and len(set(plan.keys("run"))) == p.n
+        share = plan.rank(world - 1, "ref")
+        assert share.results == ["ref"] and share.chain_prompts == [[1, 2]]
+        assert plan.rank(0).results is None  # the feature cache: no engine results
