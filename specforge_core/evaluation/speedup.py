@@ -12,8 +12,11 @@ after a warm-up. tau is the evaluation's own (truncated) acceptance length.
 
 Where the estimate is not valid: it ignores the engine's scheduling, sampling and rollback
 overheads, CUDA graphs and kernels an engine has that transformers has not (it times the HF
-target), prefill interleaved with decode, and acceptance changing with batch composition. It is a
-ranking of settings on this device, not a promise of an engine's number (docs/evaluation.md).
+target), prefill interleaved with decode, and acceptance changing with batch composition. Against
+vLLM on CPU (docs/evaluation.md) the largest miss is the engine's drafter step, about 2x the HF
+draft forwards (K forwards, each with the engine's input preparation): within ~20-25% of vLLM's
+measured speed-up on SmolLM2-135M, 40-70% too high on a toy target. It is a ranking of settings
+on this device, not a promise of an engine's number.
 """
 
 from __future__ import annotations
