@@ -4,7 +4,7 @@
 # hold the SmolLM2 GGUF (tools/carry.py), it waits for each input as later calls bring it.
 #
 #   1. regeneration speed, HF generate dynamic vs static cache (same prompts, one process)
-#   2. the target's answers regenerated for 60 s with the faster path
+#   2. the target's answers regenerated for 45 s with the faster path
 #   3. the SmolLM2 curve run: regenerated answers + all of ShareGPT, checkpoints timed
 #   4. Gemma 3 270M: EAGLE-3 and DFlash at the SmolLM2 reference budget (quality.py), while 5 runs
 #   5. exports of the curve checkpoints nearest 3, 6 and 10 GPU-minutes, MT-bench at K = 3, 7
@@ -14,7 +14,7 @@ set -u
 STAGE=${1:-/tmp/stage}
 RESULTS=${2:-/tmp/results}
 CURVE_STEPS=${CURVE_STEPS:-2400}
-GEMMA_STEPS=${GEMMA_STEPS:-400}
+GEMMA_STEPS=${GEMMA_STEPS:-300}
 F=$STAGE/files
 Q=/tmp/q/quality
 mkdir -p "$RESULTS" /tmp/q
@@ -29,9 +29,9 @@ ln -sf "$F/SmolLM2-135M-Instruct.Q4_1.gguf" "$Q/"
 curve() { python3 benchmarks/quality_curve.py "$@" --data "$Q" --model /tmp/smollm2 --work /tmp/curve \
   --sharegpt /tmp/curve/sharegpt-all.jsonl --runs best --steps "$CURVE_STEPS" --save-every 200; }
 
-stamp bench; curve bench --bench-prompts 512 --bench-batch 512
+stamp bench; curve bench --bench-prompts 256 --bench-batch 256
 cp /tmp/curve/bench.json "$RESULTS/regen_speed.json"
-stamp regen; curve regen --regen-seconds 60 --regen-batch 512
+stamp regen; curve regen --regen-seconds 45 --regen-batch 512
 wait_for "$F/sharegpt.jsonl.xz"
 python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$F/sharegpt.jsonl.xz'), open('/tmp/curve/sharegpt-all.jsonl', 'wb'))"
 # Gemma's target, converted on the CPU while the curve trains
