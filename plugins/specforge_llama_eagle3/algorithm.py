@@ -80,14 +80,15 @@ class LlamaEagle3Algorithm:
     def plan(self, config: Any, target: dict) -> DraftPlan:
         d, src = draft_shape(config, self.options, target)
         n_aux = len(config.model.aux_layers) or 3
-        trainable, frozen = draft_params(d, n_aux)
+        layers = int(getattr(self.options, "num_layers", 1))
+        trainable, frozen = draft_params(d, n_aux, layers)
         if self.options.fc_norm:  # EAGLE-3.1: one RMSNorm weight per aux layer
             trainable += n_aux * d["target_hidden_size"]
         c = dtype_bytes(config.training.dtype)
         K = self.ttt_length
         H, Vd, Ht = d["hidden_size"], d["draft_vocab_size"], d["target_hidden_size"]
         # per token: K steps of saved tensors + the batch's aux/final hidden states and the fc output
-        per_token = K * activation_bytes_per_token_step(d, c) + c * (n_aux * Ht + Ht + H)
+        per_token = K * activation_bytes_per_token_step(d, c, layers) + c * (n_aux * Ht + Ht + H)
         return DraftPlan(
             shape=d, source=src, trainable_params=trainable, frozen_params=frozen,
             activation_bytes_per_token=per_token,
@@ -105,12 +106,13 @@ def build_draft(options: Any, target: TargetInfo, draft_vocab_size: int) -> Llam
     n_aux = len(target.aux_layer_ids) or 3
     if options.config:
         cfg = DraftConfig.from_file(options.config, target.hidden_size, target.vocab_size,
-                                    draft_vocab_size, num_aux=n_aux)
+                                    draft_vocab_size, num_aux=n_aux, num_layers=options.num_layers)
     else:
         cfg = DraftConfig.from_target(target.hf_config, draft_vocab_size, num_aux=n_aux,
                                       source=f"{target.model_path}/config.json")
     cfg.fc_norm = bool(options.fc_norm)
     cfg.norm_output = bool(options.norm_output)
+    cfg.num_hidden_layers = int(options.num_layers)
     model = LlamaEagle3Draft(cfg, aux_layer_ids=target.aux_layer_ids,
                              target_num_layers=target.num_hidden_layers,
                              attention=options.attention, compile=options.compile,
@@ -149,10 +151,11 @@ def draft_shape(config: Any, options: Any, t: dict) -> tuple[dict, str]:
     }, src
 
 
-def draft_params(d: dict, n_aux: int = 3) -> tuple[int, int]:
+def draft_params(d: dict, n_aux: int = 3, num_layers: int = 1) -> tuple[int, int]:
     """(trainable, frozen) parameters of a llama-eagle3 draft.
 
     trainable = fc (n_aux*Ht*H) + q/k/v over 2H inputs + o_proj + SwiGLU MLP + 4 RMSNorms + lm_head
+                + per later layer: q/k/v over H + o_proj + SwiGLU MLP + 2 RMSNorms
     frozen    = the target's token embedding (V*H)
     """
     H, inter = d["hidden_size"], d["intermediate_size"]
@@ -162,10 +165,11 @@ def draft_params(d: dict, n_aux: int = 3) -> tuple[int, int]:
     mlp = 3 * H * inter
     norms = 4 * H  # hidden_norm, input_layernorm, post_attention_layernorm, final norm
     head = H * d["draft_vocab_size"]
-    return fc + attn + mlp + norms + head, d["vocab_size"] * H
+    later = (num_layers - 1) * (H * (nh + 2 * nkv) * hd + nh * hd * H + mlp + 2 * H)
+    return fc + attn + mlp + norms + head + later, d["vocab_size"] * H
 
 
-def activation_bytes_per_token_step(d: dict, compute_bytes: int) -> int:
+def activation_bytes_per_token_step(d: dict, compute_bytes: int, num_layers: int = 1) -> int:
     """Bytes one token keeps for backward in one TTT step (measured on an H100, docs/planning.md):
 
     c*(8H + 4*nh*hd + 4I) + 16H
@@ -174,10 +178,13 @@ def activation_bytes_per_token_step(d: dict, compute_bytes: int) -> int:
       4*nh*hd: q, k and v after repeat_kv to nh heads (SDPA's inputs) and the attention output
       4I: SwiGLU gate, up, silu(gate), product
       16H: the fp32 inputs the four RMSNorms keep (they compute in fp32)
+    Each later layer (estimated the same way, not measured): c*(5H + 4*nh*hd + 4I) + 8H (its normed
+    input, o_proj output, residual, post-norm, output; two fp32 norm inputs).
     """
     H, inter = d["hidden_size"], d["intermediate_size"]
     nh, hd = d["num_attention_heads"], d["head_dim"]
-    return compute_bytes * (8 * H + 4 * nh * hd + 4 * inter) + 16 * H
+    later = (num_layers - 1) * (compute_bytes * (5 * H + 4 * nh * hd + 4 * inter) + 8 * H)
+    return compute_bytes * (8 * H + 4 * nh * hd + 4 * inter) + 16 * H + later
 
 
 def draft_file_problems(config: Any, options: Any, t: dict) -> list[tuple[str, str, str]]:
@@ -194,7 +201,8 @@ def draft_file_problems(config: Any, options: Any, t: dict) -> list[tuple[str, s
         return [("error", key, f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})")]
     H, V = int(t["hidden_size"]), int(t["vocab_size"])
     out = []
-    expect = {"hidden_size": H, "vocab_size": V, "target_hidden_size": H, "num_hidden_layers": 1,
+    expect = {"hidden_size": H, "vocab_size": V, "target_hidden_size": H,
+              "num_hidden_layers": int(getattr(options, "num_layers", 1)),
               "draft_vocab_size": config.model.draft_vocab_size}
     for field, want in expect.items():
         if field in raw and raw[field] != want:

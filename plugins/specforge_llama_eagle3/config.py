@@ -40,6 +40,7 @@ class DraftConfig:
     num_aux: int = 3  # number of aux layers concatenated into fc
     fc_norm: bool = False  # EAGLE-3.1: one RMSNorm per aux hidden state before fc (vLLM/speculators "fc_norm")
     norm_output: bool = False  # EAGLE-3.1: the next step reads the normed output (vLLM/speculators "norm_output")
+    num_hidden_layers: int = 1  # draft decoder layers (vLLM: layer 0 reads [embedding; hidden], later ones hidden)
 
     # ---------------------------------------------------------------------------------- builders
     @classmethod
@@ -69,7 +70,7 @@ class DraftConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, target_info_hidden: int, target_vocab: int,
-                  draft_vocab_size: int, num_aux: int = 3) -> DraftConfig:
+                  draft_vocab_size: int, num_aux: int = 3, num_layers: int = 1) -> DraftConfig:
         """A user-written draft config.json (HF llama keys); checked against the target and vocab map."""
         path = Path(path)
         try:
@@ -78,9 +79,10 @@ class DraftConfig:
             raise DraftConfigError(f"{path}: draft config file not found (model.llama-eagle3.config)") from None
         except json.JSONDecodeError as e:
             raise DraftConfigError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from None
-        n_layers = raw.get("num_hidden_layers", 1)
-        if n_layers != 1:
-            raise DraftConfigError(f"{path}: num_hidden_layers = {n_layers}; llama-eagle3 supports exactly 1")
+        n_layers = raw.get("num_hidden_layers", num_layers)
+        if n_layers != num_layers:
+            raise DraftConfigError(f"{path}: num_hidden_layers = {n_layers} but model.llama-eagle3.num_layers is "
+                                   f"{num_layers} (set them equal, or drop the key)")
         if "vocab_size" in raw and int(raw["vocab_size"]) != target_vocab:
             raise DraftConfigError(
                 f"{path}: vocab_size = {raw['vocab_size']} but the target's vocabulary has {target_vocab} "
@@ -92,6 +94,7 @@ class DraftConfig:
         raw = {**raw, "vocab_size": target_vocab}
         cfg = cls.from_target(raw, draft_vocab_size, num_aux=num_aux, source=str(path))
         cfg.target_hidden_size = int(raw.get("target_hidden_size", target_info_hidden))
+        cfg.num_hidden_layers = int(num_layers)
         if cfg.hidden_size != target_info_hidden:
             raise DraftConfigError(
                 f"{path}: hidden_size = {cfg.hidden_size} but the target's is {target_info_hidden}; the "
@@ -106,6 +109,10 @@ class DraftConfig:
         cfg.target_hidden_size = int(exported.get("target_hidden_size", cfg.hidden_size))
         cfg.fc_norm = bool(exported.get("fc_norm", False))
         cfg.norm_output = bool(exported.get("norm_output", False))
+        n_layers = exported.get("num_hidden_layers", 1)
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+            raise DraftConfigError(f"{source}: num_hidden_layers = {n_layers!r}; allowed: an integer >= 1")
+        cfg.num_hidden_layers = n_layers
         return cfg
 
     # ---------------------------------------------------------------------------------- export
@@ -118,7 +125,7 @@ class DraftConfig:
         out = {
             "architectures": ["LlamaForCausalLMEagle3"],
             "model_type": "llama",
-            "num_hidden_layers": 1,
+            "num_hidden_layers": self.num_hidden_layers,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_attention_heads": self.num_attention_heads,

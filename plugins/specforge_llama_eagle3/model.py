@@ -1,5 +1,6 @@
-"""The EAGLE-3 draft model: fc over the target's aux features + one Llama decoder layer + norm +
-lm_head, its training-time-test (TTT) unroll, cached incremental inference and the engine export.
+"""The EAGLE-3 draft model: fc over the target's aux features + one Llama decoder layer (or N, as
+vLLM serves them) + norm + lm_head, its training-time-test (TTT) unroll, cached incremental
+inference and the engine export.
 
 Reading it against the paper (Li et al., EAGLE-3, 2025; docs/draft-model.md has the full map):
 
@@ -12,14 +13,23 @@ Reading it against the paper (Li et al., EAGLE-3, 2025; docs/draft-model.md has 
     p     = softmax(lm_head(RMSNorm(a_t)))      norm, logits()
     next step's g = a_t (EAGLE-3), or RMSNorm(a_t) (EAGLE-3.1 ``norm_output``)
 
+With ``num_hidden_layers`` = N > 1 (vLLM's ``llama_eagle3``), layers 1..N-1 are plain pre-norm
+Llama decoder layers on the hidden stream, between layer 0's a_t and the final norm:
+
+    a   = a + attention(RMSNorm(a)) W_o;  a = a + MLP(RMSNorm(a))      ``LlamaDecoderLayer``
+
+Their q/k/v read H (only layer 0 sees the embedding), each layer has its own KV cache and the same
+attention pattern, and a_t above is the last layer's output.
+
 ``Eagle3DecoderLayer.forward`` is that list in order. Its three dense blocks are the pure functions
 below (activations and weights in, no module state), so the same code runs eager (CPU, tests) or
 ``torch.compile``d (CUDA): ``fast(fn, compiled)`` is the only switch. Weights reach them through
 ``ComputeWeights``: each weight cast once per micro-step to the compute dtype (the bf16 copy of an
 fp32 master, shared by the K TTT steps) and q/k/v concatenated into one GEMM.
 
-Attribute names equal the export keys (``fc.weight``, ``midlayer.self_attn.q_proj.weight``...), so
-``state_dict()`` is the export plus ``embed_tokens.weight``.
+Attribute names equal the export keys (``fc.weight``, ``midlayer.self_attn.q_proj.weight``,
+``layers.1.mlp.up_proj.weight``...), so ``state_dict()`` is the export plus ``embed_tokens.weight``;
+an N > 1 export names layer 0 ``layers.0.`` (``export_name``).
 """
 
 from __future__ import annotations
@@ -52,6 +62,18 @@ EXPORT_KEYS = (
     "midlayer.mlp.down_proj.weight",
     "norm.weight",
     "lm_head.weight",
+)
+# one later layer's keys, under ``layers.{i}.`` (vLLM: no hidden_norm is read after layer 0)
+LATER_LAYER_KEYS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
 )
 
 
@@ -174,12 +196,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """The attention projections (q/k/v read the 2H input); the pattern is the caller's ``attend``."""
+    """The attention projections (layer 0's q/k/v read the 2H input, later layers' H); the pattern is
+    the caller's ``attend``."""
 
-    def __init__(self, cfg: DraftConfig):
+    def __init__(self, cfg: DraftConfig, in_dim: int):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        in_dim = 2 * cfg.hidden_size  # cat(normed embedding, normed hidden)
         self.q_proj = nn.Linear(in_dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(in_dim, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(in_dim, self.n_kv * self.head_dim, bias=False)
@@ -209,7 +231,7 @@ class Eagle3DecoderLayer(nn.Module):
         super().__init__()
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, 2 * cfg.hidden_size)  # cat(normed embedding, normed hidden)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.eps = cfg.rms_norm_eps
@@ -236,28 +258,57 @@ class Eagle3DecoderLayer(nn.Module):
         return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
 
 
-class DraftCache:
-    """Per-sequence K/V of the draft's one layer, in append order (rope already applied).
+class LlamaDecoderLayer(nn.Module):
+    """A draft layer after the first (vLLM's ``layer_idx > 0``): a standard pre-norm Llama layer on
+    the hidden stream alone, a -> a + attn(RMSNorm(a)) W_o -> + MLP(RMSNorm(.)), q/k/v over H."""
 
-    Every row of the batch holds the same number of entries; ``crop`` rolls back rejected drafts."""
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                w: Optional[ComputeWeights] = None, compiled: bool = False,
+                recompute: bool = False) -> torch.Tensor:
+        a, mlp, eps = self.self_attn, self.mlp, self.eps
+        w = w if w is not None else ComputeWeights(hidden.dtype)
+        x = fast(rms_norm, compiled)(hidden, w(self.input_layernorm.weight), eps)
+        q, k, v = fast(qkv, compiled)(x, w(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), cos, sin,
+                                      a.n_heads, a.n_kv, a.head_dim)
+        o = attend(q, k, v)
+        # residual from the un-normed input, as in every Llama layer (and as layer 0 does from g)
+        block = fast(residual_mlp, compiled)
+        args = (hidden, o, w(a.o_proj.weight), w(self.post_attention_layernorm.weight), eps,
+                w(mlp.gate_proj.weight), w(mlp.up_proj.weight), w(mlp.down_proj.weight))
+        return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+
+
+class DraftCache:
+    """Per-sequence K/V of each draft layer, in append order (rope already applied).
+
+    Every row of the batch holds the same number of entries in every layer; ``crop`` rolls back
+    rejected drafts."""
 
     def __init__(self):
-        self.k: Optional[torch.Tensor] = None  # [B, Hkv, L, D]
-        self.v: Optional[torch.Tensor] = None
+        self.k: dict[int, torch.Tensor] = {}  # layer -> [B, Hkv, L, D]
+        self.v: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if 0 not in self.k else self.k[0].shape[2]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def append(self, k: torch.Tensor, v: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer] = k if layer not in self.k else torch.cat([self.k[layer], k], dim=2)
+        self.v[layer] = v if layer not in self.v else torch.cat([self.v[layer], v], dim=2)
+        return self.k[layer], self.v[layer]
 
     def crop(self, length: int) -> None:
         if length < 0 or length > len(self):
             raise ValueError(f"crop({length}): the cache holds {len(self)} entries")
-        if self.k is not None:
-            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+        for i in self.k:
+            self.k[i], self.v[i] = self.k[i][:, :, :length], self.v[i][:, :, :length]
 
 
 # ================================================================================ the draft
@@ -292,6 +343,8 @@ class LlamaEagle3Draft(nn.Module):
         self.fc_norm = (nn.ModuleList(RMSNorm(cfg.target_hidden_size, cfg.rms_norm_eps) for _ in range(cfg.num_aux))
                         if cfg.fc_norm else None)
         self.midlayer = Eagle3DecoderLayer(cfg)
+        # layers 1..N-1 under vLLM's indices (``layers.1``...); empty for the usual one-layer draft
+        self.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(cfg) for i in range(1, cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -331,16 +384,29 @@ class LlamaEagle3Draft(nn.Module):
         """Draft-vocab logits from a normed hidden state."""
         return self.lm_head(normed)
 
-    def step(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend: Attend,
+    @property
+    def num_layers(self) -> int:
+        return 1 + len(self.layers)
+
+    def attention_modules(self) -> list[Attention]:
+        """Each layer's attention, layer 0 first."""
+        return [self.midlayer.self_attn, *(layer.self_attn for layer in self.layers.values())]
+
+    def step(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend: Sequence[Attend],
              w: Optional[ComputeWeights] = None, compiled: bool = False,
              recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft step: token ``ids`` [B, S] beside ``hidden`` [B, S, H] at rope ``positions``.
+        """One draft step: token ``ids`` [B, S] beside ``hidden`` [B, S, H] at rope ``positions``;
+        ``attend[i]`` is layer i's attention pattern (each layer keeps its own keys).
 
         Returns (normed for ``logits``, the next step's hidden): a_t, or with EAGLE-3.1's
         ``norm_output`` the normed RMSNorm(a_t) (vLLM's ``aux_output``)."""
+        if len(attend) != self.num_layers:
+            raise ValueError(f"step: {len(attend)} attention patterns for {self.num_layers} layers")
         w = w if w is not None else ComputeWeights(hidden.dtype)
         cos, sin = cos_sin(self.inv_freq, positions, w.dtype)
-        out = self.midlayer(self.embed_tokens(ids), hidden, cos, sin, attend, w, compiled, recompute)
+        out = self.midlayer(self.embed_tokens(ids), hidden, cos, sin, attend[0], w, compiled, recompute)
+        for i, layer in enumerate(self.layers.values(), start=1):
+            out = layer(out, cos, sin, attend[i], w, compiled, recompute)
         normed = self.norm(out, w, compiled)
         return normed, (normed if self.config.norm_output else out)
 
@@ -386,15 +452,21 @@ class LlamaEagle3Draft(nn.Module):
         on = self._compiled(device)
         merge = self.merge if self.merge != "auto" else ("compiled" if on else "loop")
         w = ComputeWeights(self.compute_dtype(device))  # one weight copy shared by the steps
-        k_cache: list[torch.Tensor] = []  # step 0's keys, then each later step's diagonal keys
-        v_cache: list[torch.Tensor] = []
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            # position t at step k sees step 0's keys causally and its own keys of steps 1..k
-            k_cache.append(k)
-            v_cache.append(v)
-            return ttt_attention(q, k_cache[0], v_cache[0], k_cache[1:], v_cache[1:], key_valid, scale,
-                                 causal=causal, merge=merge)
+        def ttt_pattern() -> Attend:
+            # one layer's: position t at step k sees step 0's keys causally and its own keys of steps 1..k
+            k_cache: list[torch.Tensor] = []  # step 0's keys, then each later step's diagonal keys
+            v_cache: list[torch.Tensor] = []
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                k_cache.append(k)
+                v_cache.append(v)
+                return ttt_attention(q, k_cache[0], v_cache[0], k_cache[1:], v_cache[1:], key_valid, scale,
+                                     causal=causal, merge=merge)
+
+            return attend
+
+        attends = [ttt_pattern() for _ in range(self.num_layers)]
 
         # Explicit dtypes inside (autocast would cast every weight again in every TTT step); the
         # autocast-off region never spans a yield, so the caller's autocast state is untouched.
@@ -403,7 +475,7 @@ class LlamaEagle3Draft(nn.Module):
             hidden = F.linear(self.fc_input(aux_hidden).to(w.dtype), w(self.fc.weight))  # g = fc(a)
         for k in range(ttt_length):
             with no_autocast():
-                normed, hidden = self.step(_shift_left(input_ids, k + 1), hidden, base_pos + k, attend, w, on,
+                normed, hidden = self.step(_shift_left(input_ids, k + 1), hidden, base_pos + k, attends, w, on,
                                            self.activation_checkpointing)
             yield normed
 
@@ -418,24 +490,38 @@ class LlamaEagle3Draft(nn.Module):
         """Append S entries to ``cache``; each attends to every earlier entry and itself.
 
         Returns (normed [B, S, H] for ``logits``, the next step's hidden [B, S, H])."""
-        attn = self.midlayer.self_attn
         past = len(cache)
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, vals = cache.append(k, v)
-            S, L = q.shape[2], keys.shape[2]
-            # entry i (global index past+i) sees cache entries 0..past+i
-            visible = torch.arange(L, device=q.device)[None, :] <= (past + torch.arange(S, device=q.device))[:, None]
-            return F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible, scale=attn.scale,
-                                                  enable_gqa=attn.n_heads != attn.n_kv)
+        def cached_pattern(layer: int, attn: Attention) -> Attend:
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                keys, vals = cache.append(k, v, layer)
+                S, L = q.shape[2], keys.shape[2]
+                # entry i (global index past+i) sees cache entries 0..past+i
+                visible = (torch.arange(L, device=q.device)[None, :]
+                           <= (past + torch.arange(S, device=q.device))[:, None])
+                return F.scaled_dot_product_attention(q, keys, vals, attn_mask=visible, scale=attn.scale,
+                                                      enable_gqa=attn.n_heads != attn.n_kv)
 
-        return self.step(input_ids, hidden, positions, attend)
+            return attend
+
+        attends = [cached_pattern(i, a) for i, a in enumerate(self.attention_modules())]
+        return self.step(input_ids, hidden, positions, attends)
 
     # ------------------------------------------------------------------------------ export
     @property
     def export_keys(self) -> tuple[str, ...]:
+        """The exported parameters, by their names in this module."""
+        later = tuple(f"layers.{i}.{key}" for i in self.layers for key in LATER_LAYER_KEYS)
         extra = tuple(f"fc_norm.{i}.weight" for i in range(len(self.fc_norm))) if self.fc_norm is not None else ()
-        return EXPORT_KEYS + extra
+        return EXPORT_KEYS + later + extra
+
+    def export_name(self, key: str) -> str:
+        """A parameter's name in the export: one layer keeps the ``midlayer.`` every engine reads
+        (SGLang only that); N layers are ``layers.0..N-1`` throughout, vLLM's own names (vLLM
+        renames ``midlayer.`` to ``layers.0.`` itself, so both load there)."""
+        if self.num_layers > 1 and key.startswith("midlayer."):
+            return "layers.0." + key[len("midlayer."):]
+        return key
 
     def export_config(self) -> dict[str, Any]:
         # aux ids for both engines, each in its own numbering (config.aux_layer_keys)
@@ -443,7 +529,7 @@ class LlamaEagle3Draft(nn.Module):
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         sd = self.state_dict()
-        return {k: sd[k].detach().to("cpu", torch.bfloat16).contiguous() for k in self.export_keys}
+        return {self.export_name(k): sd[k].detach().to("cpu", torch.bfloat16).contiguous() for k in self.export_keys}
 
     @classmethod
     def from_export(cls, directory: str | Path, embed_weight: Optional[torch.Tensor] = None,
@@ -468,15 +554,16 @@ class LlamaEagle3Draft(nn.Module):
             from safetensors.torch import load_file
         path = Path(directory) / "model.safetensors"
         tensors = load_file(str(path))
-        missing = [k for k in self.export_keys if k not in tensors]
+        names = {key: self.export_name(key) for key in self.export_keys}
+        missing = [name for name in names.values() if name not in tensors]
         if missing:
             raise KeyError(f"{path}: missing tensors {missing}")
         own = self.state_dict()
-        for key in self.export_keys:
-            if tuple(tensors[key].shape) != tuple(own[key].shape):
-                raise ValueError(f"{path}: '{key}' has shape {tuple(tensors[key].shape)}, the draft "
+        for key, name in names.items():
+            if tuple(tensors[name].shape) != tuple(own[key].shape):
+                raise ValueError(f"{path}: '{name}' has shape {tuple(tensors[name].shape)}, the draft "
                                  f"config needs {tuple(own[key].shape)}")
-        self.load_state_dict({k: tensors[k] for k in self.export_keys}, strict=False)
+        self.load_state_dict({key: tensors[name] for key, name in names.items()}, strict=False)
         if "d2t" in tensors:
             self.d2t = tensors["d2t"]
         if "embed_tokens.weight" in tensors:

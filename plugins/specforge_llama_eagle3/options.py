@@ -13,7 +13,13 @@ from specforge_core.config.fields import in_range, option
 class LlamaEagle3Options:
     config: Optional[str] = option(
         None, "Draft config.json (HF llama keys) overriding the one generated from the target's "
-        "config; it must keep num_hidden_layers = 1 and the target's hidden_size and vocab_size", path=True)
+        "config; its num_hidden_layers (if set) must equal num_layers, and hidden_size and vocab_size the "
+        "target's", path=True)
+    num_layers: int = option(
+        1, "Draft decoder layers. 1 = the EAGLE-3 paper's draft (served by SGLang and vLLM); N > 1 = "
+        "vLLM's multi-layer llama_eagle3: layer 0 reads [embedding; hidden] as usual, layers 1..N-1 are "
+        "plain Llama layers on the hidden stream (exported as num_hidden_layers = N, weights layers.{i}.*; "
+        "SGLang serves only 1)", validator=in_range(1, 16))
     init_from: Optional[str] = option(
         None, "Exported draft directory (config.json + model.safetensors) to start training from", path=True)
     attention: str = option(

@@ -3,11 +3,11 @@
 SGLang ``topk = 1`` / vLLM ``method = "eagle3"``: K greedy draft tokens per cycle, chained through
 the draft's own KV cache, batched over rows (prompts).
 
-Draft cache (one layer): entry p of a row reads x[p+1] with hidden fc(f[p]) at rope position p, so
+Draft cache (per layer, the same entries in each): entry p of a row reads x[p+1] with hidden fc(f[p]) at rope position p, so
 after ``observe`` the row's last entry (p = n-1) predicts x[n+1]. ``propose(K)`` appends K-1 chain
 entries (each reads the previous draft with the previous step's un-normed output as hidden); the
 next ``observe`` turns them into holes and appends the real entries of the committed positions.
-Rows share one [B, Hkv, L, D] cache; ``valid`` [B, L] marks each row's live entries (padding and
+Rows share one [B, Hkv, L, D] cache per layer; ``valid`` [B, L] marks each row's live entries (padding and
 dropped chain entries are holes no query attends to), the same scheme as the target's
 ``TargetBatch``.
 
@@ -48,7 +48,8 @@ class Eagle3ChainProposer:
     # ------------------------------------------------------------------------------ protocol
     def begin(self, prompts: Sequence[Sequence[int]]) -> None:
         B = len(prompts)
-        self.k = self.v = None
+        self.k: list[Optional[torch.Tensor]] = [None] * self.draft.num_layers  # per layer [B, Hkv, L, D]
+        self.v: list[Optional[torch.Tensor]] = [None] * self.draft.num_layers
         self.valid = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
         self.entries = [0] * B  # real entries per row = next rope position
         self.chain_from = 0  # cache column where the last propose's chain entries start
@@ -56,7 +57,7 @@ class Eagle3ChainProposer:
 
     @torch.no_grad()
     def observe(self, tokens: Sequence[Sequence[int]], features: Sequence[torch.Tensor]) -> None:
-        if self.k is not None:  # the chain entries of the last propose are not real: holes
+        if self.valid.shape[1]:  # the chain entries of the last propose are not real: holes
             self.valid[:, self.chain_from:] = False
         B, S = len(tokens), max(len(t) for t in tokens)
         dtype = self.draft.fc.weight.dtype
@@ -99,7 +100,8 @@ class Eagle3ChainProposer:
 
     def keep(self, rows: Sequence[int]) -> None:
         idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
-        self.k, self.v = self.k.index_select(0, idx), self.v.index_select(0, idx)
+        self.k = [None if k is None else k.index_select(0, idx) for k in self.k]
+        self.v = [None if v is None else v.index_select(0, idx) for v in self.v]
         self.valid = self.valid.index_select(0, idx)
         self._normed, self._out = self._normed.index_select(0, idx), self._out.index_select(0, idx)
         self.entries = [self.entries[r] for r in rows]
@@ -116,7 +118,7 @@ class Eagle3ChainProposer:
                 for h in self.draft.ttt_forward(ids, feats, mask, k)]
         return torch.stack(rows)
 
-    # ------------------------------------------------------------------------------ one layer
+    # ------------------------------------------------------------------------------ one forward
     def _forward(self, ids: torch.Tensor, hidden: torch.Tensor, pos: torch.Tensor, live: torch.Tensor,
                  see: Optional[torch.Tensor] = None, inner: Optional[torch.Tensor] = None):
         """Append S entries per row (``live`` False = padding, or tree nodes no later entry sees);
@@ -124,25 +126,30 @@ class Eagle3ChainProposer:
         marks: a tree node's ancestors), the new ones up to itself (or ``inner`` [B, S, S]), and
         itself. Returns (normed, out_hidden) [B, S, H]."""
         d = self.draft
-        attn = d.midlayer.self_attn
         B, S = ids.shape
         L0 = self.valid.shape[1]
+        # one mask for every layer: each layer's cache holds the same entries
+        base = self.valid[:, None, :].expand(B, S, L0)
+        if see is not None:
+            base = base | see
+        new = inner if inner is not None else (torch.ones(S, S, dtype=torch.bool, device=self.device).tril()[None]
+                                               & live[:, None, :])
+        mask = torch.cat([base, new], dim=2)
+        mask[:, torch.arange(S), L0 + torch.arange(S)] = True
+        self.valid = torch.cat([self.valid, live], dim=1)
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-            base = self.valid[:, None, :].expand(B, S, L0)
-            if see is not None:
-                base = base | see
-            new = inner if inner is not None else (torch.ones(S, S, dtype=torch.bool, device=self.device).tril()[None]
-                                                   & live[:, None, :])
-            mask = torch.cat([base, new], dim=2)
-            mask[:, torch.arange(S), L0 + torch.arange(S)] = True
-            self.valid = torch.cat([self.valid, live], dim=1)
-            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask[:, None], scale=attn.scale,
-                                                  enable_gqa=attn.n_heads != attn.n_kv)
+        def pattern(layer: int, attn: Any):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                old_k, old_v = self.k[layer], self.v[layer]
+                self.k[layer] = k if old_k is None else torch.cat([old_k, k], dim=2)
+                self.v[layer] = v if old_v is None else torch.cat([old_v, v], dim=2)
+                return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=mask[:, None],
+                                                      scale=attn.scale, enable_gqa=attn.n_heads != attn.n_kv)
 
-        return d.step(ids, hidden, pos, attend)  # (normed, the next step's hidden: EAGLE-3.1 norm_output)
+            return attend
+
+        attends = [pattern(i, a) for i, a in enumerate(d.attention_modules())]
+        return d.step(ids, hidden, pos, attends)  # (normed, the next step's hidden: EAGLE-3.1 norm_output)
 
     # ------------------------------------------------------------------------------ trees
     @torch.no_grad()
