@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # all of ShareGPT (the first measurement was "all-base" served by vLLM: 1.40 at K=3)
     "all-base": ("sharegpt-all", []),
     "all-lr1e-3": ("sharegpt-all", ["training.lr=1e-3"]),
+    # draft capacity: the same with two decoder layers (vLLM's multi-layer llama_eagle3; SGLang serves one)
+    "all-lr1e-3-2l": ("sharegpt-all", ["training.lr=1e-3", "model.llama-eagle3.num_layers=2"]),
     # the other algorithms on the same data (docs/algorithms.md): 2-layer block drafts, blocks
     # trained at the lengths served for K = 3, 5, 7 (docs/dflash.md: block length)
     "dflash": ("sharegpt", ["training.lr=1e-3", "model.draft=dflash", "model.dflash.block_size=8",

@@ -10,5 +10,5 @@ from specforge_llama_eagle3.options import LlamaEagle3Options
 @hookimpl
 def register_draft_algorithms(register):
     register("llama-eagle3", make_llama_eagle3, config=LlamaEagle3Options,
-             description="EAGLE-3 draft: fc over 3 target layers + one Llama decoder layer "
-             "(SGLang/vLLM LlamaForCausalLMEagle3)")
+             description="EAGLE-3 draft: fc over 3 target layers + one Llama decoder layer (num_layers: "
+             "more, as vLLM serves them) (SGLang/vLLM LlamaForCausalLMEagle3)")
