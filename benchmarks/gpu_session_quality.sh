@@ -41,8 +41,10 @@ convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/ge
   gzip -1 -c /tmp/curve/sharegpt-all.jsonl > "$Q/sharegpt-all.jsonl.gz"
   touch /tmp/gemma.ready ) &
 stamp train; curve train --train-deadline 840
-stamp gemma; wait_for /tmp/gemma.ready
-( python3 benchmarks/quality.py run --data "$Q" --model /tmp/gemma --recipe configs/gemma3-270m-sharegpt.toml \
+# Gemma once its target is there (a session short of device time never sends it: the curve's eval
+# does not wait for it)
+( wait_for /tmp/gemma.ready; stamp gemma
+  python3 benchmarks/quality.py run --data "$Q" --model /tmp/gemma --recipe configs/gemma3-270m-sharegpt.toml \
     --chat-template gemma --work /tmp/qgemma --variants all-lr1e-3,all-dflash \
     --set training.max_steps="$GEMMA_STEPS" --eval-parallel 4 --ks 3,7 --train-deadline 480 --eval-deadline 300 \
     --out "$RESULTS/quality_gemma3.json" > /tmp/gemma.log 2>&1; stamp gemma done >> /tmp/gemma.log ) &
