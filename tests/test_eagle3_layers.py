@@ -286,3 +286,11 @@ def test_two_layers_overfit_one_sample_every_ttt_step(tmp_path):
     assert m["valid_tokens"] >= 10
     assert [m[f"acc_{k}"] for k in range(K)] == pytest.approx([1.0] * K, abs=0.01), m
     assert m["loss"] < 0.5 * first["loss"]
+
+
+def test_serving_flags_name_no_sglang_for_more_layers():
+    # SGLang's LlamaForCausalLMEagle3 has one midlayer: it would drop layers.1 and serve another model
+    one = Eagle3ChainProposer(_draft(1), "cpu").serving_flags("/d", 3, None)
+    two = Eagle3ChainProposer(_draft(2), "cpu").serving_flags("/d", 3, None)
+    assert one["sglang"] and one["vllm"] and two["vllm"] == one["vllm"]
+    assert two["sglang"] is None

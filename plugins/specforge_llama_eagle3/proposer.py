@@ -96,7 +96,7 @@ class Eagle3ChainProposer:
         return torch.stack(drafts, dim=1).tolist()
 
     def serving_flags(self, draft: str, steps: int, tree: Any) -> dict:
-        return serving_flags(draft, steps, tree)
+        return serving_flags(draft, steps, tree, self.draft.num_layers)
 
     def keep(self, rows: Sequence[int]) -> None:
         idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.device)
@@ -214,8 +214,9 @@ class Eagle3ChainProposer:
         return trees
 
 
-def serving_flags(draft: str, steps: int, tree: Any) -> dict:
-    """The engines' flags for this setting (``tree``: a TreeSpec with topk, depth, tokens, or None)."""
+def serving_flags(draft: str, steps: int, tree: Any, num_layers: int = 1) -> dict:
+    """The engines' flags for this setting (``tree``: a TreeSpec with topk, depth, tokens, or None);
+    None where the engine cannot serve it (SGLang's EAGLE-3 draft has one decoder layer)."""
     if tree is None:
         topk, depth, tokens = 1, steps, steps + 1
     else:
@@ -224,7 +225,7 @@ def serving_flags(draft: str, steps: int, tree: Any) -> dict:
               f"--speculative-eagle-topk {topk} --speculative-num-draft-tokens {tokens}")
     vllm = (None if tree is not None else  # vLLM drafts EAGLE-3 chains (no dynamic tree)
             f"--speculative-config '{{\"method\": \"eagle3\", \"model\": \"{draft}\", \"num_speculative_tokens\": {steps}}}'")
-    return {"sglang": sglang, "vllm": vllm}
+    return {"sglang": sglang if num_layers == 1 else None, "vllm": vllm}
 
 
 def make_proposer(export_dir: str | Path, target: Any, device: Any) -> Eagle3ChainProposer:
