@@ -18,7 +18,8 @@ Stages (state kept in ``--work``; each stage fits one 10-minute device call, or 
         --model /tmp/smollm2 --work /tmp/curve --runs best --minutes 3,6,10 \\
         --out benchmarks/results/quality_curve_h200.json
 
-A run's ``--runs`` entry names a recipe in ``RUNS`` (overrides of configs/smollm2-sharegpt.toml and
+``bench`` and ``regen`` need CUDA; ``train`` and ``eval`` also run on the CPU (``--device cpu``, with
+small ``--set`` overrides: how they were checked here). A run's ``--runs`` entry names a recipe in ``RUNS`` (overrides of configs/smollm2-sharegpt.toml and
 its data: "regen+sharegpt" or "sharegpt"), optionally ``name@seed``.
 """
 
