@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
 
 
-def _config(tmp_path, out, n=6, batch=4, new_tokens=12):
+def _config(tmp_path, out, n=6, batch=4, new_tokens=12, extra=()):
     return load_config([ROOT / "configs" / "quickstart.toml"], overrides=[
         f"run.output_dir={tmp_path / 'run'}", f"model.target={TARGET}",
         f"dataset.path=['{ROOT / 'configs' / 'assets' / 'data' / 'sample_chat.jsonl'}']",
         f"regenerate.output={out}", f"regenerate.batch_size={batch}", f"regenerate.max_new_tokens={new_tokens}",
-        "logging.progress=false", f"dataset.max_samples={n}",
+        "logging.progress=false", f"dataset.max_samples={n}", *extra,
     ])
 
 
@@ -54,11 +54,14 @@ def _slow_reference(conv: Conversation, model, tok, template: str, new_tokens: i
     return history
 
 
-def test_greedy_regeneration_equals_a_slow_turn_by_turn_reference(tmp_path):
+# the static KV cache batches prompts by length and pads them to a bucket: same answers, in order
+@pytest.mark.parametrize("cache", [[], ["inference.hf.generate_cache=static", "inference.hf.generate_bucket=16"]],
+                         ids=["dynamic", "static"])
+def test_greedy_regeneration_equals_a_slow_turn_by_turn_reference(tmp_path, cache):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "regen.jsonl"
-    cfg = _config(tmp_path, out, n=5, batch=3)
+    cfg = _config(tmp_path, out, n=5, batch=3, extra=cache)
     summary = regenerate(cfg)
     head, *lines = out.read_text().splitlines()
     assert json.loads(head)["specforge_regenerate_header"]["max_samples"] == 5

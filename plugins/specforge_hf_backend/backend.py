@@ -194,17 +194,33 @@ class HFTargetBackend:
     # -------------------------------------------------------------------------- generate_text
     def generate_text(self, prompts: Sequence[Sequence[int]], params) -> list:
         """``TargetBackend.generate_text``: replies to token-id prompts with transformers' own
-        ``generate`` (KV cache), ``inference.batch_size`` prompts at a time, left-padded."""
+        ``generate`` (KV cache), ``inference.batch_size`` prompts at a time, left-padded; in prompt
+        order. With ``inference.hf.generate_cache = "static"`` the prompts are batched by length and
+        padded to a bucket so the compiled decode step is reused across batches."""
         from specforge_core.components import GeneratedText
 
         tok = self._tokenizer()
         eos = [t for t in (self.model.generation_config.eos_token_id, tok.eos_token_id) if t is not None]
         eos = sorted({int(x) for t in eos for x in (t if isinstance(t, (list, tuple)) else [t])})
         stops = sorted(set(eos) | {int(t) for t in params.stop_token_ids})
-        out: list = []
+        static = self.options.generate_cache == "static"
+        extra: dict = {}
+        order = list(range(len(prompts)))
+        if static:
+            import torch._dynamo as dynamo  # not `import torch._dynamo`: that makes `torch` a local name
+
+            # one compiled graph per (batch, padded length): more shapes than dynamo's default 8
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            extra["cache_implementation"] = "static"
+            order.sort(key=lambda i: len(prompts[i]))
+        out: list = [None] * len(prompts)
         for start in range(0, len(prompts), self.batch_size):
-            chunk = [list(map(int, p)) for p in prompts[start : start + self.batch_size]]
+            idx = order[start : start + self.batch_size]
+            chunk = [list(map(int, prompts[i])) for i in idx]
             width = max(len(p) for p in chunk)
+            if static:
+                bucket = self.options.generate_bucket
+                width = -(-width // bucket) * bucket
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros(len(chunk), width, dtype=torch.long)
             for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
@@ -218,10 +234,10 @@ class HFTargetBackend:
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                     max_new_tokens=params.max_new_tokens, do_sample=sample,
                     temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-                    top_k=None, eos_token_id=stops, pad_token_id=self.pad_id,
+                    top_k=None, eos_token_id=stops, pad_token_id=self.pad_id, **extra,
                 )[:, width:].cpu()
-            for row in gen.tolist():
-                out.append(_finish(tok, row, stops, params, GeneratedText))
+            for i, row in zip(idx, gen.tolist(), strict=True):
+                out[i] = _finish(tok, row, stops, params, GeneratedText)
         return out
 
     def _tokenizer(self):

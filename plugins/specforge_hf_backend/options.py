@@ -29,3 +29,16 @@ class HFBackendOptions:
         "for the one-process local pipeline with the in-process 'local' store, else 'cpu')",
         choices=("auto", "cpu", "same"),
     )
+    generate_cache: str = option(
+        "dynamic",
+        "KV cache of this backend's text generation (`specforge data regenerate`): 'dynamic' "
+        "(transformers' default, grows per token) or 'static' (one fixed-size cache per batch; "
+        "transformers compiles its decode step on CUDA; prompts are sorted by length and left-padded "
+        "to a multiple of generate_bucket tokens so few shapes compile). benchmarks/regen_speed.py "
+        "measures both on the same prompts",
+        choices=("dynamic", "static"),
+    )
+    generate_bucket: int = option(
+        128, "With generate_cache = 'static': prompts are left-padded to a multiple of this many tokens",
+        validator=positive,
+    )
