@@ -242,20 +242,28 @@ class Eagle3DecoderLayer(nn.Module):
         """One draft step at every position; returns the un-normed output a_t. ``recompute``
         (activation checkpointing): keep only the inputs of the residual + MLP block, the bulk of a
         step's saved activations, and recompute it in backward."""
-        a, mlp, eps = self.self_attn, self.mlp, self.eps
         w = w if w is not None else ComputeWeights(hidden.dtype)
         # x = [RMSNorm(e); RMSNorm(g)]
-        x = fast(attn_input, compiled)(emb, hidden, w(self.input_layernorm.weight), w(self.hidden_norm.weight), eps)
-        # q, k, v (+ rope at the step's positions)
-        q, k, v = fast(qkv, compiled)(x, w(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), cos, sin,
-                                      a.n_heads, a.n_kv, a.head_dim)
-        # o = attention(q, k, v) under the caller's pattern (TTT mask or KV cache)
-        o = attend(q, k, v)
-        # h = g + o W_o;  a_t = h + MLP(RMSNorm(h))
-        block = fast(residual_mlp, compiled)
-        args = (hidden, o, w(a.o_proj.weight), w(self.post_attention_layernorm.weight), eps,
-                w(mlp.gate_proj.weight), w(mlp.up_proj.weight), w(mlp.down_proj.weight))
-        return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+        x = fast(attn_input, compiled)(emb, hidden, w(self.input_layernorm.weight), w(self.hidden_norm.weight),
+                                       self.eps)
+        return attention_and_mlp(self, x, hidden, cos, sin, attend, w, compiled, recompute)
+
+
+def attention_and_mlp(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, attend: Attend, w: ComputeWeights, compiled: bool,
+                      recompute: bool) -> torch.Tensor:
+    """What every draft layer does after its input norm: q, k, v from ``x`` (+ rope at the step's
+    positions), o = attention under the caller's pattern (TTT mask or KV cache), then
+    h = residual + o W_o and h + MLP(RMSNorm(h)). ``recompute``: the residual + MLP block is
+    recomputed in backward (activation checkpointing)."""
+    a, mlp = layer.self_attn, layer.mlp
+    q, k, v = fast(qkv, compiled)(x, w(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), cos, sin,
+                                  a.n_heads, a.n_kv, a.head_dim)
+    o = attend(q, k, v)
+    block = fast(residual_mlp, compiled)
+    args = (residual, o, w(a.o_proj.weight), w(layer.post_attention_layernorm.weight), layer.eps,
+            w(mlp.gate_proj.weight), w(mlp.up_proj.weight), w(mlp.down_proj.weight))
+    return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -273,17 +281,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
                 w: Optional[ComputeWeights] = None, compiled: bool = False,
                 recompute: bool = False) -> torch.Tensor:
-        a, mlp, eps = self.self_attn, self.mlp, self.eps
         w = w if w is not None else ComputeWeights(hidden.dtype)
-        x = fast(rms_norm, compiled)(hidden, w(self.input_layernorm.weight), eps)
-        q, k, v = fast(qkv, compiled)(x, w(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), cos, sin,
-                                      a.n_heads, a.n_kv, a.head_dim)
-        o = attend(q, k, v)
+        x = fast(rms_norm, compiled)(hidden, w(self.input_layernorm.weight), self.eps)
         # residual from the un-normed input, as in every Llama layer (and as layer 0 does from g)
-        block = fast(residual_mlp, compiled)
-        args = (hidden, o, w(a.o_proj.weight), w(self.post_attention_layernorm.weight), eps,
-                w(mlp.gate_proj.weight), w(mlp.up_proj.weight), w(mlp.down_proj.weight))
-        return checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+        return attention_and_mlp(self, x, hidden, cos, sin, attend, w, compiled, recompute)
 
 
 class DraftCache:
