@@ -253,18 +253,13 @@ def test_plan_counts_the_built_parameters(num_layers):
 # ------------------------------------------------------------------------------------ it trains
 def test_two_layers_overfit_one_sample_every_ttt_step(tmp_path):
     """A 2-layer draft memorises one conversation of a tiny real target (8 layers) at every TTT step."""
-    from test_training_trainer import one_sample, vocab_covering
+    from test_training_trainer import memorise, one_sample, peaked_target, vocab_covering
 
     from specforge_core.config import load_config
-    from specforge_core.testing import make_tiny_model
     from specforge_core.training.components import create
     from specforge_core.training.trainer import Trainer
 
-    target = tmp_path / "target"
-    model = make_tiny_model(vocab_size=V)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5.0)
-    model.save_pretrained(str(target))
+    target = peaked_target(tmp_path / "target", V)
     K = 3
     cfg = load_config(data={
         "run": {"name": "t", "output_dir": str(tmp_path / "run"), "seed": 0},
@@ -277,12 +272,7 @@ def test_two_layers_overfit_one_sample_every_ttt_step(tmp_path):
     feats = backend.generate([one_sample()])
     trainer = Trainer(cfg, backend.info, vocab_covering(feats), total_steps=300)
     assert trainer.draft.num_layers == 2
-    first = m = None
-    for _ in range(300):
-        m = trainer.train_step([feats])
-        first = first or m
-        if all(m[f"acc_{k}"] >= 0.99 for k in range(K)):
-            break
+    first, m = memorise(trainer, feats, K)
     assert m["valid_tokens"] >= 10
     assert [m[f"acc_{k}"] for k in range(K)] == pytest.approx([1.0] * K, abs=0.01), m
     assert m["loss"] < 0.5 * first["loss"]

@@ -41,13 +41,9 @@ def test_split_is_seeded_disjoint_and_keeps_one_for_training():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from specforge_core.testing import make_tiny_model
+    from test_training_trainer import peaked_target
 
-    path = tmp_path_factory.mktemp("target")
-    model = make_tiny_model(vocab_size=VOCAB)
-    with torch.no_grad():  # peaked next-token distributions, like a trained LM's
-        model.lm_head.weight.mul_(5.0)
-    model.save_pretrained(str(path))
+    path = peaked_target(tmp_path_factory.mktemp("target"), VOCAB)
     cfg = load_config(data={
         "run": {"name": "h", "output_dir": str(tmp_path_factory.mktemp("run")), "seed": 0},
         "model": {"target": str(path), "draft_vocab_size": 128, "llama-eagle3": {"ttt_length": K}},

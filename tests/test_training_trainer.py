@@ -15,16 +15,33 @@ from specforge_core.vocab import VocabMapping
 VOCAB = 512
 
 
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
+def peaked_target(path, vocab_size=VOCAB):
+    """A tiny real target saved at ``path`` whose next-token distributions are peaked, like a
+    trained LM's (lm_head x 5)."""
     from specforge_core.testing import make_tiny_model
 
-    path = tmp_path_factory.mktemp("target")
-    model = make_tiny_model(vocab_size=VOCAB)
-    with torch.no_grad():  # peaked next-token distributions, like a trained LM's
+    model = make_tiny_model(vocab_size=vocab_size)
+    with torch.no_grad():
         model.lm_head.weight.mul_(5.0)
     model.save_pretrained(str(path))
     return path
+
+
+def memorise(trainer: Trainer, feats, K: int, steps: int = 300) -> tuple[dict, dict]:
+    """Train on one batch until every TTT step agrees >= 0.99 (or ``steps`` run out); the first and
+    the last step's metrics."""
+    first = m = None
+    for _ in range(steps):
+        m = trainer.train_step([feats])
+        first = first or m
+        if all(m[f"acc_{k}"] >= 0.99 for k in range(K)):
+            break
+    return first, m
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    return peaked_target(tmp_path_factory.mktemp("target"))
 
 
 def make_config(tmp_path, target, ttt_length=3, **training):
@@ -72,12 +89,7 @@ def test_one_sample_overfit_every_ttt_step(tmp_path, target_dir):
     vocab = vocab_covering(feats)
     trainer = Trainer(cfg, backend.info, vocab, total_steps=300)
     K = cfg.options("model", "llama-eagle3").ttt_length
-    first = None
-    for _ in range(300):
-        m = trainer.train_step([feats])
-        first = first or m
-        if all(m[f"acc_{k}"] >= 0.99 for k in range(K)):
-            break
+    first, m = memorise(trainer, feats, K)
     # some positions must be valid at every step for the check to mean anything
     assert m["valid_tokens"] >= 10
     assert [m[f"acc_{k}"] for k in range(K)] == pytest.approx([1.0] * K, abs=0.01), m
