@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
@@ -311,39 +311,61 @@ def train_all(args: argparse.Namespace, names: list[str], data: Path, work: Path
     return {"rc": rc, "intervals": intervals, "regen": regen_box.get("info"), "train_wall_s": time.time() - t_start}
 
 
+def eval_command(export: Path, model: Path, mtbench: Path, k: int, report: Path, *, max_new_tokens: int,
+                 device: str, batch_size: int = 80, dtype: str = "fp32", chat_template: str = "auto",
+                 max_prompts: Optional[int] = None) -> list[str]:
+    """`specforge eval` of one export at K on MT-bench, as every quality benchmark runs it (no
+    correctness guard: each export is evaluated at several K, the guard is the tests' job)."""
+    return [sys.executable, "-m", "specforge_core.cli", "eval", "--draft", str(export), "--target", str(model),
+            "--data", str(mtbench), "--steps", str(k), "--max-new-tokens", str(max_new_tokens),
+            "--batch-size", str(batch_size), "--device", device, "--dtype", dtype, "--no-check",
+            "--chat-template", chat_template, *(["--max-prompts", str(max_prompts)] if max_prompts else []),
+            "--json", str(report)]
+
+
+def run_parallel(jobs: list[tuple[Any, list[str], Path]], parallel: int, deadline_s: float,
+                 on_done: Callable[[Any, int, float], None]) -> None:
+    """Each ``(key, command, log)`` as a subprocess, ``parallel`` at a time in list order; ``on_done(key,
+    returncode, seconds)`` as each ends. Those still running ``deadline_s`` after the start are
+    killed (and not reported)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    todo = list(jobs)
+    running: dict[Any, tuple[subprocess.Popen, float]] = {}
+    deadline = time.time() + deadline_s
+    while todo or running:
+        while todo and len(running) < parallel:
+            key, cmd, log = todo.pop(0)
+            running[key] = (subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                                             env=env), time.time())
+        for key, (p, t0) in list(running.items()):
+            if p.poll() is not None:
+                del running[key]
+                on_done(key, p.returncode, time.time() - t0)
+            elif time.time() > deadline:
+                p.kill()
+                print(f"killed {key}: past the deadline", flush=True)
+                del running[key]
+        time.sleep(0.5)
+
+
 def eval_all(args: argparse.Namespace, names: list[str], data: Path, work: Path, model: Path,
              rc: dict[str, int]) -> dict[tuple[str, int], float]:
     """Every trained variant at every K, ``--eval-parallel`` processes at a time; K in ``--ks`` order
     (a deadline cuts the last ones)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ks = [int(k) for k in args.ks.split(",")]
-    jobs = [(n, k) for k in ks for n in names if rc.get(n) == 0 and (work / n / "export").is_dir()]
-    running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
+    jobs = [((n, k), eval_command(work / n / "export", model, data / "mtbench.jsonl", k, work / f"{n}.k{k}.json",
+                                  max_new_tokens=args.max_new_tokens, device=args.device,
+                                  batch_size=args.eval_batch_size, dtype=args.eval_dtype,
+                                  chat_template=args.chat_template, max_prompts=args.max_prompts),
+             work / f"{n}.k{k}.eval.log")
+            for k in ks for n in names if rc.get(n) == 0 and (work / n / "export").is_dir()]
     eval_wall: dict[tuple[str, int], float] = {}
-    eval_deadline = time.time() + args.eval_deadline
-    while jobs or running:
-        while jobs and len(running) < args.eval_parallel:
-            n, k = jobs.pop(0)
-            cmd = [sys.executable, "-m", "specforge_core.cli", "eval", "--draft", str(work / n / "export"),
-                   "--target", str(model), "--data", str(data / "mtbench.jsonl"), "--steps", str(k),
-                   "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size),
-                   "--device", args.device, "--dtype", args.eval_dtype, "--no-check",
-                   "--chat-template", args.chat_template,
-                   *(["--max-prompts", str(args.max_prompts)] if args.max_prompts else []),
-                   "--json", str(work / f"{n}.k{k}.json")]
-            log = open(work / f"{n}.k{k}.eval.log", "w")
-            running[(n, k)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env),
-                               time.time())
-        for key, (p, t0) in list(running.items()):
-            if p.poll() is not None:
-                eval_wall[key] = time.time() - t0
-                print(f"evaluated {key[0]} K={key[1]}: rc {p.returncode} in {eval_wall[key]:.0f}s", flush=True)
-                del running[key]
-            elif time.time() > eval_deadline:
-                p.kill()
-                print(f"killed eval {key[0]} K={key[1]}: past the eval deadline", flush=True)
-                del running[key]
-        time.sleep(0.5)
+
+    def done(key: tuple[str, int], code: int, seconds: float) -> None:
+        eval_wall[key] = seconds
+        print(f"evaluated {key[0]} K={key[1]}: rc {code} in {seconds:.0f}s", flush=True)
+
+    run_parallel(jobs, args.eval_parallel, args.eval_deadline, done)
     return eval_wall
 
 

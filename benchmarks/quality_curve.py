@@ -40,7 +40,15 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality import RECIPE, _convert_target, _gpu_shares, _last_metrics, regenerate  # noqa: E402
+from quality import (  # noqa: E402
+    RECIPE,
+    _convert_target,
+    _gpu_shares,
+    _last_metrics,
+    eval_command,
+    regenerate,
+    run_parallel,
+)
 
 # Token-budget steps (rows of 8192 filled from the sample stream, no padding), lr 1e-3 cosine to the
 # run's last step: the recipe of configs/smollm2-sharegpt.toml at a budget of minutes.
@@ -195,7 +203,6 @@ def evaluate_points(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for s in sorted(wanted):
             points.append({"run": key, "step": s, "gpu_s": by_gpu[s], "last": s == max(by_gpu), "eval": {},
                            "train_log": state["metrics"][key].get(str(s), {})})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for pt in points:  # exports one after the other (CPU work, seconds each)
         key, step = pt["run"], pt["step"]
         name = state["recipes"][key]
@@ -204,35 +211,23 @@ def evaluate_points(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             cmd = [sys.executable, "-m", "specforge_core.cli", "export", str(args.recipe),
                    f"model.target={args.model}", f"run.output_dir={work / key}", *RUNS[name][1], *args.set,
                    "--checkpoint", str(work / key / "checkpoints" / f"step-{step:06d}"), "--output", pt["export"]]
-            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    ks = [int(k) for k in args.ks.split(",")]
-    jobs = [(i, k) for k in ks for i in range(len(points))]
-    running: dict[tuple[int, int], subprocess.Popen] = {}
-    deadline = time.time() + args.eval_deadline
-    while jobs or running:
-        while jobs and len(running) < args.eval_parallel:
-            i, k = jobs.pop(0)
-            report = work / f"eval-{points[i]['run']}-{points[i]['step']}-k{k}.json"
-            cmd = [sys.executable, "-m", "specforge_core.cli", "eval", "--draft", points[i]["export"],
-                   "--target", str(args.model), "--data", str(Path(args.data) / "mtbench.jsonl"),
-                   "--steps", str(k), "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "80",
-                   "--device", args.device, "--dtype", "fp32", "--no-check", "--json", str(report),
-                   *(["--max-prompts", str(args.max_prompts)] if args.max_prompts else [])]
-            running[(i, k)] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(f"{report}.log", "w"),
-                                               stderr=subprocess.STDOUT)
-        for (i, k), p in list(running.items()):
-            report = work / f"eval-{points[i]['run']}-{points[i]['step']}-k{k}.json"
-            if p.poll() is not None:
-                del running[(i, k)]
-                if p.returncode == 0:
-                    rep = json.loads(report.read_text())["overall"]
-                    points[i]["eval"][str(k)] = {"tau": rep["tau"], "rates": rep["accept_rates"]}
-                print(f"eval {points[i]['run']} step {points[i]['step']} K={k}: rc {p.returncode} "
-                      f"{points[i]['eval'].get(str(k), {}).get('tau')}", flush=True)
-            elif time.time() > deadline:
-                p.kill()
-                del running[(i, k)]
-        time.sleep(0.5)
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    report = {(i, k): work / f"eval-{p['run']}-{p['step']}-k{k}.json"
+              for k in (int(x) for x in args.ks.split(",")) for i, p in enumerate(points)}
+    jobs = [((i, k), eval_command(Path(points[i]["export"]), Path(args.model), Path(args.data) / "mtbench.jsonl",
+                                  k, path, max_new_tokens=args.max_new_tokens, device=args.device,
+                                  max_prompts=args.max_prompts or None), Path(f"{path}.log"))
+            for (i, k), path in report.items()]
+
+    def done(key: tuple[int, int], code: int, seconds: float) -> None:
+        i, k = key
+        if code == 0:
+            rep = json.loads(report[key].read_text())["overall"]
+            points[i]["eval"][str(k)] = {"tau": rep["tau"], "rates": rep["accept_rates"]}
+        print(f"eval {points[i]['run']} step {points[i]['step']} K={k}: rc {code} "
+              f"{points[i]['eval'].get(str(k), {}).get('tau')}", flush=True)
+
+    run_parallel(jobs, args.eval_parallel, args.eval_deadline, done)
     return {"points": points, "regen": regen_info}
 
 
