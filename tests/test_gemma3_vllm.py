@@ -15,11 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vllm_env import vllm_python_or_skip
+from vllm_env import assert_same_per_prompt, train_gemma3_cpu, vllm_python_or_skip
 
 from specforge_core.reference import Paths, default_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 REF = Paths(default_dir())
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -27,17 +26,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    if not (REF.gemma3 / "model.safetensors").is_file() or not REF.sharegpt_small.is_file():
-        pytest.skip(f"no Gemma 3 / ShareGPT in {REF.root} (`specforge reference fetch --gemma3`)")
-    from specforge_core.config import load_config
-    from specforge_core.pipeline.local import run_local
-
-    out = tmp_path_factory.mktemp("gemma-vllm")
-    cfg = load_config([ROOT / "configs" / "gemma3-270m-sharegpt-cpu.toml"], overrides=[
-        f"model.target={REF.gemma3}", f'dataset.path=["{REF.sharegpt_small}"]', f"run.output_dir={out / 'run'}",
-        f"dataset.cache_dir={out / 'cache'}", "dataset.max_samples=16", "dataset.max_seq_length=192",
-        "logging.progress=false"])
-    return Path(run_local(cfg).export_dir)
+    return train_gemma3_cpu(tmp_path_factory.mktemp("gemma-vllm"))
 
 
 def test_vllm_serves_a_gemma3_eagle3_draft_with_equal_per_prompt_acceptance(export):
@@ -52,8 +41,4 @@ def test_vllm_serves_a_gemma3_eagle3_draft_with_equal_per_prompt_acceptance(expo
     weights = vllm.extra["draft_weights"]
     assert weights["checked"] and not weights["unused"], weights
     assert len(hf.prompts) == len(vllm.prompts) == 4
-    for a, b in zip(hf.prompts, vllm.prompts, strict=True):
-        assert a.sample_id == b.sample_id
-        assert a.generated == b.generated, a.sample_id
-        assert a.stats == b.stats, a.sample_id
-        assert a.raw == b.raw, a.sample_id
+    assert_same_per_prompt(hf, vllm)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from vllm_env import vllm_python_or_skip
+from vllm_env import assert_same_per_prompt, train_quickstart, vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
@@ -26,20 +26,10 @@ EVAL = dict(steps=3, max_new_tokens=32, max_prompts=12)
 PROMPTS = [str(DATA / "eval_prompts.jsonl")]
 
 
-def _train_eagle31(out: Path) -> Path:
-    from specforge_core.config import load_config
-    from specforge_core.pipeline.local import run_local
-
-    cfg = load_config([ROOT / "configs" / "quickstart.toml"], overrides=[
-        f"run.output_dir={out}", "training.max_steps=40", "logging.progress=false",
-        f"dataset.cache_dir={out / 'cache'}", "model.llama-eagle3.fc_norm=true", "model.llama-eagle3.norm_output=true"])
-    return Path(run_local(cfg).export_dir)
-
-
 def test_eagle31_export_in_vllm_equals_specforge_eval(tmp_path):
     from specforge_core.evaluation import evaluate
 
-    export = _train_eagle31(tmp_path / "run")
+    export = train_quickstart(tmp_path / "run", "model.llama-eagle3.fc_norm=true", "model.llama-eagle3.norm_output=true")
     cfg = json.loads((export / "config.json").read_text())
     assert cfg["fc_norm"] is True and cfg["norm_output"] is True
     hf = evaluate(export, str(TARGET), PROMPTS, **EVAL)
@@ -48,10 +38,7 @@ def test_eagle31_export_in_vllm_equals_specforge_eval(tmp_path):
     assert vllm.ok, vllm.errors  # spec == vLLM greedy, counters consistent, draft weights as exported
     w = vllm.extra["draft_weights"]
     assert w["checked"] and not w["unused"] and not w["mismatched"]  # fc_norm.{i} included
-    for a, b in zip(hf.prompts, vllm.prompts, strict=True):
-        assert a.sample_id == b.sample_id
-        assert (a.generated, a.stats) == (b.generated, b.stats), a.sample_id
-        assert a.raw == b.raw, a.sample_id
+    assert_same_per_prompt(hf, vllm)
     assert vllm.tau > 1.5  # a trained draft, not a degenerate comparison
 
     # the key matters to vLLM: without it, vLLM chains the un-normed output and its counts change

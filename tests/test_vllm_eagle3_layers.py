@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from vllm_env import vllm_python_or_skip
+from vllm_env import assert_same_per_prompt, train_quickstart, vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
@@ -27,29 +27,12 @@ EVAL = dict(steps=3, max_new_tokens=32, max_prompts=12)
 PROMPTS = [str(DATA / "eval_prompts.jsonl")]
 
 
-def _train_two_layers(out: Path) -> Path:
-    from specforge_core.config import load_config
-    from specforge_core.pipeline.local import run_local
-
-    cfg = load_config([ROOT / "configs" / "quickstart.toml"], overrides=[
-        f"run.output_dir={out}", "training.max_steps=40", "logging.progress=false",
-        f"dataset.cache_dir={out / 'cache'}", "model.llama-eagle3.num_layers=2"])
-    return Path(run_local(cfg).export_dir)
-
-
-def _same_counts(hf, vllm) -> None:
-    for a, b in zip(hf.prompts, vllm.prompts, strict=True):
-        assert a.sample_id == b.sample_id
-        assert (a.generated, a.stats) == (b.generated, b.stats), a.sample_id
-        assert a.raw == b.raw, a.sample_id
-
-
 def test_two_layer_export_in_vllm_equals_specforge_eval(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from specforge_core.evaluation import evaluate
 
-    export = _train_two_layers(tmp_path / "run")
+    export = train_quickstart(tmp_path / "run", "model.llama-eagle3.num_layers=2")
     cfg = json.loads((export / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2
     tensors = load_file(str(export / "model.safetensors"))
@@ -63,7 +46,7 @@ def test_two_layer_export_in_vllm_equals_specforge_eval(tmp_path):
     w = vllm.extra["draft_weights"]
     assert w["checked"] and not w["unused"] and not w["mismatched"], w
     assert w["tensors"] == len(tensors)
-    _same_counts(hf, vllm)
+    assert_same_per_prompt(hf, vllm)
     assert vllm.tau > 1.3, vllm.tau  # a trained draft, not a degenerate comparison
 
     # layer 1 matters to vLLM: change one of its fused tensors, both engines change alike
@@ -74,5 +57,5 @@ def test_two_layer_export_in_vllm_equals_specforge_eval(tmp_path):
     hf_c = evaluate(changed, str(TARGET), PROMPTS, **EVAL)
     vllm_c = evaluate(changed, str(TARGET), PROMPTS, engine="vllm", engine_python=PYTHON, **EVAL)
     assert hf_c.ok and vllm_c.ok, (hf_c.errors, vllm_c.errors)
-    _same_counts(hf_c, vllm_c)
+    assert_same_per_prompt(hf_c, vllm_c)
     assert [p.raw for p in vllm_c.prompts] != [p.raw for p in vllm.prompts]

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from vllm_env import vllm_python_or_skip
+from vllm_env import assert_same_per_prompt, train_quickstart, vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
@@ -31,13 +31,7 @@ PROMPTS = [str(DATA / "eval_prompts.jsonl")]
 
 
 def _train(out: Path, aux_layers: list[int]) -> Path:
-    from specforge_core.config import load_config
-    from specforge_core.pipeline.local import run_local
-
-    cfg = load_config([ROOT / "configs" / "quickstart.toml"], overrides=[f"run.output_dir={out}",
-                      f"model.aux_layers={json.dumps(aux_layers)}", "training.max_steps=40",
-                      "logging.progress=false", f"dataset.cache_dir={out / 'cache'}"])
-    return Path(run_local(cfg).export_dir)
+    return train_quickstart(out, f"model.aux_layers={json.dumps(aux_layers)}")
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +60,7 @@ def test_vllm_acceptance_equals_specforge_eval_per_step(exports, which):
     assert hf.ok, hf.errors
     assert vllm.ok, vllm.errors  # spec == vLLM greedy, counters consistent, draft weights as exported
     assert vllm.extra["draft_weights"]["checked"] and not vllm.extra["draft_weights"]["unused"]
-    for a, b in zip(hf.prompts, vllm.prompts, strict=True):
-        assert a.sample_id == b.sample_id
-        assert (a.generated, a.stats) == (b.generated, b.stats), a.sample_id  # truncated, per prompt
-        assert a.raw == b.raw, a.sample_id  # vLLM's own (untruncated) counts
+    assert_same_per_prompt(hf, vllm)
     assert vllm.extra["engine_raw_tau"] == pytest.approx(vllm.raw.tau)
     assert vllm.tau > 1.5  # a trained draft, not a degenerate comparison
 

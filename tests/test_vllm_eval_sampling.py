@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vllm_env import vllm_python_or_skip
+from vllm_env import train_quickstart, vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
@@ -124,13 +124,7 @@ def test_workaround_expansion_equals_a_plain_loop():
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from specforge_core.config import load_config
-    from specforge_core.pipeline.local import run_local
-
-    out = tmp_path_factory.mktemp("vllm-sampling")
-    cfg = load_config([ROOT / "configs" / "quickstart.toml"], overrides=[
-        f"run.output_dir={out}", "training.max_steps=40", "logging.progress=false", f"dataset.cache_dir={out / 'cache'}"])
-    return Path(run_local(cfg).export_dir)
+    return train_quickstart(tmp_path_factory.mktemp("vllm-sampling"))
 
 
 def accepted_per_cycle(report) -> tuple[float, float]:

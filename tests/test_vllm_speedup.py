@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vllm_env import vllm_python_or_skip
+from vllm_env import train_quickstart, vllm_python_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "configs" / "assets" / "tiny-target"
@@ -24,13 +24,7 @@ PYTHON = vllm_python_or_skip()
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from specforge_core.config import load_config
-    from specforge_core.pipeline.local import run_local
-
-    out = tmp_path_factory.mktemp("vllm-speedup")
-    cfg = load_config([ROOT / "configs" / "quickstart.toml"], overrides=[
-        f"run.output_dir={out}", "training.max_steps=40", "logging.progress=false", f"dataset.cache_dir={out / 'cache'}"])
-    return Path(run_local(cfg).export_dir)
+    return train_quickstart(tmp_path_factory.mktemp("vllm-speedup"))
 
 
 def _waves(lengths: list[int], c: int) -> int:
