@@ -10,12 +10,18 @@
 #   4. exports of the curve checkpoints nearest 3, 6 and 10 minutes, MT-bench at K = 3, 7; Gemma's evals
 #
 # Usage (on the device, repo root): setsid bash benchmarks/gpu_session_quality.sh STAGE RESULTS &
+# Budgets (seconds, environment): CURVE_DEADLINE, CURVE_EVAL_DEADLINE, GEMMA_TRAIN_DEADLINE,
+# GEMMA_EVAL_DEADLINE, REGEN_SECONDS; CURVE_STEPS and GEMMA_STEPS set the LR schedules.
 set -u
 STAGE=${1:-/tmp/stage}
 RESULTS=${2:-/tmp/results}
 CURVE_STEPS=${CURVE_STEPS:-2000}
 GEMMA_STEPS=${GEMMA_STEPS:-300}
 CURVE_DEADLINE=${CURVE_DEADLINE:-540}
+CURVE_EVAL_DEADLINE=${CURVE_EVAL_DEADLINE:-400}
+GEMMA_TRAIN_DEADLINE=${GEMMA_TRAIN_DEADLINE:-480}
+GEMMA_EVAL_DEADLINE=${GEMMA_EVAL_DEADLINE:-300}
+REGEN_SECONDS=${REGEN_SECONDS:-45}
 GEMMA=(--data /tmp/q/quality --model /tmp/gemma --recipe configs/gemma3-270m-sharegpt.toml --chat-template gemma
        --work /tmp/qgemma --variants all-lr1e-3,all-dflash --set training.max_steps="$GEMMA_STEPS"
        --eval-parallel 4 --ks 3,7 --out "$RESULTS/quality_gemma3.json")
@@ -36,7 +42,7 @@ curve() { python3 benchmarks/quality_curve.py "$@" --data "$Q" --model /tmp/smol
 stamp bench; curve bench --bench-prompts 256 --bench-batch 256
 cp /tmp/curve/bench.json "$RESULTS/regen_speed.json"
 # SKIP_CURVE=1: the regeneration bench and Gemma only (a session short of device time)
-[ "${SKIP_CURVE:-0}" = 1 ] || { stamp regen; curve regen --regen-seconds 45 --regen-batch 512; }
+[ "${SKIP_CURVE:-0}" = 1 ] || { stamp regen; curve regen --regen-seconds "$REGEN_SECONDS" --regen-batch 512; }
 wait_for "$F/sharegpt.jsonl.xz"
 python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$F/sharegpt.jsonl.xz'), open('/tmp/curve/sharegpt-all.jsonl', 'wb'))"
 # Gemma's target, converted on the CPU while the curve trains
@@ -48,12 +54,12 @@ convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/ge
 # The curve run and Gemma's two trainings share the GPU (device time is short): the curve's GPU time
 # is counted as its wall time (a lower bound on what it gets alone), Gemma's as quality.py's shares.
 ( wait_for /tmp/gemma.ready; stamp gemma train
-  python3 benchmarks/quality.py run --stage train "${GEMMA[@]}" --train-deadline 480 > /tmp/gemma.log 2>&1
-  stamp gemma eval; python3 benchmarks/quality.py run --stage eval "${GEMMA[@]}" --eval-deadline 300 >> /tmp/gemma.log 2>&1
+  python3 benchmarks/quality.py run --stage train "${GEMMA[@]}" --train-deadline "$GEMMA_TRAIN_DEADLINE" > /tmp/gemma.log 2>&1
+  stamp gemma eval; python3 benchmarks/quality.py run --stage eval "${GEMMA[@]}" --eval-deadline "$GEMMA_EVAL_DEADLINE" >> /tmp/gemma.log 2>&1
   stamp gemma done ) &
 if [ "${SKIP_CURVE:-0}" != 1 ]; then
   stamp train; curve train --train-deadline "$CURVE_DEADLINE"
-  stamp eval; curve eval --minutes 3,6,10 --ks 3,7 --eval-parallel 4 --eval-deadline 400 --out "$RESULTS/quality_curve.json"
+  stamp eval; curve eval --minutes 3,6,10 --ks 3,7 --eval-parallel 4 --eval-deadline "$CURVE_EVAL_DEADLINE" --out "$RESULTS/quality_curve.json"
 fi
 wait
 stamp all done
