@@ -59,7 +59,7 @@ convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/ge
   stamp gemma done ) &
 if [ "${SKIP_CURVE:-0}" != 1 ]; then
   stamp train; curve train --train-deadline "$CURVE_DEADLINE"
-  stamp eval; curve eval --minutes 3,6,10 --ks 3,7 --eval-parallel 4 --eval-deadline "$CURVE_EVAL_DEADLINE" --out "$RESULTS/quality_curve.json"
+  stamp eval; curve eval --minutes 3,6,10 --ks 3,7 --eval-parallel 4 --eval-deadline "$CURVE_EVAL_DEADLINE" --out "$RESULTS/quality_curve.json" --plot "$RESULTS/quality_curve.png"
 fi
 wait
 stamp all done
