@@ -12,6 +12,8 @@
 # Usage (on the device, repo root): setsid bash benchmarks/gpu_session_quality.sh STAGE RESULTS &
 # Budgets (seconds, environment): CURVE_DEADLINE, CURVE_EVAL_DEADLINE, GEMMA_TRAIN_DEADLINE,
 # GEMMA_EVAL_DEADLINE, REGEN_SECONDS; CURVE_STEPS and GEMMA_STEPS set the LR schedules.
+# GEMMA_SITE: a --target folder with transformers >= 5.18 for Gemma's steps (the image's 5.17 builds
+# Gemma 3's GGUF tokenizer as Unigram without its merges; convert_gguf refuses that).
 set -u
 STAGE=${1:-/tmp/stage}
 RESULTS=${2:-/tmp/results}
@@ -39,21 +41,22 @@ ln -sf "$F/SmolLM2-135M-Instruct.Q4_1.gguf" "$Q/"
 curve() { python3 benchmarks/quality_curve.py "$@" --data "$Q" --model /tmp/smollm2 --work /tmp/curve \
   --sharegpt /tmp/curve/sharegpt-all.jsonl --runs best --steps "$CURVE_STEPS" --save-every 200; }
 
-stamp bench; curve bench --bench-prompts 256 --bench-batch 256
+stamp bench; curve bench --bench-prompts 512 --bench-batch 256
 cp /tmp/curve/bench.json "$RESULTS/regen_speed.json"
 # SKIP_CURVE=1: the regeneration bench and Gemma only (a session short of device time)
 [ "${SKIP_CURVE:-0}" = 1 ] || { stamp regen; curve regen --regen-seconds "$REGEN_SECONDS" --regen-batch 512; }
 wait_for "$F/sharegpt.jsonl.xz"
 python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$F/sharegpt.jsonl.xz'), open('/tmp/curve/sharegpt-all.jsonl', 'wb'))"
 # Gemma's target, converted on the CPU while the curve trains
-( wait_for "$F/gemma-3-270m-q4_k_m.gguf"
+gemma_env() { [ -n "${GEMMA_SITE:-}" ] && export PYTHONPATH="$GEMMA_SITE${PYTHONPATH:+:$PYTHONPATH}"; true; }
+( wait_for "$F/gemma-3-270m-q4_k_m.gguf"; gemma_env
   nice -n 19 python3 -c "from pathlib import Path; from specforge_core.reference import convert_gguf; \
 convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/gemma-convert.log 2>&1
   gzip -1 -c /tmp/curve/sharegpt-all.jsonl > "$Q/sharegpt-all.jsonl.gz"
   touch /tmp/gemma.ready ) &
 # The curve run and Gemma's two trainings share the GPU (device time is short): the curve's GPU time
 # is counted as its wall time (a lower bound on what it gets alone), Gemma's as quality.py's shares.
-( wait_for /tmp/gemma.ready; stamp gemma train
+( wait_for /tmp/gemma.ready; gemma_env; stamp gemma train
   python3 benchmarks/quality.py run --stage train "${GEMMA[@]}" --train-deadline "$GEMMA_TRAIN_DEADLINE" > /tmp/gemma.log 2>&1
   stamp gemma eval; python3 benchmarks/quality.py run --stage eval "${GEMMA[@]}" --eval-deadline "$GEMMA_EVAL_DEADLINE" >> /tmp/gemma.log 2>&1
   stamp gemma done ) &
