@@ -28,6 +28,37 @@ def draft_rope_parameters(cfg: dict) -> dict | None:
     return params
 
 
+def decoder_dims(cfg: dict) -> dict:
+    """The layer shape a target-shaped draft decoder copies from the target's config: hidden and MLP
+    sizes, heads (``num_key_value_heads`` defaults to the query heads, ``head_dim`` to hidden / heads:
+    Gemma sets both apart), RMSNorm eps, the rope theta a global layer uses (``draft_rope_parameters``),
+    context length and vocabulary. Keyword names match the draft configs that take them."""
+    cfg = text_config(cfg)
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    rope = cfg.get("rope_theta") or (draft_rope_parameters(cfg) or {}).get("rope_theta") or 10000.0
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": int(cfg["intermediate_size"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or hidden // heads),
+        "vocab_size": int(cfg["vocab_size"]),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "rope_theta": float(rope),
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
+    }
+
+
+def mask_token_id(cfg: dict, configured: int = -1) -> int:
+    """The id a block or parallel draft writes into the positions it predicts: ``configured`` when
+    set (>= 0), else the target's ``pad_token_id``, else its last vocabulary id."""
+    if configured >= 0:
+        return configured
+    cfg = text_config(cfg)
+    pad = cfg.get("pad_token_id")
+    return int(pad) if isinstance(pad, int) else int(cfg["vocab_size"]) - 1
+
+
 def input_embedding_scale(cfg: dict) -> float:
     """The factor a target's decoder layers apply to its embedding rows: layer 0 reads
     ``embed_tokens.weight[ids] * scale``. Gemma (every generation) scales by sqrt(hidden_size) inside

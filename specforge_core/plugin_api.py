@@ -47,6 +47,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "read_config_json": ("specforge_core.hfconfig", "read_config_json"),
     "draft_rope_parameters": ("specforge_core.hfconfig", "draft_rope_parameters"),
     "input_embedding_scale": ("specforge_core.hfconfig", "input_embedding_scale"),
+    "decoder_dims": ("specforge_core.hfconfig", "decoder_dims"),  # a target-shaped draft layer
+    "mask_token_id": ("specforge_core.hfconfig", "mask_token_id"),
     # checkpoint I/O (training strategies): the COMPLETE marker, extra state without pickle, weights
     "COMPLETE": ("specforge_core.training.checkpoint", "COMPLETE"),
     "CheckpointError": ("specforge_core.training.checkpoint", "CheckpointError"),

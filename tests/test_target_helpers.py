@@ -194,3 +194,50 @@ def test_no_safetensors(tmp_path, models):
     (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_target_head_and_embedding(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------- draft layer shape
+def _tiny(hf: dict, **shape) -> dict:
+    return {**hf, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 256, **shape}
+
+
+def _theta_from(inv_freq: torch.Tensor, head_dim: int) -> float:
+    return float(inv_freq[1].double() ** (-head_dim / 2))  # inv_freq[i] = theta^(-2i/d)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_decoder_dims_match_the_instantiated_target(family):
+    """A target-shaped draft layer (DFlash, P-EAGLE) copies what transformers builds from the config:
+    projection sizes, the global layers' rope theta (Gemma 3: 1e6, not its sliding layers' 1e4), eps."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from specforge_core.hfconfig import decoder_dims
+
+    if family == "llama":  # SmolLM2's shape: no head_dim key, kv heads apart from query heads
+        hf = _tiny(json.loads(open("configs/targets/SmolLM2-135M-Instruct/config.json").read()),
+                   num_attention_heads=4, num_key_value_heads=2)
+    else:  # head_dim set apart from hidden / heads, one kv head, per-layer-type rope
+        hf = _tiny(json.loads(open("configs/targets/gemma3-270m/config.json").read()), num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=48, layer_types=["sliding_attention", "full_attention"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+    d = decoder_dims(hf)
+    attn, mlp = model.model.layers[-1].self_attn, model.model.layers[-1].mlp
+    assert attn.q_proj.weight.shape == (d["num_attention_heads"] * d["head_dim"], d["hidden_size"])
+    assert attn.k_proj.weight.shape[0] == d["num_key_value_heads"] * d["head_dim"]
+    assert mlp.gate_proj.weight.shape == (d["intermediate_size"], d["hidden_size"])
+    buffers = dict(model.named_buffers())
+    inv = buffers.get("model.rotary_emb.full_attention_inv_freq", buffers.get("model.rotary_emb.inv_freq"))
+    assert _theta_from(inv, d["head_dim"]) == pytest.approx(d["rope_theta"], rel=1e-4)
+    if family == "gemma3":  # the global layers' theta, not the sliding layers' 1e4
+        assert d["rope_theta"] == 1e6
+    assert d["rms_norm_eps"] == pytest.approx(model.config.rms_norm_eps)
+    assert decoder_dims({"model_type": "wrapper", "text_config": hf}) == d  # multimodal configs nest it
+
+
+def test_mask_token_id_falls_back_to_pad_then_last_id():
+    from specforge_core.hfconfig import mask_token_id
+
+    assert mask_token_id({"pad_token_id": 0, "vocab_size": 10}, 7) == 7  # configured wins
+    assert mask_token_id({"pad_token_id": 0, "vocab_size": 10}) == 0
+    assert mask_token_id({"pad_token_id": None, "vocab_size": 10}) == 9
+    assert mask_token_id({"text_config": {"pad_token_id": 3, "vocab_size": 10}}) == 3

@@ -13,7 +13,7 @@ import torch
 from specforge_core import hookimpl
 from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
 from specforge_core.config.fields import non_negative, option, positive
-from specforge_core.plugin_api import draft_rope_parameters, input_embedding_scale
+from specforge_core.plugin_api import decoder_dims, input_embedding_scale, mask_token_id
 from specforge_dflash import objective
 from specforge_dflash.export import ARCHITECTURE, export_config, export_tensors
 from specforge_dflash.model import DFlashConfig, DFlashDraft
@@ -67,21 +67,11 @@ class DFlashAlgorithm:
 
     # ------------------------------------------------------------------------------ build
     def draft_config(self, hf: dict, n_aux: int, draft_vocab_size: int) -> DFlashConfig:
-        H = int(hf["hidden_size"])
-        nh = int(hf["num_attention_heads"])
-        mask = self.options.mask_token_id
-        if mask < 0:
-            pad = hf.get("pad_token_id")
-            mask = int(pad) if isinstance(pad, int) else int(hf["vocab_size"]) - 1
-        rp = draft_rope_parameters(hf) or {}
-        rope = hf.get("rope_theta") or rp.get("rope_theta") or 10000.0
+        dims = decoder_dims(hf)  # one target-shaped layer per draft layer
         return DFlashConfig(
-            hidden_size=H, intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=self.options.num_layers,
-            num_attention_heads=nh, num_key_value_heads=int(hf.get("num_key_value_heads") or nh),
-            head_dim=int(hf.get("head_dim") or H // nh), vocab_size=int(hf["vocab_size"]),
-            draft_vocab_size=draft_vocab_size, target_hidden_size=H, num_aux=n_aux,
-            block_size=self.options.block_size, mask_token_id=mask, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope), max_position_embeddings=int(hf.get("max_position_embeddings", 4096)))
+            **dims, num_hidden_layers=self.options.num_layers, draft_vocab_size=draft_vocab_size,
+            target_hidden_size=dims["hidden_size"], num_aux=n_aux, block_size=self.options.block_size,
+            mask_token_id=mask_token_id(hf, self.options.mask_token_id))
 
     def build(self, target: Any, vocab: Any, weights: Any = None) -> DFlashDraft:
         n_aux = len(target.aux_layer_ids) or 3
