@@ -108,4 +108,24 @@ def test_console_shows_the_metrics_the_algorithm_names(tmp_path):
         console.on_start(0, 10)
         console.on_step(StepRecord(4, 10, m))
         console.on_end(True)
-        assert line in out.getvalue()
+        printed = out.getvalue().strip()
+        assert printed.startswith(line.split(" | lr ")[0]) and printed.endswith("lr 1.00e-03 | gnorm 0.500")
+
+
+def test_console_reports_the_runs_own_rate_beside_the_steps(monkeypatch):
+    """`run tok/s` = tokens of the steps since the last line / wall time since it: a slow target or
+    checkpoint between steps shows there, not in train_step's `tok/s`."""
+    import specforge_core.run.observers as observers
+    from specforge_core.build import algorithm
+
+    clock = iter([0.0, 10.0, 14.0, 30.0])  # init, on_start, the line at step 2, the line at step 4
+    monkeypatch.setattr(observers.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    display = metric_display(algorithm(load_config(data={"model": {"draft": "llama-eagle3"}})))
+    console = ConsoleObserver(Console(file=out, width=200), display, log_every=2, progress=False)
+    console.on_start(0, 4)
+    for step, tokens in ((1, 100.0), (2, 300.0), (3, 500.0), (4, 300.0)):
+        m = {"step": step, "loss": 1.0, "tokens": tokens, "tokens_per_s": 999.0, "lr": 1e-3, "grad_norm": 0.5}
+        console.on_step(StepRecord(step, 4, m))
+    lines = out.getvalue().strip().splitlines()
+    assert [ln.split(" | ")[3] for ln in lines] == ["run 100 tok/s", "run 50 tok/s"]  # 400/4 s, 800/16 s

@@ -68,7 +68,7 @@ def run(cfg):
 
 def metric_lines(text: str) -> list[str]:
     """The console's step lines without the timing columns (tok/s, data wait)."""
-    return [re.sub(r" \| \d+ tok/s| \| data wait \d+ ms", "", line)
+    return [re.sub(r" \| (run )?\d+ tok/s| \| data wait \d+ ms", "", line)
             for line in text.splitlines() if line.startswith("step ")]
 
 

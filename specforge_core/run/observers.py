@@ -14,6 +14,7 @@ observers that touch the trainer (checkpoints, profiler) run next to it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -59,7 +60,7 @@ class MetricDisplay:
     def headline(self) -> Optional[str]:
         return next((names[0] for names in self.groups.values() if names), None)
 
-    def line(self, m: dict[str, float], total_steps: int) -> str:
+    def line(self, m: dict[str, float], total_steps: int, run_tokens_per_s: Optional[float] = None) -> str:
         shown = []
         for label, names in self.groups.items():
             values = " ".join(f"{m[n]:.2f}" for n in names if n in m)
@@ -67,7 +68,9 @@ class MetricDisplay:
                 shown.append(f"{label} {values} | ")
         return (
             f"step {int(m['step'])}/{total_steps} | loss {m['loss']:.4f} | " + "".join(shown)
-            + f"{m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f}"
+            + f"{m['tokens_per_s']:.0f} tok/s | "
+            + (f"run {run_tokens_per_s:.0f} tok/s | " if run_tokens_per_s is not None else "")
+            + f"lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f}"
             + (f" | data wait {m['data_wait_s'] * 1e3:.0f} ms" if "data_wait_s" in m else "")
         )
 
@@ -88,16 +91,24 @@ class Console(Observer):
             TimeRemainingColumn(), console=console, disable=not progress,
         )
         self.task: Any = None
+        # tokens and wall time since the last printed line: the run's own rate (target inference,
+        # data, checkpoints included), beside train_step's
+        self._tokens, self._since = 0.0, time.perf_counter()
 
     def on_start(self, start_step: int, total_steps: int) -> None:
+        self._tokens, self._since = 0.0, time.perf_counter()
         self.bar.start()
         self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
 
     def on_step(self, record: StepRecord) -> None:
         m = record.metrics
         self.bar.update(self.task, completed=record.step, info=self.display.bar(m))
+        self._tokens += m.get("tokens", 0.0)
         if record.step % self.log_every == 0 or record.step == record.total_steps:
-            self.bar.console.print(self.display.line(m, record.total_steps))
+            now = time.perf_counter()
+            run_rate = self._tokens / max(now - self._since, 1e-9)
+            self._tokens, self._since = 0.0, now
+            self.bar.console.print(self.display.line(m, record.total_steps, run_rate))
 
     def on_end(self, finished: bool) -> None:
         self.bar.stop()
