@@ -19,7 +19,7 @@ EXAMPLE_PLUGIN = "examples/plugins/specforge-step-decay"
 def tests(session: nox.Session) -> None:
     """The full test suite (CPU; real Ray, real Mooncake over TCP, real gloo groups)."""
     session.install(TORCH)
-    session.install("-e", ".[dev,mooncake-cpu]")
+    session.install("-e", ".[dev,mooncake-cpu,reference]")
     session.env.update({"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"})
     session.run("pytest", "-q", "-ra", "--durations=15", *session.posargs)
 
