@@ -51,7 +51,8 @@ python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('$F/sharegpt.jsonl
 gemma_env() { [ -n "${GEMMA_SITE:-}" ] && export PYTHONPATH="$GEMMA_SITE${PYTHONPATH:+:$PYTHONPATH}"; true; }
 ( wait_for "$F/gemma-3-270m-q4_k_m.gguf"; gemma_env
   nice -n 19 python3 -c "from pathlib import Path; from specforge_core.reference import convert_gguf; \
-convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/gemma-convert.log 2>&1
+convert_gguf(Path('$F/gemma-3-270m-q4_k_m.gguf'), Path('/tmp/gemma'))" > /tmp/gemma-convert.log 2>&1 \
+    || { stamp "gemma conversion refused:"; tail -n 3 /tmp/gemma-convert.log; }
   gzip -1 -c /tmp/curve/sharegpt-all.jsonl > "$Q/sharegpt-all.jsonl.gz"
   touch /tmp/gemma.ready ) &
 # The curve run and Gemma's two trainings share the GPU (device time is short): the curve's GPU time
