@@ -28,20 +28,29 @@ def draft_rope_parameters(cfg: dict) -> dict | None:
     return params
 
 
-def decoder_dims(cfg: dict) -> dict:
-    """The layer shape a target-shaped draft decoder copies from the target's config: hidden and MLP
-    sizes, heads (``num_key_value_heads`` defaults to the query heads, ``head_dim`` to hidden / heads:
-    Gemma sets both apart), RMSNorm eps, the rope theta a global layer uses (``draft_rope_parameters``),
-    context length and vocabulary. Keyword names match the draft configs that take them."""
+def layer_shape(cfg: dict) -> dict:
+    """A decoder layer's matrix sizes from a config: hidden and MLP sizes, heads
+    (``num_key_value_heads`` defaults to the query heads, ``head_dim`` to hidden / heads: Gemma sets
+    both apart). Keyword names match the draft configs that take them."""
     cfg = text_config(cfg)
     hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    rope = cfg.get("rope_theta") or (draft_rope_parameters(cfg) or {}).get("rope_theta") or 10000.0
     return {
         "hidden_size": hidden,
         "intermediate_size": int(cfg["intermediate_size"]),
         "num_attention_heads": heads,
         "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
         "head_dim": int(cfg.get("head_dim") or hidden // heads),
+    }
+
+
+def decoder_dims(cfg: dict) -> dict:
+    """What a target-shaped draft decoder copies from the target's config: its ``layer_shape``,
+    RMSNorm eps, the rope theta a global layer uses (``draft_rope_parameters``), context length and
+    vocabulary. Keyword names match the draft configs that take them."""
+    cfg = text_config(cfg)
+    rope = cfg.get("rope_theta") or (draft_rope_parameters(cfg) or {}).get("rope_theta") or 10000.0
+    return {
+        **layer_shape(cfg),
         "vocab_size": int(cfg["vocab_size"]),
         "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
         "rope_theta": float(rope),

@@ -47,6 +47,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "read_config_json": ("specforge_core.hfconfig", "read_config_json"),
     "draft_rope_parameters": ("specforge_core.hfconfig", "draft_rope_parameters"),
     "input_embedding_scale": ("specforge_core.hfconfig", "input_embedding_scale"),
+    "layer_shape": ("specforge_core.hfconfig", "layer_shape"),  # a decoder layer's matrix sizes
     "decoder_dims": ("specforge_core.hfconfig", "decoder_dims"),  # a target-shaped draft layer
     "mask_token_id": ("specforge_core.hfconfig", "mask_token_id"),
     # checkpoint I/O (training strategies): the COMPLETE marker, extra state without pickle, weights

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from specforge_core.components import DraftPlan, FeatureSpec, ObjectiveContext, TargetHead
-from specforge_core.plugin_api import dtype_bytes
+from specforge_core.plugin_api import dtype_bytes, layer_shape
 from specforge_core.types import TargetInfo
 from specforge_llama_eagle3 import objective
 from specforge_llama_eagle3.config import DraftConfig, DraftConfigError, default_aux_layer_ids
@@ -136,14 +136,8 @@ def draft_shape(config: Any, options: Any, t: dict) -> tuple[dict, str]:
             raw, src = json.loads(Path(path).read_text()), str(path)
         except (OSError, json.JSONDecodeError):
             pass  # reported by draft_file_problems
-    H = int(raw["hidden_size"])
-    nh = int(raw["num_attention_heads"])
     return {
-        "hidden_size": H,
-        "intermediate_size": int(raw["intermediate_size"]),
-        "num_attention_heads": nh,
-        "num_key_value_heads": int(raw.get("num_key_value_heads") or nh),
-        "head_dim": int(raw.get("head_dim") or H // nh),
+        **layer_shape(raw),
         "vocab_size": int(t["vocab_size"]),
         # the pipeline caps the draft vocabulary at the target's
         "draft_vocab_size": min(int(config.model.draft_vocab_size), int(t["vocab_size"])),
