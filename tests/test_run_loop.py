@@ -118,8 +118,8 @@ def test_console_reports_the_runs_own_rate_beside_the_steps(monkeypatch):
     import specforge_core.run.observers as observers
     from specforge_core.build import algorithm
 
-    clock = iter([0.0, 10.0, 14.0, 30.0])  # init, on_start, the line at step 2, the line at step 4
-    monkeypatch.setattr(observers.time, "perf_counter", lambda: next(clock))
+    clock = iter([10.0, 14.0, 30.0])  # on_start, the line at step 2, the line at step 4
+    monkeypatch.setattr(observers.time, "time", lambda: next(clock))
     out = io.StringIO()
     display = metric_display(algorithm(load_config(data={"model": {"draft": "llama-eagle3"}})))
     console = ConsoleObserver(Console(file=out, width=200), display, log_every=2, progress=False)
@@ -129,3 +129,22 @@ def test_console_reports_the_runs_own_rate_beside_the_steps(monkeypatch):
         console.on_step(StepRecord(step, 4, m))
     lines = out.getvalue().strip().splitlines()
     assert [ln.split(" | ")[3] for ln in lines] == ["run 100 tok/s", "run 50 tok/s"]  # 400/4 s, 800/16 s
+
+
+def test_console_rate_uses_the_steps_own_end_times_when_records_arrive_in_bursts(monkeypatch):
+    """The Ray driver reads rank 0's records in bursts: their ``time`` stamps (set where the step
+    ran), not the moment they are printed, give the run's rate."""
+    import specforge_core.run.observers as observers
+    from specforge_core.build import algorithm
+
+    monkeypatch.setattr(observers.time, "time", lambda: 100.0)  # every record arrives at once
+    out = io.StringIO()
+    display = metric_display(algorithm(load_config(data={"model": {"draft": "llama-eagle3"}})))
+    console = ConsoleObserver(Console(file=out, width=200), display, log_every=2, progress=False)
+    console.on_start(0, 4)
+    for step, stamp in ((1, 102.0), (2, 104.0), (3, 106.0), (4, 108.0)):
+        m = {"step": step, "loss": 1.0, "tokens": 200.0, "tokens_per_s": 999.0, "lr": 1e-3, "grad_norm": 0.5,
+             "time": stamp}
+        console.on_step(StepRecord(step, 4, m))
+    lines = out.getvalue().strip().splitlines()
+    assert [ln.split(" | ")[3] for ln in lines] == ["run 100 tok/s", "run 100 tok/s"]  # 400 tokens / 4 s each

@@ -93,10 +93,10 @@ class Console(Observer):
         self.task: Any = None
         # tokens and wall time since the last printed line: the run's own rate (target inference,
         # data, checkpoints included), beside train_step's
-        self._tokens, self._since = 0.0, time.perf_counter()
+        self._tokens, self._since = 0.0, 0.0
 
     def on_start(self, start_step: int, total_steps: int) -> None:
-        self._tokens, self._since = 0.0, time.perf_counter()
+        self._tokens, self._since = 0.0, time.time()
         self.bar.start()
         self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
 
@@ -105,7 +105,9 @@ class Console(Observer):
         self.bar.update(self.task, completed=record.step, info=self.display.bar(m))
         self._tokens += m.get("tokens", 0.0)
         if record.step % self.log_every == 0 or record.step == record.total_steps:
-            now = time.perf_counter()
+            # where the step ran: a step's own end time when it carries one (the Ray trainers stamp
+            # ``time``; the driver reads their records in bursts), else now, right after the step
+            now = m["time"] if "time" in m else time.time()
             run_rate = self._tokens / max(now - self._since, 1e-9)
             self._tokens, self._since = 0.0, now
             self.bar.console.print(self.display.line(m, record.total_steps, run_rate))
